@@ -1,0 +1,270 @@
+//! Discovery: finds the jobs that are ready to run and hands their names to the workers.
+//!
+//! Sources: a full scan of `new/` at start, after an inotify queue overflow, after inotify
+//! hints were dropped, and every `spool.rescan_interval`; inotify hints (`IN_MOVED_TO`,
+//! `IN_CLOSE_WRITE`) in between; and the promotion of due retries from `retry/`. inotify is
+//! only a hint: losing one costs latency, never a job, because a later scan sees the file.
+//!
+//! Ordering and fairness: a scan is read a batch at a time and each batch runs oldest first by
+//! mtime. While a scan pass is under way, or when hints had to be dropped, new hints are not
+//! queued but mark the spool dirty, and another pass follows. Every pass visits each file that
+//! existed when it began, so a file waits at most about two passes: nothing starves however fast
+//! new jobs arrive. Memory is bounded by the batch size, not by the backlog.
+//!
+//! The dispatcher only names candidates; a worker claims one by renaming it. A name waiting in
+//! the channel is still in `new/`, so a stop leaves nothing to undo. Every await here also waits
+//! on the stop token: the send to a full channel cannot outlive the workers.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+use inotify::{EventMask, EventStream, Inotify, WatchMask};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+use crate::spool::{Dir, NewScan, Spool, display_name, unix_ms};
+use crate::stats::Stats;
+
+/// Names read from a scan per batch, sorted oldest first within the batch.
+const BATCH: usize = 1024;
+/// Hints queued at most before the dispatcher falls back to a scan.
+const MAX_PENDING: usize = 4 * BATCH;
+/// Retries are promoted at most this often, however many are due at nearby moments.
+const RETRY_COALESCE: Duration = Duration::from_millis(250);
+
+/// Wakes the dispatcher when a job was put in `retry/`: carries the earliest due time known
+/// (ms since the epoch; `u64::MAX` for none).
+pub type RetryWakeup = watch::Sender<u64>;
+
+/// The inotify stream on `new/`, created before READY so that no submission after it is missed.
+pub struct Watcher {
+    stream: EventStream<Vec<u8>>,
+}
+
+impl Watcher {
+    /// Watches `new/`. An error here (the inotify instance or watch limit reached) is not fatal:
+    /// the caller falls back to periodic scans.
+    pub fn new(spool: &Spool) -> io::Result<Watcher> {
+        let inotify = Inotify::init()?;
+        inotify.watches().add(
+            spool.dir_path(Dir::New),
+            WatchMask::MOVED_TO
+                | WatchMask::CLOSE_WRITE
+                | WatchMask::DELETE_SELF
+                | WatchMask::MOVE_SELF
+                | WatchMask::ONLYDIR,
+        )?;
+        let stream = inotify.into_event_stream(vec![0u8; 64 * 1024])?;
+        Ok(Watcher { stream })
+    }
+}
+
+pub struct Dispatcher {
+    pub spool: Arc<Spool>,
+    pub jobs: mpsc::Sender<OsString>,
+    pub stats: Arc<Stats>,
+    pub rescan_interval: watch::Receiver<Duration>,
+    pub retry_wakeup: Arc<RetryWakeup>,
+    pub watcher: Option<Watcher>,
+    /// How often to record a heartbeat for the watchdog; None when there is no watchdog.
+    pub heartbeat: Option<Duration>,
+}
+
+/// Where the dispatcher stands in the current scan pass.
+struct Scan {
+    reader: NewScan,
+    seen: i64,
+}
+
+impl Dispatcher {
+    /// Runs until `stop` is cancelled. An error return means discovery itself broke (the spool
+    /// vanished, say): the supervisor treats it as fatal.
+    pub async fn run(mut self, stop: CancellationToken) -> io::Result<()> {
+        let mut pending: VecDeque<OsString> = VecDeque::new();
+        let mut scan: Option<Scan> = None;
+        // A scan at start: whatever was submitted while no daemon ran.
+        let mut dirty = true;
+        let mut rescan_at = Instant::now() + *self.rescan_interval.borrow();
+        let mut retry_rx = self.retry_wakeup.subscribe();
+        let mut retry_at = Instant::now();
+        let heartbeat = self.heartbeat.unwrap_or(Duration::from_secs(3600));
+        let mut beat_at = Instant::now();
+        let mut watcher = self.watcher.take();
+        if watcher.is_none() {
+            tracing::warn!(
+                "no inotify watch on {}; new jobs are found by rescans only",
+                self.spool.dir_path(Dir::New).display()
+            );
+        }
+
+        loop {
+            if scan.is_none() && dirty && pending.len() < BATCH {
+                dirty = false;
+                scan = Some(Scan {
+                    reader: self.spool.scan_new()?,
+                    seen: 0,
+                });
+                let interval = *self.rescan_interval.borrow();
+                rescan_at = Instant::now() + self.poll_interval(interval, watcher.is_some());
+            }
+            if pending.len() < BATCH
+                && let Some(s) = &mut scan
+                && self.read_batch(s, &mut pending)?
+            {
+                self.stats.queued.store(s.seen, Relaxed);
+                scan = None;
+            }
+
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return Ok(()),
+                permit = self.jobs.reserve(), if !pending.is_empty() => match permit {
+                    Ok(permit) => permit.send(pending.pop_front().expect("not empty")),
+                    // Every worker is gone: nothing left to dispatch to.
+                    Err(_) => return Ok(()),
+                },
+                event = next_event(&mut watcher) => match event {
+                    Some(Ok(event)) => {
+                        if event.mask.contains(EventMask::Q_OVERFLOW) {
+                            tracing::warn!("inotify queue overflowed; rescanning new/");
+                            dirty = true;
+                        } else if event.mask.intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::IGNORED) {
+                            return Err(io::Error::new(
+                                io::ErrorKind::NotFound,
+                                format!("{} was removed or moved away while spoold was running", self.spool.dir_path(Dir::New).display()),
+                            ));
+                        } else if let Some(name) = event.name {
+                            if name.as_bytes().first() == Some(&b'.') {
+                                continue;
+                            }
+                            self.stats.queued.fetch_add(1, Relaxed);
+                            // While a pass runs, or after hints were dropped, a hint could jump
+                            // ahead of older files: leave it to the next pass instead.
+                            if scan.is_some() || dirty || pending.len() >= MAX_PENDING {
+                                dirty = true;
+                            } else {
+                                pending.push_back(name);
+                            }
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!("inotify failed ({e}); new jobs are found by rescans only");
+                        watcher = None;
+                        dirty = true;
+                    }
+                    None => {
+                        watcher = None;
+                        dirty = true;
+                    }
+                },
+                () = sleep_until(rescan_at) => {
+                    dirty = true;
+                    let interval = *self.rescan_interval.borrow();
+                    rescan_at = Instant::now() + self.poll_interval(interval, watcher.is_some());
+                }
+                r = retry_rx.changed() => {
+                    if r.is_ok() {
+                        let due = *retry_rx.borrow_and_update();
+                        retry_at = retry_at.min(instant_of(due));
+                    }
+                }
+                () = sleep_until(retry_at) => {
+                    retry_at = self.promote_retries();
+                }
+                () = sleep_until(beat_at) => {
+                    self.stats.beat();
+                    beat_at = Instant::now() + heartbeat;
+                }
+            }
+        }
+    }
+
+    /// Without inotify, rescans are the only discovery: poll at least every second.
+    fn poll_interval(&self, interval: Duration, watching: bool) -> Duration {
+        if watching {
+            interval
+        } else {
+            interval.min(Duration::from_secs(1))
+        }
+    }
+
+    /// Reads up to BATCH names of the current pass into `pending`, oldest first. Returns true
+    /// when the pass is complete.
+    fn read_batch(&self, scan: &mut Scan, pending: &mut VecDeque<OsString>) -> io::Result<bool> {
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut finished = false;
+        while batch.len() < BATCH {
+            match scan.reader.next_candidate(true)? {
+                Some(c) => batch.push(c),
+                None => {
+                    finished = true;
+                    break;
+                }
+            }
+        }
+        scan.seen += batch.len() as i64;
+        batch.sort_by(|a, b| {
+            a.mtime_ns
+                .cmp(&b.mtime_ns)
+                .then_with(|| a.name.cmp(&b.name))
+        });
+        pending.extend(batch.into_iter().map(|c| c.name));
+        Ok(finished)
+    }
+
+    /// Moves due retries to `new/` (their inotify events bring them back here) and returns when
+    /// to look again.
+    fn promote_retries(&self) -> Instant {
+        // Forget the wakeup value first: a retry scheduled while the directory is read below
+        // sets it again and is not missed.
+        self.retry_wakeup.send_if_modified(|v| {
+            *v = u64::MAX;
+            false
+        });
+        let fallback = Instant::now() + *self.rescan_interval.borrow();
+        let next = match self.spool.promote_due_retries(unix_ms(SystemTime::now())) {
+            Ok((promoted, next_due)) => {
+                if promoted > 0 {
+                    tracing::debug!(promoted, "retries due; moved back to new/");
+                }
+                next_due.map_or(fallback, instant_of)
+            }
+            Err(e) => {
+                tracing::error!(
+                    "cannot promote due retries in {}: {e}",
+                    self.spool.dir_path(Dir::Retry).display()
+                );
+                fallback
+            }
+        };
+        next.max(Instant::now() + RETRY_COALESCE)
+    }
+}
+
+async fn next_event(
+    watcher: &mut Option<Watcher>,
+) -> Option<io::Result<inotify::Event<std::ffi::OsString>>> {
+    match watcher {
+        Some(w) => w.stream.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The monotonic instant of a wall-clock time in ms since the epoch (the far future for u64::MAX).
+fn instant_of(unix_ms_due: u64) -> Instant {
+    let now_ms = unix_ms(SystemTime::now());
+    let wait = Duration::from_millis(unix_ms_due.saturating_sub(now_ms));
+    Instant::now() + wait.min(Duration::from_secs(86400 * 365))
+}
+
+/// For logs: the name of a job, escaped.
+pub fn job_id(name: &std::ffi::OsStr) -> String {
+    display_name(name)
+}

@@ -1,0 +1,469 @@
+//! One attempt of a job: the handler process in its own process group, its output, its time limit.
+//!
+//! The handler is started from an argv (never a shell) in a new process group, so that a timeout
+//! or an abort reaches everything it started. Its stdout and stderr are read a bounded chunk at
+//! a time and logged line by line with the job's ID; memory stays bounded whatever it prints.
+//! No process of the group outlives the attempt: when the handler exits while members of its
+//! group live on, they get SIGTERM, then SIGKILL after `kill_grace`.
+
+use std::collections::VecDeque;
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, SystemTime};
+
+use rustix::process::{Pid, Signal};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{HandlerConfig, StdinMode};
+
+/// A line longer than this is cut, and the rest of it dropped, so one endless line cannot grow
+/// memory.
+const MAX_LINE: usize = 4096;
+/// Lines of stderr kept for the failure record.
+const STDERR_TAIL: usize = 10;
+/// Lines logged per attempt; past this the output is read and counted but not logged, so a
+/// handler that prints gigabytes cannot flood the journal.
+const MAX_LOGGED_LINES: u64 = 10_000;
+/// How long to wait for the output pipes to close once the handler's group is gone. Only a
+/// process that left the group (setsid) can hold them open that long.
+const PIPE_GRACE: Duration = Duration::from_millis(200);
+
+/// What a worker needs to start one attempt.
+pub struct Attempt<'a> {
+    /// The job name, escaped for logs.
+    pub id: &'a str,
+    pub name: &'a OsStr,
+    pub path: &'a Path,
+    pub attempt: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    Failed,
+    /// Stopped by a spoold abort: the attempt does not count.
+    Aborted,
+}
+
+/// How an attempt ended.
+#[derive(Debug)]
+pub struct Report {
+    pub outcome: Outcome,
+    pub started: SystemTime,
+    pub duration: Duration,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    /// A line a human can act on.
+    pub reason: String,
+    pub stderr_tail: Vec<String>,
+}
+
+impl Report {
+    /// The shell's convention: the exit code, or 128 + the signal number.
+    pub fn exit_status(&self) -> Option<i32> {
+        self.exit_code.or(self.signal.map(|s| 128 + s))
+    }
+}
+
+/// Why spoold itself ended the handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    Timeout,
+    Abort,
+}
+
+/// Runs one attempt to its end. `abort` ends it early: SIGTERM to the group, SIGKILL after
+/// `kill_grace`, and an `Aborted` outcome.
+pub async fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &CancellationToken) -> Report {
+    let started = SystemTime::now();
+    let clock = Instant::now();
+    let failed = |reason: String| Report {
+        outcome: Outcome::Failed,
+        started,
+        duration: clock.elapsed(),
+        exit_code: None,
+        signal: None,
+        timed_out: false,
+        reason,
+        stderr_tail: Vec::new(),
+    };
+    let mut cmd = match command(cfg, job) {
+        Ok(cmd) => cmd,
+        Err(reason) => return failed(reason),
+    };
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            return failed(format!("cannot run handler {}: {e}", cfg.command[0]));
+        }
+    };
+    let pgid = child
+        .id()
+        .and_then(|id| Pid::from_raw(id as i32))
+        .expect("a child that was just spawned has a pid");
+    let mut out = LineReader::new(child.stdout.take());
+    let mut err = LineReader::new(child.stderr.take());
+    let mut log = OutputLog {
+        id: job.id,
+        attempt: job.attempt,
+        logged: 0,
+        suppressed: 0,
+        stderr_tail: VecDeque::new(),
+    };
+
+    let deadline = clock + cfg.timeout;
+    let mut ended: Option<Ended> = None;
+    let mut kill_at: Option<Instant> = None;
+    let mut pipes_deadline: Option<Instant> = None;
+    let mut status: Option<io::Result<ExitStatus>> = None;
+
+    while status.is_none() || out.open() || err.open() {
+        tokio::select! {
+            s = child.wait(), if status.is_none() => {
+                status = Some(s);
+                // The handler is gone; whatever it left running in its group must not outlive
+                // the job.
+                if group_alive(pgid) {
+                    signal_group(pgid, Signal::TERM);
+                    kill_at.get_or_insert(Instant::now() + cfg.kill_grace);
+                } else {
+                    pipes_deadline = Some(Instant::now() + PIPE_GRACE);
+                }
+            }
+            r = out.fill(), if out.open() => out.take_lines(r, |l| log.line("stdout", l)),
+            r = err.fill(), if err.open() => err.take_lines(r, |l| log.line("stderr", l)),
+            () = sleep_until(deadline), if ended.is_none() && status.is_none() => {
+                ended = Some(Ended::Timeout);
+                signal_group(pgid, Signal::TERM);
+                kill_at = Some(Instant::now() + cfg.kill_grace);
+            }
+            () = abort.cancelled(), if ended.is_none() && status.is_none() => {
+                ended = Some(Ended::Abort);
+                signal_group(pgid, Signal::TERM);
+                kill_at = Some(Instant::now() + cfg.kill_grace);
+            }
+            () = sleep_until(kill_at.unwrap_or(deadline)), if kill_at.is_some() => {
+                signal_group(pgid, Signal::KILL);
+                kill_at = None;
+                if status.is_some() {
+                    pipes_deadline = Some(Instant::now() + PIPE_GRACE);
+                }
+            }
+            () = sleep_until(pipes_deadline.unwrap_or(deadline)), if pipes_deadline.is_some() => {
+                tracing::warn!(
+                    job_id = job.id,
+                    attempt = job.attempt,
+                    "a process that left the handler's process group keeps its output open; \
+                     no longer reading it"
+                );
+                break;
+            }
+        }
+    }
+    if log.suppressed > 0 {
+        tracing::warn!(
+            job_id = job.id,
+            attempt = job.attempt,
+            "{} more lines of handler output were not logged (at most {MAX_LOGGED_LINES} lines \
+             are logged per attempt)",
+            log.suppressed
+        );
+    }
+
+    let status = status.expect("the loop ends only after the handler exited");
+    let mut report = Report {
+        outcome: Outcome::Failed,
+        started,
+        duration: clock.elapsed(),
+        exit_code: None,
+        signal: None,
+        timed_out: ended == Some(Ended::Timeout),
+        reason: String::new(),
+        stderr_tail: log.stderr_tail.into(),
+    };
+    match status {
+        Ok(status) => {
+            report.exit_code = status.code();
+            report.signal = status.signal();
+            report.outcome = match ended {
+                Some(Ended::Abort) => Outcome::Aborted,
+                Some(Ended::Timeout) => Outcome::Failed,
+                None if status.success() => Outcome::Succeeded,
+                None => Outcome::Failed,
+            };
+            report.reason = match (ended, status.code(), status.signal()) {
+                (Some(Ended::Timeout), _, _) => format!(
+                    "timed out after {}; {}",
+                    humantime::format_duration(cfg.timeout),
+                    describe_status(status)
+                ),
+                (Some(Ended::Abort), _, _) => {
+                    format!("aborted by a spoold stop; {}", describe_status(status))
+                }
+                _ => describe_status(status),
+            };
+        }
+        Err(e) => report.reason = format!("lost track of the handler: {e}"),
+    }
+    report
+}
+
+fn describe_status(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(sig)) => format!(
+            "killed by {}",
+            Signal::from_named_raw(sig).map_or_else(|| format!("signal {sig}"), signal_name)
+        ),
+        _ => status.to_string(),
+    }
+}
+
+pub fn signal_name(sig: Signal) -> String {
+    match sig {
+        Signal::TERM => "SIGTERM".into(),
+        Signal::KILL => "SIGKILL".into(),
+        Signal::INT => "SIGINT".into(),
+        Signal::HUP => "SIGHUP".into(),
+        Signal::SEGV => "SIGSEGV".into(),
+        Signal::ABORT => "SIGABRT".into(),
+        Signal::PIPE => "SIGPIPE".into(),
+        Signal::BUS => "SIGBUS".into(),
+        Signal::ILL => "SIGILL".into(),
+        Signal::FPE => "SIGFPE".into(),
+        Signal::USR1 => "SIGUSR1".into(),
+        Signal::USR2 => "SIGUSR2".into(),
+        other => format!("signal {}", other.as_raw()),
+    }
+}
+
+/// Builds the handler's command: argv with placeholders filled, environment, stdin, its own
+/// process group, and piped output.
+fn command(cfg: &HandlerConfig, job: &Attempt<'_>) -> Result<tokio::process::Command, String> {
+    let attempt = job.attempt.to_string();
+    let fill = |template: &str| -> OsString {
+        let mut out = OsString::new();
+        let mut rest = template;
+        while let Some(start) = rest.find('{') {
+            out.push(&rest[..start]);
+            let tail = &rest[start..];
+            let (value, len): (&OsStr, usize) = if tail.starts_with("{path}") {
+                (job.path.as_os_str(), 6)
+            } else if tail.starts_with("{id}") {
+                (job.name, 4)
+            } else if tail.starts_with("{attempt}") {
+                (OsStr::new(&attempt), 9)
+            } else {
+                (OsStr::new("{"), 1)
+            };
+            out.push(value);
+            rest = &tail[len..];
+        }
+        out.push(rest);
+        out
+    };
+    let mut cmd = tokio::process::Command::new(fill(&cfg.command[0]));
+    cmd.args(cfg.command[1..].iter().map(|a| fill(a)))
+        .envs(&cfg.env)
+        .env("SPOOLD_JOB_PATH", job.path)
+        .env("SPOOLD_JOB_ID", job.name)
+        .env("SPOOLD_ATTEMPT", &attempt)
+        // The handler is not spoold: it must not speak to systemd in spoold's name.
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        // A safety net only: every path through `run` waits for the child itself.
+        .kill_on_drop(true);
+    match cfg.stdin {
+        StdinMode::Null => {
+            cmd.stdin(Stdio::null());
+        }
+        StdinMode::Job => {
+            // O_NONBLOCK and O_NOFOLLOW: even if the claimed file were swapped for a FIFO or a
+            // link, opening it can neither block a worker nor follow the link.
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(
+                    (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32,
+                )
+                .open(job.path)
+                .map_err(|e| format!("cannot open the job file for the handler's stdin: {e}"))?;
+            if !crate::spool::is_regular(&file).map_err(|e| e.to_string())? {
+                return Err("the job file is not a regular file".into());
+            }
+            rustix::fs::fcntl_setfl(&file, rustix::fs::OFlags::empty())
+                .map_err(|e| format!("cannot prepare the job file for the handler: {e}"))?;
+            cmd.stdin(Stdio::from(file));
+        }
+    }
+    Ok(cmd)
+}
+
+fn group_alive(pgid: Pid) -> bool {
+    rustix::process::test_kill_process_group(pgid).is_ok()
+}
+
+fn signal_group(pgid: Pid, sig: Signal) {
+    // ESRCH (the group is already gone) is the normal end of the race, not an error.
+    let _ = rustix::process::kill_process_group(pgid, sig);
+}
+
+/// Logs handler output and keeps the tail of stderr.
+struct OutputLog<'a> {
+    id: &'a str,
+    attempt: u32,
+    logged: u64,
+    suppressed: u64,
+    stderr_tail: VecDeque<String>,
+}
+
+impl OutputLog<'_> {
+    fn line(&mut self, stream: &'static str, line: &[u8]) {
+        let text = String::from_utf8_lossy(line);
+        if stream == "stderr" {
+            if self.stderr_tail.len() == STDERR_TAIL {
+                self.stderr_tail.pop_front();
+            }
+            self.stderr_tail.push_back(text.clone().into_owned());
+        }
+        if self.logged < MAX_LOGGED_LINES {
+            self.logged += 1;
+            tracing::info!(job_id = self.id, attempt = self.attempt, stream, "{text}");
+        } else {
+            self.suppressed += 1;
+        }
+    }
+}
+
+/// Splits a pipe into lines without ever holding more than a fixed amount of it.
+struct LineReader<R> {
+    src: Option<R>,
+    chunk: Box<[u8; 8192]>,
+    line: Vec<u8>,
+    /// Bytes of the current line dropped past MAX_LINE.
+    dropped: usize,
+}
+
+impl<R: AsyncRead + Unpin> LineReader<R> {
+    fn new(src: Option<R>) -> Self {
+        Self {
+            src,
+            chunk: Box::new([0; 8192]),
+            line: Vec::new(),
+            dropped: 0,
+        }
+    }
+
+    fn open(&self) -> bool {
+        self.src.is_some()
+    }
+
+    /// Reads once. Cancel-safe: all state lives in `self`, and a dropped read loses no data.
+    async fn fill(&mut self) -> io::Result<usize> {
+        match &mut self.src {
+            Some(src) => src.read(&mut self.chunk[..]).await,
+            None => Ok(0),
+        }
+    }
+
+    /// Hands each complete line of what `fill` read to `emit`; at end of stream (or error) it
+    /// flushes a last partial line and closes.
+    fn take_lines(&mut self, read: io::Result<usize>, mut emit: impl FnMut(&[u8])) {
+        let n = match read {
+            Ok(0) | Err(_) => {
+                if !self.line.is_empty() || self.dropped > 0 {
+                    emit_line(&mut self.line, &mut self.dropped, &mut emit);
+                }
+                self.src = None;
+                return;
+            }
+            Ok(n) => n,
+        };
+        let mut data = &self.chunk[..n];
+        while !data.is_empty() {
+            let (part, newline) = match data.iter().position(|&b| b == b'\n') {
+                Some(i) => (&data[..i], true),
+                None => (data, false),
+            };
+            let room = MAX_LINE.saturating_sub(self.line.len());
+            let take = room.min(part.len());
+            self.line.extend_from_slice(&part[..take]);
+            self.dropped += part.len() - take;
+            data = &data[part.len() + usize::from(newline)..];
+            if newline {
+                emit_line(&mut self.line, &mut self.dropped, &mut emit);
+            }
+        }
+    }
+}
+
+fn emit_line(line: &mut Vec<u8>, dropped: &mut usize, emit: &mut impl FnMut(&[u8])) {
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    if *dropped > 0 {
+        let note = format!(" [... {dropped} more bytes of this line dropped]");
+        line.extend_from_slice(note.as_bytes());
+    }
+    emit(line);
+    line.clear();
+    *dropped = 0;
+}
+
+/// True when `name` reads as an argv placeholder-free program path; used by check-config.
+pub fn program_exists(program: &str) -> bool {
+    let p = Path::new(program);
+    if program.as_bytes().contains(&b'/') {
+        return p.is_file();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(p).is_file()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines_of(chunks: &[&[u8]]) -> Vec<String> {
+        let mut r: LineReader<tokio::io::Empty> = LineReader::new(Some(tokio::io::empty()));
+        let mut out = Vec::new();
+        for c in chunks {
+            r.chunk[..c.len()].copy_from_slice(c);
+            r.take_lines(Ok(c.len()), |l| {
+                out.push(String::from_utf8_lossy(l).into_owned())
+            });
+        }
+        r.take_lines(Ok(0), |l| out.push(String::from_utf8_lossy(l).into_owned()));
+        assert!(!r.open());
+        out
+    }
+
+    #[test]
+    fn lines_split_across_reads_and_partial_last_line() {
+        assert_eq!(lines_of(&[b"ab", b"c\nd\r\n", b"e"]), vec!["abc", "d", "e"]);
+    }
+
+    #[test]
+    fn long_lines_are_cut_with_a_note() {
+        let big = vec![b'x'; 8000];
+        let out = lines_of(&[&big, &big, b"\nok\n"]);
+        assert_eq!(out.len(), 2);
+        assert!(out[0].starts_with(&"x".repeat(MAX_LINE)));
+        assert!(
+            out[0].ends_with("[... 11904 more bytes of this line dropped]"),
+            "{}",
+            &out[0][4096..]
+        );
+        assert_eq!(out[1], "ok");
+    }
+}

@@ -1,0 +1,56 @@
+//! OS signals: SIGTERM and SIGINT become the stop and abort tokens; SIGHUP becomes a reload request.
+
+use futures_util::StreamExt;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook_tokio::Signals;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// The two stages of a stop. `stop` is the root token: cancelled by the first SIGTERM or SIGINT,
+/// it stops the dispatcher and lets in-flight jobs drain. `abort` is cancelled by a second
+/// signal (or by the supervisor at the drain deadline): handlers are signalled and their jobs
+/// requeued. `stop` is a child of `abort`, so an abort is always also a stop.
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    pub stop: CancellationToken,
+    pub abort: CancellationToken,
+}
+
+impl Shutdown {
+    pub fn new() -> Shutdown {
+        let abort = CancellationToken::new();
+        let stop = abort.child_token();
+        Shutdown { stop, abort }
+    }
+}
+
+/// Installs the signal handlers and starts the task that turns signals into the tokens of
+/// `shutdown` and into reload requests. Must run inside the runtime.
+pub fn listen(shutdown: &Shutdown) -> std::io::Result<mpsc::Receiver<()>> {
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    // One pending reload is enough: several SIGHUPs before the first is handled mean one reload.
+    let (reload_tx, reload_rx) = mpsc::channel(1);
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        while let Some(signal) = signals.next().await {
+            let name = match signal {
+                SIGTERM => "SIGTERM",
+                SIGINT => "SIGINT",
+                _ => "SIGHUP",
+            };
+            if signal == SIGHUP {
+                tracing::info!("received SIGHUP; reloading the configuration");
+                let _ = reload_tx.try_send(());
+            } else if !shutdown.stop.is_cancelled() {
+                tracing::info!(
+                    "received {name}; stopping (a second signal aborts the jobs in flight)"
+                );
+                shutdown.stop.cancel();
+            } else if !shutdown.abort.is_cancelled() {
+                tracing::info!("received {name} again; aborting the jobs in flight");
+                shutdown.abort.cancel();
+            }
+        }
+    });
+    Ok(reload_rx)
+}

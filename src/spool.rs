@@ -1,0 +1,1030 @@
+//! The spool directory: its layout and every filesystem operation on a job, as plain synchronous code.
+//!
+//! Layout under the root (`spool.dir`):
+//!
+//! | entry         | holds                                                                  |
+//! |---------------|------------------------------------------------------------------------|
+//! | `tmp/`        | files being written by producers (the Maildir rule)                    |
+//! | `new/`        | jobs waiting to run; names starting with `.` are ignored               |
+//! | `active/`     | jobs a worker has claimed                                              |
+//! | `retry/`      | jobs waiting for their backoff to pass before going back to `new/`     |
+//! | `done/`       | jobs whose handler exited 0 (unless `done.keep = false`)               |
+//! | `failed/`     | jobs that ran out of attempts or exited with a permanent code          |
+//! | `state/NAME`  | JSON record of a live job that has failed at least once: attempts, next attempt time |
+//! | `reasons/NAME`| JSON record of why `failed/NAME` failed                                |
+//! | `spoold.lock` | flock held by the one daemon that owns the spool                       |
+//!
+//! Every move is a `renameat2(RENAME_NOREPLACE)` inside one filesystem, so a job file is always
+//! in exactly one directory and nothing is ever overwritten. When the destination already holds a
+//! job of the same name (the same name submitted twice), the arriving job keeps its name with a
+//! `.dup-<ULID>` suffix instead: renamed, never lost.
+//!
+//! No other module knows these names. Nothing here is async: the operations are single system
+//! calls on a local directory, and keeping them synchronous makes them testable without a runtime.
+
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags, RenameFlags};
+use rustix::io::Errno;
+use serde::{Deserialize, Serialize};
+
+/// The longest file name Linux filesystems accept, in bytes.
+const NAME_MAX: usize = 255;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    Tmp,
+    New,
+    Active,
+    Retry,
+    Done,
+    Failed,
+    State,
+    Reasons,
+}
+
+impl Dir {
+    pub const ALL: [Dir; 8] = [
+        Dir::Tmp,
+        Dir::New,
+        Dir::Active,
+        Dir::Retry,
+        Dir::Done,
+        Dir::Failed,
+        Dir::State,
+        Dir::Reasons,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dir::Tmp => "tmp",
+            Dir::New => "new",
+            Dir::Active => "active",
+            Dir::Retry => "retry",
+            Dir::Done => "done",
+            Dir::Failed => "failed",
+            Dir::State => "state",
+            Dir::Reasons => "reasons",
+        }
+    }
+}
+
+/// Why a spool could not be opened or locked. Each names the path at fault.
+#[derive(Debug)]
+pub enum SpoolError {
+    Root { path: PathBuf, problem: String },
+    Subdir { path: PathBuf, err: io::Error },
+    CrossDevice { root: PathBuf, subdir: PathBuf },
+    Locked { path: PathBuf, owner: Option<u32> },
+    Lock { path: PathBuf, err: io::Error },
+}
+
+impl fmt::Display for SpoolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SpoolError::Root { path, problem } => {
+                write!(f, "spool directory {}: {problem}", path.display())
+            }
+            SpoolError::Subdir { path, err } => write!(f, "{}: {err}", path.display()),
+            SpoolError::CrossDevice { root, subdir } => write!(
+                f,
+                "{} is on a different filesystem from the spool root {}: jobs move by rename, \
+                 so every spool directory must be on one filesystem",
+                subdir.display(),
+                root.display()
+            ),
+            SpoolError::Locked { path, owner } => {
+                write!(
+                    f,
+                    "spool {} is already owned by another spoold",
+                    path.display()
+                )?;
+                if let Some(pid) = owner {
+                    write!(f, " (pid {pid})")?;
+                }
+                write!(f, "; only one daemon may run on a spool")
+            }
+            SpoolError::Lock { path, err } => {
+                write!(f, "cannot lock {}: {err}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for SpoolError {}
+
+/// What a failed attempt looked like, kept for `spoold failed`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    pub attempt: u32,
+    pub started_at: String,
+    pub ended_at: String,
+    pub duration_ms: u64,
+    /// The exit code, when the handler exited.
+    pub exit_code: Option<i32>,
+    /// The signal that ended the handler, when one did.
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    /// One line a human can act on: "exit status 3", "killed by SIGKILL after timeout 10s", ...
+    pub reason: String,
+    /// The last lines the handler wrote to stderr.
+    pub stderr_tail: Vec<String>,
+}
+
+/// The bookkeeping of one job, in `state/NAME` while it lives and `reasons/NAME` once failed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// The job's name, escaped for display.
+    pub id: String,
+    /// Attempts that ended in failure. An attempt interrupted by a stop does not count.
+    pub attempts: u32,
+    pub first_attempt_at: Option<String>,
+    /// When a waiting retry may run, as milliseconds since the epoch (for spoold) ...
+    pub next_attempt_unix_ms: Option<u64>,
+    /// ... and as RFC 3339 (for people).
+    pub next_attempt_at: Option<String>,
+    pub failed_at: Option<String>,
+    /// True when the failure was a permanent exit code rather than running out of attempts.
+    pub permanent: bool,
+    pub last_failure: Option<Failure>,
+}
+
+/// A job a worker has claimed: its file is in `active/`.
+#[derive(Debug)]
+pub struct Claimed {
+    pub name: OsString,
+    /// Absolute path of the job file in `active/`.
+    pub path: PathBuf,
+    /// The attempt about to run, 1-based.
+    pub attempt: u32,
+    /// The record of earlier failed attempts, if any.
+    pub record: Option<JobRecord>,
+}
+
+/// The outcome of trying to claim a name seen in `new/`.
+#[derive(Debug)]
+pub enum Claim {
+    Job(Claimed),
+    /// Not in `new/` any more (another claimant, or its producer, took it), or a job of the same
+    /// name is still active: skip, it is not an error.
+    Skipped,
+    /// Not a regular file: it was moved to `failed/` with this reason, and never opened.
+    Rejected {
+        reason: String,
+    },
+}
+
+/// One entry seen in `new/` by a scan.
+#[derive(Debug)]
+pub struct Candidate {
+    pub name: OsString,
+    /// Modification time in nanoseconds since the epoch, used to run the oldest first.
+    pub mtime_ns: i128,
+}
+
+/// A job in `failed/` as `spoold failed` shows it.
+#[derive(Debug)]
+pub struct FailedJob {
+    pub name: OsString,
+    pub record: Option<JobRecord>,
+}
+
+/// Counts per state, as `spoold status` shows them.
+#[derive(Debug, Default, Clone, PartialEq, Serialize)]
+pub struct Counts {
+    pub queued: u64,
+    pub active: u64,
+    pub retry: u64,
+    pub done: u64,
+    pub failed: u64,
+    pub oldest_queued_age_s: Option<f64>,
+}
+
+/// The flock that makes one daemon the owner of a spool; released when dropped.
+#[derive(Debug)]
+pub struct SpoolLock {
+    _file: File,
+}
+
+#[derive(Debug)]
+pub struct Spool {
+    root: PathBuf,
+    dirs: Vec<OwnedFd>,
+}
+
+impl Spool {
+    /// Opens the spool at `root`, creating missing subdirectories. The root itself must exist,
+    /// be a directory, and be readable and writable; every subdirectory must share its filesystem.
+    pub fn open(root: &Path) -> Result<Spool, SpoolError> {
+        let root_err = |problem: String| SpoolError::Root {
+            path: root.to_owned(),
+            problem,
+        };
+        let meta = fs::metadata(root).map_err(|e| {
+            root_err(match e.kind() {
+                io::ErrorKind::NotFound => "does not exist (create it, or fix spool.dir)".into(),
+                _ => e.to_string(),
+            })
+        })?;
+        if !meta.is_dir() {
+            return Err(root_err("is not a directory".into()));
+        }
+        rustix::fs::access(
+            root,
+            rustix::fs::Access::READ_OK
+                | rustix::fs::Access::WRITE_OK
+                | rustix::fs::Access::EXEC_OK,
+        )
+        .map_err(|e| root_err(format!("must be readable and writable by this user: {e}")))?;
+        let root = fs::canonicalize(root).map_err(|e| root_err(e.to_string()))?;
+        let mut dirs = Vec::with_capacity(Dir::ALL.len());
+        for dir in Dir::ALL {
+            let path = root.join(dir.name());
+            match fs::create_dir(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(err) => return Err(SpoolError::Subdir { path, err }),
+            }
+            let fd = rustix::fs::open(
+                &path,
+                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                Mode::empty(),
+            )
+            .map_err(|e| SpoolError::Subdir {
+                path: path.clone(),
+                err: e.into(),
+            })?;
+            let stat = rustix::fs::fstat(&fd).map_err(|e| SpoolError::Subdir {
+                path: path.clone(),
+                err: e.into(),
+            })?;
+            if stat.st_dev != meta.dev() {
+                return Err(SpoolError::CrossDevice {
+                    root: root.clone(),
+                    subdir: path,
+                });
+            }
+            dirs.push(fd);
+        }
+        Ok(Spool { root, dirs })
+    }
+
+    /// Opens an existing spool for a client command (enqueue, status, failed, retry): nothing is
+    /// created, and the root need not be writable (a member of group spoold may only submit).
+    pub fn attach(root: &Path) -> Result<Spool, SpoolError> {
+        let root = fs::canonicalize(root).map_err(|e| SpoolError::Root {
+            path: root.to_owned(),
+            problem: e.to_string(),
+        })?;
+        let mut dirs = Vec::with_capacity(Dir::ALL.len());
+        for dir in Dir::ALL {
+            let path = root.join(dir.name());
+            let fd = rustix::fs::open(
+                &path,
+                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                Mode::empty(),
+            )
+            .map_err(|e| SpoolError::Subdir {
+                path: path.clone(),
+                err: io::Error::from(e),
+            })?;
+            dirs.push(fd);
+        }
+        Ok(Spool { root, dirs })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn dir_path(&self, dir: Dir) -> PathBuf {
+        self.root.join(dir.name())
+    }
+
+    fn fd(&self, dir: Dir) -> &OwnedFd {
+        &self.dirs[Dir::ALL
+            .iter()
+            .position(|d| *d == dir)
+            .expect("every Dir is opened")]
+    }
+
+    /// Takes the lock that makes this process the one daemon of the spool.
+    pub fn lock(&self) -> Result<SpoolLock, SpoolError> {
+        let path = self.root.join("spoold.lock");
+        let lock_err = |err: io::Error| SpoolError::Lock {
+            path: path.clone(),
+            err,
+        };
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(&path)
+            .map_err(lock_err)?;
+        match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(Errno::WOULDBLOCK) => {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                return Err(SpoolError::Locked {
+                    path: self.root.clone(),
+                    owner: text.trim().parse().ok(),
+                });
+            }
+            Err(e) => return Err(lock_err(e.into())),
+        }
+        // The pid is for the error message a second daemon prints; the lock itself is the flock.
+        file.set_len(0).map_err(lock_err)?;
+        writeln!(file, "{}", std::process::id()).map_err(lock_err)?;
+        Ok(SpoolLock { _file: file })
+    }
+
+    /// Moves every job left in `active/` by a daemon that died back to `new/`, for another
+    /// attempt at once. The interrupted attempt does not count. Returns the names moved.
+    pub fn recover_active(&self) -> io::Result<Vec<OsString>> {
+        let mut moved = Vec::new();
+        for entry in fs::read_dir(self.dir_path(Dir::Active))? {
+            let name = entry?.file_name();
+            match self.move_job(Dir::Active, Dir::New, &name) {
+                Ok(Some(to)) => moved.push(to),
+                Ok(None) => {}
+                Err(e) => return Err(annotate(e, &name, "cannot move back to new/")),
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Streams the names in `new/`, skipping dot-files. Memory stays constant whatever the size
+    /// of the directory: the caller takes entries a batch at a time.
+    pub fn scan_new(&self) -> io::Result<NewScan> {
+        Ok(NewScan {
+            inner: fs::read_dir(self.dir_path(Dir::New))?,
+            new_fd: rustix::io::dup(self.fd(Dir::New))?,
+        })
+    }
+
+    /// Claims `name` from `new/` by renaming it into `active/`.
+    pub fn claim(&self, name: &OsStr) -> io::Result<Claim> {
+        match rename_noreplace(self.fd(Dir::New), name, self.fd(Dir::Active), name) {
+            Ok(()) => {}
+            // Taken by someone else, or a job of the same name is still running: not ours.
+            Err(e) if e == Errno::NOENT || e == Errno::EXIST => return Ok(Claim::Skipped),
+            Err(e) => return Err(annotate(e.into(), name, "cannot claim")),
+        }
+        let stat = rustix::fs::statat(self.fd(Dir::Active), name, AtFlags::SYMLINK_NOFOLLOW)?;
+        let kind = rustix::fs::FileType::from_raw_mode(stat.st_mode);
+        if kind != rustix::fs::FileType::RegularFile {
+            let reason = format!(
+                "not a regular file but {}: spoold never follows or opens such an entry",
+                describe_file_type(kind)
+            );
+            let record = JobRecord {
+                id: display_name(name),
+                failed_at: Some(now_rfc3339()),
+                permanent: true,
+                last_failure: Some(Failure {
+                    reason: reason.clone(),
+                    ..Failure::default()
+                }),
+                ..JobRecord::default()
+            };
+            self.fail(name, &record)?;
+            return Ok(Claim::Rejected { reason });
+        }
+        let record = self.read_record(Dir::State, name)?;
+        let attempt = record.as_ref().map_or(0, |r| r.attempts) + 1;
+        Ok(Claim::Job(Claimed {
+            path: self.dir_path(Dir::Active).join(name),
+            name: name.to_owned(),
+            attempt,
+            record,
+        }))
+    }
+
+    /// The handler succeeded: keep the job in `done/` or delete it. Returns where it went.
+    pub fn finish_done(&self, job: &Claimed, keep: bool) -> io::Result<Option<OsString>> {
+        let result = if keep {
+            self.move_job(Dir::Active, Dir::Done, &job.name)
+                .map_err(|e| annotate(e, &job.name, "cannot move to done/"))?
+        } else {
+            rustix::fs::unlinkat(self.fd(Dir::Active), &job.name, AtFlags::empty())
+                .map_err(|e| annotate(e.into(), &job.name, "cannot delete"))?;
+            None
+        };
+        if job.record.is_some() {
+            self.remove_record(Dir::State, &job.name);
+        }
+        Ok(result)
+    }
+
+    /// The job has failed for good: move it to `failed/` and record why beside it.
+    /// Returns the name it has in `failed/`.
+    pub fn fail(&self, name: &OsStr, record: &JobRecord) -> io::Result<OsString> {
+        let final_name = self
+            .move_job(Dir::Active, Dir::Failed, name)
+            .map_err(|e| annotate(e, name, "cannot move to failed/"))?
+            .unwrap_or_else(|| name.to_owned());
+        self.remove_record(Dir::State, &final_name);
+        // The job is safe in failed/ whatever happens next; a reason that cannot be written
+        // (a full disk) is reported to the caller, and `spoold failed` says it is missing.
+        self.write_record(Dir::Reasons, &final_name, record)
+            .map_err(|e| {
+                annotate(
+                    e,
+                    &final_name,
+                    "moved to failed/, but the reason could not be recorded",
+                )
+            })?;
+        Ok(final_name)
+    }
+
+    /// The attempt failed and another is due at `record.next_attempt_unix_ms`: record that, then
+    /// move the job to `retry/`. If the record cannot be written the job stays in `active/`,
+    /// where the next start finds it: the attempt count is never silently lost.
+    pub fn schedule_retry(&self, job: &Claimed, record: &JobRecord) -> io::Result<()> {
+        self.write_record(Dir::State, &job.name, record)
+            .map_err(|e| annotate(e, &job.name, "cannot record the failed attempt"))?;
+        self.move_job(Dir::Active, Dir::Retry, &job.name)
+            .map_err(|e| annotate(e, &job.name, "cannot move to retry/"))?;
+        Ok(())
+    }
+
+    /// The attempt was interrupted by a stop: put the job back in `new/` with its attempt count
+    /// unchanged.
+    pub fn requeue(&self, job: &Claimed) -> io::Result<Option<OsString>> {
+        self.move_job(Dir::Active, Dir::New, &job.name)
+            .map_err(|e| annotate(e, &job.name, "cannot move back to new/"))
+    }
+
+    /// Moves every job in `retry/` whose time has come to `new/`. Returns how many moved and
+    /// the earliest time (ms since the epoch) at which another one will be due.
+    pub fn promote_due_retries(&self, now_ms: u64) -> io::Result<(usize, Option<u64>)> {
+        let mut promoted = 0;
+        let mut next_due: Option<u64> = None;
+        for entry in fs::read_dir(self.dir_path(Dir::Retry))? {
+            let name = entry?.file_name();
+            let due = match self.read_record(Dir::State, &name) {
+                Ok(Some(r)) => r.next_attempt_unix_ms.unwrap_or(0),
+                // No record (lost to a full disk, or deleted by hand): run it now rather than never.
+                Ok(None) | Err(_) => 0,
+            };
+            if due <= now_ms {
+                if self.move_job(Dir::Retry, Dir::New, &name)?.is_some() {
+                    promoted += 1;
+                }
+            } else {
+                next_due = Some(next_due.map_or(due, |n| n.min(due)));
+            }
+        }
+        Ok((promoted, next_due))
+    }
+
+    /// Atomically submits the bytes of `src` as a new job, and returns its ID. The file is
+    /// written in `tmp/`, flushed to disk, then renamed into `new/`: a daemon never sees half a job.
+    pub fn enqueue(&self, src: &mut dyn Read, id: &str) -> io::Result<()> {
+        let tmp_path = self.dir_path(Dir::Tmp).join(id);
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o640)
+            .open(&tmp_path)?;
+        let written = io::copy(src, &mut file).and_then(|_| file.sync_all());
+        drop(file);
+        let moved = written.and_then(|()| {
+            rename_noreplace(self.fd(Dir::Tmp), id, self.fd(Dir::New), id).map_err(io::Error::from)
+        });
+        if let Err(e) = moved {
+            let _ = fs::remove_file(&tmp_path);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Counts the jobs in each state. The age of the oldest queued job costs one stat per queued
+    /// job, so it is only computed when asked for.
+    pub fn counts(&self, with_age: bool) -> io::Result<Counts> {
+        let count = |dir: Dir| -> io::Result<u64> {
+            let mut n = 0;
+            for entry in fs::read_dir(self.dir_path(dir))? {
+                entry?;
+                n += 1;
+            }
+            Ok(n)
+        };
+        let mut queued = 0;
+        let mut oldest: Option<i128> = None;
+        let mut scan = self.scan_new()?;
+        while let Some(c) = scan.next_candidate(with_age)? {
+            queued += 1;
+            if with_age {
+                oldest = Some(oldest.map_or(c.mtime_ns, |o| o.min(c.mtime_ns)));
+            }
+        }
+        let now_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as i128;
+        Ok(Counts {
+            queued,
+            active: count(Dir::Active)?,
+            retry: count(Dir::Retry)?,
+            done: count(Dir::Done)?,
+            failed: count(Dir::Failed)?,
+            oldest_queued_age_s: oldest.map(|o| ((now_ns - o).max(0) as f64) / 1e9),
+        })
+    }
+
+    /// The jobs in `failed/`, oldest name first, with their recorded reasons.
+    pub fn failed_jobs(&self) -> io::Result<Vec<FailedJob>> {
+        let mut jobs = Vec::new();
+        for entry in fs::read_dir(self.dir_path(Dir::Failed))? {
+            let name = entry?.file_name();
+            let record = self.read_record(Dir::Reasons, &name).unwrap_or(None);
+            jobs.push(FailedJob { name, record });
+        }
+        jobs.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(jobs)
+    }
+
+    /// Moves a failed job back to `new/` with a fresh attempt count. Returns false when there
+    /// is no such failed job.
+    pub fn retry_failed(&self, name: &OsStr) -> io::Result<bool> {
+        if rustix::fs::statat(self.fd(Dir::Failed), name, AtFlags::SYMLINK_NOFOLLOW).is_err() {
+            return Ok(false);
+        }
+        self.remove_record(Dir::State, name);
+        let moved = self.move_job(Dir::Failed, Dir::New, name)?;
+        self.remove_record(Dir::Reasons, name);
+        Ok(moved.is_some())
+    }
+
+    /// Renames `name` from one directory to another without overwriting anything. When the
+    /// destination has a job of that name already, the moved job gets a `.dup-<ULID>` suffix
+    /// (and its state record follows it). Returns the name it now has, or None when `name` was
+    /// not in `from` at all.
+    fn move_job(&self, from: Dir, to: Dir, name: &OsStr) -> io::Result<Option<OsString>> {
+        match rename_noreplace(self.fd(from), name, self.fd(to), name) {
+            Ok(()) => return Ok(Some(name.to_owned())),
+            Err(Errno::NOENT) => return Ok(None),
+            Err(Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        loop {
+            let alt = dup_name(name);
+            match rename_noreplace(self.fd(from), name, self.fd(to), &alt) {
+                Ok(()) => {
+                    if let Err(e) =
+                        rename_noreplace(self.fd(Dir::State), name, self.fd(Dir::State), &alt)
+                        && e != Errno::NOENT
+                    {
+                        return Err(e.into());
+                    }
+                    return Ok(Some(alt));
+                }
+                Err(Errno::NOENT) => return Ok(None),
+                Err(Errno::EXIST) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn read_record(&self, dir: Dir, name: &OsStr) -> io::Result<Option<JobRecord>> {
+        let fd = match rustix::fs::openat(
+            self.fd(dir),
+            name,
+            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let mut text = String::new();
+        File::from(fd).read_to_string(&mut text)?;
+        serde_json::from_str(&text).map(Some).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}/{}: corrupt record: {e}",
+                    self.dir_path(dir).display(),
+                    display_name(name)
+                ),
+            )
+        })
+    }
+
+    /// Writes a record atomically (a temporary file, fsync, rename over the old one), so that a
+    /// crash leaves either the old record or the new one.
+    fn write_record(&self, dir: Dir, name: &OsStr, record: &JobRecord) -> io::Result<()> {
+        let tmp = format!(".tmp-{}", ulid::Ulid::generate());
+        let fd = rustix::fs::openat(
+            self.fd(dir),
+            tmp.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o640),
+        )?;
+        let mut file = File::from(fd);
+        let written = serde_json::to_writer_pretty(&mut file, record)
+            .map_err(io::Error::from)
+            .and_then(|()| file.sync_all())
+            .and_then(|()| {
+                rustix::fs::renameat(self.fd(dir), tmp.as_str(), self.fd(dir), name)
+                    .map_err(io::Error::from)
+            });
+        if written.is_err() {
+            let _ = rustix::fs::unlinkat(self.fd(dir), tmp.as_str(), AtFlags::empty());
+        }
+        written
+    }
+
+    fn remove_record(&self, dir: Dir, name: &OsStr) {
+        let _ = rustix::fs::unlinkat(self.fd(dir), name, AtFlags::empty());
+    }
+}
+
+/// A streaming read of `new/`.
+pub struct NewScan {
+    inner: fs::ReadDir,
+    new_fd: OwnedFd,
+}
+
+impl NewScan {
+    /// The next candidate, or None at the end of the directory. With `with_mtime`, the entry is
+    /// stat'ed for its modification time (used to run the oldest first); entries that vanished
+    /// meanwhile are skipped.
+    pub fn next_candidate(&mut self, with_mtime: bool) -> io::Result<Option<Candidate>> {
+        for entry in self.inner.by_ref() {
+            let entry = entry?;
+            let name = entry.file_name();
+            if name.as_bytes().first() == Some(&b'.') {
+                continue;
+            }
+            let mut mtime_ns = 0;
+            if with_mtime {
+                match rustix::fs::statat(&self.new_fd, &name, AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(st) => {
+                        mtime_ns =
+                            i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec);
+                    }
+                    Err(Errno::NOENT) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            return Ok(Some(Candidate { name, mtime_ns }));
+        }
+        Ok(None)
+    }
+}
+
+/// `renameat2(RENAME_NOREPLACE)`, with a `link` + `unlink` fallback for filesystems that do not
+/// support the flag (both refuse to overwrite).
+fn rename_noreplace<P: rustix::path::Arg + Copy, Q: rustix::path::Arg + Copy>(
+    from_dir: &OwnedFd,
+    from: P,
+    to_dir: &OwnedFd,
+    to: Q,
+) -> Result<(), Errno> {
+    match rustix::fs::renameat_with(
+        from_dir.as_fd(),
+        from,
+        to_dir.as_fd(),
+        to,
+        RenameFlags::NOREPLACE,
+    ) {
+        Err(Errno::INVAL) => {
+            rustix::fs::linkat(from_dir, from, to_dir, to, AtFlags::empty())?;
+            rustix::fs::unlinkat(from_dir, from, AtFlags::empty())
+        }
+        other => other,
+    }
+}
+
+/// `NAME.dup-<ULID>`, shortened at the front of NAME if needed to fit NAME_MAX.
+fn dup_name(name: &OsStr) -> OsString {
+    let suffix = format!(".dup-{}", ulid::Ulid::generate());
+    let bytes = name.as_bytes();
+    let keep = bytes.len().min(NAME_MAX - suffix.len());
+    let mut out = bytes[..keep].to_vec();
+    out.extend_from_slice(suffix.as_bytes());
+    OsString::from_vec(out)
+}
+
+fn annotate(e: io::Error, name: &OsStr, what: &str) -> io::Error {
+    io::Error::new(e.kind(), format!("job {}: {what}: {e}", display_name(name)))
+}
+
+fn describe_file_type(kind: rustix::fs::FileType) -> &'static str {
+    use rustix::fs::FileType as T;
+    match kind {
+        T::Symlink => "a symbolic link",
+        T::Directory => "a directory",
+        T::Fifo => "a FIFO",
+        T::Socket => "a socket",
+        T::CharacterDevice => "a character device",
+        T::BlockDevice => "a block device",
+        _ => "an unknown kind of file",
+    }
+}
+
+/// Checks an open file is a regular file; used before a handler reads a job on stdin.
+pub fn is_regular(file: &File) -> io::Result<bool> {
+    Ok(file.metadata()?.file_type().is_file() && !file.metadata()?.file_type().is_fifo())
+}
+
+/// A job name as it appears in logs and JSON: UTF-8 is kept, control characters are escaped
+/// (`\n`, `\u{1b}`), and bytes that are not UTF-8 appear as `\xNN`.
+pub fn display_name(name: &OsStr) -> String {
+    let mut out = String::with_capacity(name.len());
+    for chunk in name.as_bytes().utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c.is_control() || c == '\\' {
+                out.extend(c.escape_default());
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+/// Turns a name as given on the command line back into the bytes of a job name: the inverse of
+/// [`display_name`] for `\xNN`, `\n`, `\t`, `\\` and `\u{..}`.
+pub fn parse_display_name(text: &str) -> OsString {
+    let mut out = Vec::with_capacity(text.len());
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 1 < bytes.len() {
+            match bytes[i + 1] {
+                b'x' => {
+                    if let Some(b) = text
+                        .get(i + 2..i + 4)
+                        .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                    {
+                        out.push(b);
+                        i += 4;
+                        continue;
+                    }
+                }
+                b'n' => {
+                    out.push(b'\n');
+                    i += 2;
+                    continue;
+                }
+                b't' => {
+                    out.push(b'\t');
+                    i += 2;
+                    continue;
+                }
+                b'r' => {
+                    out.push(b'\r');
+                    i += 2;
+                    continue;
+                }
+                b'\\' => {
+                    out.push(b'\\');
+                    i += 2;
+                    continue;
+                }
+                b'u' if text[i..].starts_with("\\u{") => {
+                    if let Some(end) = text[i..].find('}') {
+                        if let Some(c) = text
+                            .get(i + 3..i + end)
+                            .and_then(|hex| u32::from_str_radix(hex, 16).ok())
+                            .and_then(char::from_u32)
+                        {
+                            let mut buf = [0; 4];
+                            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                            i += end + 1;
+                            continue;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    OsString::from_vec(out)
+}
+
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as u64
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// A new job ID: a ULID, so that IDs sort by submit time.
+pub fn new_job_id(generator: &mut ulid::Generator) -> String {
+    match generator.generate() {
+        Ok(id) => id.to_string(),
+        // More than 2^80 IDs in one millisecond cannot happen; a fresh random one is still unique.
+        Err(_) => ulid::Ulid::generate().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spool() -> (tempfile::TempDir, Spool) {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        (dir, spool)
+    }
+
+    fn put(spool: &Spool, dir: Dir, name: &str, body: &str) {
+        fs::write(spool.dir_path(dir).join(name), body).unwrap();
+    }
+
+    fn names(spool: &Spool, dir: Dir) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(spool.dir_path(dir))
+            .unwrap()
+            .map(|e| display_name(&e.unwrap().file_name()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn job_ids_sort_by_submit_time() {
+        let mut g = ulid::Generator::new();
+        let ids: Vec<String> = (0..1000).map(|_| new_job_id(&mut g)).collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(ids, sorted);
+        assert!(ids.iter().all(|id| id.len() == 26));
+        let later = {
+            std::thread::sleep(Duration::from_millis(2));
+            new_job_id(&mut ulid::Generator::new())
+        };
+        assert!(later > ids[999]);
+    }
+
+    #[test]
+    fn display_name_escapes_and_round_trips() {
+        let raw = OsString::from_vec(b"a\nb\x1b\xffc\\d".to_vec());
+        let shown = display_name(&raw);
+        assert_eq!(shown, "a\\nb\\u{1b}\\xffc\\\\d");
+        assert_eq!(parse_display_name(&shown), raw);
+        assert_eq!(display_name(OsStr::new("plain-ü.job")), "plain-ü.job");
+    }
+
+    #[test]
+    fn claim_then_done_and_never_overwrite() {
+        let (_d, spool) = spool();
+        put(&spool, Dir::New, "a", "1");
+        put(&spool, Dir::Done, "a", "old");
+        let Claim::Job(job) = spool.claim(OsStr::new("a")).unwrap() else {
+            panic!("not claimed")
+        };
+        assert_eq!(job.attempt, 1);
+        assert!(matches!(
+            spool.claim(OsStr::new("a")).unwrap(),
+            Claim::Skipped
+        ));
+        let to = spool.finish_done(&job, true).unwrap().unwrap();
+        assert!(to.to_str().unwrap().starts_with("a.dup-"));
+        assert_eq!(
+            fs::read_to_string(spool.dir_path(Dir::Done).join("a")).unwrap(),
+            "old"
+        );
+        assert_eq!(
+            fs::read_to_string(spool.dir_path(Dir::Done).join(&to)).unwrap(),
+            "1"
+        );
+    }
+
+    #[test]
+    fn retry_keeps_attempt_count_across_reopen() {
+        let (d, spool) = spool();
+        put(&spool, Dir::New, "j", "x");
+        let Claim::Job(job) = spool.claim(OsStr::new("j")).unwrap() else {
+            panic!()
+        };
+        let record = JobRecord {
+            attempts: 1,
+            next_attempt_unix_ms: Some(1000),
+            ..JobRecord::default()
+        };
+        spool.schedule_retry(&job, &record).unwrap();
+        assert_eq!(names(&spool, Dir::Retry), vec!["j"]);
+        drop(spool);
+        let spool = Spool::open(d.path()).unwrap();
+        assert_eq!(spool.promote_due_retries(999).unwrap(), (0, Some(1000)));
+        assert_eq!(spool.promote_due_retries(1000).unwrap(), (1, None));
+        let Claim::Job(job) = spool.claim(OsStr::new("j")).unwrap() else {
+            panic!()
+        };
+        assert_eq!(job.attempt, 2);
+        spool.finish_done(&job, false).unwrap();
+        assert!(names(&spool, Dir::State).is_empty());
+        assert!(names(&spool, Dir::Done).is_empty());
+    }
+
+    #[test]
+    fn non_regular_entries_are_rejected_unopened() {
+        let (_d, spool) = spool();
+        std::os::unix::fs::symlink("/etc/passwd", spool.dir_path(Dir::New).join("link")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            spool.dir_path(Dir::New).join("fifo"),
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        fs::create_dir(spool.dir_path(Dir::New).join("dir")).unwrap();
+        for name in ["link", "fifo", "dir"] {
+            match spool.claim(OsStr::new(name)).unwrap() {
+                Claim::Rejected { reason, .. } => assert!(reason.contains("not a regular file")),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        assert_eq!(names(&spool, Dir::Failed), vec!["dir", "fifo", "link"]);
+        let failed = spool.failed_jobs().unwrap();
+        assert!(
+            failed[1]
+                .record
+                .as_ref()
+                .unwrap()
+                .last_failure
+                .as_ref()
+                .unwrap()
+                .reason
+                .contains("FIFO")
+        );
+    }
+
+    #[test]
+    fn recovery_moves_active_back_without_loss() {
+        let (_d, spool) = spool();
+        put(&spool, Dir::Active, "a", "1");
+        put(&spool, Dir::Active, "b", "2");
+        put(&spool, Dir::New, "b", "3");
+        let moved = spool.recover_active().unwrap();
+        assert_eq!(moved.len(), 2);
+        let new = names(&spool, Dir::New);
+        assert_eq!(new.len(), 3, "{new:?}");
+        assert!(names(&spool, Dir::Active).is_empty());
+    }
+
+    #[test]
+    fn second_lock_is_refused_with_owner() {
+        let (d, spool) = spool();
+        let _lock = spool.lock().unwrap();
+        let other = Spool::open(d.path()).unwrap();
+        let err = other.lock().unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn long_names_get_a_dup_suffix_that_fits() {
+        let long = "n".repeat(255);
+        let dup = dup_name(OsStr::new(&long));
+        assert_eq!(dup.len(), 255);
+    }
+
+    #[test]
+    fn missing_root_is_a_clear_error() {
+        let err = Spool::open(Path::new("/nonexistent/spool"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/nonexistent/spool") && err.contains("does not exist"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn counts_skip_dot_files_and_report_age() {
+        let (_d, spool) = spool();
+        put(&spool, Dir::New, "a", "");
+        put(&spool, Dir::New, ".partial", "");
+        put(&spool, Dir::Failed, "f", "");
+        let c = spool.counts(true).unwrap();
+        assert_eq!((c.queued, c.failed, c.done), (1, 1, 0));
+        assert!(c.oldest_queued_age_s.unwrap() >= 0.0);
+    }
+}

@@ -1,0 +1,382 @@
+//! The daemon's life: start-up and crash recovery, READY, STATUS, reload, the watchdog, and the stop.
+//!
+//! The stop has two stages, driven by the tokens in [`Shutdown`]. At `stop` the dispatcher
+//! returns and the workers take no new job; in-flight jobs may finish until
+//! `shutdown.drain_timeout`. At that deadline, or at a second signal, `abort` is cancelled:
+//! handlers get SIGTERM, then SIGKILL after `handler.kill_grace`, and their jobs go back to
+//! `new/`. The stop therefore ends within drain_timeout + kill_grace plus a little; while it
+//! runs, systemd is kept informed (STOPPING=1, STATUS=, EXTEND_TIMEOUT_USEC=) so that it waits
+//! for exactly that long and never needs SIGKILL.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError};
+use crate::dispatcher::{Dispatcher, Watcher};
+use crate::logging::LogControl;
+use crate::notify::Notifier;
+use crate::signals::Shutdown;
+use crate::spool::{Spool, SpoolError};
+use crate::stats::Stats;
+use crate::worker::{Pool, Shared};
+
+/// Names waiting between the dispatcher and the workers. Small: a name in the channel is a job
+/// that is not yet claimed, so this only smooths hand-offs.
+const CHANNEL: usize = 16;
+/// How often STATUS= is refreshed (it is only sent when it changed).
+const STATUS_EVERY: Duration = Duration::from_millis(500);
+/// How often EXTEND_TIMEOUT_USEC= is resent while stopping.
+const EXTEND_EVERY: Duration = Duration::from_secs(1);
+/// What EXTEND_TIMEOUT_USEC= adds on top of the worst case still ahead, so that a resend
+/// always arrives in time.
+const EXTEND_MARGIN: Duration = Duration::from_secs(3);
+/// How long after the last SIGKILL the stop waits for workers before giving up on them.
+const ABORT_SLACK: Duration = Duration::from_millis(150);
+
+/// Why the daemon could not run or had to end.
+#[derive(Debug)]
+pub enum RunError {
+    Config(ConfigError),
+    Spool(SpoolError),
+    Io(String),
+}
+
+impl fmt::Display for RunError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RunError::Config(e) => write!(f, "invalid config {e}"),
+            RunError::Spool(e) => write!(f, "{e}"),
+            RunError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl RunError {
+    /// sysexits(3) codes: systemd units can refuse to restart on a config error (78).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Config(_) => 78,
+            RunError::Spool(SpoolError::Locked { .. }) => 75,
+            RunError::Spool(_) => 73,
+            RunError::Io(_) => 74,
+        }
+    }
+}
+
+/// What a stop did, for the one summary line.
+#[derive(Debug)]
+pub struct StopSummary {
+    pub drained: u64,
+    pub requeued: u64,
+    pub took: Duration,
+}
+
+/// Everything the daemon needs from `main`.
+pub struct Daemon {
+    pub config_path: PathBuf,
+    pub config: Config,
+    pub shutdown: Shutdown,
+    pub reloads: mpsc::Receiver<()>,
+    pub notifier: Notifier,
+    pub log: LogControl,
+}
+
+pub async fn run(daemon: Daemon) -> Result<StopSummary, RunError> {
+    let Daemon {
+        config_path,
+        config,
+        shutdown,
+        mut reloads,
+        notifier,
+        log,
+    } = daemon;
+    let spool = Arc::new(Spool::open(&config.spool.dir).map_err(RunError::Spool)?);
+    let _lock = spool.lock().map_err(RunError::Spool)?;
+    let recovered = spool
+        .recover_active()
+        .map_err(|e| RunError::Io(format!("crash recovery in {}: {e}", spool.root().display())))?;
+    if !recovered.is_empty() {
+        tracing::warn!(
+            jobs = recovered.len(),
+            "found {} jobs in active/ left by a daemon that did not stop cleanly; they run again now",
+            recovered.len()
+        );
+    }
+    let watcher = Watcher::new(&spool)
+        .map_err(|e| tracing::warn!("cannot watch the spool with inotify: {e}"))
+        .ok();
+
+    let stats = Arc::new(Stats::default());
+    let (jobs_tx, jobs_rx) = mpsc::channel(CHANNEL);
+    let (config_tx, config_rx) = watch::channel(Arc::new(config));
+    let (rescan_tx, rescan_rx) = watch::channel(config_rx.borrow().spool.rescan_interval);
+    let retry_wakeup = Arc::new(watch::Sender::new(u64::MAX));
+    let pool = Pool::new(Shared {
+        spool: spool.clone(),
+        jobs: tokio::sync::Mutex::new(jobs_rx),
+        config: config_rx.clone(),
+        stats: stats.clone(),
+        retry_wakeup: retry_wakeup.clone(),
+        stop: shutdown.stop.clone(),
+        abort: shutdown.abort.clone(),
+    });
+    pool.resize(config_rx.borrow().workers.count.get());
+
+    let watchdog = notifier.watchdog();
+    let dispatcher = Dispatcher {
+        spool: spool.clone(),
+        jobs: jobs_tx,
+        stats: stats.clone(),
+        rescan_interval: rescan_rx,
+        retry_wakeup,
+        watcher,
+        heartbeat: watchdog.map(|w| w / 4),
+    };
+    stats.beat();
+    let mut dispatcher = tokio::spawn(dispatcher.run(shutdown.stop.clone()));
+
+    let notifier = Arc::new(notifier);
+    let stopping = CancellationToken::new();
+    let watchdog_done = CancellationToken::new();
+    if let Some(interval) = watchdog {
+        tokio::spawn(watchdog_loop(
+            notifier.clone(),
+            stats.clone(),
+            interval,
+            stopping.clone(),
+            watchdog_done.clone(),
+        ));
+    }
+
+    let mut reload_error: Option<String> = None;
+    let mut status = status_line(&stats, &reload_error);
+    notifier.ready(&status);
+    tracing::info!(
+        spool = %spool.root().display(),
+        workers = config_rx.borrow().workers.count.get(),
+        "spoold ready"
+    );
+
+    let mut status_tick = tokio::time::interval(STATUS_EVERY);
+    let mut fatal: Option<RunError> = None;
+    loop {
+        tokio::select! {
+            biased;
+            () = shutdown.stop.cancelled() => break,
+            ended = &mut dispatcher => {
+                let why = match ended {
+                    Ok(Ok(())) => "the dispatcher ended unexpectedly".to_owned(),
+                    Ok(Err(e)) => format!("job discovery failed: {e}"),
+                    Err(e) => format!("the dispatcher crashed: {e}"),
+                };
+                tracing::error!("{why}; stopping");
+                fatal = Some(RunError::Io(why));
+                shutdown.stop.cancel();
+                break;
+            }
+            Some(()) = reloads.recv() => {
+                notifier.reloading();
+                reload_error = reload(&config_path, &config_tx, &rescan_tx, &pool, &log);
+                status = status_line(&stats, &reload_error);
+                notifier.ready(&status);
+            }
+            _ = status_tick.tick() => {
+                let now = status_line(&stats, &reload_error);
+                if now != status {
+                    status = now;
+                    notifier.status(&status);
+                }
+            }
+        }
+    }
+
+    stopping.cancel();
+    dispatcher.abort();
+    let config = config_rx.borrow().clone();
+    let summary = stop(&pool, &stats, &shutdown, &notifier, &config).await;
+    watchdog_done.cancel();
+    tracing::info!(
+        drained = summary.drained,
+        requeued = summary.requeued,
+        took_ms = summary.took.as_millis() as u64,
+        "spoold stopped: {} jobs drained, {} requeued, in {}",
+        summary.drained,
+        summary.requeued,
+        humantime::format_duration(Duration::from_millis(summary.took.as_millis() as u64))
+    );
+    match fatal {
+        Some(e) => Err(e),
+        None => Ok(summary),
+    }
+}
+
+/// The stop sequence; see the module documentation.
+async fn stop(
+    pool: &Pool,
+    stats: &Stats,
+    shutdown: &Shutdown,
+    notifier: &Notifier,
+    config: &Config,
+) -> StopSummary {
+    let began = Instant::now();
+    let in_flight = pool.in_flight() as u64;
+    let requeued_before = stats.requeued.load(Relaxed);
+    let drain_until = began + config.shutdown.drain_timeout;
+    let kill_grace = config.handler.kill_grace;
+    notifier.stopping(&stopping_line(in_flight as usize, drain_until));
+    if in_flight > 0 {
+        tracing::info!(
+            in_flight,
+            "stopping: waiting up to {} for {in_flight} jobs in flight",
+            humantime::format_duration(config.shutdown.drain_timeout)
+        );
+    }
+
+    let wait = pool.wait();
+    tokio::pin!(wait);
+    let mut aborted_at: Option<Instant> = None;
+    let mut extend_at = Instant::now();
+    loop {
+        // The worst case still ahead: the rest of the drain, then kill_grace.
+        let end = match aborted_at {
+            Some(at) => at + kill_grace + ABORT_SLACK,
+            None => drain_until + kill_grace + ABORT_SLACK,
+        };
+        tokio::select! {
+            biased;
+            () = &mut wait => break,
+            () = shutdown.abort.cancelled(), if aborted_at.is_none() => {
+                aborted_at = Some(Instant::now());
+                notifier.status(&format!("stopping: aborting {} jobs", pool.in_flight()));
+            }
+            () = sleep_until(drain_until), if aborted_at.is_none() => {
+                if pool.in_flight() > 0 {
+                    tracing::warn!(
+                        in_flight = pool.in_flight(),
+                        "drain timeout reached; aborting {} jobs in flight (they go back to new/)",
+                        pool.in_flight()
+                    );
+                }
+                shutdown.abort.cancel();
+            }
+            () = sleep_until(end), if aborted_at.is_some() => {
+                tracing::error!(
+                    "{} workers did not finish {} after the abort; exiting without them (their \
+                     jobs stay in active/ and run again at the next start)",
+                    stats.workers.load(Relaxed),
+                    humantime::format_duration(kill_grace + ABORT_SLACK)
+                );
+                break;
+            }
+            () = sleep_until(extend_at) => {
+                notifier.extend_timeout(end.saturating_duration_since(Instant::now()) + EXTEND_MARGIN);
+                if aborted_at.is_none() {
+                    notifier.status(&stopping_line(pool.in_flight(), drain_until));
+                }
+                extend_at = Instant::now() + EXTEND_EVERY;
+            }
+        }
+    }
+    let requeued = stats.requeued.load(Relaxed) - requeued_before;
+    StopSummary {
+        drained: in_flight.saturating_sub(requeued),
+        requeued,
+        took: began.elapsed(),
+    }
+}
+
+fn stopping_line(in_flight: usize, drain_until: Instant) -> String {
+    let left = drain_until.saturating_duration_since(Instant::now());
+    format!(
+        "stopping: draining {in_flight} jobs, {}s left",
+        left.as_secs()
+    )
+}
+
+fn status_line(stats: &Stats, reload_error: &Option<String>) -> String {
+    let mut line = format!(
+        "{}/{} busy, {} queued, {} done, {} failed",
+        stats.busy.load(Relaxed),
+        stats.workers.load(Relaxed),
+        stats.queued(),
+        stats.done.load(Relaxed),
+        stats.failed.load(Relaxed),
+    );
+    if let Some(e) = reload_error {
+        line.push_str("; reload failed, running on the previous config: ");
+        line.push_str(e);
+    }
+    line
+}
+
+/// Re-reads the config and applies what can change at run time. Returns the error that kept
+/// the old config, if any.
+fn reload(
+    path: &PathBuf,
+    config_tx: &watch::Sender<Arc<Config>>,
+    rescan_tx: &watch::Sender<Duration>,
+    pool: &Pool,
+    log: &LogControl,
+) -> Option<String> {
+    let mut new = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("reload failed, still running on the previous config: {e}");
+            return Some(e.to_string());
+        }
+    };
+    let old = config_tx.borrow().clone();
+    if new.spool.dir != old.spool.dir {
+        tracing::warn!(
+            "spool.dir changed to {}; that takes a restart, so spoold keeps using {}",
+            new.spool.dir.display(),
+            old.spool.dir.display()
+        );
+        new.spool.dir = old.spool.dir.clone();
+    }
+    log.set_level(&new.log.level);
+    rescan_tx.send_replace(new.spool.rescan_interval);
+    pool.resize(new.workers.count.get());
+    tracing::info!(
+        workers = new.workers.count.get(),
+        "configuration reloaded from {}",
+        path.display()
+    );
+    config_tx.send_replace(Arc::new(new));
+    None
+}
+
+/// Pings the watchdog at half its interval, but only while the dispatcher's loop is turning (or
+/// the daemon is stopping, which has its own deadline): a hung dispatcher leads to a restart.
+async fn watchdog_loop(
+    notifier: Arc<Notifier>,
+    stats: Arc<Stats>,
+    interval: Duration,
+    stopping: CancellationToken,
+    done: CancellationToken,
+) {
+    let half = interval / 2;
+    loop {
+        if stopping.is_cancelled() || stats.since_beat() < half {
+            notifier.watchdog_ping();
+        } else {
+            tracing::error!(
+                "the dispatcher has not run for {}; withholding the watchdog ping",
+                humantime::format_duration(Duration::from_millis(
+                    stats.since_beat().as_millis() as u64
+                ))
+            );
+        }
+        tokio::select! {
+            () = done.cancelled() => return,
+            () = tokio::time::sleep(half) => {}
+        }
+    }
+}
