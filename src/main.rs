@@ -6,29 +6,17 @@
 
 #![forbid(unsafe_code)]
 
-mod cli;
-mod commands;
-mod config;
-mod dispatcher;
-mod handler;
-mod logging;
-mod notify;
-mod signals;
-mod spool;
-mod stats;
-mod supervisor;
-mod worker;
-
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command};
-use crate::config::Config;
-use crate::signals::Shutdown;
-use crate::supervisor::{Daemon, RunError};
+use spoold::cli::{Cli, Command};
+use spoold::config::Config;
+use spoold::signals::Shutdown;
+use spoold::supervisor::{Daemon, RunError};
+use spoold::{commands, logging, notify, signals, supervisor};
 
 /// How long the runtime may take to drop what is left after the supervisor returned. Nothing
 /// (a blocking task, a child that will not be reaped) may hold the exit longer.

@@ -44,8 +44,10 @@ impl Notifier {
         for state in states {
             let _ = writeln!(msg, "{state}");
         }
-        if let Err(e) = send_to(socket, msg.as_bytes()) {
-            if !self.warned.swap(true, Ordering::Relaxed) {
+        if let Err(e) = send_to(socket, msg.as_bytes())
+            && !self.warned.swap(true, Ordering::Relaxed)
+        {
+            {
                 tracing::warn!(
                     "cannot notify systemd at NOTIFY_SOCKET={}: {e}; further notification errors are not logged",
                     socket.to_string_lossy()

@@ -16,6 +16,12 @@ pub struct Shutdown {
     pub abort: CancellationToken,
 }
 
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Shutdown {
     pub fn new() -> Shutdown {
         let abort = CancellationToken::new();

@@ -172,7 +172,7 @@ pub struct Claimed {
 /// The outcome of trying to claim a name seen in `new/`.
 #[derive(Debug)]
 pub enum Claim {
-    Job(Claimed),
+    Job(Box<Claimed>),
     /// Not in `new/` any more (another claimant, or its producer, took it), or a job of the same
     /// name is still active: skip, it is not an error.
     Skipped,
@@ -403,12 +403,12 @@ impl Spool {
         }
         let record = self.read_record(Dir::State, name)?;
         let attempt = record.as_ref().map_or(0, |r| r.attempts) + 1;
-        Ok(Claim::Job(Claimed {
+        Ok(Claim::Job(Box::new(Claimed {
             path: self.dir_path(Dir::Active).join(name),
             name: name.to_owned(),
             attempt,
             record,
-        }))
+        })))
     }
 
     /// The handler succeeded: keep the job in `done/` or delete it. Returns where it went.
@@ -800,11 +800,12 @@ pub fn parse_display_name(text: &str) -> OsString {
                     continue;
                 }
                 b'u' if text[i..].starts_with("\\u{") => {
-                    if let Some(end) = text[i..].find('}') {
-                        if let Some(c) = text
+                    if let Some(end) = text[i..].find('}')
+                        && let Some(c) = text
                             .get(i + 3..i + end)
                             .and_then(|hex| u32::from_str_radix(hex, 16).ok())
                             .and_then(char::from_u32)
+                    {
                         {
                             let mut buf = [0; 4];
                             out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());

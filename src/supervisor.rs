@@ -319,7 +319,7 @@ fn status_line(stats: &Stats, reload_error: &Option<String>) -> String {
 /// Re-reads the config and applies what can change at run time. Returns the error that kept
 /// the old config, if any.
 fn reload(
-    path: &PathBuf,
+    path: &std::path::Path,
     config_tx: &watch::Sender<Arc<Config>>,
     rescan_tx: &watch::Sender<Duration>,
     pool: &Pool,
