@@ -373,6 +373,12 @@ impl Spool {
         })
     }
 
+    /// True when `new/NAME` is a regular file (not following links).
+    pub fn is_regular_in_new(&self, name: &OsStr) -> bool {
+        rustix::fs::statat(self.fd(Dir::New), name, AtFlags::SYMLINK_NOFOLLOW)
+            .is_ok_and(|st| rustix::fs::FileType::from_raw_mode(st.st_mode).is_file())
+    }
+
     /// Claims `name` from `new/` by renaming it into `active/`.
     pub fn claim(&self, name: &OsStr) -> io::Result<Claim> {
         match rename_noreplace(self.fd(Dir::New), name, self.fd(Dir::Active), name) {
@@ -422,7 +428,9 @@ impl Spool {
             None
         };
         if job.record.is_some() {
-            self.remove_record(Dir::State, &job.name);
+            // A move that met a name clash took the record along to the new name: remove it
+            // there, or it is left behind with no job.
+            self.remove_record(Dir::State, result.as_deref().unwrap_or(&job.name));
         }
         Ok(result)
     }
@@ -430,21 +438,35 @@ impl Spool {
     /// The job has failed for good: move it to `failed/` and record why beside it.
     /// Returns the name it has in `failed/`.
     pub fn fail(&self, name: &OsStr, record: &JobRecord) -> io::Result<OsString> {
-        let final_name = self
-            .move_job(Dir::Active, Dir::Failed, name)
-            .map_err(|e| annotate(e, name, "cannot move to failed/"))?
-            .unwrap_or_else(|| name.to_owned());
-        self.remove_record(Dir::State, &final_name);
-        // The job is safe in failed/ whatever happens next; a reason that cannot be written
-        // (a full disk) is reported to the caller, and `spoold failed` says it is missing.
-        self.write_record(Dir::Reasons, &final_name, record)
-            .map_err(|e| {
-                annotate(
-                    e,
-                    &final_name,
-                    "moved to failed/, but the reason could not be recorded",
-                )
-            })?;
+        // The reason is written first, under the name the job will have in failed/, so that
+        // whoever sees the job there finds its reason too. Only this daemon adds to failed/, so
+        // a name free now is still free at the rename below.
+        let mut final_name = name.to_owned();
+        while rustix::fs::statat(self.fd(Dir::Failed), &final_name, AtFlags::SYMLINK_NOFOLLOW)
+            .is_ok()
+        {
+            final_name = dup_name(name);
+        }
+        // A reason that cannot be written (a full disk) must not keep the job out of failed/:
+        // it is moved all the same, and the error is reported once it is safe there.
+        let recorded = self.write_record(Dir::Reasons, &final_name, record);
+        if let Err(e) = rename_noreplace(
+            self.fd(Dir::Active),
+            name,
+            self.fd(Dir::Failed),
+            &final_name,
+        ) {
+            self.remove_record(Dir::Reasons, &final_name);
+            return Err(annotate(e.into(), name, "cannot move to failed/"));
+        }
+        self.remove_record(Dir::State, name);
+        recorded.map_err(|e| {
+            annotate(
+                e,
+                &final_name,
+                "moved to failed/, but the reason could not be recorded",
+            )
+        })?;
         Ok(final_name)
     }
 

@@ -1,0 +1,361 @@
+//! Property test of the spool state machine: random sequences of submit, claim, succeed, fail,
+//! retry, requeue, crash and restart against `spoold::spool::Spool` keep every job in exactly one
+//! place and never lose one (issue 6).
+//!
+//! Every job file carries a unique token as its content, so a job is followed by what it holds
+//! rather than by its name: names are drawn from a small set on purpose, so that the same name is
+//! live in several directories at once and the `.dup-` renaming is exercised. After every step
+//! the test reads every job directory and checks that each token still expected appears exactly
+//! once (deleted on success with `done.keep = false` is the only way out). At the end the spool is
+//! restarted and drained, and everything must land in `done/` or `failed/` with no bookkeeping
+//! left behind.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs;
+use std::path::Path;
+
+use proptest::prelude::*;
+use spoold::spool::{Claim, Claimed, Dir, JobRecord, Spool, SpoolLock};
+
+/// The job directories: a job file is in exactly one of them.
+const JOB_DIRS: [Dir; 5] = [Dir::New, Dir::Active, Dir::Retry, Dir::Done, Dir::Failed];
+
+/// Few names, so that collisions are the rule rather than the exception.
+const NAMES: [&str; 4] = ["a", "b", "c", "d"];
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// `spoold enqueue` of a job named NAMES[i].
+    Submit(usize),
+    /// A worker claims the i-th entry (modulo) that a scan of new/ yields.
+    Claim(usize),
+    /// The handler of the i-th held claim succeeded; the bool is `done.keep`.
+    Succeed(usize, bool),
+    /// The i-th held claim failed for good.
+    Fail(usize),
+    /// The i-th held claim failed and is due again now (true) or far in the future (false).
+    Retry(usize, bool),
+    /// The i-th held claim was aborted by a stop.
+    Requeue(usize),
+    /// The dispatcher promotes due retries; true promotes all of them (time jumped ahead).
+    Promote(bool),
+    /// `spoold retry` of the i-th failed job.
+    RetryFailed(usize),
+    /// The daemon dies (kill -9): claims and the spool are dropped without finishing.
+    Crash,
+    /// The daemon starts: open, lock, recover_active.
+    Restart,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let i = 0usize..8;
+    prop_oneof![
+        4 => (0..NAMES.len()).prop_map(Op::Submit),
+        4 => i.clone().prop_map(Op::Claim),
+        2 => (i.clone(), any::<bool>()).prop_map(|(i, k)| Op::Succeed(i, k)),
+        1 => i.clone().prop_map(Op::Fail),
+        2 => (i.clone(), any::<bool>()).prop_map(|(i, now)| Op::Retry(i, now)),
+        1 => i.clone().prop_map(Op::Requeue),
+        1 => any::<bool>().prop_map(Op::Promote),
+        1 => i.prop_map(Op::RetryFailed),
+        1 => Just(Op::Crash),
+        1 => Just(Op::Restart),
+    ]
+}
+
+/// One daemon's hold on the spool.
+struct Running {
+    spool: Spool,
+    _lock: SpoolLock,
+    /// Claims in flight, with the token of the job each holds.
+    held: Vec<(Box<Claimed>, String)>,
+}
+
+struct Harness {
+    root: tempfile::TempDir,
+    running: Option<Running>,
+    /// Tokens that must be somewhere in the job directories, exactly once.
+    expected: BTreeMap<String, ()>,
+    next_token: u64,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let root = tempfile::tempdir().unwrap();
+        let mut h = Harness {
+            root,
+            running: None,
+            expected: BTreeMap::new(),
+            next_token: 0,
+        };
+        h.restart();
+        h
+    }
+
+    fn restart(&mut self) {
+        // A second daemon never runs beside the first: a restart of a live daemon is a crash
+        // followed by a start.
+        self.running = None;
+        let spool = Spool::open(self.root.path()).unwrap();
+        let lock = spool.lock().expect("the dead daemon's lock is released");
+        let recovered = spool.recover_active().unwrap();
+        assert!(
+            names(&spool, Dir::Active).is_empty(),
+            "active/ not empty after recovering {recovered:?}"
+        );
+        self.running = Some(Running {
+            spool,
+            _lock: lock,
+            held: Vec::new(),
+        });
+    }
+
+    fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::Submit(i) => {
+                let token = format!("token-{}", self.next_token);
+                self.next_token += 1;
+                // Producers submit whether a daemon runs or not.
+                let spool = Spool::attach(self.root.path()).unwrap();
+                match spool.enqueue(&mut token.as_bytes(), NAMES[i]) {
+                    Ok(()) => {
+                        self.expected.insert(token, ());
+                    }
+                    Err(e) => {
+                        // Refused only because new/ already holds that name: the producer is
+                        // told, and nothing is overwritten.
+                        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+                        assert!(spool.dir_path(Dir::New).join(NAMES[i]).exists());
+                        assert!(names(&spool, Dir::Tmp).is_empty(), "tmp/ left behind");
+                    }
+                }
+            }
+            Op::Claim(i) => {
+                let Some(r) = &mut self.running else { return };
+                let queued = names(&r.spool, Dir::New);
+                if queued.is_empty() {
+                    return;
+                }
+                let name = &queued[i % queued.len()];
+                let active_before = names(&r.spool, Dir::Active);
+                match r.spool.claim(name).unwrap() {
+                    Claim::Job(job) => {
+                        let token = fs::read_to_string(&job.path).unwrap();
+                        assert!(job.attempt >= 1);
+                        r.held.push((job, token));
+                    }
+                    Claim::Skipped => assert!(
+                        active_before.contains(name),
+                        "claim of {name:?} skipped, but no job of that name was active"
+                    ),
+                    Claim::Rejected { reason } => {
+                        panic!("a regular file was rejected: {reason}")
+                    }
+                }
+            }
+            Op::Succeed(i, keep) => {
+                let Some((job, token)) = self.take_held(i) else {
+                    return;
+                };
+                let spool = &self.running.as_ref().unwrap().spool;
+                let to = spool.finish_done(&job, keep).unwrap();
+                if keep {
+                    let to = to.expect("kept in done/");
+                    assert_eq!(
+                        fs::read_to_string(spool.dir_path(Dir::Done).join(&to)).unwrap(),
+                        token
+                    );
+                } else {
+                    self.expected.remove(&token);
+                }
+            }
+            Op::Fail(i) => {
+                let Some((job, _)) = self.take_held(i) else {
+                    return;
+                };
+                let spool = &self.running.as_ref().unwrap().spool;
+                let record = JobRecord {
+                    attempts: job.attempt,
+                    permanent: true,
+                    ..JobRecord::default()
+                };
+                let to = spool.fail(&job.name, &record).unwrap();
+                assert!(
+                    spool.dir_path(Dir::Reasons).join(&to).exists(),
+                    "failed/{to:?} has no reason recorded"
+                );
+            }
+            Op::Retry(i, due_now) => {
+                let Some((job, _)) = self.take_held(i) else {
+                    return;
+                };
+                let spool = &self.running.as_ref().unwrap().spool;
+                let record = JobRecord {
+                    attempts: job.attempt,
+                    next_attempt_unix_ms: Some(if due_now { 0 } else { u64::MAX / 2 }),
+                    ..JobRecord::default()
+                };
+                spool.schedule_retry(&job, &record).unwrap();
+            }
+            Op::Requeue(i) => {
+                let Some((job, _)) = self.take_held(i) else {
+                    return;
+                };
+                let spool = &self.running.as_ref().unwrap().spool;
+                spool.requeue(&job).unwrap().expect("was in active/");
+            }
+            Op::Promote(all) => {
+                let Some(r) = &self.running else { return };
+                let now = if all {
+                    u64::MAX
+                } else {
+                    spoold::spool::unix_ms(std::time::SystemTime::now())
+                };
+                r.spool.promote_due_retries(now).unwrap();
+            }
+            Op::RetryFailed(i) => {
+                let spool = Spool::attach(self.root.path()).unwrap();
+                let failed = spool.failed_jobs().unwrap();
+                if failed.is_empty() {
+                    return;
+                }
+                let name = &failed[i % failed.len()].name;
+                assert!(spool.retry_failed(name).unwrap(), "retry of {name:?}");
+            }
+            Op::Crash => self.running = None,
+            Op::Restart => self.restart(),
+        }
+    }
+
+    fn take_held(&mut self, i: usize) -> Option<(Box<Claimed>, String)> {
+        let r = self.running.as_mut()?;
+        if r.held.is_empty() {
+            return None;
+        }
+        let n = r.held.len();
+        Some(r.held.remove(i % n))
+    }
+
+    /// Every expected token is in exactly one job directory, and nothing else is there.
+    fn check(&self, after: &Op) {
+        let mut seen: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for dir in JOB_DIRS {
+            let path = self.root.path().join(dir.name());
+            for entry in fs::read_dir(&path).unwrap() {
+                let entry = entry.unwrap();
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    continue;
+                }
+                let token = fs::read_to_string(entry.path()).unwrap();
+                seen.entry(token)
+                    .or_default()
+                    .push(format!("{}/{name}", dir.name()));
+            }
+        }
+        for (token, places) in &seen {
+            assert!(
+                self.expected.contains_key(token),
+                "after {after:?}: {token} is in {places:?} but should be gone"
+            );
+            assert_eq!(
+                places.len(),
+                1,
+                "after {after:?}: {token} is in more than one place: {places:?}"
+            );
+        }
+        for token in self.expected.keys() {
+            assert!(
+                seen.contains_key(token),
+                "after {after:?}: {token} was lost; spool holds {seen:?}"
+            );
+        }
+        if let Some(r) = &self.running {
+            // What the workers hold is exactly what active/ holds.
+            let mut held: Vec<OsString> = r.held.iter().map(|(j, _)| j.name.clone()).collect();
+            held.sort();
+            assert_eq!(
+                held,
+                names(&r.spool, Dir::Active),
+                "after {after:?}: active/ differs from the claims in flight"
+            );
+        }
+    }
+
+    /// Restart, then run everything to an end: promote all retries, claim and succeed until
+    /// new/ and retry/ are empty. Every job must end in done/ or failed/, and no bookkeeping
+    /// record may be left without its job.
+    fn drain(&mut self) {
+        self.restart();
+        for _round in 0..100 {
+            let r = self.running.as_mut().unwrap();
+            r.spool.promote_due_retries(u64::MAX).unwrap();
+            let queued = names(&r.spool, Dir::New);
+            if queued.is_empty() && names(&r.spool, Dir::Retry).is_empty() {
+                break;
+            }
+            for name in queued {
+                if let Claim::Job(job) = r.spool.claim(&name).unwrap() {
+                    r.spool.finish_done(&job, true).unwrap();
+                }
+            }
+        }
+        let spool = &self.running.as_ref().unwrap().spool;
+        for dir in [Dir::New, Dir::Active, Dir::Retry, Dir::Tmp] {
+            assert!(
+                names(spool, dir).is_empty(),
+                "{} not empty after the drain: {:?}",
+                dir.name(),
+                names(spool, dir)
+            );
+        }
+        self.check(&Op::Restart);
+        assert_eq!(
+            names(spool, Dir::State),
+            Vec::<OsString>::new(),
+            "state records left behind with no live job"
+        );
+        let failed = names(spool, Dir::Failed);
+        let reasons = names(spool, Dir::Reasons);
+        assert!(
+            reasons.iter().all(|r| failed.contains(r)),
+            "reasons without a failed job: failed {failed:?}, reasons {reasons:?}"
+        );
+    }
+}
+
+fn names(spool: &Spool, dir: Dir) -> Vec<OsString> {
+    names_in(&spool.dir_path(dir))
+}
+
+fn names_in(path: &Path) -> Vec<OsString> {
+    let mut v: Vec<OsString> = fs::read_dir(path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| !n.to_string_lossy().starts_with('.'))
+        .collect();
+    v.sort();
+    v
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 300,
+        // The operations touch real files: keep shrinking bounded.
+        max_shrink_iters: 2000,
+        // A failure prints its minimal sequence; no regression file is written into the tree.
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn every_job_stays_in_exactly_one_place(ops in proptest::collection::vec(op(), 1..80)) {
+        let mut h = Harness::new();
+        for op in &ops {
+            h.apply(op);
+            h.check(op);
+        }
+        h.drain();
+    }
+}
