@@ -57,6 +57,7 @@ impl Watcher {
             spool.dir_path(Dir::New),
             WatchMask::MOVED_TO
                 | WatchMask::CLOSE_WRITE
+                | WatchMask::CREATE
                 | WatchMask::DELETE_SELF
                 | WatchMask::MOVE_SELF
                 | WatchMask::ONLYDIR,
@@ -142,6 +143,15 @@ impl Dispatcher {
                             ));
                         } else if let Some(name) = event.name {
                             if name.as_bytes().first() == Some(&b'.') {
+                                continue;
+                            }
+                            // A regular file that was just created is still being written: its
+                            // CLOSE_WRITE (or the producer's rename) brings it. Anything else
+                            // created here (a link, a FIFO, a directory) raises no further
+                            // event, so it is dispatched now, to be rejected at claim.
+                            if event.mask.contains(EventMask::CREATE)
+                                && self.spool.is_regular_in_new(&name)
+                            {
                                 continue;
                             }
                             self.stats.queued.fetch_add(1, Relaxed);
