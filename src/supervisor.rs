@@ -198,7 +198,12 @@ pub async fn run(daemon: Daemon) -> Result<StopSummary, RunError> {
     }
 
     stopping.cancel();
-    dispatcher.abort();
+    // The dispatcher returns as soon as it sees the stop, even from a send to a full channel:
+    // every await in it also waits on the token. It is awaited, not aborted, so that a
+    // regression there shows up as a stop that hangs (tests/shutdown.rs catches it).
+    if fatal.is_none() {
+        let _ = dispatcher.await;
+    }
     let config = config_rx.borrow().clone();
     let summary = stop(&pool, &stats, &shutdown, &notifier, &config).await;
     watchdog_done.cancel();

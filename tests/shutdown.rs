@@ -1,0 +1,349 @@
+//! Stopping right, on the real binary: the sd_notify datagrams, drain, abort at the deadline, a
+//! second signal, the full-channel deadlock, reload, and the watchdog.
+
+mod util;
+
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+use util::{Daemon, Env, SOON, pids_in, process_alive, wait_for};
+
+/// A handler that records its pid, then sleeps for `secs` (in the shell's own process, so a
+/// SIGTERM to the group ends it).
+fn sleeper(env: &Env, secs: f64) -> String {
+    let pids = env.dir.path().join("pids");
+    env.script(
+        "sleeper.sh",
+        &format!("echo $$ >> {}\nsleep {secs}\necho slept", pids.display()),
+    )
+}
+
+#[test]
+fn notifications_ready_status_stopping_and_summary() {
+    let env = Env::new(&["/bin/true"], "");
+    let mut d = env.start();
+    let ready = d.wait_note(|n| n.contains("READY=1"), SOON).unwrap();
+    assert!(
+        ready.contains("STATUS=0/"),
+        "READY=1 carries the first STATUS: {ready:?}"
+    );
+    for i in 0..5 {
+        env.submit(&format!("j{i}"), "x");
+    }
+    assert!(
+        d.wait_note(|n| n.contains("STATUS=") && n.contains("5 done"), SOON)
+            .is_some(),
+        "STATUS is kept current: {:?}",
+        d.notes()
+    );
+    d.stop();
+    let notes = d.notes();
+    let stopping = notes.iter().find(|n| n.contains("STOPPING=1")).unwrap();
+    assert!(
+        stopping.contains("STATUS=stopping: draining 0 jobs"),
+        "{stopping}"
+    );
+    assert!(
+        d.log()
+            .contains("spoold stopped: 0 jobs drained, 0 requeued"),
+        "{}",
+        d.log()
+    );
+}
+
+#[test]
+fn idle_stop_is_immediate_and_clean() {
+    let env = Env::new(&["/bin/true"], "[shutdown]\ndrain_timeout = \"1h\"\n");
+    let mut d = env.start();
+    // With nothing in flight, no timer may stand between the signal and the exit: an hour of
+    // drain_timeout must not matter. The bound is generous for a loaded machine; the benchmark
+    // measures the real latency.
+    let took = d.stop();
+    assert!(took < Duration::from_secs(10), "idle stop took {took:?}");
+}
+
+#[test]
+fn drain_lets_jobs_in_flight_finish_and_leaves_the_rest() {
+    let env = Env::new(&["/bin/true"], "");
+    let handler = sleeper(&env, 1.5);
+    env.write_config(
+        &[&handler],
+        "[workers]\ncount = 2\n[shutdown]\ndrain_timeout = \"60s\"\n",
+    );
+    let mut d = env.start();
+    for i in 0..6 {
+        env.submit(&format!("d{i}"), "x");
+    }
+    assert!(wait_for(SOON, || (env.count("active") == 2).then_some(())).is_some());
+    d.term();
+    let (status, _) = d.wait_exit(SOON);
+    assert!(status.success(), "{}", d.log());
+    assert_eq!(env.count("done"), 2, "the two jobs in flight finished");
+    assert_eq!(env.count("new"), 4, "the jobs not yet claimed stay in new/");
+    assert_eq!(env.count("active"), 0);
+    assert!(
+        d.log().contains("2 jobs drained, 0 requeued"),
+        "{}",
+        d.log()
+    );
+    let notes = d.notes();
+    assert!(
+        notes.iter().any(|n| n.starts_with("EXTEND_TIMEOUT_USEC=")),
+        "EXTEND_TIMEOUT_USEC while draining: {notes:?}"
+    );
+}
+
+#[test]
+fn abort_at_the_deadline_kills_stubborn_handlers_and_requeues() {
+    let env = Env::new(&["/bin/true"], "");
+    let pids = env.dir.path().join("pids");
+    // Three kinds of handler, by job name: one that sleeps, one that ignores SIGTERM, and one
+    // whose child ignores SIGTERM.
+    let handler = env.script(
+        "mixed.sh",
+        &format!(
+            "echo $$ >> {p}
+case \"$SPOOLD_JOB_ID\" in
+  sleeps) exec sleep 1000 ;;
+  ignores) trap '' TERM; sleep 1000 & echo $! >> {p}; wait ;;
+  child-ignores) sh -c \"trap '' TERM; echo \\$\\$ >> {p}; while :; do sleep 1; done\" & wait ;;
+esac",
+            p = pids.display()
+        ),
+    );
+    env.write_config(
+        &[&handler],
+        "kill_grace = \"500ms\"\n[workers]\ncount = 3\n[shutdown]\ndrain_timeout = \"500ms\"\n",
+    );
+    let mut d = env.start();
+    for name in ["sleeps", "ignores", "child-ignores"] {
+        env.submit(name, "x");
+    }
+    assert!(wait_for(SOON, || (pids_in(&pids).len() >= 5).then_some(())).is_some());
+    d.term();
+    let (status, _) = d.wait_exit(SOON);
+    assert!(status.success(), "{}", d.log());
+    assert_eq!(env.names("new").len(), 3, "all three back in new/");
+    assert_eq!(
+        env.count("active") + env.count("failed") + env.count("retry"),
+        0
+    );
+    assert_eq!(env.count("state"), 0, "an aborted attempt does not count");
+    let pids = pids_in(&pids);
+    assert!(
+        wait_for(Duration::from_secs(5), || pids
+            .iter()
+            .all(|p| !process_alive(*p))
+            .then_some(()))
+        .is_some(),
+        "handler processes outlived the stop: {:?}",
+        pids.iter()
+            .filter(|p| process_alive(**p))
+            .collect::<Vec<_>>()
+    );
+    let log = d.log();
+    assert!(log.contains("0 jobs drained, 3 requeued"), "{log}");
+    assert!(log.contains("outcome=\"requeued\""), "{log}");
+    // The next start runs them with attempt 1 again.
+    let mut d = env.start();
+    assert!(d.wait_log(|l| l.matches("attempt=1").count() >= 3, SOON));
+    d.term();
+    d.term();
+    d.wait_exit(SOON);
+}
+
+#[test]
+fn second_signal_aborts_at_once() {
+    let env = Env::new(&["/bin/true"], "");
+    let handler = sleeper(&env, 1000.0);
+    env.write_config(
+        &[&handler],
+        "kill_grace = \"1s\"\n[shutdown]\ndrain_timeout = \"1h\"\n",
+    );
+    let mut d = env.start();
+    env.submit("long", "x");
+    assert!(wait_for(SOON, || (env.count("active") == 1).then_some(())).is_some());
+    d.term();
+    assert!(d.wait_note(|n| n.contains("STOPPING=1"), SOON).is_some());
+    d.signal(2); // SIGINT counts as the second stop signal too.
+    let (status, took) = d.wait_exit(SOON);
+    assert!(status.success(), "{}", d.log());
+    assert!(
+        took < Duration::from_secs(60),
+        "an hour of drain_timeout was not cut short"
+    );
+    assert_eq!(env.names("new").len(), 1);
+    assert!(
+        d.log().contains("aborting the jobs in flight"),
+        "{}",
+        d.log()
+    );
+}
+
+#[test]
+fn stop_while_the_dispatcher_is_blocked_on_a_full_channel() {
+    // One worker busy for a while and a backlog far larger than the channel: the dispatcher is
+    // parked on a send. The classic bug is that it never wakes once the worker has left, and the
+    // stop hangs until systemd's SIGKILL.
+    let env = Env::new(&["/bin/true"], "");
+    let handler = sleeper(&env, 1.0);
+    env.write_config(
+        &[&handler],
+        "[workers]\ncount = 1\n[shutdown]\ndrain_timeout = \"60s\"\n",
+    );
+    for i in 0..200 {
+        env.submit(&format!("q{i:03}"), "x");
+    }
+    let mut d = env.start();
+    assert!(wait_for(SOON, || (env.count("active") == 1).then_some(())).is_some());
+    d.term();
+    let (status, took) = d.wait_exit(SOON);
+    assert!(status.success(), "{}", d.log());
+    assert!(took < Duration::from_secs(20), "stop took {took:?}");
+    assert_eq!(env.count("done") + env.count("new"), 200, "nothing lost");
+    assert_eq!(env.count("active"), 0);
+}
+
+#[test]
+fn reload_grows_workers_and_survives_a_bad_config() {
+    let env = Env::new(&["/bin/true"], "");
+    let handler = sleeper(&env, 2.0);
+    env.write_config(&[&handler], "[workers]\ncount = 1\n");
+    let mut d = env.start();
+    for i in 0..6 {
+        env.submit(&format!("r{i}"), "x");
+    }
+    assert!(wait_for(SOON, || (env.count("active") == 1).then_some(())).is_some());
+
+    env.write_config(&[&handler], "[workers]\ncount = 3\n");
+    d.signal(1);
+    let reloading = d
+        .wait_note(|n| n.contains("RELOADING=1"), SOON)
+        .expect("RELOADING=1");
+    assert!(
+        reloading.contains("MONOTONIC_USEC="),
+        "RELOADING=1 and MONOTONIC_USEC= in one datagram: {reloading:?}"
+    );
+    assert!(
+        wait_for(SOON, || (env.count("active") == 3).then_some(())).is_some(),
+        "three jobs at once after the reload; log:\n{}",
+        d.log()
+    );
+    let notes = d.notes();
+    let at = notes
+        .iter()
+        .position(|n| n.contains("RELOADING=1"))
+        .unwrap();
+    assert!(
+        notes[at..].iter().any(|n| n.contains("READY=1")),
+        "READY=1 after the reload: {notes:?}"
+    );
+
+    // A broken edit: the daemon keeps running on the old config, and says so.
+    std::fs::write(&env.config, "[spool]\ndir = 12\n").unwrap();
+    d.signal(1);
+    assert!(
+        d.wait_note(
+            |n| n.contains("STATUS=") && n.contains("reload failed"),
+            SOON
+        )
+        .is_some(),
+        "STATUS shows the failed reload: {:?}",
+        d.notes()
+    );
+    assert!(d.wait_log(
+        |l| l.contains("reload failed, still running on the previous config")
+            && l.contains(&format!("{}:2:7", env.config.display())),
+        SOON
+    ));
+    assert!(
+        wait_for(SOON * 2, || (env.count("done") == 6).then_some(())).is_some(),
+        "work goes on after a failed reload"
+    );
+    d.stop();
+    assert_eq!(env.count("done"), 6, "no job dropped by either reload");
+}
+
+#[test]
+fn reload_shrinks_workers_as_jobs_end() {
+    let env = Env::new(&["/bin/true"], "");
+    let handler = sleeper(&env, 1.0);
+    env.write_config(&[&handler], "[workers]\ncount = 3\n");
+    let mut d = env.start();
+    for i in 0..9 {
+        env.submit(&format!("s{i}"), "x");
+    }
+    assert!(wait_for(SOON, || (env.count("active") == 3).then_some(())).is_some());
+    env.write_config(&[&handler], "[workers]\ncount = 1\n");
+    d.signal(1);
+    assert!(
+        d.wait_note(|n| n.contains("STATUS=") && n.contains("/1 busy"), SOON * 2)
+            .is_some(),
+        "the pool shrinks to one worker as jobs end: {:?}",
+        d.notes()
+    );
+    // From then on at most one job runs at a time.
+    for _ in 0..20 {
+        assert!(env.count("active") <= 1);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(wait_for(SOON * 2, || (env.count("done") == 9).then_some(())).is_some());
+    d.stop();
+}
+
+#[test]
+fn watchdog_pings_at_half_the_interval() {
+    let env = Env::new(&["/bin/true"], "");
+    let d = Daemon::start(&env.config, &[("WATCHDOG_USEC", "400000")]);
+    assert!(
+        wait_for(SOON, || (d
+            .notes()
+            .iter()
+            .filter(|n| n.contains("WATCHDOG=1"))
+            .count()
+            >= 5)
+            .then_some(()))
+        .is_some(),
+        "{:?}",
+        d.notes()
+    );
+    // WATCHDOG_PID names another process: the watchdog is not ours, and nothing is sent.
+    let env2 = Env::new(&["/bin/true"], "");
+    let mut other = Daemon::start(
+        &env2.config,
+        &[("WATCHDOG_USEC", "400000"), ("WATCHDOG_PID", "1")],
+    );
+    other.stop();
+    assert!(!other.notes().iter().any(|n| n.contains("WATCHDOG=1")));
+}
+
+#[test]
+fn abstract_notify_socket_works() {
+    let env = Env::new(&["/bin/true"], "");
+    let name = format!("spoold-test-{}", std::process::id());
+    let addr =
+        <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(
+            name.as_bytes(),
+        )
+        .unwrap();
+    let sock = UnixDatagram::bind_addr(&addr).unwrap();
+    sock.set_read_timeout(Some(SOON)).unwrap();
+    let mut child = std::process::Command::new(util::BIN)
+        .args(["run", "--config"])
+        .arg(&env.config)
+        .env("NOTIFY_SOCKET", format!("@{name}"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = sock
+        .recv(&mut buf)
+        .expect("a datagram on the abstract socket");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+}
