@@ -82,6 +82,8 @@ pub struct Dispatcher {
 struct Scan {
     reader: NewScan,
     seen: i64,
+    /// `Stats::claimed` when the pass began.
+    claimed_before: u64,
 }
 
 impl Dispatcher {
@@ -111,6 +113,7 @@ impl Dispatcher {
                 scan = Some(Scan {
                     reader: self.spool.scan_new()?,
                     seen: 0,
+                    claimed_before: self.stats.claimed.load(Relaxed),
                 });
                 let interval = *self.rescan_interval.borrow();
                 rescan_at = Instant::now() + self.poll_interval(interval, watcher.is_some());
@@ -119,7 +122,9 @@ impl Dispatcher {
                 && let Some(s) = &mut scan
                 && self.read_batch(s, &mut pending)?
             {
-                self.stats.queued.store(s.seen, Relaxed);
+                // What the pass saw, less what was claimed while it ran.
+                let claimed = self.stats.claimed.load(Relaxed) - s.claimed_before;
+                self.stats.queued.store(s.seen - claimed as i64, Relaxed);
                 scan = None;
             }
 

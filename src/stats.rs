@@ -12,6 +12,9 @@ pub struct Stats {
     pub workers: AtomicUsize,
     /// Jobs waiting in `new/`, as far as the dispatcher can tell without counting the directory.
     pub queued: AtomicI64,
+    /// Jobs claimed since start; lets the dispatcher correct its count of queued jobs for the
+    /// claims made while a scan pass was under way.
+    pub claimed: AtomicU64,
     pub done: AtomicU64,
     pub failed: AtomicU64,
     pub retried: AtomicU64,
@@ -28,6 +31,7 @@ impl Default for Stats {
             busy: AtomicUsize::new(0),
             workers: AtomicUsize::new(0),
             queued: AtomicI64::new(0),
+            claimed: AtomicU64::new(0),
             done: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             retried: AtomicU64::new(0),

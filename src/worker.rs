@@ -135,6 +135,10 @@ async fn worker(shared: Arc<Shared>, mut target: watch::Receiver<usize>) {
 
 /// Claims `name` and takes it through one attempt to its next place.
 async fn run_job(shared: &Shared, name: OsString) {
+    // A name received just as the stop began is left in new/ rather than started.
+    if shared.stop.is_cancelled() {
+        return;
+    }
     let id = job_id(&name);
     let job = match shared.spool.claim(&name) {
         Ok(Claim::Job(job)) => job,
@@ -161,6 +165,7 @@ async fn run_job(shared: &Shared, name: OsString) {
         }
     };
     shared.stats.queued.fetch_sub(1, Relaxed);
+    shared.stats.claimed.fetch_add(1, Relaxed);
     let config = shared.config.borrow().clone();
     let _busy = BusyGuard::new(&shared.stats);
     tracing::info!(job_id = id, attempt = job.attempt, "job started");

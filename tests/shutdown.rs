@@ -196,6 +196,19 @@ fn stop_while_the_dispatcher_is_blocked_on_a_full_channel() {
     }
     let mut d = env.start();
     assert!(wait_for(SOON, || (env.count("active") == 1).then_some(())).is_some());
+    // STATUS counts the backlog, which the test knows to within the jobs already run.
+    let queued = |n: &str| -> Option<u64> {
+        n.split("STATUS=1/1 busy, ")
+            .nth(1)?
+            .split(' ')
+            .next()?
+            .parse()
+            .ok()
+    };
+    let note = d
+        .wait_note(|n| queued(n).is_some_and(|q| (150..200).contains(&q)), SOON)
+        .unwrap_or_else(|| panic!("no STATUS with the backlog: {:?}", d.notes()));
+    assert!(note.contains(" done, 0 failed"), "{note}");
     d.term();
     let (status, took) = d.wait_exit(SOON);
     assert!(status.success(), "{}", d.log());
