@@ -287,7 +287,10 @@ impl Config {
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        config.resolve_relative_paths(base);
+        // Absolute, so that what the paths mean does not depend on the working directory of
+        // whoever reads them later (a handler, a log reader).
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_owned());
+        config.resolve_relative_paths(&base);
         Ok(config)
     }
 
@@ -438,8 +441,12 @@ mod tests {
             "[spool]\ndir = \"../spool\"\n[handler]\ncommand = [\"./h.sh\", \"{path}\"]\n",
         )
         .unwrap();
-        assert_eq!(c.spool.dir, Path::new("config/../spool"));
-        assert_eq!(c.handler.command[0], "config/./h.sh");
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(c.spool.dir, cwd.join("config/../spool"));
+        assert_eq!(
+            c.handler.command[0],
+            cwd.join("config/./h.sh").to_str().unwrap()
+        );
         let c = parse("[spool]\ndir = \"/x\"\n[handler]\ncommand = [\"python3\"]\n").unwrap();
         assert_eq!(c.handler.command[0], "python3");
     }
