@@ -367,8 +367,14 @@ impl Spool {
     /// Streams the names in `new/`, skipping dot-files. Memory stays constant whatever the size
     /// of the directory: the caller takes entries a batch at a time.
     pub fn scan_new(&self) -> io::Result<NewScan> {
+        let path = self.dir_path(Dir::New);
+        // The path goes into the error: "No such file or directory" alone does not say that the
+        // spool was deleted under the daemon.
+        let inner = fs::read_dir(&path).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display()))
+        })?;
         Ok(NewScan {
-            inner: fs::read_dir(self.dir_path(Dir::New))?,
+            inner,
             new_fd: rustix::io::dup(self.fd(Dir::New))?,
         })
     }

@@ -1,0 +1,948 @@
+//! Bad inputs (issue 6): each gets a clear message that names the file, line, key or job, the
+//! daemon keeps serving the other jobs, and nothing is lost.
+//!
+//! Cases that need root (a second filesystem, an unwritable root seen by another user, a full
+//! disk) print `SKIPPED: <reason>` and return when not run as root. docs/failure-modes.md lists
+//! every case with what spoold does and the test here that shows it.
+
+mod util;
+
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::io::Read;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixDatagram, UnixListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use util::{BIN, Daemon, Env, SOON, wait_for};
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Runs `cmd` to its exit, which must come within `within` (a refusal is immediate; a daemon
+/// that starts instead of refusing is a failure, not a hang).
+fn run_to_exit(mut cmd: Command, within: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > within {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running after {within:?} (it should have refused to start); stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn spoold_run(config: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run").arg("--config").arg(config);
+    cmd
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The `spoold failed --json` list as (id, reason) pairs.
+fn failed_reasons(env: &Env) -> Vec<(String, Option<String>)> {
+    let out = env.cli(&["failed", "--json"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|j| {
+            (
+                j["id"].as_str().unwrap().to_owned(),
+                j["record"]["last_failure"]["reason"]
+                    .as_str()
+                    .map(str::to_owned),
+            )
+        })
+        .collect()
+}
+
+/// Submits a job whose name is raw bytes, the Maildir way.
+fn submit_raw(env: &Env, name: &OsStr, body: &str) {
+    let tmp = env.path("tmp").join(name);
+    fs::write(&tmp, body).unwrap();
+    fs::rename(&tmp, env.path("new").join(name)).unwrap();
+}
+
+fn raw_names(dir: &Path) -> Vec<OsString> {
+    let mut v: Vec<OsString> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A handler that appends its job's name to `runs` and exits 0.
+fn recording_env(extra: &str) -> Env {
+    let env = Env::new(&["/bin/true"], "");
+    let runs = env.dir.path().join("runs");
+    let h = env.script(
+        "record.sh",
+        &format!("printf '%s\\n' \"$SPOOLD_JOB_ID\" >> {}", runs.display()),
+    );
+    env.write_config(&[&h], extra);
+    env
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------------------------
+
+/// One bad config: the text, the key the error must name, and a fragment of the message.
+struct BadConfig {
+    what: &'static str,
+    text: String,
+    /// The line (1-based) the error must point at.
+    line: usize,
+    key: Option<&'static str>,
+    message: &'static str,
+}
+
+fn bad_configs(spool: &Path) -> Vec<BadConfig> {
+    let head = format!("[spool]\ndir = {:?}\n", spool.display().to_string());
+    let handler = "[handler]\ncommand = [\"/bin/true\"]\n";
+    let ok = format!("{head}{handler}");
+    let with = |what, extra: &str, key, message| {
+        let text = format!("{ok}{extra}");
+        // The offending line is the last line of `extra`.
+        let line = text.lines().count();
+        BadConfig {
+            what,
+            text,
+            line,
+            key,
+            message,
+        }
+    };
+    vec![
+        BadConfig {
+            what: "malformed TOML (an unclosed table header)",
+            text: format!("[spool\ndir = {:?}\n{handler}", spool.display().to_string()),
+            line: 1,
+            key: None,
+            message: "",
+        },
+        with(
+            "malformed TOML (an unterminated string)",
+            "[log]\nlevel = \"info\n",
+            None,
+            "",
+        ),
+        with(
+            "unknown key",
+            "[workers]\ncuont = 2\n",
+            Some("workers.cuont"),
+            "unknown field `cuont`",
+        ),
+        {
+            // The error points at the table header, not at the key inside it.
+            let mut case = with(
+                "unknown table",
+                "[extra]\nx = 1\n",
+                None,
+                "unknown field `extra`",
+            );
+            case.line -= 1;
+            case
+        },
+        with(
+            "wrong type: a string for a number",
+            "[workers]\ncount = \"four\"\n",
+            Some("workers.count"),
+            "",
+        ),
+        with(
+            "wrong type: a number for a duration",
+            "[shutdown]\ndrain_timeout = 30\n",
+            Some("shutdown.drain_timeout"),
+            "",
+        ),
+        with(
+            "wrong type: a string for a bool",
+            "[done]\nkeep = \"yes\"\n",
+            Some("done.keep"),
+            "",
+        ),
+        with(
+            "wrong type: a number in handler.env",
+            "[retry]\nmax_attempts = 2\n[handler.env]\nA = 1\n",
+            Some("handler.env.A"),
+            "",
+        ),
+        with(
+            "zero duration: retry.backoff_initial",
+            "[retry]\nbackoff_initial = \"0s\"\n",
+            Some("retry.backoff_initial"),
+            "greater than zero",
+        ),
+        with(
+            "zero duration: retry.backoff_max",
+            "[workers]\ncount = 1\n[log]\nlevel = \"info\"\n[retry]\nbackoff_max = \"0ms\"\n",
+            Some("retry.backoff_max"),
+            "greater than zero",
+        ),
+        with(
+            "negative duration",
+            "[shutdown]\ndrain_timeout = \"-5s\"\n",
+            Some("shutdown.drain_timeout"),
+            "",
+        ),
+        with(
+            "workers.count = 0",
+            "[workers]\ncount = 0\n",
+            Some("workers.count"),
+            "",
+        ),
+        with(
+            "negative workers.count",
+            "[workers]\ncount = -2\n",
+            Some("workers.count"),
+            "",
+        ),
+        with(
+            "retry.max_attempts = 0",
+            "[retry]\nmax_attempts = 0\n",
+            Some("retry.max_attempts"),
+            "",
+        ),
+        BadConfig {
+            what: "zero handler.timeout",
+            text: format!("{head}{handler}timeout = \"0s\"\n"),
+            line: 5,
+            key: Some("handler.timeout"),
+            message: "greater than zero",
+        },
+        BadConfig {
+            what: "zero handler.kill_grace",
+            text: format!("{head}{handler}kill_grace = \"0s\"\n"),
+            line: 5,
+            key: Some("handler.kill_grace"),
+            message: "greater than zero",
+        },
+        BadConfig {
+            what: "zero spool.rescan_interval",
+            text: format!("{head}rescan_interval = \"0s\"\n{handler}"),
+            line: 3,
+            key: Some("spool.rescan_interval"),
+            message: "greater than zero",
+        },
+        BadConfig {
+            what: "an unknown handler.stdin mode",
+            text: format!("{head}{handler}stdin = \"file\"\n"),
+            line: 5,
+            key: Some("handler.stdin"),
+            message: "unknown variant `file`",
+        },
+        BadConfig {
+            what: "an empty handler.command",
+            text: format!("{head}[handler]\ncommand = []\n"),
+            line: 4,
+            key: Some("handler.command"),
+            message: "must name a program",
+        },
+    ]
+}
+
+#[test]
+fn bad_configs_exit_78_naming_file_line_and_key() {
+    let env = Env::new(&["/bin/true"], "");
+    let path = env.dir.path().join("bad.toml");
+    for case in bad_configs(&env.spool) {
+        fs::write(&path, &case.text).unwrap();
+        for (how, cmd) in [
+            ("run", spoold_run(&path)),
+            ("check-config", {
+                let mut c = Command::new(BIN);
+                c.arg("check-config").arg(&path);
+                c
+            }),
+        ] {
+            let out = run_to_exit(cmd, SOON);
+            let err = stderr_of(&out);
+            let ctx = format!("{} ({how}):\n{}\nstderr: {err}", case.what, case.text);
+            assert_eq!(out.status.code(), Some(78), "{ctx}");
+            let at = format!("{}:{}:", path.display(), case.line);
+            assert!(err.contains(&at), "expected {at:?} in the error; {ctx}");
+            if let Some(key) = case.key {
+                assert!(err.contains(&format!("key `{key}`")), "no key; {ctx}");
+            }
+            assert!(err.contains(case.message), "no {:?}; {ctx}", case.message);
+            assert_eq!(err.lines().count(), 1, "one clear line; {ctx}");
+        }
+    }
+    // The spool was never touched by a refused start.
+    assert!(!env.path("new").exists());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The spool root
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn spool_root_missing_or_a_file_is_a_clear_startup_error() {
+    let env = Env::new(&["/bin/true"], "");
+    let missing = env.dir.path().join("no-such-spool");
+    let file = env.dir.path().join("a-file");
+    fs::write(&file, "not a directory").unwrap();
+    for (root, problem) in [(&missing, "does not exist"), (&file, "is not a directory")] {
+        let config = env.dir.path().join("c.toml");
+        fs::write(
+            &config,
+            format!(
+                "[spool]\ndir = {:?}\n[handler]\ncommand = [\"/bin/true\"]\n",
+                root.display().to_string()
+            ),
+        )
+        .unwrap();
+        let out = run_to_exit(spoold_run(&config), SOON);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(73), "{err}");
+        assert!(
+            err.contains(&root.display().to_string()) && err.contains(problem),
+            "{err}"
+        );
+    }
+    // Nothing was created in place of the missing root, and the file was left alone.
+    assert!(!missing.exists());
+    assert_eq!(fs::read_to_string(&file).unwrap(), "not a directory");
+}
+
+#[test]
+fn unwritable_spool_root_is_a_clear_startup_error() {
+    let env = Env::new(&["/bin/true"], "");
+    env.submit("waiting", "x");
+    if is_root() {
+        // root can write anywhere: run the daemon as nobody, against a root-owned spool.
+        if Command::new("setpriv").arg("--version").output().is_err() {
+            println!("SKIPPED: unwritable spool root: running as root without setpriv");
+            return;
+        }
+        for p in [env.dir.path(), &env.config] {
+            let mode = if p.is_dir() { 0o755 } else { 0o644 };
+            fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+        }
+        fs::set_permissions(&env.spool, fs::Permissions::from_mode(0o755)).unwrap();
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            BIN,
+            "run",
+            "--config",
+        ])
+        .arg(&env.config);
+        let out = run_to_exit(cmd, SOON);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(73), "{err}");
+        assert!(
+            err.contains(&env.spool.display().to_string())
+                && err.contains("must be readable and writable"),
+            "{err}"
+        );
+    } else {
+        fs::set_permissions(&env.spool, fs::Permissions::from_mode(0o555)).unwrap();
+        let out = run_to_exit(spoold_run(&env.config), SOON);
+        fs::set_permissions(&env.spool, fs::Permissions::from_mode(0o755)).unwrap();
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(73), "{err}");
+        assert!(err.contains("must be readable and writable"), "{err}");
+    }
+    assert_eq!(env.names("new").len(), 1, "the waiting job is untouched");
+}
+
+/// Unmounts on drop, so that a failing assertion does not leave a mount behind.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn tmpfs(at: &Path, size: &str) -> Option<Mount> {
+        fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Mount(at.to_owned()))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn spool_spread_over_two_filesystems_is_refused() {
+    if !is_root() {
+        println!("SKIPPED: spool over two filesystems: mounting a tmpfs needs root");
+        return;
+    }
+    let env = Env::new(&["/bin/true"], "");
+    env.submit("waiting", "x");
+    let Some(_mount) = Mount::tmpfs(&env.path("done"), "1m") else {
+        println!("SKIPPED: spool over two filesystems: mount -t tmpfs failed");
+        return;
+    };
+    let out = run_to_exit(spoold_run(&env.config), SOON);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(73), "{err}");
+    assert!(
+        err.contains(&env.path("done").display().to_string())
+            && err.contains("different filesystem"),
+        "{err}"
+    );
+    assert_eq!(env.names("new").len(), 1, "the waiting job is untouched");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Jobs
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn job_removed_between_discovery_and_claim_is_skipped_quietly() {
+    // Directly against the library: the scan saw the name, then someone else took the file.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = spoold::spool::Spool::open(dir.path()).unwrap();
+    fs::write(dir.path().join("new/gone"), "x").unwrap();
+    let mut scan = spool.scan_new().unwrap();
+    let seen = scan.next_candidate(true).unwrap().unwrap();
+    fs::remove_file(dir.path().join("new/gone")).unwrap();
+    assert!(matches!(
+        spool.claim(&seen.name).unwrap(),
+        spoold::spool::Claim::Skipped
+    ));
+
+    // Through the daemon: one slow worker has read the whole backlog into its queue of names
+    // when a third party takes every odd job away.
+    let env = recording_env("timeout = \"30s\"\n[workers]\ncount = 1\n");
+    let h = env.script(
+        "slow.sh",
+        &format!(
+            "sleep 0.02; printf '%s\\n' \"$SPOOLD_JOB_ID\" >> {}",
+            env.dir.path().join("runs").display()
+        ),
+    );
+    env.write_config(&[&h], "[workers]\ncount = 1\n");
+    let total = 200;
+    for i in 0..total {
+        env.submit(&format!("job{i:04}"), "x");
+    }
+    let mut d = env.start();
+    assert!(
+        wait_for(SOON, || (env.count("done") >= 1).then_some(())).is_some(),
+        "{}",
+        d.log()
+    );
+    let mut taken = Vec::new();
+    for name in env.names("new") {
+        let n: usize = name[3..].parse().unwrap();
+        if n % 2 == 1 && fs::remove_file(env.path("new").join(&name)).is_ok() {
+            taken.push(name);
+        }
+    }
+    assert!(taken.len() > 50, "too few taken away to show anything");
+    let expected = total - taken.len();
+    assert!(
+        wait_for(SOON, || (env.count("done") == expected).then_some(())).is_some(),
+        "done {} of {expected}; log:\n{}",
+        env.count("done"),
+        d.log()
+    );
+    let done = env.names("done");
+    assert!(taken.iter().all(|t| !done.contains(t)));
+    assert_eq!(env.count("failed"), 0);
+    d.stop();
+    let log = d.log();
+    assert!(!log.contains("ERROR"), "{log}");
+}
+
+#[test]
+fn same_name_submitted_twice_keeps_both() {
+    let env = recording_env("");
+    let mut d = env.start();
+    env.submit("twice", "first");
+    assert!(wait_for(SOON, || (env.count("done") == 1).then_some(())).is_some());
+    env.submit("twice", "second");
+    assert!(
+        wait_for(SOON, || (env.count("done") == 2).then_some(())).is_some(),
+        "{}",
+        d.log()
+    );
+    d.stop();
+    let done = env.names("done");
+    let dup = done
+        .iter()
+        .find(|n| n.starts_with("twice.dup-"))
+        .unwrap_or_else(|| panic!("{done:?}"));
+    assert_eq!(fs::read_to_string(env.path("done/twice")).unwrap(), "first");
+    assert_eq!(
+        fs::read_to_string(env.path("done").join(dup)).unwrap(),
+        "second"
+    );
+    let log = d.log();
+    assert!(
+        log.contains("done/ already held a job of this name; kept as") && log.contains(dup),
+        "{log}"
+    );
+}
+
+#[test]
+fn names_of_255_bytes_run_and_clash_safely() {
+    let env = recording_env("");
+    let long = "L".repeat(255);
+    let mut d = env.start();
+    env.submit(&long, "first");
+    assert!(wait_for(SOON, || (env.count("done") == 1).then_some(())).is_some());
+    env.submit(&long, "second");
+    assert!(
+        wait_for(SOON, || (env.count("done") == 2).then_some(())).is_some(),
+        "{}",
+        d.log()
+    );
+    d.stop();
+    let done = env.names("done");
+    assert!(done.contains(&long));
+    let dup = done.iter().find(|n| **n != long).unwrap();
+    assert_eq!(dup.len(), 255, "{dup}");
+    assert!(dup.contains(".dup-"), "{dup}");
+    assert_eq!(
+        fs::read_to_string(env.path("done").join(dup)).unwrap(),
+        "second"
+    );
+}
+
+#[test]
+fn names_with_newlines_control_characters_or_bad_utf8_run_and_log_escaped() {
+    let env = recording_env("");
+    let names: Vec<OsString> = vec![
+        OsString::from("line1\nline2"),
+        OsString::from("esc\u{1b}[31mred"),
+        OsString::from_vec(b"latin1-\xe9t\xe9".to_vec()),
+        OsString::from_vec(b"\xff\xfe".to_vec()),
+    ];
+    let mut d = env.start();
+    for name in &names {
+        submit_raw(&env, name, "x");
+    }
+    env.submit("plain", "x");
+    assert!(
+        wait_for(SOON, || (env.count("done") == names.len() + 1)
+            .then_some(()))
+        .is_some(),
+        "{}",
+        d.log()
+    );
+    d.stop();
+    let done = raw_names(&env.path("done"));
+    for name in &names {
+        assert!(done.contains(name), "{name:?} not in done/: {done:?}");
+    }
+    // The handler saw each name byte for byte in SPOOLD_JOB_ID.
+    let runs = fs::read(env.dir.path().join("runs")).unwrap();
+    let lines: Vec<&[u8]> = runs.split(|b| *b == b'\n').collect();
+    assert!(lines.contains(&&b"\xff\xfe"[..]), "{runs:?}");
+    assert!(lines.contains(&&b"latin1-\xe9t\xe9"[..]), "{runs:?}");
+    let log = d.log();
+    for name in &names {
+        // The log's job_id field shows the escaped name, quoted (so its backslashes are doubled).
+        let shown = format!("job_id={:?}", spoold::spool::display_name(name));
+        assert!(log.contains(&shown), "{shown} not in the log:\n{log}");
+    }
+    assert!(!log.contains("line1\nline2"), "a raw newline in the log");
+    assert!(!log.contains('\u{1b}'), "a raw escape in the log");
+}
+
+#[test]
+fn symlink_fifo_socket_directory_and_device_in_new_are_failed_unopened() {
+    // One worker: if any entry were opened (a FIFO blocks), the jobs after it would stall.
+    let env = recording_env("[workers]\ncount = 1\n");
+    let outside = env.dir.path().join("outside");
+    fs::write(&outside, "secret").unwrap();
+    let outside_fifo = env.dir.path().join("outside-fifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &outside_fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    env.submit("before", "x");
+    let mut d = env.start();
+    let tmp = env.path("tmp");
+    let mut expected: Vec<(&str, &str)> = Vec::new();
+    std::os::unix::fs::symlink(&outside, tmp.join("link")).unwrap();
+    expected.push(("link", "a symbolic link"));
+    std::os::unix::fs::symlink(&outside_fifo, tmp.join("link-to-fifo")).unwrap();
+    expected.push(("link-to-fifo", "a symbolic link"));
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        tmp.join("fifo"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    expected.push(("fifo", "a FIFO"));
+    let _listener = UnixListener::bind(tmp.join("socket")).unwrap();
+    expected.push(("socket", "a socket"));
+    fs::create_dir(tmp.join("dir")).unwrap();
+    fs::write(tmp.join("dir/inside"), "x").unwrap();
+    expected.push(("dir", "a directory"));
+    if is_root() {
+        // /dev/null's numbers: a character device that must not be opened.
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            tmp.join("chardev"),
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            rustix::fs::makedev(1, 3),
+        )
+        .unwrap();
+        expected.push(("chardev", "a character device"));
+    } else {
+        println!("SKIPPED: a device node in new/: mknod of a device needs root");
+    }
+    for (name, _) in &expected {
+        fs::rename(tmp.join(name), env.path("new").join(name)).unwrap();
+        env.submit(&format!("after-{name}"), "x");
+    }
+    let regular = 1 + expected.len();
+    assert!(
+        wait_for(SOON, || (env.count("done") == regular
+            && env.count("failed") == expected.len())
+        .then_some(()))
+        .is_some(),
+        "done {:?} failed {:?}; log:\n{}",
+        env.names("done"),
+        env.names("failed"),
+        d.log()
+    );
+    d.stop();
+    let reasons = failed_reasons(&env);
+    for (name, kind) in &expected {
+        let reason = reasons
+            .iter()
+            .find(|(id, _)| id == name)
+            .and_then(|(_, r)| r.clone())
+            .unwrap_or_else(|| panic!("{name} has no reason: {reasons:?}"));
+        assert!(
+            reason.contains(&format!("not a regular file but {kind}")),
+            "{name}: {reason}"
+        );
+    }
+    // Kept as they were: the links still point where they did, the directory still holds its file.
+    assert_eq!(
+        fs::read_link(env.path("failed/link")).unwrap(),
+        outside.as_path()
+    );
+    assert_eq!(fs::read_to_string(&outside).unwrap(), "secret");
+    assert!(env.path("failed/dir/inside").exists());
+    let log = d.log();
+    assert!(
+        log.contains("rejected: not a regular file but a FIFO"),
+        "{log}"
+    );
+}
+
+#[test]
+fn spool_directory_deleted_while_running_is_a_clear_fatal_error() {
+    // spoold holds the spool's directories open, so the kernel reports their deletion to the
+    // inotify watch only when they are closed: the next rescan is what finds it.
+    let env = recording_env("");
+    let h = env.script("true.sh", "exit 0");
+    env.write_config(&[&h], "");
+    fs::write(
+        &env.config,
+        fs::read_to_string(&env.config)
+            .unwrap()
+            .replace("[spool]\n", "[spool]\nrescan_interval = \"1s\"\n"),
+    )
+    .unwrap();
+    let mut d = env.start();
+    env.submit("first", "x");
+    assert!(wait_for(SOON, || (env.count("done") == 1).then_some(())).is_some());
+    fs::remove_dir_all(&env.spool).unwrap();
+    let (status, took) = d.wait_exit(SOON);
+    let log = d.log();
+    assert_eq!(status.code(), Some(74), "{log}");
+    assert!(
+        took < Duration::from_secs(10),
+        "noticed only after {took:?}"
+    );
+    assert!(
+        log.contains(&format!(
+            "job discovery failed: cannot read {}",
+            env.path("new").display()
+        )),
+        "{log}"
+    );
+}
+
+/// A daemon started through a wrapper command (the util driver only starts the binary itself),
+/// with its notifications and its log.
+struct Wrapped {
+    child: Child,
+    notes: Arc<Mutex<String>>,
+    log: Arc<Mutex<String>>,
+    _sock: tempfile::TempDir,
+}
+
+impl Wrapped {
+    fn spawn(mut cmd: Command) -> Wrapped {
+        let sock_dir = tempfile::tempdir().unwrap();
+        let path = sock_dir.path().join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        let notes = Arc::new(Mutex::new(String::new()));
+        let n = notes.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(len) = sock.recv(&mut buf) {
+                n.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..len]));
+            }
+        });
+        let mut child = cmd
+            .env("NOTIFY_SOCKET", &path)
+            .env_remove("RUST_LOG")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let l = log.clone();
+        let mut stderr = child.stderr.take().unwrap();
+        thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = stderr.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                l.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Wrapped {
+            child,
+            notes,
+            log,
+            _sock: sock_dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Wrapped {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn inotify_limit_reached_falls_back_to_rescans() {
+    // The limit is lowered to zero in a user namespace of the daemon's own, so that nothing else
+    // on the machine loses inotify while this runs.
+    let probe = Command::new("unshare")
+        .args(["--user", "--map-root-user", "sh", "-c"])
+        .arg("echo 0 > /proc/sys/user/max_inotify_instances")
+        .output();
+    if !probe.as_ref().is_ok_and(|o| o.status.success()) {
+        println!(
+            "SKIPPED: inotify limit: cannot lower max_inotify_instances in a user namespace \
+             (unshare --user): {probe:?}"
+        );
+        return;
+    }
+    let env = recording_env("");
+    env.submit("before", "x");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--user", "--map-root-user", "sh", "-c"])
+        .arg("echo 0 > /proc/sys/user/max_inotify_instances && exec \"$0\" run --config \"$1\"")
+        .arg(BIN)
+        .arg(&env.config);
+    let mut d = Wrapped::spawn(cmd);
+    assert!(
+        wait_for(SOON, || d
+            .notes
+            .lock()
+            .unwrap()
+            .contains("READY=1")
+            .then_some(()))
+        .is_some(),
+        "no READY; log:\n{}",
+        d.log()
+    );
+    for i in 0..5 {
+        env.submit(&format!("after{i}"), "x");
+    }
+    assert!(
+        wait_for(SOON, || (env.count("done") == 6).then_some(())).is_some(),
+        "done {:?}; log:\n{}",
+        env.names("done"),
+        d.log()
+    );
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(d.child.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let status = wait_for(SOON, || d.child.try_wait().unwrap()).expect("stopped");
+    assert!(status.success(), "{}", d.log());
+    let log = d.log();
+    assert!(
+        log.contains("cannot watch the spool with inotify")
+            && log.contains("new jobs are found by rescans only"),
+        "{log}"
+    );
+}
+
+#[test]
+fn full_disk_while_recording_a_failure_loses_nothing() {
+    if !is_root() {
+        println!("SKIPPED: full disk: mounting a small tmpfs as the spool needs root");
+        return;
+    }
+    let env = Env::new(&["/bin/true"], "");
+    let root = env.dir.path().join("small");
+    let Some(_mount) = Mount::tmpfs(&root, "512k") else {
+        println!("SKIPPED: full disk: mount -t tmpfs failed");
+        return;
+    };
+    let filler = root.join("filler");
+    // Jobs named fill-* fill the disk and then fail; "perm" ones with a permanent code, the
+    // others with a code that is retried. Every later run succeeds (a marker outside the spool
+    // tells: the attempt count itself may not have been recorded, that is the point).
+    let h = env.script(
+        "fill.sh",
+        &format!(
+            "case \"$SPOOLD_JOB_ID\" in\n\
+             fill-*) if [ ! -e {m}.\"$SPOOLD_JOB_ID\" ]; then\n\
+               touch {m}.\"$SPOOLD_JOB_ID\"\n\
+               head -c 4000000 /dev/zero > {f} 2>/dev/null\n\
+               case \"$SPOOLD_JOB_ID\" in *perm*) exit 3;; *) exit 1;; esac\n\
+             fi;;\n\
+             esac\nexit 0",
+            f = filler.display(),
+            m = env.dir.path().join("filled").display()
+        ),
+    );
+    let config = env.dir.path().join("small.toml");
+    fs::write(
+        &config,
+        format!(
+            "[spool]\ndir = {:?}\n[handler]\ncommand = [{:?}]\n[workers]\ncount = 1\n\
+             [retry]\nmax_attempts = 3\nbackoff_initial = \"100ms\"\npermanent_exit_codes = [3]\n",
+            root.display().to_string(),
+            h
+        ),
+    )
+    .unwrap();
+    let submit = |name: &str| {
+        fs::write(root.join("tmp").join(name), "x").unwrap();
+        fs::rename(root.join("tmp").join(name), root.join("new").join(name)).unwrap();
+    };
+    let count = |dir: &str| fs::read_dir(root.join(dir)).unwrap().count();
+
+    // A permanent failure recorded on a full disk: the job is in failed/, the missing reason is
+    // logged with the job's name and shown by `spoold failed`.
+    let mut d = Daemon::start(&config, &[]);
+    submit("fill-perm");
+    assert!(
+        d.wait_log(|l| l.contains("reason could not be recorded"), SOON),
+        "{}",
+        d.log()
+    );
+    assert!(root.join("failed/fill-perm").exists(), "{}", d.log());
+    assert!(
+        d.log().contains("fill-perm: moved to failed/"),
+        "{}",
+        d.log()
+    );
+    let shown = Command::new(BIN)
+        .args(["failed", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
+    assert!(
+        shown.contains("fill-perm") && shown.contains("no reason recorded"),
+        "{shown}"
+    );
+    fs::remove_file(&filler).unwrap();
+
+    // A retry recorded on a full disk: the job stays in active/, and the next start runs it.
+    submit("fill-retry");
+    assert!(
+        d.wait_log(|l| l.contains("cannot record the failed attempt"), SOON),
+        "{}",
+        d.log()
+    );
+    assert!(root.join("active/fill-retry").exists(), "{}", d.log());
+    fs::remove_file(&filler).unwrap();
+    // The daemon still serves other jobs.
+    submit("other");
+    assert!(
+        wait_for(SOON, || root.join("done/other").exists().then_some(())).is_some(),
+        "{}",
+        d.log()
+    );
+    d.stop();
+    let mut d = Daemon::start(&config, &[]);
+    assert!(
+        wait_for(SOON, || root.join("done/fill-retry").exists().then_some(())).is_some(),
+        "{}",
+        d.log()
+    );
+    d.stop();
+    assert_eq!(count("active"), 0);
+    assert_eq!(count("new"), 0);
+    assert_eq!(count("failed"), 1);
+    // No half-written record was left behind by the failed writes.
+    for dir in ["state", "reasons"] {
+        let left: Vec<_> = raw_names(&root.join(dir));
+        assert!(
+            left.iter().all(|n| !n.as_bytes().starts_with(b".tmp-")),
+            "{dir}: {left:?}"
+        );
+    }
+}
