@@ -47,12 +47,10 @@ impl Notifier {
         if let Err(e) = send_to(socket, msg.as_bytes())
             && !self.warned.swap(true, Ordering::Relaxed)
         {
-            {
-                tracing::warn!(
-                    "cannot notify systemd at NOTIFY_SOCKET={}: {e}; further notification errors are not logged",
-                    socket.to_string_lossy()
-                );
-            }
+            tracing::warn!(
+                "cannot notify systemd at NOTIFY_SOCKET={}: {e}; further notification errors are not logged",
+                socket.to_string_lossy()
+            );
         }
     }
 

@@ -834,12 +834,10 @@ pub fn parse_display_name(text: &str) -> OsString {
                             .and_then(|hex| u32::from_str_radix(hex, 16).ok())
                             .and_then(char::from_u32)
                     {
-                        {
-                            let mut buf = [0; 4];
-                            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-                            i += end + 1;
-                            continue;
-                        }
+                        let mut buf = [0; 4];
+                        out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                        i += end + 1;
+                        continue;
                     }
                 }
                 _ => {}
