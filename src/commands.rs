@@ -103,6 +103,10 @@ fn status(spool: &Spool, json: bool) -> io::Result<ExitCode> {
             })
             .unwrap_or_default();
         println!("spool   {}", spool.root().display());
+        match counts.daemon_pid {
+            Some(pid) => println!("daemon  running (pid {pid})"),
+            None => println!("daemon  not running"),
+        }
         println!("queued  {}{age}", counts.queued);
         println!("active  {}", counts.active);
         println!("retry   {}", counts.retry);

@@ -206,6 +206,8 @@ pub struct Counts {
     pub done: u64,
     pub failed: u64,
     pub oldest_queued_age_s: Option<f64>,
+    /// The pid of the daemon that holds the spool's lock, if one runs.
+    pub daemon_pid: Option<u32>,
 }
 
 /// The flock that makes one daemon the owner of a spool; released when dropped.
@@ -569,6 +571,27 @@ impl Spool {
             done: count(Dir::Done)?,
             failed: count(Dir::Failed)?,
             oldest_queued_age_s: oldest.map(|o| ((now_ns - o).max(0) as f64) / 1e9),
+            daemon_pid: self.owner(),
+        })
+    }
+
+    /// The pid holding the flock on `spoold.lock`, read from /proc/locks: asking does not
+    /// touch the lock, so it can never get in the way of a daemon that is starting.
+    pub fn owner(&self) -> Option<u32> {
+        let stat = rustix::fs::stat(self.root.join("spoold.lock")).ok()?;
+        let key = format!(
+            "{:02x}:{:02x}:{}",
+            rustix::fs::major(stat.st_dev),
+            rustix::fs::minor(stat.st_dev),
+            stat.st_ino
+        );
+        let locks = fs::read_to_string("/proc/locks").ok()?;
+        locks.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // "1: FLOCK  ADVISORY  WRITE 6217 fe:00:10051585 0 EOF"
+            (fields.get(1) == Some(&"FLOCK") && fields.get(5) == Some(&key.as_str()))
+                .then(|| fields.get(4)?.parse().ok())
+                .flatten()
         })
     }
 

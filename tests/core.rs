@@ -593,6 +593,7 @@ fn enqueue_status_failed_and_retry() {
         assert_eq!(status[key], 0, "{key}");
     }
     assert!(status["oldest_queued_age_s"].as_f64().unwrap() >= 0.0);
+    assert!(status["daemon_pid"].is_null(), "no daemon runs: {status}");
 
     let mut d = env.start();
     assert!(
@@ -612,6 +613,12 @@ fn enqueue_status_failed_and_retry() {
         (Some(0), Some(2), Some(1))
     );
     assert!(status["oldest_queued_age_s"].is_null());
+    assert_eq!(status["daemon_pid"], d.pid());
+    let text = String::from_utf8(env.cli(&["status"]).stdout).unwrap();
+    assert!(
+        text.contains(&format!("daemon  running (pid {})", d.pid())),
+        "{text}"
+    );
     let text = String::from_utf8(env.cli(&["failed"]).stdout).unwrap();
     assert!(
         text.contains(&ids[1]) && text.contains("exit status 1"),
