@@ -1,0 +1,342 @@
+//! Misbehaving handlers (issue 6): one that ignores SIGTERM, one whose grandchild ignores SIGTERM
+//! and keeps stdout open, one that writes 1 GB, one that reads stdin to its end, one killed by a
+//! signal, one that closes its output and runs on, one that exits before reading its input.
+//!
+//! For each: spoold's memory stays bounded (VmHWM of the daemon, from /proc), no process of the
+//! handler outlives its job (every handler records its pids; /proc must not know them once the
+//! job is recorded), and the recorded outcome is right (`spoold failed --json`, done/).
+
+mod util;
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use util::{Env, SOON, pids_in, process_alive, wait_for};
+
+/// How much the daemon's peak resident memory may exceed what it used when it became ready.
+/// The handler's output is read 8 KiB at a time and lines are cut at 4 KiB, so gigabytes of
+/// output must fit in a few megabytes; the bound leaves room for allocator slack.
+const MEMORY_HEADROOM_KB: u64 = 32 * 1024;
+
+/// A field of /proc/PID/status in kB (VmRSS, VmHWM).
+fn vm_kb(pid: i32, field: &str) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// A spool whose handler is `body` (a shell script that may use $PIDS, the file each process
+/// appends its pid to, and $OUT, a scratch directory), and `extra` config.
+struct Case {
+    env: Env,
+    pids: std::path::PathBuf,
+    out: std::path::PathBuf,
+}
+
+fn case(body: &str, extra: &str) -> Case {
+    let env = Env::new(&["/bin/true"], "");
+    let pids = env.dir.path().join("pids");
+    let out = env.dir.path().join("out");
+    fs::create_dir(&out).unwrap();
+    let script = env.script(
+        "handler.sh",
+        &format!(
+            "PIDS={}\nOUT={}\necho $$ >> \"$PIDS\"\n{body}",
+            pids.display(),
+            out.display()
+        ),
+    );
+    env.write_config(&[&script], extra);
+    Case { env, pids, out }
+}
+
+/// The failure record of `id` from `spoold failed --json`.
+fn failure_of(env: &Env, id: &str) -> Value {
+    let out = env.cli(&["failed", "--json"]);
+    assert!(out.status.success());
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["id"] == id)
+        .unwrap_or_else(|| panic!("{id} not in `spoold failed`: {list}"))["record"]
+        .clone()
+}
+
+/// Waits until `path` exists.
+fn wait_path(path: &Path, within: Duration) -> bool {
+    wait_for(within, || path.exists().then_some(())).is_some()
+}
+
+/// Every pid the handler recorded is gone: none outlives its job. Reaping by the kernel may
+/// take a moment after the group was killed, hence the short wait.
+fn assert_no_survivors(pids_file: &Path) {
+    let pids = pids_in(pids_file);
+    assert!(!pids.is_empty(), "the handler recorded no pids");
+    let survivors = wait_for(Duration::from_secs(2), || {
+        let alive: Vec<i32> = pids.iter().copied().filter(|p| process_alive(*p)).collect();
+        alive.is_empty().then_some(())
+    });
+    let alive: Vec<i32> = pids.iter().copied().filter(|p| process_alive(*p)).collect();
+    assert!(
+        survivors.is_some(),
+        "processes outlived their job: {alive:?}"
+    );
+}
+
+/// The daemon's peak memory stayed within MEMORY_HEADROOM_KB of what it used at start.
+fn assert_memory_bounded(pid: i32, at_start_kb: u64) {
+    let peak = vm_kb(pid, "VmHWM");
+    assert!(
+        peak <= at_start_kb + MEMORY_HEADROOM_KB,
+        "spoold's peak memory grew to {peak} kB from {at_start_kb} kB at start"
+    );
+}
+
+#[test]
+fn handler_that_ignores_sigterm_is_killed_at_the_timeout() {
+    let c = case(
+        "trap '' TERM\nsleep 30 &\necho $! >> \"$PIDS\"\nwait\nwait\nexit 0",
+        "timeout = \"1s\"\nkill_grace = \"300ms\"\n[retry]\nmax_attempts = 1\n",
+    );
+    let mut d = c.env.start();
+    let rss = vm_kb(d.pid(), "VmRSS");
+    c.env.submit("stubborn", "x");
+    assert!(
+        wait_path(&c.env.path("failed/stubborn"), SOON),
+        "{}",
+        d.log()
+    );
+    assert_no_survivors(&c.pids);
+    assert_eq!(pids_in(&c.pids).len(), 2, "the handler and its child");
+    let record = failure_of(&c.env, "stubborn");
+    let last = &record["last_failure"];
+    assert_eq!(last["timed_out"], true, "{record}");
+    assert_eq!(last["signal"], 9, "{record}");
+    assert_eq!(last["exit_code"], Value::Null, "{record}");
+    let reason = last["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("timed out after 1s") && reason.contains("killed by SIGKILL"),
+        "{reason}"
+    );
+    // SIGKILL came kill_grace after the timeout's SIGTERM, not much later.
+    let ms = last["duration_ms"].as_u64().unwrap();
+    assert!((1300..3000).contains(&ms), "took {ms} ms");
+    assert_memory_bounded(d.pid(), rss);
+    d.stop();
+}
+
+#[test]
+fn grandchild_that_ignores_sigterm_and_keeps_stdout_open_is_killed() {
+    // The handler itself exits 0 at once; its grandchild (same process group) holds stdout.
+    let c = case(
+        "sh -c 'trap \"\" TERM; echo $$ >> \"$0\"; exec sleep 30' \"$PIDS\" &\n\
+         while [ $(wc -l < \"$PIDS\") -lt 2 ]; do sleep 0.01; done\nexit 0",
+        "timeout = \"20s\"\nkill_grace = \"500ms\"\n",
+    );
+    let mut d = c.env.start();
+    let rss = vm_kb(d.pid(), "VmRSS");
+    c.env.submit("parent-gone", "x");
+    let start = Instant::now();
+    assert!(
+        wait_path(&c.env.path("done/parent-gone"), SOON),
+        "{}",
+        d.log()
+    );
+    // SIGTERM is ignored, so the job ends at SIGKILL, kill_grace after the handler exited.
+    assert!(
+        start.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_no_survivors(&c.pids);
+    assert_memory_bounded(d.pid(), rss);
+    d.stop();
+}
+
+#[test]
+fn grandchild_that_left_the_group_cannot_hold_the_job() {
+    // A process that called setsid is out of spoold's reach (it is no longer in the handler's
+    // process group); spoold must still finish the job instead of waiting on its stdout.
+    let c = case(
+        "setsid sh -c 'echo $$ >> \"$0\"; exec sleep 30' \"$PIDS\" &\n\
+         while [ $(wc -l < \"$PIDS\") -lt 2 ]; do sleep 0.01; done\nexit 0",
+        "timeout = \"20s\"\nkill_grace = \"500ms\"\n",
+    );
+    let mut d = c.env.start();
+    c.env.submit("escaped", "x");
+    let done = wait_path(&c.env.path("done/escaped"), Duration::from_secs(10));
+    // Whatever happened, the escaped process is ours to clean up.
+    for pid in pids_in(&c.pids) {
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(pid).unwrap(),
+            rustix::process::Signal::KILL,
+        );
+    }
+    assert!(done, "the job was held by an escaped process; {}", d.log());
+    assert!(
+        d.log()
+            .contains("a process that left the handler's process group keeps its output open"),
+        "{}",
+        d.log()
+    );
+    d.stop();
+}
+
+#[test]
+fn handler_that_writes_a_gigabyte_keeps_spoold_memory_bounded() {
+    // 1 GB on stdout as one endless line (closed before the rest, so that the cut line is logged
+    // before the cap on logged lines is reached), then 50 MB of short lines on stderr.
+    let c = case(
+        "head -c 1000000000 /dev/zero\nexec >&-\n\
+         yes 'a line of handler output that goes on' | head -c 50000000 >&2\nexit 0",
+        "timeout = \"5m\"\n",
+    );
+    let mut d = c.env.start();
+    let rss = vm_kb(d.pid(), "VmRSS");
+    c.env.submit("loud", "x");
+    assert!(
+        wait_path(&c.env.path("done/loud"), Duration::from_secs(240)),
+        "{}",
+        &d.log()[..2000.min(d.log().len())]
+    );
+    assert_memory_bounded(d.pid(), rss);
+    assert_no_survivors(&c.pids);
+    let log = d.log();
+    assert!(
+        log.contains("more bytes of this line dropped"),
+        "the endless line was not cut"
+    );
+    assert!(
+        log.contains("more lines of handler output were not logged"),
+        "the flood of lines was not capped"
+    );
+    d.stop();
+}
+
+#[test]
+fn handler_that_reads_stdin_to_the_end_gets_the_job_or_nothing() {
+    for (mode, expect_len) in [("job", 1_000_000u64), ("null", 0)] {
+        let c = case(
+            "cat > \"$OUT/copy\"\nexit 0",
+            &format!("stdin = \"{mode}\"\ntimeout = \"60s\"\n"),
+        );
+        let mut d = c.env.start();
+        let rss = vm_kb(d.pid(), "VmRSS");
+        let start = Instant::now();
+        c.env.submit("reader", &"z".repeat(1_000_000));
+        assert!(
+            wait_path(&c.env.path("done/reader"), SOON),
+            "stdin = {mode}: {}",
+            d.log()
+        );
+        // stdin ends (a file or /dev/null, never a pipe left open): far before the timeout.
+        assert!(start.elapsed() < Duration::from_secs(20), "stdin = {mode}");
+        assert_eq!(
+            fs::metadata(c.out.join("copy")).unwrap().len(),
+            expect_len,
+            "stdin = {mode}"
+        );
+        assert_no_survivors(&c.pids);
+        assert_memory_bounded(d.pid(), rss);
+        d.stop();
+    }
+}
+
+#[test]
+fn handler_killed_by_a_signal_is_recorded_with_the_signal() {
+    let c = case(
+        "case \"$SPOOLD_JOB_ID\" in\nusr1) kill -USR1 $$;;\nkill) kill -KILL $$;;\nesac\nsleep 5",
+        "timeout = \"60s\"\n[retry]\nmax_attempts = 1\n",
+    );
+    let mut d = c.env.start();
+    let rss = vm_kb(d.pid(), "VmRSS");
+    c.env.submit("usr1", "x");
+    c.env.submit("kill", "x");
+    assert!(
+        wait_for(SOON, || (c.env.count("failed") == 2).then_some(())).is_some(),
+        "{}",
+        d.log()
+    );
+    for (id, sig, name) in [("usr1", 10, "SIGUSR1"), ("kill", 9, "SIGKILL")] {
+        let record = failure_of(&c.env, id);
+        let last = &record["last_failure"];
+        assert_eq!(last["signal"], sig, "{record}");
+        assert_eq!(last["exit_code"], Value::Null, "{record}");
+        assert_eq!(last["timed_out"], false, "{record}");
+        assert_eq!(
+            last["reason"].as_str().unwrap(),
+            format!("killed by {name}"),
+            "{record}"
+        );
+        assert!(
+            d.log().contains(&format!("exit_status={}", 128 + sig)),
+            "{}",
+            d.log()
+        );
+    }
+    assert_no_survivors(&c.pids);
+    assert_memory_bounded(d.pid(), rss);
+    d.stop();
+}
+
+#[test]
+fn handler_that_closes_its_output_and_runs_on_is_waited_for() {
+    // End of output is not the end of the handler: the outcome is its exit status, 1 s later.
+    let c = case(
+        "exec >&- 2>&-\nsleep 1\ntouch \"$OUT/exited\"\nexit 3",
+        "timeout = \"60s\"\n[retry]\npermanent_exit_codes = [3]\n",
+    );
+    let mut d = c.env.start();
+    let rss = vm_kb(d.pid(), "VmRSS");
+    c.env.submit("quiet", "x");
+    assert!(wait_path(&c.env.path("failed/quiet"), SOON), "{}", d.log());
+    assert!(
+        c.out.join("exited").exists(),
+        "recorded before the handler exited"
+    );
+    let record = failure_of(&c.env, "quiet");
+    assert_eq!(record["last_failure"]["exit_code"], 3, "{record}");
+    assert_eq!(record["permanent"], true, "{record}");
+    assert!(record["last_failure"]["duration_ms"].as_u64().unwrap() >= 1000);
+    assert_no_survivors(&c.pids);
+    assert_memory_bounded(d.pid(), rss);
+    d.stop();
+}
+
+#[test]
+fn handler_that_exits_before_reading_its_input_is_recorded_by_its_status() {
+    let c = case(
+        "case \"$SPOOLD_JOB_ID\" in ok) exit 0;; *) exit 5;; esac",
+        "stdin = \"job\"\n[retry]\nmax_attempts = 1\n",
+    );
+    let mut d = c.env.start();
+    let rss = vm_kb(d.pid(), "VmRSS");
+    let big = "b".repeat(20_000_000);
+    c.env.submit("ok", &big);
+    c.env.submit("bad", &big);
+    assert!(
+        wait_path(&c.env.path("done/ok"), SOON) && wait_path(&c.env.path("failed/bad"), SOON),
+        "{}",
+        d.log()
+    );
+    // The unread input is the job itself: untouched.
+    assert_eq!(
+        fs::metadata(c.env.path("done/ok")).unwrap().len(),
+        big.len() as u64
+    );
+    let record = failure_of(&c.env, "bad");
+    assert_eq!(record["last_failure"]["exit_code"], 5, "{record}");
+    assert_eq!(
+        record["last_failure"]["reason"], "exit status 5",
+        "{record}"
+    );
+    assert_no_survivors(&c.pids);
+    assert_memory_bounded(d.pid(), rss);
+    d.stop();
+}
