@@ -398,8 +398,8 @@ fn stop_under_load_drains_and_loses_no_job() {
     if sysd::skipped("stop_under_load_drains_and_loses_no_job") {
         return;
     }
-    // WatchdogSec: spoold must keep pinging through the load and the stop.
-    let m = machine(&config(2, "30s", "2s"), "TimeoutStopSec=60\nWatchdogSec=2");
+    // WatchdogSec: spoold must keep pinging through the load and the stops.
+    let m = machine(&config(2, "30s", "2s"), "TimeoutStopSec=60\nWatchdogSec=1");
     m.sh_ok("systemctl start spoold");
     submit(&m, 1..=20, "sleep 0.5");
     wait_until(
@@ -408,6 +408,10 @@ fn stop_under_load_drains_and_loses_no_job() {
         &format!("[ $(ls {SPOOL}/done | wc -l) -ge 3 ] && [ $(ls {SPOOL}/active | wc -l) -eq 2 ]"),
         SOON,
     );
+    // systemd handed spoold a watchdog. The second run below lasts at least three of its
+    // intervals (job-21 sleeps 3 s), so a missed WATCHDOG=1 would end the unit with
+    // Result=watchdog, which the final `stop` would report.
+    assert_eq!(prop(&m, "WatchdogUSec"), "1s");
     let took = stop(&m);
     // The jobs in flight were drained: each that started also ended, exactly once; the ones
     // not yet claimed wait in new/, untouched; none is anywhere else.
@@ -425,15 +429,16 @@ fn stop_under_load_drains_and_loses_no_job() {
     assert!(!new.is_empty(), "the stop came too late to test anything");
     // The next start finishes the rest, and no job ran twice.
     m.sh_ok("systemctl start spoold");
+    submit(&m, 21..=21, "sleep 3");
     wait_until(
         &m,
-        "all 20 jobs done after a restart",
-        &format!("[ $(ls {SPOOL}/done | wc -l) -eq 20 ]"),
+        "all 21 jobs done after a restart",
+        &format!("[ $(ls {SPOOL}/done | wc -l) -eq 21 ]"),
         SOON,
     );
     let (starts, ends) = events(&m);
     assert!(
-        starts.len() == 20 && starts.values().all(|&n| n == 1) && starts == ends,
+        starts.len() == 21 && starts.values().all(|&n| n == 1) && starts == ends,
         "every job exactly once: starts {starts:?}, ends {ends:?}"
     );
     stop(&m);
