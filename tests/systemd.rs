@@ -224,11 +224,33 @@ fn sysd_wait(within: Duration, mut f: impl FnMut() -> bool) -> bool {
 /// time: ExecStopPost='s $SERVICE_RESULT, $EXIT_CODE and $EXIT_STATUS, and PID 1's closing
 /// journal message for the invocation; `Result` and `ActiveState` are checked as well.
 fn stop(m: &Machine) -> Duration {
+    stop_watching(m, &[])
+}
+
+/// [`stop`], and while the stop runs, waits until each of `during` (what, a shell condition)
+/// holds in turn: the stop is then requested with `systemctl stop --no-block` and its end
+/// awaited by polling ActiveState.
+fn stop_watching(m: &Machine, during: &[(&str, &str)]) -> Duration {
     let invocation = prop(m, "InvocationID");
     assert!(!invocation.is_empty(), "the unit has no invocation ID");
     let stops_before = m.read(STOP_RESULT).lines().count();
     let began = Instant::now();
-    let out = m.sh("systemctl stop spoold");
+    let out = match during {
+        [] => m.sh("systemctl stop spoold"),
+        during => {
+            let out = m.sh("systemctl stop --no-block spoold");
+            for (what, cond) in during {
+                wait_until(m, what, cond, SOON);
+            }
+            wait_until(
+                m,
+                "the stop to end",
+                "systemctl show -p ActiveState --value spoold | grep -qx 'inactive\\|failed'",
+                SOON,
+            );
+            out
+        }
+    };
     let took = began.elapsed();
     assert!(
         out.status.success(),
@@ -462,7 +484,21 @@ fn stop_past_the_drain_deadline_within_a_short_timeout_stop_sec() {
         &format!("[ -e {SPOOL}/active/job-1 ] && [ -e {SPOOL}/active/job-2 ]"),
         SOON,
     );
-    let took = stop(&m);
+    // While it drains, the status line counts the jobs and the time left; then it says it
+    // aborts them.
+    let took = stop_watching(
+        &m,
+        &[
+            (
+                "the status line to show the drain",
+                "systemctl show -p StatusText --value spoold | grep -q '^stopping: draining 2 jobs, [0-3]s left$'",
+            ),
+            (
+                "the status line to show the abort",
+                "systemctl show -p StatusText --value spoold | grep -q '^stopping: aborting 2 jobs$'",
+            ),
+        ],
+    );
     // The stop waited for the drain deadline and the stubborn job's kill_grace, well past
     // TimeoutStopSec, and no more than that (plus a loaded machine's slack).
     assert!(
