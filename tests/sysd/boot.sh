@@ -18,6 +18,8 @@ shift 2
 
 if [ "$stage" = outer ]; then
 	# The cgroup2 (unified) hierarchy, wherever the host mounted it.
+	# (Without one, a pure cgroup-v1 host, the machine's cgroup tree is the hierarchy's root:
+	# mod.rs then runs one machine at a time.)
 	cg=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
 	if [ -n "$cg" ]; then
 		mkdir "$cg/$(basename "$state")"

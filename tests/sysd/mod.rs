@@ -33,7 +33,7 @@ use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -126,6 +126,14 @@ fn probe() -> Option<String> {
     if !fs::read_to_string("/proc/filesystems").is_ok_and(|f| f.contains("overlay")) {
         return Some("the kernel has no overlayfs".to_owned());
     }
+    // Each machine gets a cgroup of its own in the host's cgroup2 hierarchy (see boot.sh).
+    if let Some(cg) = cgroup2_mount() {
+        let probe = cg.join(format!("spoold-sysd-probe.{}", std::process::id()));
+        if let Err(e) = fs::create_dir(&probe) {
+            return Some(format!("cannot make a cgroup under {}: {e}", cg.display()));
+        }
+        let _ = fs::remove_dir(&probe);
+    }
     // The namespaces and the kinds of mount the recipe uses, tried for real in a throwaway
     // mount namespace (a container may allow root everything but unshare).
     let dir = match tempfile::Builder::new()
@@ -171,6 +179,18 @@ mount -t proc proc "$1/m/proc"
     }
 }
 
+/// Where the host mounted the cgroup2 (unified) hierarchy, if it did.
+fn cgroup2_mount() -> Option<PathBuf> {
+    fs::read_to_string("/proc/mounts")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, kind) = (f.next()?, f.next()?, f.next()?);
+            (kind == "cgroup2").then(|| PathBuf::from(dir))
+        })
+}
+
 fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
@@ -188,6 +208,10 @@ pub struct Machine {
     state: tempfile::TempDir,
     /// The machine's own cgroup (cgroup2), removed at drop.
     cgroup: Option<PathBuf>,
+    /// Held for the machine's life on a host without a cgroup2 mount, where boot.sh cannot give
+    /// the machine a cgroup of its own and two machines would share one cgroup tree. Dropped
+    /// last, after the machine is gone.
+    _alone: Option<MutexGuard<'static, ()>>,
 }
 
 impl Machine {
@@ -200,6 +224,12 @@ impl Machine {
         if let Some(why) = skip_reason() {
             panic!("the systemd harness cannot run here: {why} (call skip_reason() first)");
         }
+        static ALONE: Mutex<()> = Mutex::new(());
+        let alone = cgroup2_mount().is_none().then(|| {
+            ALONE
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+        });
         let state = tempfile::Builder::new()
             .prefix("spoold-sysd.")
             .tempdir()
@@ -235,6 +265,7 @@ impl Machine {
             unshare,
             cgroup: None,
             state,
+            _alone: alone,
         };
         let began = Instant::now();
         // The outer stage execs unshare, whose one child is the guest's PID 1: first the inner
