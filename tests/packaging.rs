@@ -542,12 +542,35 @@ fn debian_package_installs_and_runs_under_systemd() {
     }
     assert_eq!(m.sh_ok("stat -c '%a %U' /var/spool"), "755 root\n");
 
-    // Removal keeps the spool and the jobs in it.
-    m.sh_ok("systemctl start spoold && dpkg -r spoold");
+    // An upgrade (the same package again) restarts the running units onto the new binary,
+    // instances included, and keeps the admin's edits to the conffile.
+    m.sh_ok("systemctl start spoold spoold@q1");
+    let pids = [
+        prop(&m, "spoold", "MainPID"),
+        prop(&m, "spoold@q1", "MainPID"),
+    ];
+    m.sh_ok("dpkg -i /srv/spoold-deb/spoold.deb");
+    for (unit, before) in ["spoold", "spoold@q1"].iter().zip(&pids) {
+        assert_eq!(
+            prop(&m, unit, "ActiveState"),
+            "active",
+            "{unit} after upgrade"
+        );
+        assert_ne!(
+            &prop(&m, unit, "MainPID"),
+            before,
+            "{unit} was not restarted"
+        );
+    }
+    assert!(m.read("/etc/spoold/spoold.toml").contains("network says"));
+
+    // Removal stops every unit and keeps the spool and the jobs in it.
+    m.sh_ok("dpkg -r spoold");
     m.sh_ok(&format!(
         "test ! -e /usr/bin/spoold && test -f /var/spool/spoold/done/{id} \
          && test -f /var/spool/spoold/q1/done/{id3}"
     ));
     assert_eq!(prop(&m, "spoold", "ActiveState"), "inactive");
+    assert_eq!(prop(&m, "spoold@q1", "ActiveState"), "inactive");
     eprintln!("end to end, .deb build included: {:?}", began.elapsed());
 }
