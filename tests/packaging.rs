@@ -392,6 +392,13 @@ fn debian_package_installs_and_runs_under_systemd() {
     m.sh_ok("systemctl enable --now spoold");
     assert_eq!(prop(&m, "spoold", "ActiveState"), "active");
     let main_pid = prop(&m, "spoold", "MainPID");
+    // The running system's own security report agrees with the offline one.
+    for unit in ["spoold.service", "spoold@q1.service"] {
+        let report = m.sh_ok(&format!("systemd-analyze security --no-pager {unit}"));
+        let level = exposure(&report);
+        eprintln!("installed {unit}: exposure {level}");
+        assert!(level <= MAX_EXPOSURE, "{unit}: exposure {level}\n{report}");
+    }
 
     // alice is an ordinary user in group spoold; bob is not in it.
     m.sh_ok("useradd -M -G spoold alice && useradd -M bob");
