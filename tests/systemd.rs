@@ -137,14 +137,24 @@ fn prop(m: &Machine, name: &str) -> String {
 /// Polls the guest until `cond` (a shell condition) holds, or panics with `what` after
 /// `within`. The loop runs inside the guest, so a poll costs no nsenter.
 fn wait_until(m: &Machine, what: &str, cond: &str, within: Duration) {
+    wait_until_unless(m, what, cond, "false", within);
+}
+
+/// [`wait_until`], but fails at once when `give_up` (a shell condition) holds first.
+fn wait_until_unless(m: &Machine, what: &str, cond: &str, give_up: &str, within: Duration) {
     let script = format!(
-        "end=$(($(date +%s) + {})); until {cond}; do [ $(date +%s) -lt $end ] || exit 1; sleep 0.05; done",
+        "end=$(($(date +%s) + {})); until {cond}; do \
+           ! {give_up} || exit 2; [ $(date +%s) -lt $end ] || exit 1; sleep 0.05; done",
         within.as_secs()
     );
     let out = m.sh(&script);
+    let why = match out.status.code() {
+        Some(2) => format!("gave up (`{give_up}`) before"),
+        _ => format!("waited {within:?} for"),
+    };
     assert!(
         out.status.success(),
-        "waited {within:?} for {what} (`{cond}`); status {}; unit:\n{}",
+        "{why} {what} (`{cond}`); status {}; unit:\n{}",
         out.status,
         status_and_journal(m)
     );
@@ -227,6 +237,9 @@ fn stop(m: &Machine) -> Duration {
     stop_watching(m, &[])
 }
 
+/// A shell condition: the unit's stop is over (or it never ran).
+const STOPPED: &str = "systemctl show -p ActiveState --value spoold | grep -qx 'inactive\\|failed'";
+
 /// [`stop`], and while the stop runs, waits until each of `during` (what, a shell condition)
 /// holds in turn: the stop is then requested with `systemctl stop --no-block` and its end
 /// awaited by polling ActiveState.
@@ -240,14 +253,9 @@ fn stop_watching(m: &Machine, during: &[(&str, &str)]) -> Duration {
         during => {
             let out = m.sh("systemctl stop --no-block spoold");
             for (what, cond) in during {
-                wait_until(m, what, cond, SOON);
+                wait_until_unless(m, what, cond, STOPPED, SOON);
             }
-            wait_until(
-                m,
-                "the stop to end",
-                "systemctl show -p ActiveState --value spoold | grep -qx 'inactive\\|failed'",
-                SOON,
-            );
+            wait_until(m, "the stop to end", STOPPED, SOON);
             out
         }
     };
