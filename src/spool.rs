@@ -377,7 +377,8 @@ impl Spool {
         })?;
         Ok(NewScan {
             inner,
-            new_fd: rustix::io::dup(self.fd(Dir::New))?,
+            // CLOEXEC: a scan is open while handlers start, and they must not inherit new/.
+            new_fd: rustix::io::fcntl_dupfd_cloexec(self.fd(Dir::New), 0)?,
         })
     }
 

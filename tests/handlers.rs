@@ -340,3 +340,32 @@ fn handler_that_exits_before_reading_its_input_is_recorded_by_its_status() {
     assert_memory_bounded(d.pid(), rss);
     d.stop();
 }
+
+#[test]
+fn handler_inherits_no_descriptor_of_the_spool() {
+    // A backlog of more than two scan batches keeps a scan of new/ open while the first handlers
+    // start; none of spoold's descriptors (the scan, the lock, the spool's directories) may
+    // leak into a handler.
+    let c = case(
+        "case \"$SPOOLD_JOB_ID\" in j000*) ls -l /proc/$$/fd/ > \"$OUT/fds.$SPOOLD_JOB_ID\";; esac",
+        "[workers]\ncount = 2\n",
+    );
+    for i in 0..3000 {
+        c.env.submit(&format!("j{i:04}"), "x");
+    }
+    let mut d = c.env.start();
+    let rss = vm_kb(d.pid(), "VmRSS");
+    assert!(wait_path(&c.env.path("done/j0009"), SOON), "{}", d.log());
+    d.stop();
+    let spool = c.env.spool.display().to_string();
+    let mut seen = 0;
+    for i in 0..10 {
+        let fds = fs::read_to_string(c.out.join(format!("fds.j{i:04}"))).unwrap();
+        assert!(
+            !fds.contains(&spool),
+            "handler j{i:04} inherited a descriptor of the spool:\n{fds}"
+        );
+        seen += 1;
+    }
+    assert_eq!(seen, 10);
+}
