@@ -38,6 +38,8 @@ use serde::{Deserialize, Serialize};
 
 /// The longest file name Linux filesystems accept, in bytes.
 const NAME_MAX: usize = 255;
+/// How long `lock` waits for a lock that is held, before it says another daemon owns the spool.
+const LOCK_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dir {
@@ -333,7 +335,16 @@ impl Spool {
             .mode(0o644)
             .open(&path)
             .map_err(lock_err)?;
-        match rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        // A daemon killed while it was starting a handler leaves a copy of the locked file in
+        // the child until that child's exec closes it, a few milliseconds later: a restart at
+        // once would otherwise be refused in the name of a dead pid. So wait a little first.
+        let give_up = std::time::Instant::now() + LOCK_WAIT;
+        let mut locked = rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive);
+        while locked == Err(Errno::WOULDBLOCK) && std::time::Instant::now() < give_up {
+            std::thread::sleep(Duration::from_millis(10));
+            locked = rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive);
+        }
+        match locked {
             Ok(()) => {}
             Err(Errno::WOULDBLOCK) => {
                 let mut text = String::new();
