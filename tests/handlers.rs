@@ -354,7 +354,6 @@ fn handler_inherits_no_descriptor_of_the_spool() {
         c.env.submit(&format!("j{i:04}"), "x");
     }
     let mut d = c.env.start();
-    let rss = vm_kb(d.pid(), "VmRSS");
     assert!(wait_path(&c.env.path("done/j0009"), SOON), "{}", d.log());
     d.stop();
     let spool = c.env.spool.display().to_string();
