@@ -98,8 +98,8 @@ impl fmt::Display for SpoolError {
             SpoolError::Subdir { path, err } => write!(f, "{}: {err}", path.display()),
             SpoolError::CrossDevice { root, subdir } => write!(
                 f,
-                "{} is on a different filesystem from the spool root {}: jobs move by rename, \
-                 so every spool directory must be on one filesystem",
+                "{} is on a different filesystem (or mount) than the spool root {}: jobs move \
+                 by rename, so every spool directory must be on one filesystem",
                 subdir.display(),
                 root.display()
             ),
@@ -249,6 +249,7 @@ impl Spool {
         )
         .map_err(|e| root_err(format!("must be readable and writable by this user: {e}")))?;
         let root = fs::canonicalize(root).map_err(|e| root_err(e.to_string()))?;
+        let root_mount = mount_id(rustix::fs::CWD, &root, AtFlags::empty());
         let mut dirs = Vec::with_capacity(Dir::ALL.len());
         for dir in Dir::ALL {
             let path = root.join(dir.name());
@@ -270,7 +271,13 @@ impl Spool {
                 path: path.clone(),
                 err: e.into(),
             })?;
-            if stat.st_dev != meta.dev() {
+            // A bind mount has the device number of its filesystem, yet a rename across it fails
+            // (EXDEV) all the same: compare the mounts too, where the kernel tells them.
+            let other_mount = matches!(
+                (root_mount, mount_id(&fd, "", AtFlags::EMPTY_PATH)),
+                (Some(a), Some(b)) if a != b
+            );
+            if stat.st_dev != meta.dev() || other_mount {
                 return Err(SpoolError::CrossDevice {
                     root: root.clone(),
                     subdir: path,
@@ -747,6 +754,15 @@ impl NewScan {
         }
         Ok(None)
     }
+}
+
+/// The mount a file is on (statx's STATX_MNT_ID, Linux 5.8 and later), or None when the kernel
+/// cannot tell.
+fn mount_id<Fd: AsFd, P: rustix::path::Arg>(dir: Fd, path: P, flags: AtFlags) -> Option<u64> {
+    let st = rustix::fs::statx(dir, path, flags, rustix::fs::StatxFlags::MNT_ID).ok()?;
+    rustix::fs::StatxFlags::from_bits_retain(st.stx_mask)
+        .contains(rustix::fs::StatxFlags::MNT_ID)
+        .then_some(st.stx_mnt_id)
 }
 
 /// `renameat2(RENAME_NOREPLACE)`, with a `link` + `unlink` fallback for filesystems that do not

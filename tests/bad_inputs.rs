@@ -426,6 +426,41 @@ fn spool_spread_over_two_filesystems_is_refused() {
     assert_eq!(env.names("new").len(), 1, "the waiting job is untouched");
 }
 
+/// A bind mount on done/ of another directory of the same filesystem: the same device number,
+/// but a rename across the two mounts fails (EXDEV) all the same.
+#[test]
+fn spool_with_a_bind_mounted_subdirectory_is_refused() {
+    if !is_root() {
+        println!("SKIPPED: bind-mounted spool directory: mount --bind needs root");
+        return;
+    }
+    let env = Env::new(&["/bin/true"], "");
+    env.submit("waiting", "x");
+    let elsewhere = env.dir.path().join("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    fs::create_dir(env.path("done")).unwrap();
+    let ok = Command::new("mount")
+        .arg("--bind")
+        .arg(&elsewhere)
+        .arg(env.path("done"))
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        println!("SKIPPED: bind-mounted spool directory: mount --bind failed");
+        return;
+    }
+    let _mount = Mount(env.path("done"));
+    let out = run_to_exit(spoold_run(&env.config), SOON);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(73), "{err}");
+    assert!(
+        err.contains(&env.path("done").display().to_string())
+            && err.contains("different filesystem"),
+        "{err}"
+    );
+    assert_eq!(env.names("new").len(), 1, "the waiting job is untouched");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Jobs
 // ---------------------------------------------------------------------------------------------
@@ -780,15 +815,22 @@ impl Drop for Wrapped {
 
 #[test]
 fn inotify_limit_reached_falls_back_to_rescans() {
+    // No inotify instance at all, then an instance but no watch.
+    for limit in ["max_inotify_instances", "max_inotify_watches"] {
+        inotify_limit_case(limit);
+    }
+}
+
+fn inotify_limit_case(limit: &str) {
     // The limit is lowered to zero in a user namespace of the daemon's own, so that nothing else
     // on the machine loses inotify while this runs.
     let probe = Command::new("unshare")
         .args(["--user", "--map-root-user", "sh", "-c"])
-        .arg("echo 0 > /proc/sys/user/max_inotify_instances")
+        .arg(format!("echo 0 > /proc/sys/user/{limit}"))
         .output();
     if !probe.as_ref().is_ok_and(|o| o.status.success()) {
         println!(
-            "SKIPPED: inotify limit: cannot lower max_inotify_instances in a user namespace \
+            "SKIPPED: inotify limit: cannot lower {limit} in a user namespace \
              (unshare --user): {probe:?}"
         );
         return;
@@ -797,7 +839,9 @@ fn inotify_limit_reached_falls_back_to_rescans() {
     env.submit("before", "x");
     let mut cmd = Command::new("unshare");
     cmd.args(["--user", "--map-root-user", "sh", "-c"])
-        .arg("echo 0 > /proc/sys/user/max_inotify_instances && exec \"$0\" run --config \"$1\"")
+        .arg(format!(
+            "echo 0 > /proc/sys/user/{limit} && exec \"$0\" run --config \"$1\""
+        ))
         .arg(BIN)
         .arg(&env.config);
     let mut d = Wrapped::spawn(cmd);
@@ -945,4 +989,131 @@ fn full_disk_while_recording_a_failure_loses_nothing() {
             "{dir}: {left:?}"
         );
     }
+}
+
+#[test]
+fn missing_or_non_executable_handler_fails_the_attempt_with_the_reason() {
+    let env = Env::new(&["/bin/true"], "");
+    let not_exec = env.dir.path().join("not-executable.sh");
+    fs::write(&not_exec, "#!/bin/sh\nexit 0\n").unwrap();
+    fs::set_permissions(&not_exec, fs::Permissions::from_mode(0o644)).unwrap();
+    for (program, problem) in [
+        (
+            env.dir.path().join("no-such-handler"),
+            "No such file or directory",
+        ),
+        (not_exec.clone(), "Permission denied"),
+    ] {
+        let program = program.display().to_string();
+        env.write_config(&[&program], "[retry]\nmax_attempts = 1\n");
+        let mut d = env.start();
+        let name = format!("for-{}", Path::new(&program).file_name().unwrap().display());
+        env.submit(&name, "x");
+        assert!(
+            wait_for(SOON, || env
+                .path("failed")
+                .join(&name)
+                .exists()
+                .then_some(()))
+            .is_some(),
+            "{}",
+            d.log()
+        );
+        d.stop();
+        let reason = failed_reasons(&env)
+            .into_iter()
+            .find(|(id, _)| *id == name)
+            .and_then(|(_, r)| r)
+            .unwrap();
+        assert!(
+            reason.contains(&format!("cannot run handler {program}")) && reason.contains(problem),
+            "{reason}"
+        );
+    }
+    if is_root() {
+        // root may execute a file without the x bit only if some x bit is set: 0644 still fails.
+        assert!(env.path("failed/for-not-executable.sh").exists());
+    }
+}
+
+#[test]
+fn unreadable_spool_root_is_a_clear_startup_error() {
+    if !is_root() {
+        println!("SKIPPED: unreadable spool root: needs root to run the daemon as another user");
+        return;
+    }
+    let env = Env::new(&["/bin/true"], "");
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&env.config, fs::Permissions::from_mode(0o644)).unwrap();
+    // Owned by root, mode 0700: nobody may neither list nor write it.
+    fs::set_permissions(&env.spool, fs::Permissions::from_mode(0o700)).unwrap();
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--",
+        BIN,
+        "run",
+        "--config",
+    ])
+    .arg(&env.config);
+    let out = run_to_exit(cmd, SOON);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(73), "{err}");
+    assert!(
+        err.contains(&env.spool.display().to_string())
+            && err.contains("must be readable and writable"),
+        "{err}"
+    );
+}
+
+#[test]
+fn failed_rename_keeps_the_job_in_active_until_a_restart() {
+    if !is_root() {
+        println!("SKIPPED: failed rename: chattr +i needs root");
+        return;
+    }
+    let env = recording_env("[workers]\ncount = 1\n");
+    let chattr = |flag: &str, dir: &Path| {
+        Command::new("chattr")
+            .arg(flag)
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let mut d = env.start();
+    // An immutable done/ refuses every rename into it (EPERM), as a read-only filesystem would.
+    if !chattr("+i", &env.path("done")) {
+        println!("SKIPPED: failed rename: chattr +i is not supported here");
+        return;
+    }
+    env.submit("stuck", "x");
+    let refused = d.wait_log(|l| l.contains("cannot move to done/"), SOON);
+    assert!(chattr("-i", &env.path("done")), "chattr -i");
+    assert!(refused, "{}", d.log());
+    let log = d.log();
+    assert!(
+        log.contains("job stuck: cannot move to done/: Operation not permitted")
+            && log.contains("the job stays in active/ and runs again after a restart"),
+        "{log}"
+    );
+    assert!(env.path("active/stuck").exists());
+    // Still serving.
+    env.submit("after", "x");
+    assert!(
+        wait_for(SOON, || env.path("done/after").exists().then_some(())).is_some(),
+        "{}",
+        d.log()
+    );
+    d.stop();
+    let mut d = env.start();
+    assert!(
+        wait_for(SOON, || env.path("done/stuck").exists().then_some(())).is_some(),
+        "{}",
+        d.log()
+    );
+    d.stop();
+    assert_eq!(env.count("active"), 0);
+    assert_eq!(env.count("done"), 2);
 }
