@@ -434,14 +434,34 @@ impl Spool {
             self.fail(name, &record)?;
             return Ok(Claim::Rejected { reason });
         }
-        let record = self.read_record(Dir::State, name)?;
+        // A job of the same name waiting in retry/ owns state/NAME. This one is another job
+        // submitted under that name: it must not take the other's attempt count, so it gets a
+        // .dup- name and a count of its own, as a name clash anywhere else would give it.
+        let (name, record) =
+            if rustix::fs::statat(self.fd(Dir::Retry), name, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
+                (self.rename_in_active(name)?, None)
+            } else {
+                (name.to_owned(), self.read_record(Dir::State, name)?)
+            };
         let attempt = record.as_ref().map_or(0, |r| r.attempts) + 1;
         Ok(Claim::Job(Box::new(Claimed {
-            path: self.dir_path(Dir::Active).join(name),
-            name: name.to_owned(),
+            path: self.dir_path(Dir::Active).join(&name),
+            name,
             attempt,
             record,
         })))
+    }
+
+    /// Gives a job in `active/` a `.dup-` name of its own; its state record, if any, stays put.
+    fn rename_in_active(&self, name: &OsStr) -> io::Result<OsString> {
+        loop {
+            let alt = dup_name(name);
+            match rename_noreplace(self.fd(Dir::Active), name, self.fd(Dir::Active), &alt) {
+                Ok(()) => return Ok(alt),
+                Err(Errno::EXIST) => continue,
+                Err(e) => return Err(annotate(e.into(), name, "cannot rename in active/")),
+            }
+        }
     }
 
     /// The handler succeeded: keep the job in `done/` or delete it. Returns where it went.
@@ -632,7 +652,11 @@ impl Spool {
         if rustix::fs::statat(self.fd(Dir::Failed), name, AtFlags::SYMLINK_NOFOLLOW).is_err() {
             return Ok(false);
         }
-        self.remove_record(Dir::State, name);
+        // A stale record must not follow the job back, but one that a job of the same name
+        // waiting in retry/ owns must stay.
+        if rustix::fs::statat(self.fd(Dir::Retry), name, AtFlags::SYMLINK_NOFOLLOW).is_err() {
+            self.remove_record(Dir::State, name);
+        }
         let moved = self.move_job(Dir::Failed, Dir::New, name)?;
         self.remove_record(Dir::Reasons, name);
         Ok(moved.is_some())
@@ -653,8 +677,10 @@ impl Spool {
             let alt = dup_name(name);
             match rename_noreplace(self.fd(from), name, self.fd(to), &alt) {
                 Ok(()) => {
-                    if let Err(e) =
-                        rename_noreplace(self.fd(Dir::State), name, self.fd(Dir::State), &alt)
+                    // A job in failed/ has no state record: state/NAME, if any, is another's.
+                    if from != Dir::Failed
+                        && let Err(e) =
+                            rename_noreplace(self.fd(Dir::State), name, self.fd(Dir::State), &alt)
                         && e != Errno::NOENT
                     {
                         return Err(e.into());

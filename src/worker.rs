@@ -166,6 +166,8 @@ async fn run_job(shared: &Shared, name: OsString) {
     };
     shared.stats.queued.fetch_sub(1, Relaxed);
     shared.stats.claimed.fetch_add(1, Relaxed);
+    // The claim may have renamed the job (a job of the same name waits in retry/).
+    let id = job_id(&job.name);
     let config = shared.config.borrow().clone();
     let _busy = BusyGuard::new(&shared.stats);
     tracing::info!(job_id = id, attempt = job.attempt, "job started");

@@ -1117,3 +1117,47 @@ fn failed_rename_keeps_the_job_in_active_until_a_restart() {
     assert_eq!(env.count("active"), 0);
     assert_eq!(env.count("done"), 2);
 }
+
+#[test]
+fn same_name_as_a_job_waiting_in_retry_gets_its_own_attempt_count() {
+    // A job whose body is "bad" fails (and waits an hour for its retry); "good" succeeds.
+    let env = Env::new(&["/bin/true"], "");
+    let h = env.script("h.sh", "[ \"$(cat \"$1\")\" = good ]");
+    env.write_config(
+        &[&h, "{path}"],
+        "[workers]\ncount = 1\n[retry]\nmax_attempts = 3\nbackoff_initial = \"1h\"\n",
+    );
+    let mut d = env.start();
+    env.submit("same", "bad");
+    assert!(
+        wait_for(SOON, || env.path("retry/same").exists().then_some(())).is_some(),
+        "{}",
+        d.log()
+    );
+    env.submit("same", "good");
+    assert!(
+        wait_for(SOON, || (env.count("done") == 1).then_some(())).is_some(),
+        "{}",
+        d.log()
+    );
+    d.stop();
+    // The second job ran as its own first attempt, under a name of its own ...
+    let done = env.names("done");
+    let dup = done.iter().next().unwrap();
+    assert!(dup.starts_with("same.dup-"), "{done:?}");
+    assert_eq!(
+        fs::read_to_string(env.path("done").join(dup)).unwrap(),
+        "good"
+    );
+    assert!(
+        d.log()
+            .contains(&format!("job started job_id={dup:?} attempt=1")),
+        "{}",
+        d.log()
+    );
+    // ... and the first still waits for its second attempt with its record intact.
+    assert!(env.path("retry/same").exists());
+    let record: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(env.path("state/same")).unwrap()).unwrap();
+    assert_eq!(record["attempts"], 1, "{record}");
+}

@@ -75,8 +75,9 @@ struct Running {
 struct Harness {
     root: tempfile::TempDir,
     running: Option<Running>,
-    /// Tokens that must be somewhere in the job directories, exactly once.
-    expected: BTreeMap<String, ()>,
+    /// Tokens that must be somewhere in the job directories, exactly once, each with the number
+    /// of failed attempts recorded for it: its next claim must be attempt failures + 1.
+    expected: BTreeMap<String, u32>,
     next_token: u64,
 }
 
@@ -120,7 +121,7 @@ impl Harness {
                 let spool = Spool::attach(self.root.path()).unwrap();
                 match spool.enqueue(&mut token.as_bytes(), NAMES[i]) {
                     Ok(()) => {
-                        self.expected.insert(token, ());
+                        self.expected.insert(token, 0);
                     }
                     Err(e) => {
                         // Refused only because new/ already holds that name: the producer is
@@ -142,7 +143,12 @@ impl Harness {
                 match r.spool.claim(name).unwrap() {
                     Claim::Job(job) => {
                         let token = fs::read_to_string(&job.path).unwrap();
-                        assert!(job.attempt >= 1);
+                        // The attempt count is the job's own, whatever else shares its name.
+                        assert_eq!(
+                            job.attempt,
+                            self.expected[&token] + 1,
+                            "{token} claimed as {name:?}"
+                        );
                         r.held.push((job, token));
                     }
                     Claim::Skipped => assert!(
@@ -187,9 +193,10 @@ impl Harness {
                 );
             }
             Op::Retry(i, due_now) => {
-                let Some((job, _)) = self.take_held(i) else {
+                let Some((job, token)) = self.take_held(i) else {
                     return;
                 };
+                self.expected.insert(token, job.attempt);
                 let spool = &self.running.as_ref().unwrap().spool;
                 let record = JobRecord {
                     attempts: job.attempt,
@@ -221,7 +228,10 @@ impl Harness {
                     return;
                 }
                 let name = &failed[i % failed.len()].name;
+                let token = fs::read_to_string(spool.dir_path(Dir::Failed).join(name)).unwrap();
                 assert!(spool.retry_failed(name).unwrap(), "retry of {name:?}");
+                // A fresh attempt count.
+                self.expected.insert(token, 0);
             }
             Op::Crash => self.running = None,
             Op::Restart => self.restart(),
@@ -341,7 +351,7 @@ fn names_in(path: &Path) -> Vec<OsString> {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 300,
+        cases: 1000,
         // The operations touch real files: keep shrinking bounded.
         max_shrink_iters: 2000,
         // A failure prints its minimal sequence; no regression file is written into the tree.
