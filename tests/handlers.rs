@@ -220,28 +220,43 @@ fn handler_that_writes_a_gigabyte_keeps_spoold_memory_bounded() {
 }
 
 #[test]
-fn handler_that_reads_stdin_to_the_end_gets_the_job_or_nothing() {
+fn handler_that_reads_stdin_forever_gets_the_job_or_nothing_then_its_timeout() {
+    // "reader" reads stdin to its end; "follower" (tail -f) waits for more input for ever.
     for (mode, expect_len) in [("job", 1_000_000u64), ("null", 0)] {
         let c = case(
-            "cat > \"$OUT/copy\"\nexit 0",
-            &format!("stdin = \"{mode}\"\ntimeout = \"60s\"\n"),
+            "case \"$SPOOLD_JOB_ID\" in\n\
+             reader) cat > \"$OUT/copy\";;\n\
+             follower) tail -f /dev/stdin > /dev/null;;\n\
+             esac\nexit 0",
+            &format!(
+                "stdin = \"{mode}\"\ntimeout = \"3s\"\nkill_grace = \"500ms\"\n\
+                 [retry]\nmax_attempts = 1\n"
+            ),
         );
         let mut d = c.env.start();
         let rss = vm_kb(d.pid(), "VmRSS");
-        let start = Instant::now();
         c.env.submit("reader", &"z".repeat(1_000_000));
+        c.env.submit("follower", &"z".repeat(1_000_000));
+        // stdin ends (a file or /dev/null, never a pipe left open): the reader is done well
+        // within its timeout, with the job's bytes or none.
         assert!(
             wait_path(&c.env.path("done/reader"), SOON),
             "stdin = {mode}: {}",
             d.log()
         );
-        // stdin ends (a file or /dev/null, never a pipe left open): far before the timeout.
-        assert!(start.elapsed() < Duration::from_secs(20), "stdin = {mode}");
         assert_eq!(
             fs::metadata(c.out.join("copy")).unwrap().len(),
             expect_len,
             "stdin = {mode}"
         );
+        // The follower never ends by itself: its timeout ends it.
+        assert!(
+            wait_path(&c.env.path("failed/follower"), SOON),
+            "stdin = {mode}: {}",
+            d.log()
+        );
+        let record = failure_of(&c.env, "follower");
+        assert_eq!(record["last_failure"]["timed_out"], true, "{record}");
         assert_no_survivors(&c.pids);
         assert_memory_bounded(d.pid(), rss);
         d.stop();
