@@ -1038,11 +1038,17 @@ fn missing_or_non_executable_handler_fails_the_attempt_with_the_reason() {
 
 #[test]
 fn unreadable_spool_root_is_a_clear_startup_error() {
+    let env = Env::new(&["/bin/true"], "");
     if !is_root() {
-        println!("SKIPPED: unreadable spool root: needs root to run the daemon as another user");
+        // The owner itself loses read permission: writable and searchable, not listable.
+        fs::set_permissions(&env.spool, fs::Permissions::from_mode(0o333)).unwrap();
+        let out = run_to_exit(spoold_run(&env.config), SOON);
+        fs::set_permissions(&env.spool, fs::Permissions::from_mode(0o755)).unwrap();
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(73), "{err}");
+        assert!(err.contains("must be readable and writable"), "{err}");
         return;
     }
-    let env = Env::new(&["/bin/true"], "");
     fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     fs::set_permissions(&env.config, fs::Permissions::from_mode(0o644)).unwrap();
     // Owned by root, mode 0700: nobody may neither list nor write it.
