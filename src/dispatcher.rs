@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
-use inotify::{EventMask, EventStream, Inotify, WatchMask};
+use inotify::{EventMask, EventStream, Inotify, WatchDescriptor, WatchMask};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
@@ -46,6 +46,9 @@ pub type RetryWakeup = watch::Sender<u64>;
 /// The inotify stream on `new/`, created before READY so that no submission after it is missed.
 pub struct Watcher {
     stream: EventStream<Vec<u8>>,
+    /// The watch on the spool root, which reports the removal of `new/` and its siblings at
+    /// once: spoold holds them open, so their own DELETE_SELF comes only when they are closed.
+    root: Option<WatchDescriptor>,
 }
 
 impl Watcher {
@@ -62,8 +65,20 @@ impl Watcher {
                 | WatchMask::MOVE_SELF
                 | WatchMask::ONLYDIR,
         )?;
+        // Without this watch (the watch limit), a removed spool is found by the next rescan.
+        let root = inotify
+            .watches()
+            .add(
+                spool.root(),
+                WatchMask::DELETE
+                    | WatchMask::MOVED_FROM
+                    | WatchMask::DELETE_SELF
+                    | WatchMask::MOVE_SELF
+                    | WatchMask::ONLYDIR,
+            )
+            .ok();
         let stream = inotify.into_event_stream(vec![0u8; 64 * 1024])?;
-        Ok(Watcher { stream })
+        Ok(Watcher { stream, root })
     }
 }
 
@@ -141,6 +156,13 @@ impl Dispatcher {
                         if event.mask.contains(EventMask::Q_OVERFLOW) {
                             tracing::warn!("inotify queue overflowed; rescanning new/");
                             dirty = true;
+                        } else if watcher.as_ref().is_some_and(|w| w.root.as_ref() == Some(&event.wd)) {
+                            if let Some(path) = lost_spool_path(&self.spool, &event) {
+                                return Err(io::Error::new(
+                                    io::ErrorKind::NotFound,
+                                    format!("{} was removed or moved away while spoold was running", path.display()),
+                                ));
+                            }
                         } else if event.mask.intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::IGNORED) {
                             return Err(io::Error::new(
                                 io::ErrorKind::NotFound,
@@ -260,6 +282,21 @@ impl Dispatcher {
             }
         };
         next.max(Instant::now() + RETRY_COALESCE)
+    }
+}
+
+/// The path an event on the root watch says is gone: the root itself, or one of the spool's
+/// directories in it. Other entries of the root (the lock file, a user's file) do not matter.
+fn lost_spool_path(spool: &Spool, event: &inotify::Event<OsString>) -> Option<std::path::PathBuf> {
+    match &event.name {
+        None => event
+            .mask
+            .intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF)
+            .then(|| spool.root().to_owned()),
+        Some(name) => Dir::ALL
+            .iter()
+            .any(|d| name.as_os_str() == d.name())
+            .then(|| spool.root().join(name)),
     }
 }
 

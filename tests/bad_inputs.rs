@@ -713,37 +713,41 @@ fn symlink_fifo_socket_directory_and_device_in_new_are_failed_unopened() {
 }
 
 #[test]
-fn spool_directory_deleted_while_running_is_a_clear_fatal_error() {
-    // spoold holds the spool's directories open, so the kernel reports their deletion to the
-    // inotify watch only when they are closed: the next rescan is what finds it.
-    let env = recording_env("");
-    let h = env.script("true.sh", "exit 0");
-    env.write_config(&[&h], "");
-    fs::write(
-        &env.config,
-        fs::read_to_string(&env.config)
-            .unwrap()
-            .replace("[spool]\n", "[spool]\nrescan_interval = \"1s\"\n"),
-    )
-    .unwrap();
-    let mut d = env.start();
-    env.submit("first", "x");
-    assert!(wait_for(SOON, || (env.count("done") == 1).then_some(())).is_some());
-    fs::remove_dir_all(&env.spool).unwrap();
-    let (status, took) = d.wait_exit(SOON);
-    let log = d.log();
-    assert_eq!(status.code(), Some(74), "{log}");
-    assert!(
-        took < Duration::from_secs(10),
-        "noticed only after {took:?}"
-    );
-    assert!(
-        log.contains(&format!(
-            "job discovery failed: cannot read {}",
-            env.path("new").display()
-        )),
-        "{log}"
-    );
+fn spool_directory_deleted_or_moved_while_running_is_a_clear_fatal_error() {
+    // The default rescan interval (30 s) is far beyond the bound below: the watch on the root
+    // must be what notices.
+    for how in ["deleted", "moved"] {
+        let env = recording_env("");
+        let mut d = env.start();
+        env.submit("first", "x");
+        assert!(wait_for(SOON, || (env.count("done") == 1).then_some(())).is_some());
+        let moved_to = env.dir.path().join("moved-away");
+        let started = Instant::now();
+        if how == "deleted" {
+            fs::remove_dir_all(&env.spool).unwrap();
+        } else {
+            fs::rename(&env.spool, &moved_to).unwrap();
+        }
+        let (status, _) = d.wait_exit(SOON);
+        let took = started.elapsed();
+        let log = d.log();
+        assert_eq!(status.code(), Some(74), "{how}: {log}");
+        assert!(
+            took < Duration::from_secs(5),
+            "{how}: noticed after {took:?}"
+        );
+        let spool = env.spool.display().to_string();
+        assert!(
+            log.lines().any(|l| l.contains("job discovery failed")
+                && l.contains(&spool)
+                && l.contains("was removed or moved away while spoold was running")),
+            "{how}: {log}"
+        );
+        if how == "moved" {
+            // Nothing lost: the spool is whole where it was moved to.
+            assert!(moved_to.join("done/first").exists());
+        }
+    }
 }
 
 /// A daemon started through a wrapper command (the util driver only starts the binary itself),
