@@ -1,0 +1,1120 @@
+//! spoold's benchmark suite (issue 5): throughput at the process-spawn limit, the daemon's own CPU
+//! time per job, stop latency, start-up with a million-job backlog, and a burst of new jobs.
+//!
+//! Run it with `cargo bench --bench spoold` (BENCHMARKS.md has the details). It drives the
+//! release binary cargo builds for it, the way a user would: a spool on disk, a config file, a
+//! NOTIFY_SOCKET of its own for READY=1, SIGTERM to stop. Each spoold figure is measured beside
+//! a peer in the same run, the runs of the contenders alternate, and each figure is the median
+//! of several runs, because the machines this runs on are shared and noisy: the targets are
+//! therefore ratios where a peer exists. The table goes to stdout, a JSON summary to
+//! `$CARGO_TARGET_DIR/bench/summary.json` (or `$SPOOLD_BENCH_JSON`).
+//!
+//! Environment: `SPOOLD_BENCH_QUICK=1` runs small counts (a smoke test of the suite itself, not
+//! figures to quote); `SPOOLD_BENCH_ONLY=throughput,stop,start,burst` picks sections;
+//! `SPOOLD_BENCH_ROUNDS=N` sets how many alternating rounds the throughput section runs;
+//! `SPOOLD_BENCH_DIR` is where the temporary spools go (it must be a local filesystem).
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use inotify::{EventMask, Inotify, WatchMask};
+use rustix::process::{Pid, Signal};
+use serde_json::json;
+
+/// The daemon under test: cargo builds it (in the bench profile, which is the release profile)
+/// before it builds this program, and tells us where it put it.
+const SPOOLD: &str = env!("CARGO_BIN_EXE_spoold");
+
+/// /proc reports CPU times in USER_HZ ticks, which Linux fixes at 100 per second for userspace.
+const TICKS_PER_SEC: f64 = 100.0;
+
+/// Anything that should be over in seconds gets this long before the suite gives up on it.
+const PATIENCE: Duration = Duration::from_secs(600);
+
+/// How many jobs, runs and rounds each section uses.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    jobs: usize,
+    rounds: usize,
+    parallel_rounds: usize,
+    stops: usize,
+    drain_runs: usize,
+    backlog: usize,
+    backlog_rounds: usize,
+    burst: usize,
+}
+
+impl Sizes {
+    fn from_env() -> Sizes {
+        let quick = std::env::var("SPOOLD_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+        let mut sizes = if quick {
+            Sizes {
+                jobs: 2_000,
+                rounds: 3,
+                parallel_rounds: 1,
+                stops: 10,
+                drain_runs: 3,
+                backlog: 50_000,
+                backlog_rounds: 2,
+                burst: 10_000,
+            }
+        } else {
+            Sizes {
+                jobs: 20_000,
+                rounds: 5,
+                // GNU parallel runs about 350 jobs/s: a minute per run, so fewer of them.
+                parallel_rounds: 3,
+                stops: 50,
+                drain_runs: 5,
+                backlog: 1_000_000,
+                backlog_rounds: 3,
+                burst: 100_000,
+            }
+        };
+        if let Some(rounds) = std::env::var("SPOOLD_BENCH_ROUNDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            sizes.rounds = rounds;
+            sizes.parallel_rounds = sizes.parallel_rounds.min(rounds);
+        }
+        sizes
+    }
+}
+
+/// One line of the table and of the JSON summary.
+struct Row {
+    section: &'static str,
+    what: String,
+    spoold: f64,
+    unit: &'static str,
+    peer: Option<(String, f64)>,
+    /// The target, as the issue states it, and whether it was met.
+    target: Option<(String, bool)>,
+    samples: Vec<f64>,
+}
+
+impl Row {
+    fn ratio(&self) -> Option<f64> {
+        self.peer.as_ref().map(|(_, p)| self.spoold / p)
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    // The burst section uses this program itself as the handler, to record every run of a job.
+    if args.get(1).map(String::as_str) == Some("record-job") {
+        record_job(&args[2], &args[3]);
+        return;
+    }
+    let sizes = Sizes::from_env();
+    let only: Option<Vec<String>> = std::env::var("SPOOLD_BENCH_ONLY")
+        .ok()
+        .map(|v| v.split(',').map(|s| s.trim().to_owned()).collect());
+    let wanted = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|s| s == name));
+    let base = std::env::var_os("SPOOLD_BENCH_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
+    let work = tempfile::Builder::new()
+        .prefix("spoold-bench-")
+        .tempdir_in(&base)
+        .expect("create the benchmark's work directory");
+    let bench = Bench {
+        work: work.path().to_owned(),
+        sizes,
+        seq: AtomicUsize::new(0),
+    };
+
+    let machine = machine();
+    let started_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let load_before = load_average();
+    println!("spoold benchmark suite, {started_at}");
+    println!("binary: {SPOOLD}");
+    println!(
+        "machine: {} cpus, kernel {}, {}",
+        machine.nproc, machine.kernel, machine.cpu
+    );
+    println!("load average at start: {load_before}");
+    println!("sizes: {sizes:?}\n");
+
+    let mut rows = Vec::new();
+    if wanted("throughput") {
+        rows.extend(bench.throughput());
+    }
+    if wanted("stop") {
+        rows.extend(bench.stop_latency());
+    }
+    if wanted("start") {
+        rows.extend(bench.start_and_backlog());
+    }
+    if wanted("burst") {
+        rows.extend(bench.burst());
+    }
+    let load_after = load_average();
+
+    println!();
+    print_table(&rows);
+    println!("\nload average at start: {load_before}; at end: {load_after}");
+
+    let summary = json!({
+        "started_at": started_at,
+        "finished_at": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        "quick": sizes.jobs < 20_000,
+        "binary": SPOOLD,
+        "machine": {
+            "nproc": machine.nproc,
+            "kernel": machine.kernel,
+            "cpu": machine.cpu,
+        },
+        "load_average": { "start": load_before, "end": load_after },
+        "sizes": {
+            "jobs": sizes.jobs,
+            "rounds": sizes.rounds,
+            "parallel_rounds": sizes.parallel_rounds,
+            "stops": sizes.stops,
+            "drain_runs": sizes.drain_runs,
+            "backlog": sizes.backlog,
+            "backlog_rounds": sizes.backlog_rounds,
+            "burst": sizes.burst,
+        },
+        "rows": rows.iter().map(|r| json!({
+            "section": r.section,
+            "what": r.what,
+            "spoold": r.spoold,
+            "unit": r.unit,
+            "peer": r.peer.as_ref().map(|(name, _)| name),
+            "peer_value": r.peer.as_ref().map(|(_, v)| v),
+            "ratio": r.ratio(),
+            "target": r.target.as_ref().map(|(t, _)| t),
+            "met": r.target.as_ref().map(|(_, m)| m),
+            "samples": r.samples,
+        })).collect::<Vec<_>>(),
+    });
+    let out = std::env::var_os("SPOOLD_BENCH_JSON").map_or_else(
+        || target_dir().join("bench").join("summary.json"),
+        PathBuf::from,
+    );
+    if let Some(dir) = out.parent() {
+        fs::create_dir_all(dir).expect("create the summary's directory");
+    }
+    fs::write(
+        &out,
+        serde_json::to_string_pretty(&summary).expect("serialize"),
+    )
+    .expect("write the summary");
+    println!("summary: {}", out.display());
+    println!("(removing the temporary spools)");
+}
+
+/// The handler of the burst section: appends the job's name to the record, one line per run.
+/// O_APPEND makes each short write land whole, whichever worker writes it.
+fn record_job(record: &str, id: &str) {
+    let mut file = fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(record)
+        .expect("open the record");
+    file.write_all(format!("{id}\n").as_bytes())
+        .expect("write the record");
+}
+
+/// The cargo target directory the binary lives in (`<target>/release/spoold`).
+fn target_dir() -> PathBuf {
+    Path::new(SPOOLD)
+        .parent()
+        .and_then(Path::parent)
+        .map_or_else(|| PathBuf::from("target"), Path::to_owned)
+}
+
+struct Machine {
+    nproc: usize,
+    kernel: String,
+    cpu: String,
+}
+
+fn machine() -> Machine {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    Machine {
+        nproc: thread::available_parallelism().map_or(1, |n| n.get()),
+        kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map_or_else(|_| "unknown".into(), |s| s.trim().to_owned()),
+        cpu,
+    }
+}
+
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "{:<11} {:<44} {:>12} {:<7} {:<34} {:>12} {:>7}  {:<22} met",
+        "section", "measurement", "spoold", "unit", "peer", "peer value", "ratio", "target"
+    );
+    for r in rows {
+        let (peer, peer_value) = match &r.peer {
+            Some((name, v)) => (name.as_str(), format!("{v:.1}")),
+            None => ("-", "-".into()),
+        };
+        let ratio = r.ratio().map_or("-".into(), |x| format!("{x:.2}"));
+        let (target, met) = match &r.target {
+            Some((t, m)) => (t.as_str(), if *m { "yes" } else { "NO" }),
+            None => ("-", "-"),
+        };
+        println!(
+            "{:<11} {:<44} {:>12.1} {:<7} {:<34} {:>12} {:>7}  {:<22} {met}",
+            r.section, r.what, r.spoold, r.unit, peer, peer_value, ratio, target
+        );
+    }
+}
+
+/// A spool directory laid out the way spoold creates it, with a config file beside it.
+struct SpoolDir {
+    root: PathBuf,
+    config: PathBuf,
+}
+
+impl SpoolDir {
+    fn dir(&self, sub: &str) -> PathBuf {
+        self.root.join(sub)
+    }
+
+    /// The config: `workers` workers running `command`, and `extra` TOML after `[handler]`.
+    fn configure(&self, workers: usize, command: &[&str], extra: &str) {
+        let argv: Vec<String> = command.iter().map(|a| format!("{a:?}")).collect();
+        let text = format!(
+            "[spool]\ndir = {:?}\n\n[workers]\ncount = {workers}\n\n[handler]\ncommand = [{}]\n{extra}\n",
+            self.root.display().to_string(),
+            argv.join(", ")
+        );
+        fs::write(&self.config, text).expect("write the config");
+    }
+
+    fn count(&self, sub: &str) -> usize {
+        count_entries(&self.dir(sub))
+    }
+}
+
+fn count_entries(dir: &Path) -> usize {
+    fs::read_dir(dir).map_or(0, |rd| {
+        rd.filter_map(Result::ok)
+            .filter(|e| e.file_name().as_encoded_bytes().first() != Some(&b'.'))
+            .count()
+    })
+}
+
+/// Creates `n` empty job files in `dir`, from two threads (a million of them take a while).
+fn make_jobs(dir: &Path, prefix: &str, n: usize) {
+    thread::scope(|s| {
+        for part in 0..2 {
+            s.spawn(move || {
+                for i in (part..n).step_by(2) {
+                    File::create(dir.join(format!("{prefix}{i:07}"))).expect("create a job file");
+                }
+            });
+        }
+    });
+}
+
+/// A running `spoold run`.
+struct Daemon {
+    child: Child,
+    exec_at: Instant,
+    /// When READY=1 arrived, from the thread that reads the notify socket.
+    ready: mpsc::Receiver<Instant>,
+    /// Tells that thread to end.
+    gone: Arc<AtomicBool>,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.gone.store(true, Ordering::Relaxed);
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Reads every datagram the daemon sends, as systemd would. Unread datagrams would fill the
+/// socket's queue (net.unix.max_dgram_qlen, 10 by default) and block the daemon's next send.
+fn read_notifications(notify: UnixDatagram, ready: mpsc::Sender<Instant>, gone: Arc<AtomicBool>) {
+    let mut buf = [0u8; 4096];
+    while !gone.load(Ordering::Relaxed) {
+        match notify.recv(&mut buf) {
+            Ok(n) => {
+                let at = Instant::now();
+                if buf[..n].windows(7).any(|w| w == b"READY=1") {
+                    let _ = ready.send(at);
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => panic!("notify socket: {e}"),
+        }
+    }
+}
+
+impl Daemon {
+    fn pid(&self) -> Pid {
+        Pid::from_child(&self.child)
+    }
+
+    /// Waits for READY=1; returns the time from exec to its arrival.
+    fn wait_ready(&self) -> Duration {
+        let at = self
+            .ready
+            .recv_timeout(Duration::from_secs(60))
+            .expect("spoold sent no READY=1 in 60 s");
+        at - self.exec_at
+    }
+
+    /// The daemon's own CPU time so far (user + system of all its threads, not its children).
+    fn cpu(&self) -> Duration {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .expect("read /proc/PID/stat");
+        // Fields after the command name, which is in parentheses and may hold spaces: state is
+        // field 3, utime field 14 and stime field 15.
+        let rest = stat.rsplit_once(')').expect("a stat line").1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 =
+            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+        Duration::from_secs_f64(ticks as f64 / TICKS_PER_SEC)
+    }
+
+    /// Peak resident set size (VmHWM) in MiB.
+    fn peak_rss_mib(&self) -> f64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc/PID/status");
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM");
+        kib / 1024.0
+    }
+
+    /// SIGTERM, then waits for the exit; returns the time between the two and the status.
+    fn stop(mut self) -> (Duration, ExitStatus) {
+        terminate_and_wait(&mut self.child)
+    }
+
+    /// The wait for the exit after a SIGTERM sent elsewhere.
+    fn wait_exit(&mut self) -> ExitStatus {
+        self.child.wait().expect("wait")
+    }
+}
+
+/// Sends SIGTERM and waits for the exit; returns the time between the two.
+fn terminate_and_wait(child: &mut Child) -> (Duration, ExitStatus) {
+    let sent = Instant::now();
+    rustix::process::kill_process(Pid::from_child(child), Signal::TERM).expect("kill");
+    let status = child.wait().expect("wait");
+    (sent.elapsed(), status)
+}
+
+/// Counts job files arriving in a directory (by rename, as spoold moves them) with inotify, and
+/// tells when the `target`-th arrived. It polls a non-blocking inotify descriptor every half
+/// millisecond, which costs little and bounds the error of the timestamp.
+struct Arrivals {
+    handle: thread::JoinHandle<Option<Instant>>,
+}
+
+impl Arrivals {
+    fn watch(dir: &Path, target: usize) -> Arrivals {
+        let mut inotify = Inotify::init().expect("inotify");
+        inotify
+            .watches()
+            .add(dir, WatchMask::MOVED_TO | WatchMask::CREATE)
+            .expect("watch");
+        let dir = dir.to_owned();
+        let already = count_entries(&dir);
+        let handle = thread::spawn(move || {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut count = already;
+            let mut overflowed = false;
+            let mut last_count_at = Instant::now();
+            let give_up = Instant::now() + PATIENCE;
+            loop {
+                if count >= target {
+                    return Some(Instant::now());
+                }
+                match inotify.read_events(&mut buf) {
+                    Ok(events) => {
+                        for e in events {
+                            if e.mask.contains(EventMask::Q_OVERFLOW) {
+                                overflowed = true;
+                            } else if e
+                                .name
+                                .is_some_and(|n| n.as_encoded_bytes().first() != Some(&b'.'))
+                            {
+                                count += 1;
+                            }
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_micros(500));
+                    }
+                    Err(e) => panic!("inotify: {e}"),
+                }
+                // A lost event would leave the count short for ever: count the directory then,
+                // at most every 50 ms since that is a long read.
+                if overflowed && last_count_at.elapsed() > Duration::from_millis(50) {
+                    count = count_entries(&dir);
+                    last_count_at = Instant::now();
+                }
+                if Instant::now() > give_up {
+                    return None;
+                }
+            }
+        });
+        Arrivals { handle }
+    }
+
+    fn wait(self) -> Option<Instant> {
+        self.handle.join().expect("arrivals thread")
+    }
+}
+
+struct Bench {
+    work: PathBuf,
+    sizes: Sizes,
+    seq: AtomicUsize,
+}
+
+impl Bench {
+    /// A fresh, empty spool (with every subdirectory, so that `done/` can be watched at once).
+    fn spool(&self, label: &str) -> SpoolDir {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let root = self.work.join(format!("{label}-{n}"));
+        for sub in [
+            "tmp", "new", "active", "retry", "done", "failed", "state", "reasons",
+        ] {
+            fs::create_dir_all(root.join(sub)).expect("create the spool");
+        }
+        SpoolDir {
+            config: root.with_extension("toml"),
+            root,
+        }
+    }
+
+    /// Starts `spoold run` on `spool`, logging to a file beside it.
+    fn start(&self, spool: &SpoolDir) -> Daemon {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let sock_path = self.work.join(format!("notify-{n}.sock"));
+        let notify = UnixDatagram::bind(&sock_path).expect("bind the notify socket");
+        notify
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("socket timeout");
+        let log = File::create(spool.root.with_extension("log")).expect("create the log");
+        let mut cmd = Command::new(SPOOLD);
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&spool.config)
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env_remove("RUST_LOG")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        let (ready_tx, ready) = mpsc::channel();
+        let gone = Arc::new(AtomicBool::new(false));
+        {
+            let gone = gone.clone();
+            thread::spawn(move || read_notifications(notify, ready_tx, gone));
+        }
+        let exec_at = Instant::now();
+        let child = cmd.spawn().expect("spawn spoold");
+        Daemon {
+            child,
+            exec_at,
+            ready,
+            gone,
+        }
+    }
+
+    fn remove(&self, spool: SpoolDir) {
+        let _ = fs::remove_dir_all(&spool.root);
+    }
+
+    // ---- 1 and 2: throughput and overhead ------------------------------------------------
+
+    fn throughput(&self) -> Vec<Row> {
+        let n = self.sizes.jobs;
+        let have_parallel = Command::new("parallel")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !have_parallel {
+            println!("GNU parallel is not installed (apt-get install -y parallel): (d) skipped");
+        }
+        let mut spoold = Vec::new();
+        let mut spoold_cpu = Vec::new();
+        let mut spawner = Vec::new();
+        let mut spawner_cpu = Vec::new();
+        let mut xargs_true = Vec::new();
+        let mut xargs_mv = Vec::new();
+        let mut parallel = Vec::new();
+        println!("== throughput: {n} jobs, handler /bin/true, 2 workers");
+        for round in 0..self.sizes.rounds {
+            let (rate, cpu) = self.spoold_throughput(n);
+            println!(
+                "  round {round}: spoold {rate:.0} jobs/s, {:.1} us CPU/job",
+                cpu * 1e6
+            );
+            spoold.push(rate);
+            spoold_cpu.push(cpu * 1e6);
+
+            let (rate, cpu) = minimal_spawner(n);
+            println!(
+                "  round {round}: spawner {rate:.0} jobs/s, {:.1} us CPU/job",
+                cpu * 1e6
+            );
+            spawner.push(rate);
+            spawner_cpu.push(cpu * 1e6);
+
+            let rate = self.shell_throughput(
+                n,
+                "find new -type f -print0 | xargs -0 -P2 -n1 /bin/true",
+                false,
+            );
+            println!("  round {round}: xargs /bin/true {rate:.0} jobs/s");
+            xargs_true.push(rate);
+
+            let rate = self.shell_throughput(
+                n,
+                "find new -type f -print0 | xargs -0 -P2 -n1 sh -c 'mv \"$1\" done/' sh",
+                true,
+            );
+            println!("  round {round}: xargs mv {rate:.0} jobs/s");
+            xargs_mv.push(rate);
+
+            if have_parallel && round < self.sizes.parallel_rounds {
+                let rate = self.shell_throughput(
+                    n,
+                    "find new -type f -print0 | parallel --will-cite -0 -j2 mv {} done/",
+                    true,
+                );
+                println!("  round {round}: parallel mv {rate:.0} jobs/s");
+                parallel.push(rate);
+            }
+        }
+        let s = median(&spoold);
+        let mut rows = vec![];
+        let mut versus = |peer: &str, samples: &[f64], min_ratio: f64| {
+            let p = median(samples);
+            rows.push(Row {
+                section: "throughput",
+                what: format!("{n} jobs, /bin/true, 2 workers"),
+                spoold: s,
+                unit: "jobs/s",
+                peer: Some((peer.to_owned(), p)),
+                target: Some((format!("ratio >= {min_ratio}"), s / p >= min_ratio)),
+                samples: spoold.clone(),
+            });
+        };
+        versus("(a) minimal spawner, 2 threads", &spawner, 0.85);
+        versus("(b) xargs -P2 /bin/true", &xargs_true, 1.3);
+        versus("(c) xargs -P2 sh -c mv", &xargs_mv, 2.5);
+        if !parallel.is_empty() {
+            // The issue sets no ratio against GNU parallel; it is there for scale.
+            let p = median(&parallel);
+            rows.push(Row {
+                section: "throughput",
+                what: format!("{n} jobs, /bin/true, 2 workers"),
+                spoold: s,
+                unit: "jobs/s",
+                peer: Some(("(d) parallel -j2 mv".to_owned(), p)),
+                target: None,
+                samples: parallel.clone(),
+            });
+        }
+        let cpu = median(&spoold_cpu);
+        rows.push(Row {
+            section: "overhead",
+            what: "spoold CPU (user+sys, not children) per job".into(),
+            spoold: cpu,
+            unit: "us",
+            peer: Some(("minimal spawner CPU per job".into(), median(&spawner_cpu))),
+            target: Some(("<= 50 us".into(), cpu <= 50.0)),
+            samples: spoold_cpu,
+        });
+        rows
+    }
+
+    /// One spoold run: `n` jobs waiting in `new/` at exec; the clock runs from exec to the
+    /// arrival of the last job in `done/`. Returns jobs/s and the daemon's CPU seconds per job.
+    fn spoold_throughput(&self, n: usize) -> (f64, f64) {
+        let spool = self.spool("tp-spoold");
+        spool.configure(2, &["/bin/true"], "");
+        make_jobs(&spool.dir("new"), "job", n);
+        let (rate, cpu, _, _) = self.run_until_done(&spool, n);
+        self.remove(spool);
+        (rate, cpu)
+    }
+
+    /// Starts spoold on a prepared spool and waits until `n` jobs are in `done/`. Returns the
+    /// rate (from exec), the CPU seconds per job, the time to READY and the peak RSS in MiB.
+    fn run_until_done(&self, spool: &SpoolDir, n: usize) -> (f64, f64, Duration, f64) {
+        let arrivals = Arrivals::watch(&spool.dir("done"), n);
+        let daemon = self.start(spool);
+        let ready = daemon.wait_ready();
+        let Some(done_at) = arrivals.wait() else {
+            panic!(
+                "spoold did not finish {n} jobs in {PATIENCE:?}; see {}",
+                spool.root.with_extension("log").display()
+            );
+        };
+        let took = done_at - daemon.exec_at;
+        let cpu = daemon.cpu();
+        let rss = daemon.peak_rss_mib();
+        let (_, status) = daemon.stop();
+        assert!(status.success(), "spoold exited with {status}");
+        (
+            n as f64 / took.as_secs_f64(),
+            cpu.as_secs_f64() / n as f64,
+            ready,
+            rss,
+        )
+    }
+
+    /// A shell pipeline run in a spool root whose `new/` holds `n` jobs; returns jobs/s. With
+    /// `moves`, checks that every job ended in `done/`.
+    fn shell_throughput(&self, n: usize, pipeline: &str, moves: bool) -> f64 {
+        let spool = self.spool("tp-shell");
+        make_jobs(&spool.dir("new"), "job", n);
+        let started = Instant::now();
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(pipeline)
+            .current_dir(&spool.root)
+            .stdin(Stdio::null())
+            .status()
+            .expect("run the pipeline");
+        let took = started.elapsed();
+        assert!(status.success(), "{pipeline}: {status}");
+        if moves {
+            assert_eq!(spool.count("done"), n, "{pipeline} left jobs behind");
+        }
+        self.remove(spool);
+        n as f64 / took.as_secs_f64()
+    }
+
+    // ---- 3: stop latency, and 4a: exec to READY with an empty spool -------------------
+
+    fn stop_latency(&self) -> Vec<Row> {
+        let mut rows = Vec::new();
+        let stops = self.sizes.stops;
+        println!(
+            "== stop latency: {stops} idle stops, alternating with `sleep` killed the same way"
+        );
+        let spool = self.spool("stop-idle");
+        spool.configure(2, &["/bin/true"], "");
+        let mut idle = Vec::new();
+        let mut ready = Vec::new();
+        let mut floor = Vec::new();
+        let mut exec_floor = Vec::new();
+        for _ in 0..stops {
+            let daemon = self.start(&spool);
+            ready.push(ms(daemon.wait_ready()));
+            // Let the start-up settle, so that the stop is measured on an idle daemon.
+            thread::sleep(Duration::from_millis(20));
+            let (took, status) = daemon.stop();
+            assert!(status.success(), "spoold exited with {status}");
+            idle.push(ms(took));
+
+            // The floor of this measurement: a process whose default action for SIGTERM is to die.
+            let mut sleeper = Command::new("sleep").arg("60").spawn().expect("sleep");
+            thread::sleep(Duration::from_millis(20));
+            floor.push(ms(terminate_and_wait(&mut sleeper).0));
+
+            // The floor of exec-to-READY: starting a process that does nothing.
+            let at = Instant::now();
+            Command::new("/bin/true").status().expect("/bin/true");
+            exec_floor.push(ms(at.elapsed()));
+        }
+        self.remove(spool);
+        let m = median(&idle);
+        println!(
+            "  idle stop: median {m:.2} ms (sleep: {:.2} ms)",
+            median(&floor)
+        );
+        rows.push(Row {
+            section: "stop",
+            what: format!("SIGTERM to exit, idle (median of {stops})"),
+            spoold: m,
+            unit: "ms",
+            peer: Some(("`sleep` killed by SIGTERM".into(), median(&floor))),
+            target: Some(("<= 20 ms".into(), m <= 20.0)),
+            samples: idle,
+        });
+        let r = median(&ready);
+        rows.push(Row {
+            section: "start",
+            what: format!("exec to READY=1, empty spool (median of {stops})"),
+            spoold: r,
+            unit: "ms",
+            peer: Some(("exec to exit of /bin/true".into(), median(&exec_floor))),
+            target: Some(("<= 50 ms".into(), r <= 50.0)),
+            samples: ready,
+        });
+
+        // Jobs in flight that end before the deadline: the exit should follow the last of them.
+        let runs = self.sizes.drain_runs;
+        let mut after_last = Vec::new();
+        for _ in 0..runs {
+            let spool = self.spool("stop-drain");
+            let ends = spool.root.with_extension("ends");
+            fs::create_dir_all(&ends).expect("create the ends directory");
+            let end_file = format!("{}/{{id}}", ends.display());
+            spool.configure(
+                2,
+                &[
+                    "/bin/sh",
+                    "-c",
+                    "sleep 0.3; date +%s%N > \"$1\"",
+                    "sh",
+                    &end_file,
+                ],
+                "",
+            );
+            make_jobs(&spool.dir("new"), "job", 2);
+            let mut daemon = self.start(&spool);
+            daemon.wait_ready();
+            wait_until(Duration::from_secs(10), || spool.count("active") == 2)
+                .expect("two jobs in flight");
+            rustix::process::kill_process(daemon.pid(), Signal::TERM).expect("kill");
+            let status = daemon.wait_exit();
+            let exited = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .expect("clock")
+                .as_nanos();
+            assert!(status.success(), "spoold exited with {status}");
+            assert_eq!(
+                spool.count("done"),
+                2,
+                "the jobs in flight were not drained"
+            );
+            let last_end: u128 = fs::read_dir(&ends)
+                .expect("read ends")
+                .map(|e| {
+                    fs::read_to_string(e.expect("entry").path())
+                        .expect("read an end stamp")
+                        .trim()
+                        .parse::<u128>()
+                        .expect("an end stamp")
+                })
+                .max()
+                .expect("two end stamps");
+            after_last.push(exited.saturating_sub(last_end) as f64 / 1e6);
+            let _ = fs::remove_dir_all(&ends);
+            self.remove(spool);
+        }
+        let m = median(&after_last);
+        println!("  drain stop: exit {m:.2} ms after the last job ended");
+        rows.push(Row {
+            section: "stop",
+            what: format!("exit after the last in-flight job ended (median of {runs})"),
+            spoold: m,
+            unit: "ms",
+            peer: None,
+            target: Some(("<= 50 ms".into(), m <= 50.0)),
+            samples: after_last,
+        });
+
+        // Jobs that ignore SIGTERM: the stop aborts at drain_timeout and kills at kill_grace.
+        let drain = Duration::from_millis(200);
+        let grace = Duration::from_millis(200);
+        let mut over = Vec::new();
+        for _ in 0..runs {
+            let spool = self.spool("stop-abort");
+            // `trap '' TERM` makes the shell ignore SIGTERM, and `sleep` inherits that.
+            spool.configure(
+                2,
+                &["/bin/sh", "-c", "trap '' TERM; sleep 30"],
+                &format!(
+                    "kill_grace = \"{}ms\"\n\n[shutdown]\ndrain_timeout = \"{}ms\"\n",
+                    grace.as_millis(),
+                    drain.as_millis()
+                ),
+            );
+            make_jobs(&spool.dir("new"), "job", 2);
+            let daemon = self.start(&spool);
+            daemon.wait_ready();
+            wait_until(Duration::from_secs(10), || spool.count("active") == 2)
+                .expect("two jobs in flight");
+            let (took, status) = daemon.stop();
+            assert!(status.success(), "spoold exited with {status}");
+            assert_eq!(spool.count("new"), 2, "the aborted jobs were not requeued");
+            over.push(ms(took.saturating_sub(drain + grace)));
+            self.remove(spool);
+        }
+        let m = median(&over);
+        println!("  abort stop: exit {m:.2} ms after drain_timeout + kill_grace");
+        rows.push(Row {
+            section: "stop",
+            what: format!("abort: exit past drain_timeout+kill_grace (median of {runs})"),
+            spoold: m,
+            unit: "ms",
+            peer: None,
+            target: Some(("<= 100 ms".into(), m <= 100.0)),
+            samples: over,
+        });
+        rows
+    }
+
+    // ---- 4: start-up and throughput with a backlog ------------------------------------
+
+    fn start_and_backlog(&self) -> Vec<Row> {
+        let backlog = self.sizes.backlog;
+        let n = self.sizes.jobs;
+        println!("== backlog: {backlog} files waiting in new/");
+        let big = self.spool("backlog");
+        big.configure(2, &["/bin/true"], "");
+        let made = Instant::now();
+        make_jobs(&big.dir("new"), "job", backlog);
+        println!(
+            "  created {backlog} files in {:.1} s",
+            made.elapsed().as_secs_f64()
+        );
+        let mut ready = Vec::new();
+        let mut rss = Vec::new();
+        let mut rate = Vec::new();
+        let mut empty_rate = Vec::new();
+        let mut empty_rss = Vec::new();
+        for round in 0..self.sizes.backlog_rounds {
+            let small = self.spool("backlog-empty");
+            small.configure(2, &["/bin/true"], "");
+            make_jobs(&small.dir("new"), "job", n);
+            let (r, _, _, m) = self.run_until_done(&small, n);
+            self.remove(small);
+            empty_rate.push(r);
+            empty_rss.push(m);
+
+            let (r, _, t, m) = self.run_until_done(&big, n);
+            println!(
+                "  round {round}: READY after {:.1} ms, {r:.0} jobs/s (empty spool: {:.0}), peak RSS {m:.1} MiB",
+                ms(t),
+                empty_rate[round]
+            );
+            ready.push(ms(t));
+            rss.push(m);
+            rate.push(r);
+            // Put the finished jobs back, so that every round starts with the full backlog.
+            for entry in fs::read_dir(big.dir("done")).expect("read done/") {
+                let entry = entry.expect("entry");
+                fs::rename(entry.path(), big.dir("new").join(entry.file_name()))
+                    .expect("move a job back");
+            }
+        }
+        let started = Instant::now();
+        self.remove(big);
+        println!(
+            "  removed the backlog in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        let r = median(&ready);
+        let m = median(&rss);
+        let tp = median(&rate);
+        let te = median(&empty_rate);
+        vec![
+            Row {
+                section: "start",
+                what: format!("exec to READY=1, {backlog} files in new/"),
+                spoold: r,
+                unit: "ms",
+                peer: None,
+                target: Some(("<= 250 ms".into(), r <= 250.0)),
+                samples: ready,
+            },
+            Row {
+                section: "start",
+                what: format!("peak RSS (VmHWM), {backlog} files in new/"),
+                spoold: m,
+                unit: "MiB",
+                peer: Some(("peak RSS, empty spool".into(), median(&empty_rss))),
+                target: Some(("<= 32 MiB".into(), m <= 32.0)),
+                samples: rss,
+            },
+            Row {
+                section: "start",
+                what: format!("throughput, {n} jobs of a {backlog} backlog"),
+                spoold: tp,
+                unit: "jobs/s",
+                peer: Some((format!("{n} jobs, empty spool"), te)),
+                target: Some(("ratio >= 0.9".into(), tp / te >= 0.9)),
+                samples: rate,
+            },
+        ]
+    }
+
+    // ---- 5: a burst -------------------------------------------------------------------
+
+    fn burst(&self) -> Vec<Row> {
+        let n = self.sizes.burst;
+        println!("== burst: {n} files renamed into new/ at once while spoold runs");
+        let spool = self.spool("burst");
+        let record = spool.root.with_extension("record");
+        let me = std::env::current_exe().expect("the benchmark's own path");
+        spool.configure(
+            2,
+            &[
+                &me.display().to_string(),
+                "record-job",
+                &record.display().to_string(),
+                "{id}",
+            ],
+            "",
+        );
+        let stage = spool.root.with_extension("stage");
+        fs::create_dir_all(&stage).expect("create the staging directory");
+        make_jobs(&stage, "burst", n);
+        let names: Vec<_> = fs::read_dir(&stage)
+            .expect("read the stage")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+
+        let daemon = self.start(&spool);
+        daemon.wait_ready();
+        let arrivals = Arrivals::watch(&spool.dir("done"), n);
+        let began = Instant::now();
+        for name in &names {
+            fs::rename(stage.join(name), spool.dir("new").join(name)).expect("rename into new/");
+        }
+        let renamed = began.elapsed();
+        let done_at = arrivals.wait().expect("the burst drained");
+        let drain = done_at - began;
+        let (_, status) = daemon.stop();
+        assert!(status.success(), "spoold exited with {status}");
+
+        let mut text = String::new();
+        File::open(&record)
+            .expect("open the record")
+            .read_to_string(&mut text)
+            .expect("read the record");
+        let runs = text.lines().count();
+        let distinct: HashSet<&str> = text.lines().collect();
+        let in_done = spool.count("done");
+        let left = spool.count("new") + spool.count("active") + spool.count("retry");
+        let failed = spool.count("failed");
+        let dups = fs::read_dir(spool.dir("done"))
+            .expect("read done/")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().contains(".dup-"))
+            })
+            .count();
+        let ok = runs == n && distinct.len() == n && in_done == n && left == 0 && failed == 0;
+        println!(
+            "  renamed in {:.2} s; drained in {:.2} s ({:.0} jobs/s); handler runs {runs}, \
+             distinct {}, done {in_done}, dup-named {dups}, failed {failed}, left {left}",
+            renamed.as_secs_f64(),
+            drain.as_secs_f64(),
+            n as f64 / drain.as_secs_f64(),
+            distinct.len()
+        );
+        self.remove(spool);
+        let _ = fs::remove_dir_all(&stage);
+        let _ = fs::remove_file(&record);
+        vec![
+            Row {
+                section: "burst",
+                what: format!("{n} renamed into new/: time to drain"),
+                spoold: drain.as_secs_f64(),
+                unit: "s",
+                peer: None,
+                target: None,
+                samples: vec![drain.as_secs_f64()],
+            },
+            Row {
+                section: "burst",
+                what: format!("{n} renamed into new/: all once, none twice"),
+                spoold: runs as f64,
+                unit: "runs",
+                peer: Some(("jobs".into(), n as f64)),
+                target: Some(("each job run once".into(), ok)),
+                samples: vec![runs as f64, distinct.len() as f64, in_done as f64],
+            },
+        ]
+    }
+}
+
+/// The minimal spawner (a): two threads that run /bin/true and do nothing else, the physical
+/// limit of one process per job. Returns spawns/s and this process's CPU seconds per spawn.
+fn minimal_spawner(n: usize) -> (f64, f64) {
+    let cpu_before = own_cpu();
+    let started = Instant::now();
+    thread::scope(|s| {
+        for part in 0..2 {
+            s.spawn(move || {
+                for _ in (part..n).step_by(2) {
+                    let status = Command::new("/bin/true").status().expect("/bin/true");
+                    assert!(status.success());
+                }
+            });
+        }
+    });
+    let took = started.elapsed();
+    let cpu = own_cpu() - cpu_before;
+    (n as f64 / took.as_secs_f64(), cpu / n as f64)
+}
+
+/// This process's CPU seconds (user + system), from /proc/self/stat.
+fn own_cpu() -> f64 {
+    let stat = fs::read_to_string("/proc/self/stat").expect("read /proc/self/stat");
+    let rest = stat.rsplit_once(')').expect("a stat line").1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    (fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")) as f64
+        / TICKS_PER_SEC
+}
+
+/// Polls `cond` every millisecond until it holds or `within` passes.
+fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> Option<()> {
+    let give_up = Instant::now() + within;
+    while Instant::now() < give_up {
+        if cond() {
+            return Some(());
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    None
+}
