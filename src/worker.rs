@@ -143,6 +143,10 @@ async fn run_job(shared: &Shared, name: OsString) {
     let job = match shared.spool.claim(&name) {
         Ok(Claim::Job(job)) => job,
         Ok(Claim::Skipped) => {
+            // The name was counted as queued when it was handed out (a scan and an inotify
+            // hint can both name a file that arrived as a pass began), so a name that turns out
+            // to be taken already leaves the count like a claimed one does.
+            shared.stats.queued.fetch_sub(1, Relaxed);
             tracing::debug!(
                 job_id = id,
                 "already taken or still running under the same name; skipped"
@@ -366,6 +370,42 @@ impl Drop for BusyGuard<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A job named twice (by a scan and by an inotify hint) is counted twice and handed out
+    /// twice; once it has run, STATUS must not show it as still queued.
+    #[tokio::test]
+    async fn a_name_handed_out_twice_leaves_nothing_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        std::fs::write(dir.path().join("new/job"), "x").unwrap();
+        let config = Config::parse(
+            &dir.path().join("c.toml"),
+            "[spool]\ndir = \".\"\n[handler]\ncommand = [\"true\"]\n",
+        )
+        .unwrap();
+        let stats = Arc::new(Stats::default());
+        stats.queued.store(2, Relaxed);
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(OsString::from("job")).await.unwrap();
+        tx.send(OsString::from("job")).await.unwrap();
+        drop(tx);
+        let pool = Pool::new(Shared {
+            spool,
+            jobs: Mutex::new(rx),
+            config: watch::channel(Arc::new(config)).1,
+            stats: stats.clone(),
+            retry_wakeup: Arc::new(watch::Sender::new(u64::MAX)),
+            stop: CancellationToken::new(),
+            abort: CancellationToken::new(),
+        });
+        pool.resize(1);
+        // The channel is closed, so the worker returns once it has taken both names.
+        tokio::time::timeout(Duration::from_secs(30), pool.wait())
+            .await
+            .expect("the worker ends");
+        assert_eq!(stats.done.load(Relaxed), 1);
+        assert_eq!(stats.queued(), 0);
+    }
 
     #[test]
     fn backoff_doubles_with_jitter_and_caps() {
