@@ -164,19 +164,37 @@ fn stop_start_soak_loses_nothing_and_every_stop_is_within_its_bound() {
     let mut cycle = 0;
     let mut worst_margin = Duration::MAX;
     let mut aborted_stops = 0;
+    let (mut early_stops, mut killed_by_term) = (0, 0);
     while more(cycle, STOP_START_CYCLES, started) {
         let drain = Duration::from_millis(fastrand::u64(0..=500));
         config(&env, &handler, drain);
-        let mut d = env.start();
-        thread::sleep(Duration::from_millis(fastrand::u64(0..300)));
+        // One cycle in five stops the daemon while it starts (crash recovery, the first scan),
+        // before READY; the others at a random moment of its run.
+        let early = fastrand::u8(0..5) == 0;
+        let mut d = if early {
+            let d = Daemon::spawn(&env.config, &[]);
+            thread::sleep(Duration::from_millis(fastrand::u64(0..30)));
+            d
+        } else {
+            let d = env.start();
+            thread::sleep(Duration::from_millis(fastrand::u64(0..300)));
+            d
+        };
         d.term();
         let bound = drain + KILL_GRACE + STOP_SLACK;
         let (status, took) = d.wait_exit(bound + SOON);
         let log = d.log();
-        assert!(
-            status.success(),
-            "cycle {cycle}: exit {status}; log:\n{log}"
-        );
+        // Before its signal handlers are installed (the first milliseconds) the daemon dies of
+        // the SIGTERM itself, which systemd counts as a clean stop too; nothing is claimed yet.
+        let clean = status.success()
+            || (early && std::os::unix::process::ExitStatusExt::signal(&status) == Some(15));
+        assert!(clean, "cycle {cycle}: exit {status}; log:\n{log}");
+        if early {
+            early_stops += 1;
+            if !status.success() {
+                killed_by_term += 1;
+            }
+        }
         assert!(
             took <= bound,
             "cycle {cycle}: the stop took {took:?}, more than drain {drain:?} + kill_grace \
@@ -192,7 +210,8 @@ fn stop_start_soak_loses_nothing_and_every_stop_is_within_its_bound() {
     let submitted = submitter.finish();
     println!(
         "stop/start soak: {cycle} cycles in {:?}, {} jobs, {aborted_stops} stops aborted jobs \
-         at the drain deadline, smallest margin to the stop bound {worst_margin:?}",
+         at the drain deadline, {early_stops} stops before READY ({killed_by_term} of them \
+         before the signal handlers), smallest margin to the stop bound {worst_margin:?}",
         started.elapsed(),
         submitted.len()
     );
@@ -211,8 +230,16 @@ fn crash_soak_loses_nothing_and_reruns_only_jobs_in_flight() {
     let mut in_flight_at_kill: BTreeMap<String, usize> = BTreeMap::new();
     let mut cycle = 0;
     while more(cycle, CRASH_CYCLES, started) {
-        let mut d: Daemon = env.start();
-        thread::sleep(Duration::from_millis(fastrand::u64(0..300)));
+        // One kill in five lands while the daemon starts (during crash recovery, say).
+        let mut d: Daemon = if fastrand::u8(0..5) == 0 {
+            let d = Daemon::spawn(&env.config, &[]);
+            thread::sleep(Duration::from_millis(fastrand::u64(0..30)));
+            d
+        } else {
+            let d = env.start();
+            thread::sleep(Duration::from_millis(fastrand::u64(0..300)));
+            d
+        };
         d.child.kill().unwrap();
         d.child.wait().unwrap();
         assert!(!d.log().contains("ERROR"), "cycle {cycle}: {}", d.log());
