@@ -493,7 +493,8 @@ fn stop_past_the_drain_deadline_within_a_short_timeout_stop_sec() {
         SOON,
     );
     // While it drains, the status line counts the jobs and the time left; then it says it
-    // aborts them.
+    // aborts them (the count is taken as the abort begins, when the plain `sleep` may already
+    // have died of its SIGTERM, so it may say 1).
     let took = stop_watching(
         &m,
         &[
@@ -503,7 +504,7 @@ fn stop_past_the_drain_deadline_within_a_short_timeout_stop_sec() {
             ),
             (
                 "the status line to show the abort",
-                "systemctl show -p StatusText --value spoold | grep -q '^stopping: aborting 2 jobs$'",
+                "systemctl show -p StatusText --value spoold | grep -q '^stopping: aborting [12] jobs$'",
             ),
         ],
     );
