@@ -13,14 +13,17 @@
 //!
 //! ```ignore
 //! mod sysd;
-//! if let Some(why) = sysd::skip_reason() {
-//!     eprintln!("SKIPPED: {why}");
-//!     return;
+//! if sysd::skipped("my_test") {
+//!     return; // it printed `SKIPPED: my_test: ...` past libtest's capture
 //! }
 //! let m = sysd::Machine::boot(&[(Path::new(BIN), "/usr/local/bin/spoold")]);
 //! m.write("/etc/systemd/system/x.service", "...");
 //! m.sh_ok("systemctl daemon-reload && systemctl start x");
 //! ```
+//!
+//! Besides the interface other tests code against (`skip_reason`, `Machine::boot`, `sh`,
+//! `sh_ok`, `write`, `Drop`): `skipped`, `sh_within` (a bound of your own), `write_exec`,
+//! `read`, `pid` and `console` (what systemd printed, for a failed boot).
 //!
 //! A `Machine` must be dropped by the thread that booted it (keep it a local of the test
 //! function): the machine's `unshare` runs with a parent-death signal, so that a test binary that
