@@ -169,7 +169,9 @@ impl Daemon {
                     if n == 0 {
                         break;
                     }
-                    log.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                    log.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
                 }
             });
         }
@@ -228,7 +230,10 @@ impl Daemon {
             if start.elapsed() > within {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                panic!("spoold did not exit within {within:?}; log:\n{}", self.log());
+                panic!(
+                    "spoold did not exit within {within:?}; log:\n{}",
+                    self.log()
+                );
             }
             thread::sleep(Duration::from_millis(5));
         }
@@ -238,7 +243,11 @@ impl Daemon {
     pub fn stop(&mut self) -> Duration {
         self.term();
         let (status, took) = self.wait_exit(SOON);
-        assert!(status.success(), "spoold exited with {status}; log:\n{}", self.log());
+        assert!(
+            status.success(),
+            "spoold exited with {status}; log:\n{}",
+            self.log()
+        );
         took
     }
 }
