@@ -222,6 +222,9 @@ pub struct SpoolLock {
 pub struct Spool {
     root: PathBuf,
     dirs: Vec<OwnedFd>,
+    /// Held by a claim and by each promotion from retry/: a claim that looks for a job of its
+    /// name in retry/ must not miss one that is being moved to new/ at that very moment.
+    claim_or_promote: std::sync::Mutex<()>,
 }
 
 impl Spool {
@@ -285,7 +288,11 @@ impl Spool {
             }
             dirs.push(fd);
         }
-        Ok(Spool { root, dirs })
+        Ok(Spool {
+            root,
+            dirs,
+            claim_or_promote: std::sync::Mutex::new(()),
+        })
     }
 
     /// Opens an existing spool for a client command (enqueue, status, failed, retry): nothing is
@@ -309,7 +316,11 @@ impl Spool {
             })?;
             dirs.push(fd);
         }
-        Ok(Spool { root, dirs })
+        Ok(Spool {
+            root,
+            dirs,
+            claim_or_promote: std::sync::Mutex::new(()),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -408,6 +419,7 @@ impl Spool {
 
     /// Claims `name` from `new/` by renaming it into `active/`.
     pub fn claim(&self, name: &OsStr) -> io::Result<Claim> {
+        let _serial = self.serialize_claim_or_promote();
         match rename_noreplace(self.fd(Dir::New), name, self.fd(Dir::Active), name) {
             Ok(()) => {}
             // Taken by someone else, or a job of the same name is still running: not ours.
@@ -450,6 +462,13 @@ impl Spool {
             attempt,
             record,
         })))
+    }
+
+    fn serialize_claim_or_promote(&self) -> std::sync::MutexGuard<'_, ()> {
+        // The mutex guards no data, so a panic elsewhere cannot leave anything half-done.
+        self.claim_or_promote
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Gives a job in `active/` a `.dup-` name of its own; its state record, if any, stays put.
@@ -548,6 +567,7 @@ impl Spool {
                 Ok(None) | Err(_) => 0,
             };
             if due <= now_ms {
+                let _serial = self.serialize_claim_or_promote();
                 if self.move_job(Dir::Retry, Dir::New, &name)?.is_some() {
                     promoted += 1;
                 }
