@@ -1,8 +1,9 @@
 //! Bad inputs (issue 6): each gets a clear message that names the file, line, key or job, the
 //! daemon keeps serving the other jobs, and nothing is lost.
 //!
-//! Cases that need root (a second filesystem, an unwritable root seen by another user, a full
-//! disk) print `SKIPPED: <reason>` and return when not run as root. docs/failure-modes.md lists
+//! Cases that need root (a second filesystem or a bind mount, a full disk, an immutable
+//! directory, a device node) print `SKIPPED: <reason>` and return when not run as root; the
+//! unwritable and unreadable roots are tested as another user when root, by mode otherwise. docs/failure-modes.md lists
 //! every case with what spoold does and the test here that shows it.
 
 mod util;
@@ -479,9 +480,9 @@ fn job_removed_between_discovery_and_claim_is_skipped_quietly() {
         spoold::spool::Claim::Skipped
     ));
 
-    // Through the daemon: one slow worker has read the whole backlog into its queue of names
-    // when a third party takes every odd job away.
-    let env = recording_env("timeout = \"30s\"\n[workers]\ncount = 1\n");
+    // Through the daemon: the dispatcher has read the whole backlog into its queue of names,
+    // and one slow worker is working through it, when a third party takes every odd job away.
+    let env = recording_env("");
     let h = env.script(
         "slow.sh",
         &format!(
