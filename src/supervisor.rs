@@ -211,8 +211,8 @@ pub async fn run(daemon: Daemon) -> Result<StopSummary, RunError> {
         drained = summary.drained,
         requeued = summary.requeued,
         took_ms = summary.took.as_millis() as u64,
-        "spoold stopped: {} jobs drained, {} requeued, in {}",
-        summary.drained,
+        "spoold stopped: {} drained, {} requeued, in {}",
+        jobs(summary.drained),
         summary.requeued,
         humantime::format_duration(Duration::from_millis(summary.took.as_millis() as u64))
     );
@@ -239,8 +239,9 @@ async fn stop(
     if in_flight > 0 {
         tracing::info!(
             in_flight,
-            "stopping: waiting up to {} for {in_flight} jobs in flight",
-            humantime::format_duration(config.shutdown.drain_timeout)
+            "stopping: waiting up to {} for {} in flight",
+            humantime::format_duration(config.shutdown.drain_timeout),
+            jobs(in_flight)
         );
     }
 
@@ -259,14 +260,14 @@ async fn stop(
             () = &mut wait => break,
             () = shutdown.abort.cancelled(), if aborted_at.is_none() => {
                 aborted_at = Some(Instant::now());
-                notifier.status(&format!("stopping: aborting {} jobs", pool.in_flight()));
+                notifier.status(&format!("stopping: aborting {}", jobs(pool.in_flight() as u64)));
             }
             () = sleep_until(drain_until), if aborted_at.is_none() => {
                 if pool.in_flight() > 0 {
                     tracing::warn!(
                         in_flight = pool.in_flight(),
-                        "drain timeout reached; aborting {} jobs in flight (they go back to new/)",
-                        pool.in_flight()
+                        "drain timeout reached; aborting {} in flight (they go back to new/)",
+                        jobs(pool.in_flight() as u64)
                     );
                 }
                 shutdown.abort.cancel();
@@ -300,9 +301,19 @@ async fn stop(
 fn stopping_line(in_flight: usize, drain_until: Instant) -> String {
     let left = drain_until.saturating_duration_since(Instant::now());
     format!(
-        "stopping: draining {in_flight} jobs, {}s left",
+        "stopping: draining {}, {}s left",
+        jobs(in_flight as u64),
         left.as_secs()
     )
+}
+
+/// "1 job", "3 jobs": operators read these lines in `systemctl status`.
+fn jobs(n: u64) -> String {
+    if n == 1 {
+        "1 job".to_owned()
+    } else {
+        format!("{n} jobs")
+    }
 }
 
 fn status_line(stats: &Stats, reload_error: &Option<String>) -> String {
