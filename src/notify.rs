@@ -31,6 +31,15 @@ impl Notifier {
         }
     }
 
+    /// A notifier for an explicit socket and watchdog interval, for tests.
+    pub fn with(socket: Option<OsString>, watchdog: Option<Duration>) -> Notifier {
+        Notifier {
+            socket,
+            watchdog,
+            warned: AtomicBool::new(false),
+        }
+    }
+
     /// The watchdog interval systemd expects pings within, if it asked for any.
     pub fn watchdog(&self) -> Option<Duration> {
         self.watchdog

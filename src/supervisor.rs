@@ -396,3 +396,71 @@ async fn watchdog_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixDatagram;
+
+    fn pings(sock: &UnixDatagram) -> usize {
+        let mut n = 0;
+        let mut buf = [0u8; 256];
+        while let Ok(len) = sock.recv(&mut buf) {
+            if buf[..len].starts_with(b"WATCHDOG=1") {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// The watchdog must stop pinging when the dispatcher's loop stops turning, so that systemd
+    /// restarts a daemon whose discovery hung; and ping again while it stops.
+    #[tokio::test]
+    async fn watchdog_pings_only_while_the_dispatcher_turns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let interval = Duration::from_millis(200);
+        let notifier = Arc::new(Notifier::with(Some(path.into_os_string()), Some(interval)));
+        let stats = Arc::new(Stats::default());
+        let stopping = CancellationToken::new();
+        let done = CancellationToken::new();
+        stats.beat();
+        let task = tokio::spawn(watchdog_loop(
+            notifier,
+            stats.clone(),
+            interval,
+            stopping.clone(),
+            done.clone(),
+        ));
+
+        // A turning dispatcher: pings arrive.
+        let mut seen = 0;
+        let give_up = Instant::now() + Duration::from_secs(30);
+        while seen < 3 && Instant::now() < give_up {
+            stats.beat();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            seen += pings(&sock);
+        }
+        assert!(seen >= 3, "pings while the dispatcher turns: {seen}");
+
+        // A hung dispatcher: once its last beat is older than half the interval, no more pings.
+        tokio::time::sleep(interval).await;
+        pings(&sock);
+        tokio::time::sleep(interval * 3).await;
+        assert_eq!(pings(&sock), 0, "a ping although the dispatcher is stuck");
+
+        // While stopping, the stop's own deadline bounds the wait: pings resume.
+        stopping.cancel();
+        let mut seen = 0;
+        let give_up = Instant::now() + Duration::from_secs(30);
+        while seen == 0 && Instant::now() < give_up {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            seen += pings(&sock);
+        }
+        assert!(seen > 0, "pings while stopping");
+        done.cancel();
+        task.await.unwrap();
+    }
+}
