@@ -39,7 +39,10 @@ fn run(config_path: &Path) -> ExitCode {
     };
     let log = logging::init(&config.log.level);
     let notifier = notify::Notifier::from_env();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: spoold's own work per job is a few system calls between waits, so more
+    // threads only add cross-thread wake-ups (futex, context switches, TLB shootdowns when the
+    // spawn stack is unmapped). The benchmark measured 170 -> 154 us of CPU per job.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
