@@ -426,7 +426,17 @@ impl Spool {
             Err(e) if e == Errno::NOENT || e == Errno::EXIST => return Ok(Claim::Skipped),
             Err(e) => return Err(annotate(e.into(), name, "cannot claim")),
         }
-        let stat = rustix::fs::statat(self.fd(Dir::Active), name, AtFlags::SYMLINK_NOFOLLOW)?;
+        // A job of the same name waiting in retry/ owns state/NAME. This one is another job
+        // submitted under that name (or another entry): it must neither take nor, when it
+        // fails, delete the other's record, so it gets a .dup- name of its own, as a name clash
+        // anywhere else would give it.
+        let (name, own_record) =
+            if rustix::fs::statat(self.fd(Dir::Retry), name, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
+                (self.rename_in_active(name)?, false)
+            } else {
+                (name.to_owned(), true)
+            };
+        let stat = rustix::fs::statat(self.fd(Dir::Active), &name, AtFlags::SYMLINK_NOFOLLOW)?;
         let kind = rustix::fs::FileType::from_raw_mode(stat.st_mode);
         if kind != rustix::fs::FileType::RegularFile {
             let reason = format!(
@@ -434,7 +444,7 @@ impl Spool {
                 describe_file_type(kind)
             );
             let record = JobRecord {
-                id: display_name(name),
+                id: display_name(&name),
                 failed_at: Some(now_rfc3339()),
                 permanent: true,
                 last_failure: Some(Failure {
@@ -443,18 +453,14 @@ impl Spool {
                 }),
                 ..JobRecord::default()
             };
-            self.fail(name, &record)?;
+            self.fail(&name, &record)?;
             return Ok(Claim::Rejected { reason });
         }
-        // A job of the same name waiting in retry/ owns state/NAME. This one is another job
-        // submitted under that name: it must not take the other's attempt count, so it gets a
-        // .dup- name and a count of its own, as a name clash anywhere else would give it.
-        let (name, record) =
-            if rustix::fs::statat(self.fd(Dir::Retry), name, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
-                (self.rename_in_active(name)?, None)
-            } else {
-                (name.to_owned(), self.read_record(Dir::State, name)?)
-            };
+        let record = if own_record {
+            self.read_record(Dir::State, &name)?
+        } else {
+            None
+        };
         let attempt = record.as_ref().map_or(0, |r| r.attempts) + 1;
         Ok(Claim::Job(Box::new(Claimed {
             path: self.dir_path(Dir::Active).join(&name),
@@ -672,9 +678,12 @@ impl Spool {
         if rustix::fs::statat(self.fd(Dir::Failed), name, AtFlags::SYMLINK_NOFOLLOW).is_err() {
             return Ok(false);
         }
-        // A stale record must not follow the job back, but one that a job of the same name
-        // waiting in retry/ owns must stay.
-        if rustix::fs::statat(self.fd(Dir::Retry), name, AtFlags::SYMLINK_NOFOLLOW).is_err() {
+        // A stale record must not follow the job back, but one that a live job of the same
+        // name (in new/, active/ or retry/) owns must stay.
+        let live = [Dir::New, Dir::Active, Dir::Retry]
+            .into_iter()
+            .any(|dir| rustix::fs::statat(self.fd(dir), name, AtFlags::SYMLINK_NOFOLLOW).is_ok());
+        if !live {
             self.remove_record(Dir::State, name);
         }
         let moved = self.move_job(Dir::Failed, Dir::New, name)?;

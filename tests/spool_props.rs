@@ -28,6 +28,9 @@ const NAMES: [&str; 4] = ["a", "b", "c", "d"];
 enum Op {
     /// `spoold enqueue` of a job named NAMES[i].
     Submit(usize),
+    /// A symbolic link named NAMES[i] dropped into new/ (when the name is free there): never
+    /// followed, it must end in failed/ like any entry that is not a regular file.
+    SubmitLink(usize),
     /// A worker claims the i-th entry (modulo) that a scan of new/ yields.
     Claim(usize),
     /// The handler of the i-th held claim succeeded; the bool is `done.keep`.
@@ -52,6 +55,7 @@ fn op() -> impl Strategy<Value = Op> {
     let i = 0usize..8;
     prop_oneof![
         4 => (0..NAMES.len()).prop_map(Op::Submit),
+        1 => (0..NAMES.len()).prop_map(Op::SubmitLink),
         4 => i.clone().prop_map(Op::Claim),
         2 => (i.clone(), any::<bool>()).prop_map(|(i, k)| Op::Succeed(i, k)),
         1 => i.clone().prop_map(Op::Fail),
@@ -127,10 +131,24 @@ impl Harness {
                         // Refused only because new/ already holds that name: the producer is
                         // told, and nothing is overwritten.
                         assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
-                        assert!(spool.dir_path(Dir::New).join(NAMES[i]).exists());
+                        assert!(
+                            fs::symlink_metadata(spool.dir_path(Dir::New).join(NAMES[i])).is_ok()
+                        );
                         assert!(names(&spool, Dir::Tmp).is_empty(), "tmp/ left behind");
                     }
                 }
+            }
+            Op::SubmitLink(i) => {
+                let new = self.root.path().join("new").join(NAMES[i]);
+                if fs::symlink_metadata(&new).is_ok() {
+                    return;
+                }
+                let token = format!("link-{}", self.next_token);
+                self.next_token += 1;
+                let tmp = self.root.path().join("tmp").join(NAMES[i]);
+                std::os::unix::fs::symlink(format!("/nonexistent/{token}"), &tmp).unwrap();
+                fs::rename(&tmp, &new).unwrap();
+                self.expected.insert(token, 0);
             }
             Op::Claim(i) => {
                 let Some(r) = &mut self.running else { return };
@@ -140,9 +158,11 @@ impl Harness {
                 }
                 let name = &queued[i % queued.len()];
                 let active_before = names(&r.spool, Dir::Active);
+                let what = token_of(&r.spool.dir_path(Dir::New).join(name));
                 match r.spool.claim(name).unwrap() {
                     Claim::Job(job) => {
                         let token = fs::read_to_string(&job.path).unwrap();
+                        assert_eq!(token, what, "claimed another file than was in new/");
                         // The attempt count is the job's own, whatever else shares its name.
                         assert_eq!(
                             job.attempt,
@@ -156,7 +176,7 @@ impl Harness {
                         "claim of {name:?} skipped, but no job of that name was active"
                     ),
                     Claim::Rejected { reason } => {
-                        panic!("a regular file was rejected: {reason}")
+                        assert!(what.starts_with("link-"), "{what} rejected: {reason}")
                     }
                 }
             }
@@ -228,7 +248,7 @@ impl Harness {
                     return;
                 }
                 let name = &failed[i % failed.len()].name;
-                let token = fs::read_to_string(spool.dir_path(Dir::Failed).join(name)).unwrap();
+                let token = token_of(&spool.dir_path(Dir::Failed).join(name));
                 assert!(spool.retry_failed(name).unwrap(), "retry of {name:?}");
                 // A fresh attempt count.
                 self.expected.insert(token, 0);
@@ -258,7 +278,7 @@ impl Harness {
                 if name.starts_with('.') {
                     continue;
                 }
-                let token = fs::read_to_string(entry.path()).unwrap();
+                let token = token_of(&entry.path());
                 seen.entry(token)
                     .or_default()
                     .push(format!("{}/{name}", dir.name()));
@@ -335,6 +355,16 @@ impl Harness {
     }
 }
 
+/// What identifies a spool entry: the content of a job file, or the target of a link.
+fn token_of(path: &Path) -> String {
+    if fs::symlink_metadata(path).unwrap().file_type().is_symlink() {
+        let target = fs::read_link(path).unwrap();
+        target.file_name().unwrap().to_string_lossy().into_owned()
+    } else {
+        fs::read_to_string(path).unwrap()
+    }
+}
+
 fn names(spool: &Spool, dir: Dir) -> Vec<OsString> {
     names_in(&spool.dir_path(dir))
 }
@@ -351,7 +381,7 @@ fn names_in(path: &Path) -> Vec<OsString> {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 1000,
+        cases: 600,
         // The operations touch real files: keep shrinking bounded.
         max_shrink_iters: 2000,
         // A failure prints its minimal sequence; no regression file is written into the tree.
