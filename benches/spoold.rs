@@ -278,7 +278,7 @@ fn ms(d: Duration) -> f64 {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<11} {:<44} {:>12} {:<7} {:<34} {:>12} {:>7}  {:<22} met",
+        "{:<11} {:<58} {:>10} {:<7} {:<32} {:>10} {:>7}  {:<18} met",
         "section", "measurement", "spoold", "unit", "peer", "peer value", "ratio", "target"
     );
     for r in rows {
@@ -292,7 +292,7 @@ fn print_table(rows: &[Row]) {
             None => ("-", "-"),
         };
         println!(
-            "{:<11} {:<44} {:>12.1} {:<7} {:<34} {:>12} {:>7}  {:<22} {met}",
+            "{:<11} {:<58} {:>10.1} {:<7} {:<32} {:>10} {:>7}  {:<18} {met}",
             r.section, r.what, r.spoold, r.unit, peer, peer_value, ratio, target
         );
     }
