@@ -449,11 +449,16 @@ fn terminate_and_wait(child: &mut Child) -> (Duration, ExitStatus) {
 }
 
 /// Counts job files arriving in a directory (by rename, as spoold moves them) with inotify, and
-/// tells when the `target`-th arrived. It polls a non-blocking inotify descriptor every half
-/// millisecond, which costs little and bounds the error of the timestamp.
+/// tells when the `target`-th arrived. It reads the non-blocking inotify descriptor every 5 ms:
+/// the kernel queues the events meanwhile, the error of the end time stays under 0.1 % of a
+/// run, and the watcher does not take CPU from the daemon it measures (polling every half
+/// millisecond cost spoold about 15 % of its throughput on 2 cores).
 struct Arrivals {
     handle: thread::JoinHandle<Option<Instant>>,
 }
+
+/// How often [`Arrivals`] reads its inotify queue.
+const POLL: Duration = Duration::from_millis(5);
 
 impl Arrivals {
     fn watch(dir: &Path, target: usize) -> Arrivals {
@@ -488,7 +493,7 @@ impl Arrivals {
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        thread::sleep(Duration::from_micros(500));
+                        thread::sleep(POLL);
                     }
                     Err(e) => panic!("inotify: {e}"),
                 }
