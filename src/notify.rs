@@ -94,8 +94,16 @@ impl Notifier {
     }
 }
 
+/// How long one notification may wait for room in the receiver's queue. A receiver that does
+/// not read (a hung supervisor, a harness that only waits for READY=1) fills its queue after a
+/// few datagrams, and a blocking send would then stall the daemon, stop included. systemd reads
+/// promptly, so this bound is never reached under it; past it the datagram is dropped, which
+/// costs little: STATUS=, WATCHDOG=1 and EXTEND_TIMEOUT_USEC= are all sent again.
+const SEND_TIMEOUT: Duration = Duration::from_millis(20);
+
 fn send_to(socket: &OsString, msg: &[u8]) -> std::io::Result<()> {
     let sock = UnixDatagram::unbound()?;
+    sock.set_write_timeout(Some(SEND_TIMEOUT))?;
     let bytes = socket.as_bytes();
     if let Some(abstract_name) = bytes.strip_prefix(b"@") {
         sock.connect_addr(&SocketAddr::from_abstract_name(abstract_name)?)?;

@@ -360,3 +360,43 @@ fn abstract_notify_socket_works() {
     .unwrap();
     assert!(child.wait().unwrap().success());
 }
+
+/// A notify socket that nobody reads (a supervisor that hung, a test harness that only waits
+/// for READY=1) fills after a few datagrams. spoold must not block on it: jobs still run and a
+/// SIGTERM still stops it.
+#[test]
+fn a_notify_socket_nobody_reads_never_blocks_the_daemon() {
+    let env = Env::new(&["/bin/true"], "[workers]\ncount = 2\n");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let _unread = UnixDatagram::bind(&path).unwrap();
+    let mut child = std::process::Command::new(util::BIN)
+        .args(["run", "--config"])
+        .arg(&env.config)
+        .env("NOTIFY_SOCKET", &path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Each finished job changes STATUS=, far more datagrams than the socket queues.
+    for i in 0..300 {
+        env.submit(&format!("n{i:03}"), "x");
+        if i % 20 == 0 {
+            std::thread::sleep(Duration::from_millis(600));
+        }
+    }
+    assert!(
+        wait_for(SOON, || (env.count("done") == 300).then_some(())).is_some(),
+        "jobs stalled behind the unread notify socket: {} done",
+        env.count("done")
+    );
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let exited = wait_for(SOON, || child.try_wait().unwrap());
+    if exited.is_none() {
+        let _ = child.kill();
+    }
+    assert!(exited.expect("spoold hung on its notify socket").success());
+}
