@@ -10,13 +10,11 @@ mod util;
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
-use std::io::Read;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixDatagram, UnixListener};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -56,6 +54,23 @@ fn spoold_run(config: &Path) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.arg("run").arg("--config").arg(config);
     cmd
+}
+
+/// `spoold run` as user nobody (root may write anywhere, so a permission test needs another
+/// user), to its exit.
+fn run_as_nobody(config: &Path) -> Output {
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--",
+        BIN,
+        "run",
+        "--config",
+    ])
+    .arg(config);
+    run_to_exit(cmd, SOON)
 }
 
 fn stderr_of(out: &Output) -> String {
@@ -347,18 +362,7 @@ fn unwritable_spool_root_is_a_clear_startup_error() {
             fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
         }
         fs::set_permissions(&env.spool, fs::Permissions::from_mode(0o755)).unwrap();
-        let mut cmd = Command::new("setpriv");
-        cmd.args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--",
-            BIN,
-            "run",
-            "--config",
-        ])
-        .arg(&env.config);
-        let out = run_to_exit(cmd, SOON);
+        let out = run_as_nobody(&env.config);
         let err = stderr_of(&out);
         assert_eq!(out.status.code(), Some(73), "{err}");
         assert!(
@@ -751,73 +755,6 @@ fn spool_directory_deleted_or_moved_while_running_is_a_clear_fatal_error() {
     }
 }
 
-/// A daemon started through a wrapper command (the util driver only starts the binary itself),
-/// with its notifications and its log.
-struct Wrapped {
-    child: Child,
-    notes: Arc<Mutex<String>>,
-    log: Arc<Mutex<String>>,
-    _sock: tempfile::TempDir,
-}
-
-impl Wrapped {
-    fn spawn(mut cmd: Command) -> Wrapped {
-        let sock_dir = tempfile::tempdir().unwrap();
-        let path = sock_dir.path().join("notify.sock");
-        let sock = UnixDatagram::bind(&path).unwrap();
-        let notes = Arc::new(Mutex::new(String::new()));
-        let n = notes.clone();
-        thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(len) = sock.recv(&mut buf) {
-                n.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..len]));
-            }
-        });
-        let mut child = cmd
-            .env("NOTIFY_SOCKET", &path)
-            .env_remove("RUST_LOG")
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let l = log.clone();
-        let mut stderr = child.stderr.take().unwrap();
-        thread::spawn(move || {
-            let mut buf = [0u8; 8192];
-            while let Ok(n) = stderr.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                l.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        Wrapped {
-            child,
-            notes,
-            log,
-            _sock: sock_dir,
-        }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Wrapped {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn inotify_limit_reached_falls_back_to_rescans() {
     // No inotify instance at all, then an instance but no watch.
@@ -849,15 +786,9 @@ fn inotify_limit_case(limit: &str) {
         ))
         .arg(BIN)
         .arg(&env.config);
-    let mut d = Wrapped::spawn(cmd);
+    let mut d = Daemon::spawn_command(cmd);
     assert!(
-        wait_for(SOON, || d
-            .notes
-            .lock()
-            .unwrap()
-            .contains("READY=1")
-            .then_some(()))
-        .is_some(),
+        d.wait_note(|n| n.contains("READY=1"), SOON).is_some(),
         "no READY; log:\n{}",
         d.log()
     );
@@ -870,13 +801,7 @@ fn inotify_limit_case(limit: &str) {
         env.names("done"),
         d.log()
     );
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(d.child.id() as i32).unwrap(),
-        rustix::process::Signal::TERM,
-    )
-    .unwrap();
-    let status = wait_for(SOON, || d.child.try_wait().unwrap()).expect("stopped");
-    assert!(status.success(), "{}", d.log());
+    d.stop();
     let log = d.log();
     assert!(
         log.contains("cannot watch the spool with inotify")
@@ -1058,18 +983,7 @@ fn unreadable_spool_root_is_a_clear_startup_error() {
     fs::set_permissions(&env.config, fs::Permissions::from_mode(0o644)).unwrap();
     // Owned by root, mode 0700: nobody may neither list nor write it.
     fs::set_permissions(&env.spool, fs::Permissions::from_mode(0o700)).unwrap();
-    let mut cmd = Command::new("setpriv");
-    cmd.args([
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--",
-        BIN,
-        "run",
-        "--config",
-    ])
-    .arg(&env.config);
-    let out = run_to_exit(cmd, SOON);
+    let out = run_as_nobody(&env.config);
     let err = stderr_of(&out);
     assert_eq!(out.status.code(), Some(73), "{err}");
     assert!(

@@ -127,6 +127,17 @@ impl Daemon {
 
     /// Starts the daemon without waiting for anything.
     pub fn spawn(config: &Path, env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("run").arg("--config").arg(config);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Daemon::spawn_command(cmd)
+    }
+
+    /// Starts `cmd`, which runs the daemon (itself, or through a wrapper such as `unshare`),
+    /// with a NOTIFY_SOCKET of its own and its stderr captured; waits for nothing.
+    pub fn spawn_command(mut cmd: Command) -> Daemon {
         let sock_dir = tempfile::tempdir().unwrap();
         let sock_path = sock_dir.path().join("notify.sock");
         let sock = UnixDatagram::bind(&sock_path).unwrap();
@@ -143,21 +154,21 @@ impl Daemon {
                 }
             });
         }
-        let mut cmd = Command::new(BIN);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(config)
-            .env("NOTIFY_SOCKET", &sock_path)
-            .env_remove("RUST_LOG")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("WATCHDOG_PID")
+        // The test's own environment must not leak in, but what the caller set stays.
+        for var in [
+            "RUST_LOG",
+            "JOURNAL_STREAM",
+            "WATCHDOG_USEC",
+            "WATCHDOG_PID",
+        ] {
+            if !cmd.get_envs().any(|(k, _)| k == var) {
+                cmd.env_remove(var);
+            }
+        }
+        cmd.env("NOTIFY_SOCKET", &sock_path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
         let mut child = cmd.spawn().expect("spawn spoold");
         let log = Arc::new(Mutex::new(String::new()));
         {
