@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use crate::spool::{Dir, NewScan, Spool, display_name, unix_ms};
+use crate::spool::{Dir, NewScan, Spool, unix_ms};
 use crate::stats::Stats;
 
 /// Names read from a scan per batch, sorted oldest first within the batch.
@@ -314,9 +314,4 @@ fn instant_of(unix_ms_due: u64) -> Instant {
     let now_ms = unix_ms(SystemTime::now());
     let wait = Duration::from_millis(unix_ms_due.saturating_sub(now_ms));
     Instant::now() + wait.min(Duration::from_secs(86400 * 365))
-}
-
-/// For logs: the name of a job, escaped.
-pub fn job_id(name: &std::ffi::OsStr) -> String {
-    display_name(name)
 }

@@ -298,7 +298,7 @@ fn command(cfg: &HandlerConfig, job: &Attempt<'_>) -> Result<tokio::process::Com
                 )
                 .open(job.path)
                 .map_err(|e| format!("cannot open the job file for the handler's stdin: {e}"))?;
-            if !crate::spool::is_regular(&file).map_err(|e| e.to_string())? {
+            if !file.metadata().map_err(|e| e.to_string())?.is_file() {
                 return Err("the job file is not a regular file".into());
             }
             rustix::fs::fcntl_setfl(&file, rustix::fs::OFlags::empty())
@@ -420,7 +420,7 @@ fn emit_line(line: &mut Vec<u8>, dropped: &mut usize, emit: &mut impl FnMut(&[u8
     *dropped = 0;
 }
 
-/// True when `name` reads as an argv placeholder-free program path; used by check-config.
+/// True when the handler program exists, as a path or on $PATH; check-config warns otherwise.
 pub fn program_exists(program: &str) -> bool {
     let p = Path::new(program);
     if program.as_bytes().contains(&b'/') {

@@ -28,7 +28,7 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -445,7 +445,7 @@ impl Spool {
             );
             let record = JobRecord {
                 id: display_name(&name),
-                failed_at: Some(now_rfc3339()),
+                failed_at: Some(rfc3339(SystemTime::now())),
                 permanent: true,
                 last_failure: Some(Failure {
                     reason: reason.clone(),
@@ -870,11 +870,6 @@ fn describe_file_type(kind: rustix::fs::FileType) -> &'static str {
     }
 }
 
-/// Checks an open file is a regular file; used before a handler reads a job on stdin.
-pub fn is_regular(file: &File) -> io::Result<bool> {
-    Ok(file.metadata()?.file_type().is_file() && !file.metadata()?.file_type().is_fifo())
-}
-
 /// A job name as it appears in logs and JSON: UTF-8 is kept, control characters are escaped
 /// (`\n`, `\u{1b}`), and bytes that are not UTF-8 appear as `\xNN`.
 pub fn display_name(name: &OsStr) -> String {
@@ -961,8 +956,9 @@ pub fn unix_ms(t: SystemTime) -> u64 {
         .as_millis() as u64
 }
 
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+/// A time as people read it in records: RFC 3339, UTC, milliseconds.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 /// A new job ID: a ULID, so that IDs sort by submit time.

@@ -17,7 +17,6 @@ pub struct Stats {
     pub claimed: AtomicU64,
     pub done: AtomicU64,
     pub failed: AtomicU64,
-    pub retried: AtomicU64,
     pub requeued: AtomicU64,
     /// Milliseconds since the process started at the dispatcher's last heartbeat; the watchdog
     /// reads it to tell a live dispatcher from a hung one.
@@ -34,7 +33,6 @@ impl Default for Stats {
             claimed: AtomicU64::new(0),
             done: AtomicU64::new(0),
             failed: AtomicU64::new(0),
-            retried: AtomicU64::new(0),
             requeued: AtomicU64::new(0),
             dispatcher_beat_ms: AtomicU64::new(0),
         }

@@ -19,9 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, RetryConfig};
-use crate::dispatcher::{RetryWakeup, job_id};
+use crate::dispatcher::RetryWakeup;
 use crate::handler::{self, Attempt, Outcome, Report};
-use crate::spool::{Claim, Claimed, Failure, JobRecord, Spool, unix_ms};
+use crate::spool::{Claim, Claimed, Failure, JobRecord, Spool, display_name, rfc3339, unix_ms};
 use crate::stats::Stats;
 
 /// What every worker shares.
@@ -139,7 +139,7 @@ async fn run_job(shared: &Shared, name: OsString) {
     if shared.stop.is_cancelled() {
         return;
     }
-    let id = job_id(&name);
+    let id = display_name(&name);
     let job = match shared.spool.claim(&name) {
         Ok(Claim::Job(job)) => job,
         Ok(Claim::Skipped) => {
@@ -171,7 +171,7 @@ async fn run_job(shared: &Shared, name: OsString) {
     shared.stats.queued.fetch_sub(1, Relaxed);
     shared.stats.claimed.fetch_add(1, Relaxed);
     // The claim may have renamed the job (a job of the same name waits in retry/).
-    let id = job_id(&job.name);
+    let id = display_name(&job.name);
     let config = shared.config.borrow().clone();
     let _busy = BusyGuard::new(&shared.stats);
     tracing::info!(job_id = id, attempt = job.attempt, "job started");
@@ -196,7 +196,7 @@ fn record_outcome(shared: &Shared, config: &Config, job: &Claimed, id: &str, rep
                     tracing::warn!(
                         job_id = id,
                         "done/ already held a job of this name; kept as {}",
-                        job_id(&to)
+                        display_name(&to)
                     );
                 }
                 tracing::info!(
@@ -242,8 +242,8 @@ fn record_outcome(shared: &Shared, config: &Config, job: &Claimed, id: &str, rep
             let previous = job.record.clone().unwrap_or_default();
             let failure = Failure {
                 attempt: job.attempt,
-                started_at: humantime::format_rfc3339_millis(report.started).to_string(),
-                ended_at: humantime::format_rfc3339_millis(now).to_string(),
+                started_at: rfc3339(report.started),
+                ended_at: rfc3339(now),
                 duration_ms,
                 exit_code: report.exit_code,
                 signal: report.signal,
@@ -265,7 +265,7 @@ fn record_outcome(shared: &Shared, config: &Config, job: &Claimed, id: &str, rep
                 ..JobRecord::default()
             };
             if permanent || job.attempt >= config.retry.max_attempts.get() {
-                record.failed_at = Some(humantime::format_rfc3339_millis(now).to_string());
+                record.failed_at = Some(rfc3339(now));
                 let why = if permanent {
                     "permanent exit code"
                 } else {
@@ -298,10 +298,9 @@ fn record_outcome(shared: &Shared, config: &Config, job: &Claimed, id: &str, rep
                 let delay = backoff(&config.retry, job.attempt);
                 let due = now + delay;
                 record.next_attempt_unix_ms = Some(unix_ms(due));
-                record.next_attempt_at = Some(humantime::format_rfc3339_millis(due).to_string());
+                record.next_attempt_at = Some(rfc3339(due));
                 match shared.spool.schedule_retry(job, &record) {
                     Ok(()) => {
-                        shared.stats.retried.fetch_add(1, Relaxed);
                         let due_ms = unix_ms(due);
                         shared.retry_wakeup.send_if_modified(|v| {
                             let earlier = due_ms < *v;
