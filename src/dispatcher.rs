@@ -2,7 +2,9 @@
 //!
 //! Sources: a full scan of `new/` at start, after an inotify queue overflow, after inotify
 //! hints were dropped, and every `spool.rescan_interval`; inotify hints (`IN_MOVED_TO`,
-//! `IN_CLOSE_WRITE`) in between; and the promotion of due retries from `retry/`. inotify is
+//! `IN_CLOSE_WRITE`, and `IN_CREATE` for entries that are not regular files) in between; and the
+//! promotion of due retries from `retry/`. A second watch, on the spool root, reports at once a
+//! spool that was deleted or moved away (a fatal error). inotify is
 //! only a hint: losing one costs latency, never a job, because a later scan sees the file.
 //!
 //! Ordering and fairness: a scan is read a batch at a time and each batch runs oldest first by
