@@ -124,6 +124,8 @@ impl Dispatcher {
             );
         }
 
+        // Never more than the channel holds, which reserve_many would refuse.
+        let handoff = (self.jobs.max_capacity() / 2).max(1);
         loop {
             if scan.is_none() && dirty && pending.len() < BATCH {
                 dirty = false;
@@ -148,8 +150,15 @@ impl Dispatcher {
             tokio::select! {
                 biased;
                 () = stop.cancelled() => return Ok(()),
-                permit = self.jobs.reserve(), if !pending.is_empty() => match permit {
-                    Ok(permit) => permit.send(pending.pop_front().expect("not empty")),
+                // Names go out up to half a channel at a time: the workers run on threads of
+                // their own, and waking this task for every slot they free would cost a
+                // cross-thread wake-up per job.
+                permits = self.jobs.reserve_many(pending.len().min(handoff)), if !pending.is_empty() => match permits {
+                    Ok(permits) => {
+                        for permit in permits {
+                            permit.send(pending.pop_front().expect("as many names as permits"));
+                        }
+                    }
                     // Every worker is gone: nothing left to dispatch to.
                     Err(_) => return Ok(()),
                 },

@@ -242,6 +242,7 @@ fn reload_grows_workers_and_survives_a_bad_config() {
         "three jobs at once after the reload; log:\n{}",
         d.log()
     );
+    assert_eq!(d.worker_threads(), 3, "a thread for each worker");
     let notes = d.notes();
     let at = notes
         .iter()
@@ -287,6 +288,7 @@ fn reload_shrinks_workers_as_jobs_end() {
         env.submit(&format!("s{i}"), "x");
     }
     assert!(wait_for(SOON, || (env.count("active") == 3).then_some(())).is_some());
+    assert_eq!(d.worker_threads(), 3, "a thread for each worker");
     env.write_config(&[&handler], "[workers]\ncount = 1\n");
     d.signal(1);
     assert!(
@@ -301,6 +303,12 @@ fn reload_shrinks_workers_as_jobs_end() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(wait_for(SOON * 2, || (env.count("done") == 9).then_some(())).is_some());
+    // The retired workers' threads are gone, not parked.
+    assert!(
+        wait_for(SOON, || (d.worker_threads() == 1).then_some(())).is_some(),
+        "one worker thread left, found {}",
+        d.worker_threads()
+    );
     d.stop();
 }
 

@@ -198,6 +198,20 @@ impl Daemon {
         self.child.id() as i32
     }
 
+    /// How many worker threads the daemon has, as `ps -T` would show them.
+    pub fn worker_threads(&self) -> usize {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+            return 0;
+        };
+        tasks
+            .filter_map(Result::ok)
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|comm| comm.trim_end() == "spoold-worker")
+            })
+            .count()
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
