@@ -144,6 +144,7 @@ fn retire_if_surplus(shared: &Shared, target: &watch::Receiver<usize>) -> bool {
 }
 
 async fn worker(shared: Arc<Shared>, mut target: watch::Receiver<usize>) {
+    let mut scratch = handler::Scratch::new();
     loop {
         if shared.stop.is_cancelled() {
             break;
@@ -168,13 +169,13 @@ async fn worker(shared: Arc<Shared>, mut target: watch::Receiver<usize>) {
                 },
             }
         };
-        run_job(&shared, name).await;
+        run_job(&shared, name, &mut scratch).await;
     }
     shared.stats.workers.fetch_sub(1, Relaxed);
 }
 
 /// Claims `name` and takes it through one attempt to its next place.
-async fn run_job(shared: &Shared, name: OsString) {
+async fn run_job(shared: &Shared, name: OsString, scratch: &mut handler::Scratch) {
     // A name received just as the stop began is left in new/ rather than started.
     if shared.stop.is_cancelled() {
         return;
@@ -221,7 +222,7 @@ async fn run_job(shared: &Shared, name: OsString) {
         path: &job.path,
         attempt: job.attempt,
     };
-    let report = handler::run(&config.handler, &attempt, &shared.abort).await;
+    let report = handler::run(&config.handler, &attempt, &shared.abort, scratch).await;
     record_outcome(shared, &config, &job, &id, report);
 }
 
