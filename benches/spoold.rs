@@ -596,6 +596,7 @@ impl Bench {
         let mut spoold_cpu = Vec::new();
         let mut spawner = Vec::new();
         let mut spawner_cpu = Vec::new();
+        let mut renames_cpu = Vec::new();
         let mut xargs_true = Vec::new();
         let mut xargs_mv = Vec::new();
         let mut parallel = Vec::new();
@@ -616,6 +617,13 @@ impl Bench {
             );
             spawner.push(rate);
             spawner_cpu.push(cpu * 1e6);
+
+            let cpu = self.rename_floor(n);
+            println!(
+                "  round {round}: claim + completion renames alone {:.1} us CPU/job",
+                cpu * 1e6
+            );
+            renames_cpu.push(cpu * 1e6);
 
             let rate = self.shell_throughput(
                 n,
@@ -683,7 +691,48 @@ impl Bench {
             target: Some(("<= 50 us".into(), cpu <= 50.0)),
             samples: spoold_cpu,
         });
+        // What no process-per-job design with a claim and a completion rename can go below on
+        // this machine: the spawner's CPU per spawn plus the two renames' CPU, each measured in
+        // this run. When the floor alone is above the target, no change to spoold meets it.
+        let floor = median(&spawner_cpu) + median(&renames_cpu);
+        rows.push(Row {
+            section: "overhead",
+            what: "floor: spawner CPU + 2 renames per job".into(),
+            spoold: cpu,
+            unit: "us",
+            peer: Some(("spawn + 2 renames, measured alone".into(), floor)),
+            target: None,
+            samples: renames_cpu,
+        });
         rows
+    }
+
+    /// The filesystem's share of the floor: `n` empty files renamed `new/` to `active/` to
+    /// `done/` with `renameat2(RENAME_NOREPLACE)`, the system call and directories spoold uses
+    /// for its claim and completion, from one thread. Returns this process's CPU seconds per
+    /// job.
+    fn rename_floor(&self, n: usize) -> f64 {
+        use rustix::fs::{Mode, OFlags, RenameFlags, open, renameat_with};
+        let spool = self.spool("tp-renames");
+        make_jobs(&spool.dir("new"), "job", n);
+        let dir = |sub: &str| {
+            open(
+                spool.dir(sub),
+                OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .expect("open a spool directory")
+        };
+        let (new, active, done) = (dir("new"), dir("active"), dir("done"));
+        let names: Vec<String> = (0..n).map(|i| format!("job{i:07}")).collect();
+        let before = own_cpu();
+        for name in &names {
+            renameat_with(&new, name, &active, name, RenameFlags::NOREPLACE).expect("claim");
+            renameat_with(&active, name, &done, name, RenameFlags::NOREPLACE).expect("complete");
+        }
+        let cpu = own_cpu() - before;
+        self.remove(spool);
+        cpu / n as f64
     }
 
     /// One spoold run: `n` jobs waiting in `new/` at exec; the clock runs from exec to the
