@@ -79,9 +79,9 @@ impl Pool {
     ///
     /// A worker's work between two handlers (renames, pipes, the spawn, the log lines) is short
     /// but serial, and `posix_spawn` holds its thread until the child has exec'd. On one shared
-    /// thread, each worker waited for the others' bookkeeping while a core stood idle (14 % of
-    /// the machine in the benchmark); on a thread each, the workers' bookkeeping runs side by
-    /// side, as each handler does. The tokens and channels the worker awaits are not tied to
+    /// thread, each worker waited for the others' bookkeeping while a core stood idle; on a
+    /// thread each, the workers' bookkeeping runs side by side, as each handler does (9-26 %
+    /// more jobs per second in BENCHMARKS.md). The tokens and channels the worker awaits are not tied to
     /// any runtime, so cancellation reaches it the same way.
     /// Returns false when no thread could be started.
     fn start_worker(&self) -> bool {
