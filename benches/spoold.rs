@@ -724,9 +724,13 @@ impl Bench {
             .expect("open a spool directory")
         };
         let (new, active, done) = (dir("new"), dir("active"), dir("done"));
-        let names: Vec<String> = (0..n).map(|i| format!("job{i:07}")).collect();
+        let names: Vec<_> = fs::read_dir(spool.dir("new"))
+            .expect("list new/")
+            .map(|e| e.expect("a directory entry").file_name())
+            .collect();
         let before = own_cpu();
         for name in &names {
+            let name = name.as_os_str();
             renameat_with(&new, name, &active, name, RenameFlags::NOREPLACE).expect("claim");
             renameat_with(&active, name, &done, name, RenameFlags::NOREPLACE).expect("complete");
         }

@@ -81,37 +81,33 @@ impl Pool {
     /// but serial, and `posix_spawn` holds its thread until the child has exec'd. On one shared
     /// thread, each worker waited for the others' bookkeeping while a core stood idle; on a
     /// thread each, the workers' bookkeeping runs side by side, as each handler does (9-26 %
-    /// more jobs per second in BENCHMARKS.md). The tokens and channels the worker awaits are not tied to
-    /// any runtime, so cancellation reaches it the same way.
-    /// Returns false when no thread could be started.
+    /// more jobs per second in BENCHMARKS.md). The tokens and channels the worker awaits are
+    /// not tied to any runtime, so cancellation reaches it the same way.
+    /// Returns false when no runtime or thread could be had.
     fn start_worker(&self) -> bool {
         let shared = self.shared.clone();
         let target = self.target.subscribe();
         // The tracker counts the thread until it ends, so `wait` waits for it like a task.
         let token = self.tracker.token();
-        let spawned = std::thread::Builder::new()
-            .name("spoold-worker".into())
-            .spawn(move || {
-                let _token = token;
-                match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime.block_on(worker(shared, target)),
-                    Err(e) => {
-                        shared.stats.workers.fetch_sub(1, Relaxed);
-                        tracing::error!("cannot start a worker's runtime: {e}");
-                    }
-                }
+        let started = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .and_then(|runtime| {
+                std::thread::Builder::new()
+                    .name("spoold-worker".into())
+                    .spawn(move || {
+                        runtime.block_on(worker(shared, target));
+                        // The runtime goes first, so that the stop also waits for its teardown.
+                        drop(runtime);
+                        drop(token);
+                    })
             });
-        match spawned {
-            Ok(_) => true,
-            Err(e) => {
-                self.shared.stats.workers.fetch_sub(1, Relaxed);
-                tracing::error!("cannot start a worker thread: {e}");
-                false
-            }
+        if let Err(e) = started {
+            self.shared.stats.workers.fetch_sub(1, Relaxed);
+            tracing::error!("cannot start a worker: {e}");
+            return false;
         }
+        true
     }
 
     /// Waits until every worker has returned (after `stop`, each returns when its job ends).
