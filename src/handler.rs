@@ -5,19 +5,25 @@
 //! a time and logged line by line with the job's ID; memory stays bounded whatever it prints.
 //! No process of the group outlives the attempt: when the handler exits while members of its
 //! group live on, they get SIGTERM, then SIGKILL after `kill_grace`.
+//!
+//! An attempt runs synchronously on its worker's thread: one `poll(2)` waits on the handler's
+//! pidfd, its two pipes and the abort eventfd at once, with the nearest deadline as timeout.
+//! Nothing is registered with a reactor, so a job costs no `epoll_ctl` or `fcntl` calls; a
+//! worker thread has nothing else to do while its handler runs.
 
 use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
-use std::io;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
-use rustix::process::{Pid, Signal};
-use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::time::{Instant, sleep_until};
+use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
+use rustix::process::{Pid, PidfdFlags, Signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{HandlerConfig, StdinMode};
@@ -61,6 +67,36 @@ impl Scratch {
 impl Default for Scratch {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The abort token as a descriptor `poll(2)` can wait on: an eventfd that becomes readable, and
+/// stays readable, once the token is cancelled. A worker blocked in `poll` on its handler sees
+/// an abort as soon as a waker would have.
+#[derive(Clone)]
+pub struct Abort {
+    token: CancellationToken,
+    fd: Arc<OwnedFd>,
+}
+
+impl Abort {
+    /// Watches `token` from a task on the current runtime; the task ends when the token is
+    /// cancelled, or with the runtime. Must be called from within a runtime.
+    pub fn watch(token: CancellationToken) -> io::Result<Abort> {
+        let fd = Arc::new(rustix::event::eventfd(0, EventfdFlags::CLOEXEC)?);
+        let raise = Arc::clone(&fd);
+        let cancelled = token.clone();
+        tokio::spawn(async move {
+            cancelled.cancelled().await;
+            // Never read back, so the counter stays non-zero and every poller sees it. The
+            // write cannot block: the counter is far from its maximum.
+            let _ = rustix::io::write(&*raise, &1u64.to_ne_bytes());
+        });
+        Ok(Abort { token, fd })
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.token.is_cancelled()
     }
 }
 
@@ -110,13 +146,8 @@ enum Ended {
 }
 
 /// Runs one attempt to its end. `abort` ends it early: SIGTERM to the group, SIGKILL after
-/// `kill_grace`, and an `Aborted` outcome.
-pub async fn run(
-    cfg: &HandlerConfig,
-    job: &Attempt<'_>,
-    abort: &CancellationToken,
-    scratch: &mut Scratch,
-) -> Report {
+/// `kill_grace`, and an `Aborted` outcome. Blocks the calling thread until then.
+pub fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &Abort, scratch: &mut Scratch) -> Report {
     let started = SystemTime::now();
     let clock = Instant::now();
     let failed = |reason: String| Report {
@@ -139,10 +170,18 @@ pub async fn run(
             return failed(format!("cannot run handler {}: {e}", cfg.command[0]));
         }
     };
-    let pgid = child
-        .id()
-        .and_then(|id| Pid::from_raw(id as i32))
-        .expect("a child that was just spawned has a pid");
+    let pgid = Pid::from_raw(child.id() as i32).expect("a child that was just spawned has a pid");
+    // The pidfd lets one poll wait for the exit and the output together. Without it (out of
+    // descriptors), the attempt cannot be watched: it is ended at once rather than left
+    // running unobserved.
+    let pidfd = match rustix::process::pidfd_open(pgid, PidfdFlags::empty()) {
+        Ok(fd) => fd,
+        Err(e) => {
+            signal_group(pgid, Signal::KILL);
+            let _ = child.wait();
+            return failed(format!("cannot watch the handler (pidfd_open): {e}"));
+        }
+    };
     let mut out = LineReader::new(child.stdout.take(), &mut scratch.out);
     let mut err = LineReader::new(child.stderr.take(), &mut scratch.err);
     let mut log = OutputLog {
@@ -160,46 +199,89 @@ pub async fn run(
     let mut status: Option<io::Result<ExitStatus>> = None;
 
     while status.is_none() || out.open() || err.open() {
-        tokio::select! {
-            s = child.wait(), if status.is_none() => {
-                status = Some(s);
-                // The handler is gone; whatever it left running in its group must not outlive
-                // the job.
-                if group_alive(pgid) {
-                    signal_group(pgid, Signal::TERM);
-                    kill_at.get_or_insert(Instant::now() + cfg.kill_grace);
-                } else {
-                    pipes_deadline = Some(Instant::now() + PIPE_GRACE);
-                }
+        let now = Instant::now();
+        // The time limit counts only while the handler runs and spoold has not ended it.
+        let limit = (ended.is_none() && status.is_none()).then_some(deadline);
+        if limit.is_some_and(|t| t <= now) {
+            ended = Some(Ended::Timeout);
+            signal_group(pgid, Signal::TERM);
+            kill_at = Some(now + cfg.kill_grace);
+            continue;
+        }
+        if kill_at.is_some_and(|t| t <= now) {
+            signal_group(pgid, Signal::KILL);
+            kill_at = None;
+            if status.is_some() {
+                pipes_deadline = Some(now + PIPE_GRACE);
             }
-            r = out.fill(), if out.open() => out.take_lines(r, |l| log.line("stdout", l)),
-            r = err.fill(), if err.open() => err.take_lines(r, |l| log.line("stderr", l)),
-            () = sleep_until(deadline), if ended.is_none() && status.is_none() => {
-                ended = Some(Ended::Timeout);
-                signal_group(pgid, Signal::TERM);
-                kill_at = Some(Instant::now() + cfg.kill_grace);
-            }
-            () = abort.cancelled(), if ended.is_none() && status.is_none() => {
-                ended = Some(Ended::Abort);
-                signal_group(pgid, Signal::TERM);
-                kill_at = Some(Instant::now() + cfg.kill_grace);
-            }
-            () = sleep_until(kill_at.unwrap_or(deadline)), if kill_at.is_some() => {
+            continue;
+        }
+        if pipes_deadline.is_some_and(|t| t <= now) {
+            tracing::warn!(
+                job_id = job.id,
+                attempt = job.attempt,
+                "a process that left the handler's process group keeps its output open; \
+                 no longer reading it"
+            );
+            break;
+        }
+        let next = [limit, kill_at, pipes_deadline].into_iter().flatten().min();
+
+        let watch_abort = ended.is_none() && status.is_none();
+        let mut fds = Vec::with_capacity(4);
+        let out_at = slot(&mut fds, out.fd());
+        let err_at = slot(&mut fds, err.fd());
+        let exit_at = slot(&mut fds, status.is_none().then(|| pidfd.as_fd()));
+        let abort_at = slot(&mut fds, watch_abort.then(|| abort.fd.as_fd()));
+        let timeout = next.map(|t| {
+            Timespec::try_from(t.saturating_duration_since(now)).unwrap_or(Timespec {
+                tv_sec: i64::MAX,
+                tv_nsec: 0,
+            })
+        });
+        match rustix::event::poll(&mut fds, timeout.as_ref()) {
+            Ok(_) => {}
+            // A signal for spoold landed on this thread; its handler has run, so poll again.
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => {
+                // Not expected with valid descriptors; end the attempt rather than spin.
+                tracing::error!(job_id = job.id, attempt = job.attempt, "poll failed: {e}");
                 signal_group(pgid, Signal::KILL);
-                kill_at = None;
-                if status.is_some() {
-                    pipes_deadline = Some(Instant::now() + PIPE_GRACE);
-                }
-            }
-            () = sleep_until(pipes_deadline.unwrap_or(deadline)), if pipes_deadline.is_some() => {
-                tracing::warn!(
-                    job_id = job.id,
-                    attempt = job.attempt,
-                    "a process that left the handler's process group keeps its output open; \
-                     no longer reading it"
-                );
+                status = Some(child.wait());
                 break;
             }
+        }
+        let ready = |at: Option<usize>| at.is_some_and(|i| !fds[i].revents().is_empty());
+        let (out_ready, err_ready, exited, aborted) = (
+            ready(out_at),
+            ready(err_at),
+            ready(exit_at),
+            ready(abort_at),
+        );
+        drop(fds);
+
+        if out_ready {
+            let r = out.fill();
+            out.take_lines(r, |l| log.line("stdout", l));
+        }
+        if err_ready {
+            let r = err.fill();
+            err.take_lines(r, |l| log.line("stderr", l));
+        }
+        if exited {
+            status = Some(child.wait());
+            // The handler is gone; whatever it left running in its group must not outlive
+            // the job.
+            if group_alive(pgid) {
+                signal_group(pgid, Signal::TERM);
+                kill_at.get_or_insert(Instant::now() + cfg.kill_grace);
+            } else {
+                pipes_deadline = Some(Instant::now() + PIPE_GRACE);
+            }
+        } else if aborted {
+            ended = Some(Ended::Abort);
+            signal_group(pgid, Signal::TERM);
+            kill_at = Some(Instant::now() + cfg.kill_grace);
         }
     }
     if log.suppressed > 0 {
@@ -285,7 +367,7 @@ fn command(
     cfg: &HandlerConfig,
     job: &Attempt<'_>,
     dev_null: Option<&std::fs::File>,
-) -> Result<tokio::process::Command, String> {
+) -> Result<std::process::Command, String> {
     let attempt = job.attempt.to_string();
     let fill = |template: &str| -> OsString {
         let mut out = OsString::new();
@@ -308,7 +390,7 @@ fn command(
         out.push(rest);
         out
     };
-    let mut cmd = tokio::process::Command::new(fill(&cfg.command[0]));
+    let mut cmd = std::process::Command::new(fill(&cfg.command[0]));
     cmd.args(cfg.command[1..].iter().map(|a| fill(a)))
         .envs(&cfg.env)
         .env("SPOOLD_JOB_PATH", job.path)
@@ -320,9 +402,7 @@ fn command(
         .env_remove("WATCHDOG_PID")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
-        // A safety net only: every path through `run` waits for the child itself.
-        .kill_on_drop(true);
+        .process_group(0);
     match cfg.stdin {
         StdinMode::Null => {
             // A duplicate of the worker's descriptor costs less than opening the path again.
@@ -351,6 +431,14 @@ fn command(
         }
     }
     Ok(cmd)
+}
+
+/// Adds `fd`, if any, to the poll set; returns its index there.
+fn slot<'a>(fds: &mut Vec<PollFd<'a>>, fd: Option<BorrowedFd<'a>>) -> Option<usize> {
+    fd.map(|fd| {
+        fds.push(PollFd::from_borrowed_fd(fd, PollFlags::IN));
+        fds.len() - 1
+    })
 }
 
 fn group_alive(pgid: Pid) -> bool {
@@ -399,7 +487,7 @@ struct LineReader<'b, R> {
     dropped: usize,
 }
 
-impl<'b, R: AsyncRead + Unpin> LineReader<'b, R> {
+impl<'b, R: Read> LineReader<'b, R> {
     fn new(src: Option<R>, chunk: &'b mut [u8; CHUNK]) -> Self {
         Self {
             src,
@@ -413,11 +501,17 @@ impl<'b, R: AsyncRead + Unpin> LineReader<'b, R> {
         self.src.is_some()
     }
 
-    /// Reads once. Cancel-safe: all state lives in `self`, and a dropped read loses no data.
-    async fn fill(&mut self) -> io::Result<usize> {
-        match &mut self.src {
-            Some(src) => src.read(&mut self.chunk[..]).await,
-            None => Ok(0),
+    /// Reads once; called only when poll found the stream readable (or hung up), so the read
+    /// returns at once.
+    fn fill(&mut self) -> io::Result<usize> {
+        loop {
+            match &mut self.src {
+                Some(src) => match src.read(&mut self.chunk[..]) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    r => return r,
+                },
+                None => return Ok(0),
+            }
         }
     }
 
@@ -452,6 +546,13 @@ impl<'b, R: AsyncRead + Unpin> LineReader<'b, R> {
     }
 }
 
+impl<R: AsFd> LineReader<'_, R> {
+    /// The descriptor to poll while the stream is open.
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.src.as_ref().map(AsFd::as_fd)
+    }
+}
+
 fn emit_line(line: &mut Vec<u8>, dropped: &mut usize, emit: &mut impl FnMut(&[u8])) {
     if line.last() == Some(&b'\r') {
         line.pop();
@@ -481,8 +582,7 @@ mod tests {
 
     fn lines_of(chunks: &[&[u8]]) -> Vec<String> {
         let mut buf = [0; CHUNK];
-        let mut r: LineReader<tokio::io::Empty> =
-            LineReader::new(Some(tokio::io::empty()), &mut buf);
+        let mut r: LineReader<std::io::Empty> = LineReader::new(Some(std::io::empty()), &mut buf);
         let mut out = Vec::new();
         for c in chunks {
             r.chunk[..c.len()].copy_from_slice(c);

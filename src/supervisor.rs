@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError};
 use crate::dispatcher::{Dispatcher, Watcher};
+use crate::handler::Abort;
 use crate::logging::LogControl;
 use crate::notify::Notifier;
 use crate::signals::Shutdown;
@@ -125,7 +126,8 @@ pub async fn run(daemon: Daemon) -> Result<StopSummary, RunError> {
         stats: stats.clone(),
         retry_wakeup: retry_wakeup.clone(),
         stop: shutdown.stop.clone(),
-        abort: shutdown.abort.clone(),
+        abort: Abort::watch(shutdown.abort.clone())
+            .map_err(|e| RunError::Io(format!("cannot create the abort eventfd: {e}")))?,
     });
     pool.resize(config_rx.borrow().workers.count.get());
 

@@ -32,7 +32,8 @@ pub struct Shared {
     pub stats: Arc<Stats>,
     pub retry_wakeup: Arc<RetryWakeup>,
     pub stop: CancellationToken,
-    pub abort: CancellationToken,
+    /// The abort token, pollable by a worker blocked on its handler.
+    pub abort: handler::Abort,
 }
 
 /// The pool: how many workers there should be, and the tasks that are.
@@ -82,7 +83,8 @@ impl Pool {
     /// thread, each worker waited for the others' bookkeeping while a core stood idle; on a
     /// thread each, the workers' bookkeeping runs side by side, as each handler does (9-26 %
     /// more jobs per second in BENCHMARKS.md). The tokens and channels the worker awaits are
-    /// not tied to any runtime, so cancellation reaches it the same way.
+    /// not tied to any runtime, so cancellation reaches it the same way. The runtime needs no
+    /// I/O or timer driver: a handler is waited for by `handler::run`'s own poll.
     /// Returns false when no runtime or thread could be had.
     fn start_worker(&self) -> bool {
         let shared = self.shared.clone();
@@ -90,7 +92,6 @@ impl Pool {
         // The tracker counts the thread until it ends, so `wait` waits for it like a task.
         let token = self.tracker.token();
         let started = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
             .build()
             .and_then(|runtime| {
                 std::thread::Builder::new()
@@ -165,13 +166,13 @@ async fn worker(shared: Arc<Shared>, mut target: watch::Receiver<usize>) {
                 },
             }
         };
-        run_job(&shared, name, &mut scratch).await;
+        run_job(&shared, name, &mut scratch);
     }
     shared.stats.workers.fetch_sub(1, Relaxed);
 }
 
 /// Claims `name` and takes it through one attempt to its next place.
-async fn run_job(shared: &Shared, name: OsString, scratch: &mut handler::Scratch) {
+fn run_job(shared: &Shared, name: OsString, scratch: &mut handler::Scratch) {
     // A name received just as the stop began is left in new/ rather than started.
     if shared.stop.is_cancelled() {
         return;
@@ -218,7 +219,9 @@ async fn run_job(shared: &Shared, name: OsString, scratch: &mut handler::Scratch
         path: &job.path,
         attempt: job.attempt,
     };
-    let report = handler::run(&config.handler, &attempt, &shared.abort, scratch).await;
+    // The attempt blocks this worker's thread, which has nothing else to run meanwhile: its
+    // runtime only serves this worker's waits between jobs.
+    let report = handler::run(&config.handler, &attempt, &shared.abort, scratch);
     record_outcome(shared, &config, &job, &id, report);
 }
 
@@ -432,7 +435,7 @@ mod tests {
             stats: stats.clone(),
             retry_wakeup: Arc::new(watch::Sender::new(u64::MAX)),
             stop: CancellationToken::new(),
-            abort: CancellationToken::new(),
+            abort: handler::Abort::watch(CancellationToken::new()).unwrap(),
         });
         pool.resize(1);
         // The channel is closed, so the worker returns once it has taken both names.
