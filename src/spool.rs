@@ -222,9 +222,12 @@ pub struct SpoolLock {
 pub struct Spool {
     root: PathBuf,
     dirs: Vec<OwnedFd>,
-    /// Held by a claim and by each promotion from retry/: a claim that looks for a job of its
-    /// name in retry/ must not miss one that is being moved to new/ at that very moment.
-    claim_or_promote: std::sync::Mutex<()>,
+    /// Read-held by a claim and write-held by each promotion from retry/: a claim that looks for
+    /// a job of its name in retry/ must not miss one that is being moved to new/ at that very
+    /// moment. Claims need not exclude each other: `renameat2(RENAME_NOREPLACE)` lets one claim
+    /// of a name win, and the others see it taken. Taken shared, the lock costs two workers'
+    /// claims no futex wait or wake-up (they used to queue on a mutex about once per job).
+    claim_or_promote: std::sync::RwLock<()>,
 }
 
 impl Spool {
@@ -291,7 +294,7 @@ impl Spool {
         Ok(Spool {
             root,
             dirs,
-            claim_or_promote: std::sync::Mutex::new(()),
+            claim_or_promote: std::sync::RwLock::new(()),
         })
     }
 
@@ -319,7 +322,7 @@ impl Spool {
         Ok(Spool {
             root,
             dirs,
-            claim_or_promote: std::sync::Mutex::new(()),
+            claim_or_promote: std::sync::RwLock::new(()),
         })
     }
 
@@ -419,7 +422,10 @@ impl Spool {
 
     /// Claims `name` from `new/` by renaming it into `active/`.
     pub fn claim(&self, name: &OsStr) -> io::Result<Claim> {
-        let _serial = self.serialize_claim_or_promote();
+        let _claiming = self
+            .claim_or_promote
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match rename_noreplace(self.fd(Dir::New), name, self.fd(Dir::Active), name) {
             Ok(()) => {}
             // Taken by someone else, or a job of the same name is still running: not ours.
@@ -468,13 +474,6 @@ impl Spool {
             attempt,
             record,
         })))
-    }
-
-    fn serialize_claim_or_promote(&self) -> std::sync::MutexGuard<'_, ()> {
-        // The mutex guards no data, so a panic elsewhere cannot leave anything half-done.
-        self.claim_or_promote
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Gives a job in `active/` a `.dup-` name of its own; its state record, if any, stays put.
@@ -573,7 +572,12 @@ impl Spool {
                 Ok(None) | Err(_) => 0,
             };
             if due <= now_ms {
-                let _serial = self.serialize_claim_or_promote();
+                // The lock guards no data, so a panic elsewhere cannot leave anything
+                // half-done: a poisoned lock is taken all the same.
+                let _promoting = self
+                    .claim_or_promote
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if self.move_job(Dir::Retry, Dir::New, &name)?.is_some() {
                     promoted += 1;
                 }

@@ -11,7 +11,7 @@
 //! left behind.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::path::Path;
 
@@ -463,4 +463,82 @@ fn claim_racing_a_promotion_never_takes_another_jobs_count() {
         }
     }
     assert!(wrong.is_empty(), "{} of {rounds}: {wrong:?}", wrong.len());
+}
+
+/// Claims take the claim lock shared, so two workers may claim at the same moment. Claiming the
+/// same names in the same order from two threads, each job must still be claimed exactly once,
+/// and a fresh job that meets a same-name job in retry/ must get a name of its own, its own
+/// attempt count, and leave the other's record alone.
+#[test]
+fn concurrent_claims_of_the_same_names_take_each_job_once() {
+    use std::sync::{Arc, Barrier};
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Arc::new(Spool::open(dir.path()).unwrap());
+    let jobs = 2_000;
+    let name = |i: usize| format!("c{i}");
+    let waiting = JobRecord {
+        attempts: 3,
+        next_attempt_unix_ms: Some(u64::MAX),
+        ..JobRecord::default()
+    };
+    for i in 0..jobs {
+        if i % 10 == 0 {
+            // A job of the same name waits in retry/, not yet due.
+            fs::write(dir.path().join("retry").join(name(i)), "waiting").unwrap();
+            fs::write(
+                dir.path().join("state").join(name(i)),
+                serde_json::to_string(&waiting).unwrap(),
+            )
+            .unwrap();
+        }
+        fs::write(dir.path().join("tmp").join(name(i)), format!("body {i}")).unwrap();
+        fs::rename(
+            dir.path().join("tmp").join(name(i)),
+            dir.path().join("new").join(name(i)),
+        )
+        .unwrap();
+    }
+    let barrier = Arc::new(Barrier::new(2));
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let (spool, barrier) = (spool.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let mut claimed = Vec::new();
+                for i in 0..jobs {
+                    if let Claim::Job(job) = spool.claim(OsStr::new(&name(i))).unwrap() {
+                        let body = fs::read_to_string(&job.path).unwrap();
+                        claimed.push((body, job.attempt));
+                        spool.finish_done(&job, true).unwrap();
+                    }
+                }
+                claimed
+            })
+        })
+        .collect();
+    let mut claimed: Vec<(String, u32)> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    claimed.sort();
+    let mut expected: Vec<(String, u32)> = (0..jobs).map(|i| (format!("body {i}"), 1)).collect();
+    expected.sort();
+    assert_eq!(
+        claimed, expected,
+        "each job claimed once, as its first attempt"
+    );
+    assert_eq!(fs::read_dir(dir.path().join("done")).unwrap().count(), jobs);
+    assert_eq!(fs::read_dir(dir.path().join("new")).unwrap().count(), 0);
+    assert_eq!(fs::read_dir(dir.path().join("active")).unwrap().count(), 0);
+    for i in (0..jobs).step_by(10) {
+        assert_eq!(
+            fs::read_to_string(dir.path().join("retry").join(name(i))).unwrap(),
+            "waiting"
+        );
+        let record: JobRecord = serde_json::from_str(
+            &fs::read_to_string(dir.path().join("state").join(name(i))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(record.attempts, 3, "{}: the waiting job's record", name(i));
+    }
 }
