@@ -8,8 +8,9 @@
 //!
 //! An attempt runs synchronously on its worker's thread: one `poll(2)` waits on the handler's
 //! pidfd, its two pipes and the abort eventfd at once, with the nearest deadline as timeout.
-//! Nothing is registered with a reactor, so a job costs no `epoll_ctl` or `fcntl` calls; a
-//! worker thread has nothing else to do while its handler runs.
+//! Nothing is registered with a reactor, so a job costs no `epoll_ctl`, and its pipes need no
+//! `fcntl` to become non-blocking; a worker thread has nothing else to do while its handler
+//! runs.
 
 use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
