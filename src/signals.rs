@@ -1,7 +1,10 @@
 //! OS signals: SIGTERM and SIGINT become the stop and abort tokens; SIGHUP becomes a reload request.
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
 use futures_util::StreamExt;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +36,7 @@ impl Shutdown {
 /// Installs the signal handlers and starts the task that turns signals into the tokens of
 /// `shutdown` and into reload requests. Must run inside the runtime.
 pub fn listen(shutdown: &Shutdown) -> std::io::Result<mpsc::Receiver<()>> {
+    unignore_sigchld()?;
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])?;
     // One pending reload is enough: several SIGHUPs before the first is handled mean one reload.
     let (reload_tx, reload_rx) = mpsc::channel(1);
@@ -59,4 +63,27 @@ pub fn listen(shutdown: &Shutdown) -> std::io::Result<mpsc::Receiver<()>> {
         }
     });
     Ok(reload_rx)
+}
+
+/// Undoes a SIGCHLD ignored by whoever started spoold (the setting survives exec). With SIGCHLD
+/// ignored the kernel reaps every handler the moment it exits, before its worker waits for it,
+/// and each job would fail with ECHILD. A handler of our own restores normal reaping, for spoold
+/// and, since handlers reset to the default on exec, for the programs it starts. It is installed
+/// only then: a handler costs a signal delivery per job, and the default disposition is already
+/// right.
+fn unignore_sigchld() -> std::io::Result<()> {
+    let ignored = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("SigIgn:"))
+                .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        })
+        // Unknown (no /proc): install it, which is right either way.
+        .is_none_or(|mask| mask & (1 << (SIGCHLD - 1)) != 0);
+    if ignored {
+        signal_hook::flag::register(SIGCHLD, Arc::new(AtomicBool::new(false)))?;
+    }
+    Ok(())
 }

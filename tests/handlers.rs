@@ -1,6 +1,8 @@
 //! Misbehaving handlers (issue 6): one that ignores SIGTERM, one whose grandchild ignores SIGTERM
 //! and keeps stdout open, one that writes 1 GB, one that reads stdin to its end, one killed by a
-//! signal, one that closes its output and runs on, one that exits before reading its input.
+//! signal, one that closes its output and runs on, one that exits before reading its input; group
+//! members that outlive the handler without holding its output; and a daemon started with
+//! SIGCHLD ignored.
 //!
 //! For each: spoold's memory stays bounded (VmHWM of the daemon, from /proc), no process of the
 //! handler outlives its job (every handler records its pids; /proc must not know them once the
@@ -384,4 +386,27 @@ fn handler_inherits_no_descriptor_of_the_spool() {
         seen += 1;
     }
     assert_eq!(seen, 10);
+}
+
+#[test]
+fn handlers_run_when_spoold_was_started_with_sigchld_ignored() {
+    // An ignored SIGCHLD survives exec; the kernel would then reap each handler before its
+    // worker waits for it, and every job would fail.
+    let env = util::Env::new(&["/bin/sh", "-c", "exit 0"], "");
+    let mut cmd = std::process::Command::new("env");
+    cmd.arg("--ignore-signal=CHLD")
+        .arg(util::BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(&env.config);
+    let mut d = util::Daemon::spawn_command(cmd);
+    d.wait_note(|n| n.contains("READY=1"), SOON)
+        .unwrap_or_else(|| panic!("no READY=1; log:\n{}", d.log()));
+    env.submit("reaped-by-us", "x");
+    assert!(
+        wait_path(&env.path("done/reaped-by-us"), SOON),
+        "{}",
+        d.log()
+    );
+    d.stop();
 }
