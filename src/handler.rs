@@ -41,6 +41,10 @@ const MAX_LOGGED_LINES: u64 = 10_000;
 /// process that left the group (setsid) can hold them open that long.
 const PIPE_GRACE: Duration = Duration::from_millis(200);
 
+/// How often to look whether the rest of a handler's group has gone, between its SIGTERM and
+/// SIGKILL, once the handler itself has exited.
+const GROUP_CHECK: Duration = Duration::from_millis(10);
+
 /// How much of a pipe one read takes.
 const CHUNK: usize = 8192;
 
@@ -139,6 +143,41 @@ impl Report {
     }
 }
 
+/// The handler's process. Were `run` left without having waited for it, which only a panic
+/// can do, dropping this kills its group and reaps it: no handler runs on unobserved.
+struct Handler {
+    process: std::process::Child,
+    pgid: Pid,
+    reaped: bool,
+}
+
+impl Handler {
+    fn new(process: std::process::Child) -> Handler {
+        let pgid =
+            Pid::from_raw(process.id() as i32).expect("a child that was just spawned has a pid");
+        Handler {
+            process,
+            pgid,
+            reaped: false,
+        }
+    }
+
+    fn wait(&mut self) -> io::Result<ExitStatus> {
+        // Even an error means there is nothing left to reap.
+        self.reaped = true;
+        self.process.wait()
+    }
+}
+
+impl Drop for Handler {
+    fn drop(&mut self) {
+        if !self.reaped {
+            signal_group(self.pgid, Signal::KILL);
+            let _ = self.process.wait();
+        }
+    }
+}
+
 /// Why spoold itself ended the handler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ended {
@@ -166,12 +205,12 @@ pub fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &Abort, scratch: &mut 
         Err(reason) => return failed(reason),
     };
     let mut child = match cmd.spawn() {
-        Ok(child) => child,
+        Ok(child) => Handler::new(child),
         Err(e) => {
             return failed(format!("cannot run handler {}: {e}", cfg.command[0]));
         }
     };
-    let pgid = Pid::from_raw(child.id() as i32).expect("a child that was just spawned has a pid");
+    let pgid = child.pgid;
     // The pidfd lets one poll wait for the exit and the output together. Without it (out of
     // descriptors), the attempt cannot be watched: it is ended at once rather than left
     // running unobserved.
@@ -183,8 +222,8 @@ pub fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &Abort, scratch: &mut 
             return failed(format!("cannot watch the handler (pidfd_open): {e}"));
         }
     };
-    let mut out = LineReader::new(child.stdout.take(), &mut scratch.out);
-    let mut err = LineReader::new(child.stderr.take(), &mut scratch.err);
+    let mut out = LineReader::new(child.process.stdout.take(), &mut scratch.out);
+    let mut err = LineReader::new(child.process.stderr.take(), &mut scratch.err);
     let mut log = OutputLog {
         id: job.id,
         attempt: job.attempt,
@@ -199,8 +238,16 @@ pub fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &Abort, scratch: &mut 
     let mut pipes_deadline: Option<Instant> = None;
     let mut status: Option<io::Result<ExitStatus>> = None;
 
-    while status.is_none() || out.open() || err.open() {
+    // After the handler's exit the loop also runs while members of its group are being ended
+    // (`kill_at`): they may hold no pipe, and must not outlive the job all the same.
+    while status.is_none() || out.open() || err.open() || kill_at.is_some() {
         let now = Instant::now();
+        if status.is_some() && kill_at.is_some() && !group_alive(pgid) {
+            // The rest of the group went on SIGTERM: nothing is left to kill.
+            kill_at = None;
+            pipes_deadline.get_or_insert(now + PIPE_GRACE);
+            continue;
+        }
         // The time limit counts only while the handler runs and spoold has not ended it.
         let limit = (ended.is_none() && status.is_none()).then_some(deadline);
         if limit.is_some_and(|t| t <= now) {
@@ -226,7 +273,13 @@ pub fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &Abort, scratch: &mut 
             );
             break;
         }
-        let next = [limit, kill_at, pipes_deadline].into_iter().flatten().min();
+        // While the group outlives the handler, look again every GROUP_CHECK whether it is
+        // gone: no descriptor reports that.
+        let group_check = (status.is_some() && kill_at.is_some()).then(|| now + GROUP_CHECK);
+        let next = [limit, kill_at, pipes_deadline, group_check]
+            .into_iter()
+            .flatten()
+            .min();
 
         let watch_abort = ended.is_none() && status.is_none();
         let mut fds = Vec::with_capacity(4);

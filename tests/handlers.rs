@@ -389,6 +389,60 @@ fn handler_inherits_no_descriptor_of_the_spool() {
 }
 
 #[test]
+fn group_member_that_ignores_sigterm_without_our_pipes_is_killed() {
+    // The handler exits 0 at once; a member of its group has sent its output elsewhere, so no
+    // pipe tells spoold it lives on, and it ignores SIGTERM.
+    let c = case(
+        "sh -c 'trap \"\" TERM; echo $$ >> \"$0\"; exec sleep 30' \"$PIDS\" \
+         </dev/null >/dev/null 2>&1 &\n\
+         while [ $(wc -l < \"$PIDS\") -lt 2 ]; do sleep 0.01; done\nexit 0",
+        "timeout = \"20s\"\nkill_grace = \"500ms\"\n",
+    );
+    let mut d = c.env.start();
+    c.env.submit("quiet-member", "x");
+    let start = Instant::now();
+    assert!(
+        wait_path(&c.env.path("done/quiet-member"), SOON),
+        "{}",
+        d.log()
+    );
+    // The job ends at the SIGKILL, kill_grace after the handler exited, not before.
+    assert!(
+        start.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_no_survivors(&c.pids);
+    d.stop();
+}
+
+#[test]
+fn group_member_that_goes_on_sigterm_does_not_hold_the_job_for_kill_grace() {
+    // The member holds no pipe of ours and ends on SIGTERM; the job must not wait the
+    // 30 s kill_grace for it.
+    let c = case(
+        "sh -c 'echo $$ >> \"$0\"; exec sleep 30' \"$PIDS\" </dev/null >/dev/null 2>&1 &\n\
+         while [ $(wc -l < \"$PIDS\") -lt 2 ]; do sleep 0.01; done\nexit 0",
+        "timeout = \"60s\"\nkill_grace = \"30s\"\n",
+    );
+    let mut d = c.env.start();
+    c.env.submit("polite-member", "x");
+    let start = Instant::now();
+    assert!(
+        wait_path(&c.env.path("done/polite-member"), Duration::from_secs(20)),
+        "{}",
+        d.log()
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_no_survivors(&c.pids);
+    d.stop();
+}
+
+#[test]
 fn handlers_run_when_spoold_was_started_with_sigchld_ignored() {
     // An ignored SIGCHLD survives exec; the kernel would then reap each handler before its
     // worker waits for it, and every job would fail.
