@@ -399,6 +399,7 @@ fn group_member_that_ignores_sigterm_without_our_pipes_is_killed() {
         "timeout = \"20s\"\nkill_grace = \"500ms\"\n",
     );
     let mut d = c.env.start();
+    let rss = vm_kb(d.pid(), "VmRSS");
     c.env.submit("quiet-member", "x");
     let start = Instant::now();
     assert!(
@@ -413,6 +414,7 @@ fn group_member_that_ignores_sigterm_without_our_pipes_is_killed() {
         start.elapsed()
     );
     assert_no_survivors(&c.pids);
+    assert_memory_bounded(d.pid(), rss);
     d.stop();
 }
 
@@ -426,6 +428,7 @@ fn group_member_that_goes_on_sigterm_does_not_hold_the_job_for_kill_grace() {
         "timeout = \"60s\"\nkill_grace = \"30s\"\n",
     );
     let mut d = c.env.start();
+    let rss = vm_kb(d.pid(), "VmRSS");
     c.env.submit("polite-member", "x");
     let start = Instant::now();
     assert!(
@@ -439,6 +442,7 @@ fn group_member_that_goes_on_sigterm_does_not_hold_the_job_for_kill_grace() {
         start.elapsed()
     );
     assert_no_survivors(&c.pids);
+    assert_memory_bounded(d.pid(), rss);
     d.stop();
 }
 
@@ -456,11 +460,13 @@ fn handlers_run_when_spoold_was_started_with_sigchld_ignored() {
     let mut d = util::Daemon::spawn_command(cmd);
     d.wait_note(|n| n.contains("READY=1"), SOON)
         .unwrap_or_else(|| panic!("no READY=1; log:\n{}", d.log()));
+    let rss = vm_kb(d.pid(), "VmRSS");
     env.submit("reaped-by-us", "x");
     assert!(
         wait_path(&env.path("done/reaped-by-us"), SOON),
         "{}",
         d.log()
     );
+    assert_memory_bounded(d.pid(), rss);
     d.stop();
 }
