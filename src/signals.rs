@@ -1,4 +1,5 @@
-//! OS signals: SIGTERM and SIGINT become the stop and abort tokens; SIGHUP becomes a reload request.
+//! OS signals: SIGTERM and SIGINT become the stop and abort tokens, SIGHUP a reload request, and
+//! an inherited ignored SIGCHLD is undone.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
