@@ -42,8 +42,9 @@ const MAX_LOGGED_LINES: u64 = 10_000;
 const PIPE_GRACE: Duration = Duration::from_millis(200);
 
 /// How often to look whether the rest of a handler's group has gone, between its SIGTERM and
-/// SIGKILL, once the handler itself has exited.
-const GROUP_CHECK: Duration = Duration::from_millis(10);
+/// SIGKILL, once the handler itself has exited. Each look may read /proc (`group_alive`), so
+/// not much more often than this.
+const GROUP_CHECK: Duration = Duration::from_millis(50);
 
 /// How much of a pipe one read takes.
 const CHUNK: usize = 8192;
@@ -237,6 +238,9 @@ pub fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &Abort, scratch: &mut 
     let mut kill_at: Option<Instant> = None;
     let mut pipes_deadline: Option<Instant> = None;
     let mut status: Option<io::Result<ExitStatus>> = None;
+    // Once the group has had its SIGKILL, a member seen afterwards is dying, not defying: it
+    // gets no second grace period, which would stretch the abort past the stop's bound.
+    let mut group_killed = false;
 
     // After the handler's exit the loop also runs while members of its group are being ended
     // (`kill_at`): they may hold no pipe, and must not outlive the job all the same.
@@ -258,6 +262,7 @@ pub fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &Abort, scratch: &mut 
         }
         if kill_at.is_some_and(|t| t <= now) {
             signal_group(pgid, Signal::KILL);
+            group_killed = true;
             kill_at = None;
             if status.is_some() {
                 pipes_deadline = Some(now + PIPE_GRACE);
@@ -326,7 +331,7 @@ pub fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &Abort, scratch: &mut 
             status = Some(child.wait());
             // The handler is gone; whatever it left running in its group must not outlive
             // the job.
-            if group_alive(pgid) {
+            if !group_killed && group_alive(pgid) {
                 signal_group(pgid, Signal::TERM);
                 kill_at.get_or_insert(Instant::now() + cfg.kill_grace);
             } else {
@@ -495,8 +500,47 @@ fn slot<'a>(fds: &mut Vec<PollFd<'a>>, fd: Option<BorrowedFd<'a>>) -> Option<usi
     })
 }
 
+/// True while a process of the group lives. `kill(-pgid, 0)` also succeeds for zombies, which
+/// only their parent or init can reap, and a slow init (a container's PID 1) may leave them for
+/// long: so a group that answers it is looked up in /proc for a member that is not a zombie.
+/// The common case, an empty group, costs the one `kill`.
 fn group_alive(pgid: Pid) -> bool {
-    rustix::process::test_kill_process_group(pgid).is_ok()
+    if rustix::process::test_kill_process_group(pgid).is_err() {
+        return false;
+    }
+    // Without /proc, what `kill` said stands.
+    live_member_in_proc(pgid).unwrap_or(true)
+}
+
+/// Whether /proc lists a process of group `pgid` that is not a zombie; None if /proc cannot be
+/// read.
+fn live_member_in_proc(pgid: Pid) -> Option<bool> {
+    let pgid = pgid.as_raw_nonzero().get();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        // A process may end between the listing and the read; it is then not alive.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The command name (field 2) may hold spaces and parentheses; the fields after the
+        // last ')' are state, ppid, pgrp.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let mut fields = rest.split_ascii_whitespace();
+        let state = fields.next();
+        let pgrp = fields.nth(1).and_then(|p| p.parse::<i32>().ok());
+        if pgrp == Some(pgid) && !matches!(state, Some("Z" | "X")) {
+            return Some(true);
+        }
+    }
+    Some(false)
 }
 
 fn signal_group(pgid: Pid, sig: Signal) {
@@ -647,6 +691,35 @@ mod tests {
         r.take_lines(Ok(0), |l| out.push(String::from_utf8_lossy(l).into_owned()));
         assert!(!r.open());
         out
+    }
+
+    /// A group whose only member is a zombie answers `kill(-pgid, 0)`, but nothing in it lives:
+    /// spoold must not wait for it (a slow init may leave zombies for long).
+    #[test]
+    fn a_group_of_zombies_is_not_alive() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pgid = Pid::from_raw(child.id() as i32).unwrap();
+        assert!(group_alive(pgid), "a sleeping member is alive");
+        signal_group(pgid, Signal::KILL);
+        // Not reaped yet: wait until the kernel has made it a zombie.
+        let zombie = (0..3000).any(|_| {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
+            let state = stat.rsplit_once(')').unwrap().1.split_whitespace().next();
+            std::thread::sleep(Duration::from_millis(1));
+            state == Some("Z")
+        });
+        assert!(zombie, "the killed child became a zombie");
+        assert!(
+            rustix::process::test_kill_process_group(pgid).is_ok(),
+            "kill(-pgid, 0) still answers for a zombie"
+        );
+        assert!(!group_alive(pgid), "but the group has no live member");
+        child.wait().unwrap();
+        assert!(!group_alive(pgid));
     }
 
     #[test]
