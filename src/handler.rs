@@ -241,16 +241,25 @@ pub fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &Abort, scratch: &mut 
     // Once the group has had its SIGKILL, a member seen afterwards is dying, not defying: it
     // gets no second grace period, which would stretch the abort past the stop's bound.
     let mut group_killed = false;
+    // When to look next whether the group outlasting the handler has gone: no descriptor
+    // reports that, and a look may read /proc, so it is paced rather than made on every wake-up
+    // (a member that floods the pipe would otherwise cost a scan per read).
+    let mut group_check: Option<Instant> = None;
 
     // After the handler's exit the loop also runs while members of its group are being ended
     // (`kill_at`): they may hold no pipe, and must not outlive the job all the same.
     while status.is_none() || out.open() || err.open() || kill_at.is_some() {
         let now = Instant::now();
-        if status.is_some() && kill_at.is_some() && !group_alive(pgid) {
-            // The rest of the group went on SIGTERM: nothing is left to kill.
-            kill_at = None;
-            pipes_deadline.get_or_insert(now + PIPE_GRACE);
-            continue;
+        if group_check.is_some_and(|t| t <= now) {
+            if group_alive(pgid) {
+                group_check = Some(now + GROUP_CHECK);
+            } else {
+                // The rest of the group went on SIGTERM: nothing is left to kill.
+                group_check = None;
+                kill_at = None;
+                pipes_deadline.get_or_insert(now + PIPE_GRACE);
+                continue;
+            }
         }
         // The time limit counts only while the handler runs and spoold has not ended it.
         let limit = (ended.is_none() && status.is_none()).then_some(deadline);
@@ -263,6 +272,7 @@ pub fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &Abort, scratch: &mut 
         if kill_at.is_some_and(|t| t <= now) {
             signal_group(pgid, Signal::KILL);
             group_killed = true;
+            group_check = None;
             kill_at = None;
             if status.is_some() {
                 pipes_deadline = Some(now + PIPE_GRACE);
@@ -278,9 +288,6 @@ pub fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &Abort, scratch: &mut 
             );
             break;
         }
-        // While the group outlives the handler, look again every GROUP_CHECK whether it is
-        // gone: no descriptor reports that.
-        let group_check = (status.is_some() && kill_at.is_some()).then(|| now + GROUP_CHECK);
         let next = [limit, kill_at, pipes_deadline, group_check]
             .into_iter()
             .flatten()
@@ -333,8 +340,14 @@ pub fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &Abort, scratch: &mut 
             // the job.
             if !group_killed && group_alive(pgid) {
                 signal_group(pgid, Signal::TERM);
-                kill_at.get_or_insert(Instant::now() + cfg.kill_grace);
+                let now = Instant::now();
+                kill_at.get_or_insert(now + cfg.kill_grace);
+                group_check = Some(now + GROUP_CHECK);
             } else {
+                // Nothing of the group lives (or all of it is dying of SIGKILL): a SIGKILL
+                // still pending from a timeout or an abort has nothing left to do, and must
+                // not hold the job until it is due.
+                kill_at = None;
                 pipes_deadline = Some(Instant::now() + PIPE_GRACE);
             }
         } else if aborted {

@@ -408,3 +408,27 @@ fn a_notify_socket_nobody_reads_never_blocks_the_daemon() {
     }
     assert!(exited.expect("spoold hung on its notify socket").success());
 }
+
+/// An abort signals the handler's group and allows it kill_grace to end; a handler that ends on
+/// SIGTERM must let the job go back to new/ at once, not when its SIGKILL would have been due.
+#[test]
+fn abort_of_a_handler_that_ends_on_sigterm_does_not_wait_for_kill_grace() {
+    let env = Env::new(
+        &["/bin/sh", "-c", "exec sleep 1000"],
+        "kill_grace = \"30s\"\n[shutdown]\ndrain_timeout = \"200ms\"\n",
+    );
+    let mut d = env.start();
+    env.submit("polite", "x");
+    assert!(wait_for(SOON, || (env.count("active") == 1).then_some(())).is_some());
+    d.term();
+    let (status, took) = d.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "{}", d.log());
+    // Well under the 30 s kill_grace, with room for a loaded machine.
+    assert!(took < Duration::from_secs(15), "took {took:?}: {}", d.log());
+    assert_eq!(env.names("new").len(), 1, "back in new/: {}", d.log());
+    assert!(
+        !d.log().contains("keeps its output open"),
+        "no process held the pipes: {}",
+        d.log()
+    );
+}
