@@ -81,7 +81,6 @@ impl Default for Scratch {
 /// an abort as soon as a waker would have.
 #[derive(Clone)]
 pub struct Abort {
-    token: CancellationToken,
     fd: Arc<OwnedFd>,
 }
 
@@ -91,18 +90,13 @@ impl Abort {
     pub fn watch(token: CancellationToken) -> io::Result<Abort> {
         let fd = Arc::new(rustix::event::eventfd(0, EventfdFlags::CLOEXEC)?);
         let raise = Arc::clone(&fd);
-        let cancelled = token.clone();
         tokio::spawn(async move {
-            cancelled.cancelled().await;
+            token.cancelled().await;
             // Never read back, so the counter stays non-zero and every poller sees it. The
             // write cannot block: the counter is far from its maximum.
             let _ = rustix::io::write(&*raise, &1u64.to_ne_bytes());
         });
-        Ok(Abort { token, fd })
-    }
-
-    pub fn is_cancelled(&self) -> bool {
-        self.token.is_cancelled()
+        Ok(Abort { fd })
     }
 }
 
@@ -144,8 +138,9 @@ impl Report {
     }
 }
 
-/// The handler's process. Were `run` left without having waited for it, which only a panic
-/// can do, dropping this kills its group and reaps it: no handler runs on unobserved.
+/// The handler's process. Were `run` left without having waited for it (a handler it cannot
+/// watch, or a panic), dropping this kills its group and reaps it: no handler runs on
+/// unobserved.
 struct Handler {
     process: std::process::Child,
     pgid: Pid,
@@ -213,15 +208,11 @@ pub fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &Abort, scratch: &mut 
     };
     let pgid = child.pgid;
     // The pidfd lets one poll wait for the exit and the output together. Without it (out of
-    // descriptors), the attempt cannot be watched: it is ended at once rather than left
-    // running unobserved.
+    // descriptors), the attempt cannot be watched: it is ended at once (dropping `child` kills
+    // and reaps it) rather than left running unobserved.
     let pidfd = match rustix::process::pidfd_open(pgid, PidfdFlags::empty()) {
         Ok(fd) => fd,
-        Err(e) => {
-            signal_group(pgid, Signal::KILL);
-            let _ = child.wait();
-            return failed(format!("cannot watch the handler (pidfd_open): {e}"));
-        }
+        Err(e) => return failed(format!("cannot watch the handler (pidfd_open): {e}")),
     };
     let mut out = LineReader::new(child.process.stdout.take(), &mut scratch.out);
     let mut err = LineReader::new(child.process.stderr.take(), &mut scratch.err);
@@ -538,22 +529,26 @@ fn live_member_in_proc(pgid: Pid) -> Option<bool> {
             continue;
         };
         // A process may end between the listing and the read; it is then not alive.
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // The command name (field 2) may hold spaces and parentheses; the fields after the
-        // last ')' are state, ppid, pgrp.
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let mut fields = rest.split_ascii_whitespace();
-        let state = fields.next();
-        let pgrp = fields.nth(1).and_then(|p| p.parse::<i32>().ok());
-        if pgrp == Some(pgid) && !matches!(state, Some("Z" | "X")) {
+        if let Some((state, pgrp)) = state_and_group(pid)
+            && pgrp == pgid
+            && !matches!(state, 'Z' | 'X')
+        {
             return Some(true);
         }
     }
     Some(false)
+}
+
+/// The state letter and the process group of `pid`, from /proc/PID/stat.
+fn state_and_group(pid: &str) -> Option<(char, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses; the fields after the last
+    // ')' are state, ppid, pgrp.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let pgrp = fields.nth(1)?.parse().ok()?;
+    Some((state, pgrp))
 }
 
 fn signal_group(pgid: Pid, sig: Signal) {
@@ -720,10 +715,9 @@ mod tests {
         signal_group(pgid, Signal::KILL);
         // Not reaped yet: wait until the kernel has made it a zombie.
         let zombie = (0..3000).any(|_| {
-            let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
-            let state = stat.rsplit_once(')').unwrap().1.split_whitespace().next();
+            let (state, _) = state_and_group(&child.id().to_string()).unwrap();
             std::thread::sleep(Duration::from_millis(1));
-            state == Some("Z")
+            state == 'Z'
         });
         assert!(zombie, "the killed child became a zombie");
         assert!(

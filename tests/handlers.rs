@@ -102,6 +102,26 @@ fn assert_memory_bounded(pid: i32, at_start_kb: u64) {
     );
 }
 
+/// Starts the daemon on `c`, runs one job named `name` and returns how long it took to reach
+/// done/ (at most `within`); then checks that nothing the handler started survived and that
+/// spoold's memory stayed bounded.
+fn run_to_done(c: &Case, name: &str, within: Duration) -> Duration {
+    let mut d = c.env.start();
+    let rss = vm_kb(d.pid(), "VmRSS");
+    c.env.submit(name, "x");
+    let start = Instant::now();
+    assert!(
+        wait_path(&c.env.path(&format!("done/{name}")), within),
+        "{}",
+        d.log()
+    );
+    let took = start.elapsed();
+    assert_no_survivors(&c.pids);
+    assert_memory_bounded(d.pid(), rss);
+    d.stop();
+    took
+}
+
 #[test]
 fn handler_that_ignores_sigterm_is_killed_at_the_timeout() {
     let c = case(
@@ -143,24 +163,9 @@ fn grandchild_that_ignores_sigterm_and_keeps_stdout_open_is_killed() {
          while [ $(wc -l < \"$PIDS\") -lt 2 ]; do sleep 0.01; done\nexit 0",
         "timeout = \"20s\"\nkill_grace = \"500ms\"\n",
     );
-    let mut d = c.env.start();
-    let rss = vm_kb(d.pid(), "VmRSS");
-    c.env.submit("parent-gone", "x");
-    let start = Instant::now();
-    assert!(
-        wait_path(&c.env.path("done/parent-gone"), SOON),
-        "{}",
-        d.log()
-    );
+    let took = run_to_done(&c, "parent-gone", SOON);
     // SIGTERM is ignored, so the job ends at SIGKILL, kill_grace after the handler exited.
-    assert!(
-        start.elapsed() >= Duration::from_millis(500),
-        "{:?}",
-        start.elapsed()
-    );
-    assert_no_survivors(&c.pids);
-    assert_memory_bounded(d.pid(), rss);
-    d.stop();
+    assert!(took >= Duration::from_millis(500), "{took:?}");
 }
 
 #[test]
@@ -398,24 +403,9 @@ fn group_member_that_ignores_sigterm_without_our_pipes_is_killed() {
          while [ $(wc -l < \"$PIDS\") -lt 2 ]; do sleep 0.01; done\nexit 0",
         "timeout = \"20s\"\nkill_grace = \"500ms\"\n",
     );
-    let mut d = c.env.start();
-    let rss = vm_kb(d.pid(), "VmRSS");
-    c.env.submit("quiet-member", "x");
-    let start = Instant::now();
-    assert!(
-        wait_path(&c.env.path("done/quiet-member"), SOON),
-        "{}",
-        d.log()
-    );
+    let took = run_to_done(&c, "quiet-member", SOON);
     // The job ends at the SIGKILL, kill_grace after the handler exited, not before.
-    assert!(
-        start.elapsed() >= Duration::from_millis(500),
-        "{:?}",
-        start.elapsed()
-    );
-    assert_no_survivors(&c.pids);
-    assert_memory_bounded(d.pid(), rss);
-    d.stop();
+    assert!(took >= Duration::from_millis(500), "{took:?}");
 }
 
 #[test]
@@ -427,23 +417,8 @@ fn group_member_that_goes_on_sigterm_does_not_hold_the_job_for_kill_grace() {
          while [ $(wc -l < \"$PIDS\") -lt 2 ]; do sleep 0.01; done\nexit 0",
         "timeout = \"60s\"\nkill_grace = \"30s\"\n",
     );
-    let mut d = c.env.start();
-    let rss = vm_kb(d.pid(), "VmRSS");
-    c.env.submit("polite-member", "x");
-    let start = Instant::now();
-    assert!(
-        wait_path(&c.env.path("done/polite-member"), Duration::from_secs(20)),
-        "{}",
-        d.log()
-    );
-    assert!(
-        start.elapsed() < Duration::from_secs(20),
-        "{:?}",
-        start.elapsed()
-    );
-    assert_no_survivors(&c.pids);
-    assert_memory_bounded(d.pid(), rss);
-    d.stop();
+    let took = run_to_done(&c, "polite-member", Duration::from_secs(20));
+    assert!(took < Duration::from_secs(20), "{took:?}");
 }
 
 #[test]
