@@ -243,14 +243,20 @@ fn reload_grows_workers_and_survives_a_bad_config() {
         d.log()
     );
     assert_eq!(d.worker_threads(), 3, "a thread for each worker");
-    let notes = d.notes();
-    let at = notes
-        .iter()
-        .position(|n| n.contains("RELOADING=1"))
-        .unwrap();
+    // The new workers run on threads of their own and may claim their jobs before the
+    // supervisor has sent READY=1 for the reload, so wait for it rather than expect it.
+    let ready_after_reload = wait_for(SOON, || {
+        let notes = d.notes();
+        let at = notes.iter().position(|n| n.contains("RELOADING=1"))?;
+        notes[at..]
+            .iter()
+            .any(|n| n.contains("READY=1"))
+            .then_some(())
+    });
     assert!(
-        notes[at..].iter().any(|n| n.contains("READY=1")),
-        "READY=1 after the reload: {notes:?}"
+        ready_after_reload.is_some(),
+        "READY=1 after the reload: {:?}",
+        d.notes()
     );
 
     // A broken edit: the daemon keeps running on the old config, and says so.
