@@ -345,6 +345,66 @@ fn placeholders_environment_and_stdin() {
     assert!(log.contains("stdin: the job body"), "{log}");
 }
 
+/// What a handler inherits besides its job: spoold's environment with `[handler] env` on top,
+/// the job's own variables (which the config cannot spoof), a bare command name looked up in
+/// the PATH that `[handler] env` sets, no blocked signal, SIGPIPE at its default (spoold, a
+/// Rust program, ignores it, and an ignored signal would stay ignored across exec), and a
+/// process group of its own.
+#[test]
+fn handler_environment_path_lookup_and_signal_state() {
+    let env = Env::new(&["/bin/true"], "");
+    let bin = env.dir.path().join("handler-bin");
+    fs::create_dir(&bin).unwrap();
+    let script = env.script(
+        "job-handler",
+        "echo \"vars: $INHERITED $OVERRIDDEN $SPOOLD_JOB_ID\"\n\
+         echo \"sigign: $(sed -n 's/^SigIgn:[[:space:]]*//p' /proc/$$/status)\"\n\
+         echo \"sigblk: $(sed -n 's/^SigBlk:[[:space:]]*//p' /proc/$$/status)\"\n\
+         echo \"pid: $$ pgid: $(cut -d' ' -f5 /proc/$$/stat)\"",
+    );
+    fs::rename(&script, bin.join("job-handler")).unwrap();
+    env.write_config(
+        &["job-handler"],
+        &format!(
+            "[handler.env]\nPATH = \"{}:/usr/bin:/bin\"\nOVERRIDDEN = \"from-config\"\n\
+             SPOOLD_JOB_ID = \"spoofed\"\n",
+            bin.display()
+        ),
+    );
+    let mut d = util::Daemon::start(
+        &env.config,
+        &[("INHERITED", "from-spoold"), ("OVERRIDDEN", "from-spoold")],
+    );
+    env.submit("hello", "x");
+    assert!(
+        d.wait_log(|l| l.contains("outcome=\"done\""), SOON),
+        "{}",
+        d.log()
+    );
+    d.stop();
+    let log = d.log();
+    assert!(log.contains("vars: from-spoold from-config hello"), "{log}");
+    let field = |name: &str| {
+        let at = log
+            .find(name)
+            .unwrap_or_else(|| panic!("no {name} in {log}"))
+            + name.len();
+        log[at..].split_whitespace().next().unwrap().to_owned()
+    };
+    let ignored = u64::from_str_radix(&field("sigign: "), 16).unwrap();
+    assert_eq!(
+        ignored & (1 << (13 - 1)),
+        0,
+        "SIGPIPE ignored in the handler: {log}"
+    );
+    assert_eq!(
+        u64::from_str_radix(&field("sigblk: "), 16).unwrap(),
+        0,
+        "signals blocked in the handler: {log}"
+    );
+    assert_eq!(field("pid: "), field("pgid: "), "not a group leader: {log}");
+}
+
 #[test]
 fn done_keep_false_deletes_finished_jobs() {
     let env = Env::new(&["/bin/true"], "[done]\nkeep = false\n");
