@@ -77,7 +77,7 @@ pub struct HandlerConfig {
     pub kill_grace: Duration,
     #[serde(default = "default_stdin")]
     pub stdin: StdinMode,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "environment")]
     pub env: BTreeMap<String, String>,
 }
 
@@ -217,8 +217,34 @@ fn non_empty_argv<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Err
         Some(program) if program.is_empty() => Err(serde::de::Error::custom(
             "the program (first element) is an empty string",
         )),
-        Some(_) => Ok(argv),
+        Some(_) => match argv.iter().position(|a| a.contains('\0')) {
+            Some(i) => Err(serde::de::Error::custom(format!(
+                "element {} holds a NUL byte, which no program name or argument can hold",
+                i + 1
+            ))),
+            None => Ok(argv),
+        },
     }
+}
+
+/// `[handler] env`: names and values an environment can hold. A name that is empty or holds
+/// `=`, or a NUL anywhere, could only be dropped or mangled at every spawn.
+fn environment<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let env: BTreeMap<String, String> = BTreeMap::deserialize(d)?;
+    for (name, value) in &env {
+        if name.is_empty() || name.contains(['=', '\0']) {
+            return Err(serde::de::Error::custom(format!(
+                "{name:?} cannot be the name of an environment variable (empty, or holds `=` or \
+                 a NUL byte)"
+            )));
+        }
+        if value.contains('\0') {
+            return Err(serde::de::Error::custom(format!(
+                "the value of {name} holds a NUL byte, which no environment variable can hold"
+            )));
+        }
+    }
+    Ok(env)
 }
 
 fn log_level<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {

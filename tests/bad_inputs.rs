@@ -274,6 +274,27 @@ fn bad_configs(spool: &Path) -> Vec<BadConfig> {
             message: "unknown variant `file`",
         },
         BadConfig {
+            what: "a NUL byte in handler.command",
+            text: format!("{head}[handler]\ncommand = [\"/bin/echo\", \"a\\u0000b\"]\n"),
+            line: 4,
+            key: Some("handler.command"),
+            message: "element 2 holds a NUL byte",
+        },
+        BadConfig {
+            what: "a NUL byte in a handler.env value",
+            text: format!("{head}{handler}env = {{ TOKEN = \"a\\u0000b\" }}\n"),
+            line: 5,
+            key: Some("handler.env"),
+            message: "the value of TOKEN holds a NUL byte",
+        },
+        BadConfig {
+            what: "an = in a handler.env name",
+            text: format!("{head}{handler}env = {{ \"A=B\" = \"x\" }}\n"),
+            line: 5,
+            key: Some("handler.env"),
+            message: "\"A=B\" cannot be the name of an environment variable",
+        },
+        BadConfig {
             what: "an empty handler.command",
             text: format!("{head}[handler]\ncommand = []\n"),
             line: 4,
