@@ -24,6 +24,7 @@ use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use nix::errno::Errno;
 use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags};
 use nix::sys::signal::SigSet;
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
@@ -61,9 +62,12 @@ pub struct Scratch {
     /// Duplicated onto each handler's stdin when it is `null`. None if it could not be opened,
     /// in which case each attempt opens it itself.
     dev_null: Option<std::fs::File>,
-    /// How every handler starts: in a process group of its own, with no signal blocked, and
-    /// with SIGPIPE back at its default (spoold ignores it, as Rust programs do, and an ignored
-    /// signal stays ignored across exec). The same for every attempt, so it is built once.
+    /// How every handler starts: in a process group of its own, with SIGPIPE back at its
+    /// default (spoold ignores it, as Rust programs do, and an ignored signal stays ignored
+    /// across exec), and with no signal blocked. std's `Command` let the child inherit the
+    /// spawning thread's mask instead; an empty one is what systemd gives a service, and a
+    /// handler started with SIGTERM blocked would only end at SIGKILL. The same for every
+    /// attempt, so it is built once.
     attr: nix::Result<PosixSpawnAttr>,
     /// The environment of the handlers under the current `[handler] env`, rebuilt only when
     /// that table changes.
@@ -141,7 +145,8 @@ impl HandlerEnv {
                 .any(|v| v.as_bytes() == key)
         };
         let mut vars: Vec<CString> = std::env::vars_os()
-            .filter(|(k, _)| keep(k) && !cfg.env.contains_key(k.to_str().unwrap_or("")))
+            // A name that is not UTF-8 cannot be in `[handler] env`, whose names are strings.
+            .filter(|(k, _)| keep(k) && !k.to_str().is_some_and(|k| cfg.env.contains_key(k)))
             .filter_map(|(k, v)| var(k.as_bytes(), v.as_bytes()))
             .collect();
         vars.extend(
@@ -158,7 +163,9 @@ impl HandlerEnv {
     }
 }
 
-/// `KEY=VALUE` as exec wants it; None for what no environment can hold (a NUL byte).
+/// `KEY=VALUE` as exec wants it; None for what no environment can hold (a NUL byte: the config
+/// refuses one in `[handler] env`, and neither spoold's own environment nor a file name can
+/// hold one).
 fn var(key: &[u8], value: &[u8]) -> Option<CString> {
     let mut kv = Vec::with_capacity(key.len() + 1 + value.len());
     kv.extend_from_slice(key);
@@ -235,27 +242,35 @@ impl Report {
 struct Handler {
     /// The handler's PID, which is also its process group's ID.
     pgid: Pid,
-    reaped: bool,
+    /// What reaping it gave, once it has been reaped. A second `waitpid` must never run: the
+    /// PID may by then belong to another worker's handler, whose exit it would steal.
+    reaped: Option<Result<ExitStatus, rustix::io::Errno>>,
 }
 
 impl Handler {
     fn wait(&mut self) -> io::Result<ExitStatus> {
-        // Even an error means there is nothing left to reap.
-        self.reaped = true;
-        loop {
-            match rustix::process::waitpid(Some(self.pgid), rustix::process::WaitOptions::empty()) {
-                Ok(Some((_, status))) => return Ok(ExitStatus::from_raw(status.as_raw())),
-                Ok(None) => return Err(io::Error::other("waitpid returned no status")),
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
+        let reaped = *self.reaped.get_or_insert_with(|| {
+            loop {
+                match rustix::process::waitpid(
+                    Some(self.pgid),
+                    rustix::process::WaitOptions::empty(),
+                ) {
+                    Ok(Some((_, status))) => break Ok(ExitStatus::from_raw(status.as_raw())),
+                    // Not expected without WNOHANG; counted as reaped all the same.
+                    Ok(None) => break Err(rustix::io::Errno::CHILD),
+                    Err(rustix::io::Errno::INTR) => continue,
+                    // Even an error means there is nothing left to reap.
+                    Err(e) => break Err(e),
+                }
             }
-        }
+        });
+        reaped.map_err(io::Error::from)
     }
 }
 
 impl Drop for Handler {
     fn drop(&mut self) {
-        if !self.reaped {
+        if self.reaped.is_none() {
             signal_group(self.pgid, Signal::KILL);
             let _ = self.wait();
         }
@@ -386,7 +401,9 @@ pub fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &Abort, scratch: &mut 
                 // Not expected with valid descriptors; end the attempt rather than spin.
                 tracing::error!(job_id = job.id, attempt = job.attempt, "poll failed: {e}");
                 signal_group(pgid, Signal::KILL);
-                status = Some(child.wait());
+                if status.is_none() {
+                    status = Some(child.wait());
+                }
                 break;
             }
         }
@@ -593,6 +610,8 @@ fn spawn(
     };
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
+    // The sources are never 0, 1 or 2, so no dup2 below overwrites a later one's source: std
+    // opens /dev/null on any of those that is closed at start-up, and spoold never closes them.
     let mut actions = PosixSpawnFileActions::init().map_err(|e| cannot_run(&e))?;
     for (fd, to) in [(stdin, 0), (out_w.as_fd(), 1), (err_w.as_fd(), 2)] {
         actions
@@ -615,25 +634,50 @@ fn spawn(
     let spawned = if program.as_bytes().contains(&b'/') {
         nix::spawn::posix_spawn(program.as_c_str(), &actions, attr, &argv, &envp)
     } else if let Some(path) = &env.path {
-        // glibc would search spoold's own PATH: look where the handler's PATH points.
-        // Relative entries of that PATH count from spoold's working directory, the handler's.
-        let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
-        let found = which::which_in(OsStr::from_bytes(program.as_bytes()), Some(path), cwd)
-            .map_err(|_| cannot_run(&format_args!("not found in the PATH set in [handler] env")))?;
-        nix::spawn::posix_spawn(found.as_path(), &actions, attr, &argv, &envp)
+        // glibc would search spoold's own PATH: search the handler's, as execvp(3) would.
+        spawn_in_path(program, path, |candidate| {
+            nix::spawn::posix_spawn(candidate, &actions, attr, &argv, &envp)
+        })
     } else {
         nix::spawn::posix_spawnp(program, &actions, attr, &argv, &envp)
     };
     let pid = spawned.map_err(|e| cannot_run(&io::Error::from(e)))?;
     let pgid = Pid::from_raw(pid.as_raw()).expect("a child that was just spawned has a pid");
-    Ok((
-        Handler {
-            pgid,
-            reaped: false,
-        },
-        out_r,
-        err_r,
-    ))
+    Ok((Handler { pgid, reaped: None }, out_r, err_r))
+}
+
+/// Tries `spawn` on `program` in each directory of `path` in turn, as execvp(3) does: an empty
+/// entry is the working directory; a candidate that is missing, or not a directory on the
+/// way, or not executable, is passed over; if none runs, the error is EACCES when some
+/// candidate was not executable (the reason a user needs), else the last one.
+fn spawn_in_path(
+    program: &CStr,
+    path: &OsStr,
+    mut spawn: impl FnMut(&Path) -> nix::Result<nix::unistd::Pid>,
+) -> nix::Result<nix::unistd::Pid> {
+    let program = OsStr::from_bytes(program.to_bytes());
+    let mut error = Errno::ENOENT;
+    let mut denied = false;
+    for dir in path.as_bytes().split(|&b| b == b':') {
+        let candidate = if dir.is_empty() {
+            Path::new(program).to_owned()
+        } else {
+            Path::new(OsStr::from_bytes(dir)).join(program)
+        };
+        match spawn(&candidate) {
+            Ok(pid) => return Ok(pid),
+            Err(
+                e @ (Errno::ENOENT
+                | Errno::ENOTDIR
+                | Errno::ESTALE
+                | Errno::ENODEV
+                | Errno::ETIMEDOUT),
+            ) => error = e,
+            Err(Errno::EACCES) => denied = true,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(if denied { Errno::EACCES } else { error })
 }
 
 /// Adds `fd`, if any, to the poll set; returns its index there.
@@ -840,6 +884,24 @@ mod tests {
         r.take_lines(Ok(0), |l| out.push(String::from_utf8_lossy(l).into_owned()));
         assert!(!r.open());
         out
+    }
+
+    /// The loop may ask for the handler's status again after it has been reaped (a failed
+    /// poll while the pipes drain): it must get the same status, not a second `waitpid`, which
+    /// could reap another worker's handler that reuses the PID.
+    #[test]
+    #[expect(clippy::zombie_processes, reason = "the Handler under test reaps it")]
+    fn a_handler_is_reaped_once_and_its_status_kept() {
+        let child = std::process::Command::new("sh")
+            .args(["-c", "exit 7"])
+            .spawn()
+            .unwrap();
+        let mut handler = Handler {
+            pgid: Pid::from_raw(child.id() as i32).unwrap(),
+            reaped: None,
+        };
+        assert_eq!(handler.wait().unwrap().code(), Some(7));
+        assert_eq!(handler.wait().unwrap().code(), Some(7));
     }
 
     /// A group whose only member is a zombie answers `kill(-pgid, 0)`, but nothing in it lives:

@@ -945,17 +945,37 @@ fn missing_or_non_executable_handler_fails_the_attempt_with_the_reason() {
     let not_exec = env.dir.path().join("not-executable.sh");
     fs::write(&not_exec, "#!/bin/sh\nexit 0\n").unwrap();
     fs::set_permissions(&not_exec, fs::Permissions::from_mode(0o644)).unwrap();
-    for (program, problem) in [
+    // A bare name is looked up in the PATH that [handler] env sets, as execvp(3) would: the
+    // reason must be the one for the best candidate, not "not found".
+    let path = format!(
+        "[handler.env]\nPATH = \"{}:/nonexistent\"\n",
+        env.dir.path().display()
+    );
+    // No `#!` line: posix_spawn, unlike a shell, does not hand it to /bin/sh.
+    let no_shebang = env.dir.path().join("no-shebang.sh");
+    fs::write(&no_shebang, "exit 0\n").unwrap();
+    fs::set_permissions(&no_shebang, fs::Permissions::from_mode(0o755)).unwrap();
+    let no_shebang = no_shebang.display().to_string();
+    let no_such = env.dir.path().join("no-such-handler").display().to_string();
+    let not_exec = not_exec.display().to_string();
+    for (program, extra, problem) in [
+        (no_such.as_str(), "", "No such file or directory"),
+        (not_exec.as_str(), "", "Permission denied"),
+        (no_shebang.as_str(), "", "Exec format error"),
         (
-            env.dir.path().join("no-such-handler"),
+            "no-such-handler",
+            path.as_str(),
             "No such file or directory",
         ),
-        (not_exec.clone(), "Permission denied"),
+        ("not-executable.sh", path.as_str(), "Permission denied"),
     ] {
-        let program = program.display().to_string();
-        env.write_config(&[&program], "[retry]\nmax_attempts = 1\n");
+        env.write_config(&[program], &format!("{extra}[retry]\nmax_attempts = 1\n"));
         let mut d = env.start();
-        let name = format!("for-{}", Path::new(&program).file_name().unwrap().display());
+        let kind = if extra.is_empty() { "path" } else { "bare" };
+        let name = format!(
+            "for-{kind}-{}",
+            Path::new(program).file_name().unwrap().display()
+        );
         env.submit(&name, "x");
         assert!(
             wait_for(SOON, || env
@@ -980,7 +1000,7 @@ fn missing_or_non_executable_handler_fails_the_attempt_with_the_reason() {
     }
     if is_root() {
         // root may execute a file without the x bit only if some x bit is set: 0644 still fails.
-        assert!(env.path("failed/for-not-executable.sh").exists());
+        assert!(env.path("failed/for-path-not-executable.sh").exists());
     }
 }
 
