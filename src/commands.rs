@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use crate::cli::Command;
 use crate::config::Config;
-use crate::spool::{self, Spool};
+use crate::job::{JobId, display_name, escape_bytes, escape_text};
+use crate::spool::{self, Retried, Spool};
 
 const EX_CONFIG: u8 = 78;
 
@@ -102,7 +103,10 @@ fn status(spool: &Spool, json: bool) -> io::Result<ExitCode> {
                 )
             })
             .unwrap_or_default();
-        println!("spool   {}", spool.root().display());
+        println!(
+            "spool   {}",
+            escape_bytes(spool.root().as_os_str().as_encoded_bytes())
+        );
         match counts.daemon_pid {
             Some(pid) => println!("daemon  running (pid {pid})"),
             None => println!("daemon  not running"),
@@ -122,7 +126,7 @@ fn failed(spool: &Spool, json: bool) -> io::Result<ExitCode> {
     if json {
         let list: Vec<_> = jobs
             .iter()
-            .map(|j| serde_json::json!({ "id": spool::display_name(&j.name), "record": j.record }))
+            .map(|j| serde_json::json!({ "id": display_name(&j.name), "record": j.record }))
             .collect();
         writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
         return Ok(ExitCode::SUCCESS);
@@ -131,14 +135,14 @@ fn failed(spool: &Spool, json: bool) -> io::Result<ExitCode> {
         writeln!(out, "no failed jobs")?;
     }
     for job in &jobs {
-        let id = spool::display_name(&job.name);
+        let id = display_name(&job.name);
         let Some(record) = &job.record else {
             writeln!(out, "{id}\n    (no reason recorded)")?;
             continue;
         };
         let last = record.last_failure.clone().unwrap_or_default();
         writeln!(out, "{id}")?;
-        writeln!(out, "    reason:   {}", last.reason)?;
+        writeln!(out, "    reason:   {}", escape_text(&last.reason))?;
         writeln!(
             out,
             "    attempts: {}{}",
@@ -150,34 +154,67 @@ fn failed(spool: &Spool, json: bool) -> io::Result<ExitCode> {
             }
         )?;
         if let Some(at) = &record.first_attempt_at {
-            writeln!(out, "    first:    {at}")?;
+            writeln!(out, "    first:    {}", escape_text(at))?;
         }
         if let Some(at) = &record.failed_at {
-            writeln!(out, "    failed:   {at}")?;
+            writeln!(out, "    failed:   {}", escape_text(at))?;
         }
         if last.timed_out {
             writeln!(out, "    timed out: yes")?;
         }
         for line in &last.stderr_tail {
-            writeln!(out, "    stderr| {line}")?;
+            writeln!(out, "    stderr| {}", escape_text(line))?;
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
 fn retry(spool: &Spool, ids: &[String], all: bool) -> io::Result<ExitCode> {
-    let names: Vec<_> = if all {
-        spool.failed_jobs()?.into_iter().map(|j| j.name).collect()
-    } else {
-        ids.iter().map(|id| spool::parse_display_name(id)).collect()
-    };
     let mut code = ExitCode::SUCCESS;
-    for name in names {
-        let id = spool::display_name(&name);
-        match spool.retry_failed(&name) {
-            Ok(true) => println!("{id}: back in new/"),
-            Ok(false) => {
+    // Every argument is checked before anything moves: a typo among many IDs must not leave
+    // the operator guessing which of them were acted on.
+    let ids: Vec<JobId> = if all {
+        let jobs = spool.failed_jobs()?;
+        if jobs.is_empty() {
+            println!("no failed jobs to retry");
+            return Ok(code);
+        }
+        jobs.into_iter()
+            .filter_map(|j| JobId::parse(&display_name(&j.name)).ok())
+            .collect()
+    } else {
+        let mut parsed = Vec::with_capacity(ids.len());
+        for arg in ids {
+            match JobId::parse(arg) {
+                Ok(id) => parsed.push(id),
+                Err(e) => {
+                    eprintln!("spoold: {e}");
+                    code = ExitCode::FAILURE;
+                }
+            }
+        }
+        if code != ExitCode::SUCCESS {
+            eprintln!("spoold: nothing was retried");
+            return Ok(code);
+        }
+        parsed
+    };
+    for id in ids {
+        match spool.retry_failed(&id) {
+            Ok(Retried::Queued(name)) if name == id.as_os_str() => println!("{id}: back in new/"),
+            Ok(Retried::Queued(name)) => println!(
+                "{id}: back in new/ as {} (new/ already held a job of that name)",
+                display_name(&name)
+            ),
+            Ok(Retried::NoSuchJob) => {
                 eprintln!("spoold: {id}: no failed job of that name");
+                code = ExitCode::FAILURE;
+            }
+            Ok(Retried::NotAJob(kind)) => {
+                eprintln!(
+                    "spoold: {id}: not retried: it is {kind}, not a job file; spoold never \
+                     follows or opens such an entry (remove it from failed/ by hand)"
+                );
                 code = ExitCode::FAILURE;
             }
             Err(e) => {

@@ -8,6 +8,7 @@ pub mod commands;
 pub mod config;
 pub mod dispatcher;
 pub mod handler;
+pub mod job;
 pub mod logging;
 pub mod notify;
 pub mod signals;

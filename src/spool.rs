@@ -36,6 +36,8 @@ use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
+use crate::job::{JobId, display_name};
+
 /// The longest file name Linux filesystems accept, in bytes.
 const NAME_MAX: usize = 255;
 /// How long `lock` waits for a lock that is held, before it says another daemon owns the spool.
@@ -190,6 +192,17 @@ pub struct Candidate {
     pub name: OsString,
     /// Modification time in nanoseconds since the epoch, used to run the oldest first.
     pub mtime_ns: i128,
+}
+
+/// What `retry_failed` did with an ID.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Retried {
+    /// Back in `new/`, under this name (a `.dup-` name when `new/` held one like it).
+    Queued(OsString),
+    /// `failed/` holds no entry of that name.
+    NoSuchJob,
+    /// `failed/` holds an entry of that name that is not a regular file (this kind): it stays.
+    NotAJob(&'static str),
 }
 
 /// A job in `failed/` as `spoold failed` shows it.
@@ -676,11 +689,20 @@ impl Spool {
         Ok(jobs)
     }
 
-    /// Moves a failed job back to `new/` with a fresh attempt count. Returns false when there
-    /// is no such failed job.
-    pub fn retry_failed(&self, name: &OsStr) -> io::Result<bool> {
-        if rustix::fs::statat(self.fd(Dir::Failed), name, AtFlags::SYMLINK_NOFOLLOW).is_err() {
-            return Ok(false);
+    /// Moves a failed job back to `new/` with a fresh attempt count. Only an entry of `failed/`
+    /// itself is touched: `id` is one name, never a path, and a link there is not followed.
+    pub fn retry_failed(&self, id: &JobId) -> io::Result<Retried> {
+        let name = id.as_os_str();
+        let stat = match rustix::fs::statat(self.fd(Dir::Failed), name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => stat,
+            Err(Errno::NOENT) => return Ok(Retried::NoSuchJob),
+            Err(e) => return Err(e.into()),
+        };
+        // An entry that is not a regular file was refused unopened when it was claimed; sent
+        // back, it would only be refused again (and a link's target is nobody's job).
+        let kind = rustix::fs::FileType::from_raw_mode(stat.st_mode);
+        if kind != rustix::fs::FileType::RegularFile {
+            return Ok(Retried::NotAJob(describe_file_type(kind)));
         }
         // A stale record must not follow the job back, but one that a live job of the same
         // name (in new/, active/ or retry/) owns must stay.
@@ -690,9 +712,11 @@ impl Spool {
         if !live {
             self.remove_record(Dir::State, name);
         }
-        let moved = self.move_job(Dir::Failed, Dir::New, name)?;
+        let Some(moved) = self.move_job(Dir::Failed, Dir::New, name)? else {
+            return Ok(Retried::NoSuchJob);
+        };
         self.remove_record(Dir::Reasons, name);
-        Ok(moved.is_some())
+        Ok(Retried::Queued(moved))
     }
 
     /// Renames `name` from one directory to another without overwriting anything. When the
@@ -874,86 +898,6 @@ fn describe_file_type(kind: rustix::fs::FileType) -> &'static str {
     }
 }
 
-/// A job name as it appears in logs and JSON: UTF-8 is kept, control characters are escaped
-/// (`\n`, `\u{1b}`), and bytes that are not UTF-8 appear as `\xNN`.
-pub fn display_name(name: &OsStr) -> String {
-    let mut out = String::with_capacity(name.len());
-    for chunk in name.as_bytes().utf8_chunks() {
-        for c in chunk.valid().chars() {
-            if c.is_control() || c == '\\' {
-                out.extend(c.escape_default());
-            } else {
-                out.push(c);
-            }
-        }
-        for b in chunk.invalid() {
-            out.push_str(&format!("\\x{b:02x}"));
-        }
-    }
-    out
-}
-
-/// Turns a name as given on the command line back into the bytes of a job name: the inverse of
-/// [`display_name`] for `\xNN`, `\n`, `\t`, `\\` and `\u{..}`.
-pub fn parse_display_name(text: &str) -> OsString {
-    let mut out = Vec::with_capacity(text.len());
-    let bytes = text.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 1 < bytes.len() {
-            match bytes[i + 1] {
-                b'x' => {
-                    if let Some(b) = text
-                        .get(i + 2..i + 4)
-                        .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-                    {
-                        out.push(b);
-                        i += 4;
-                        continue;
-                    }
-                }
-                b'n' => {
-                    out.push(b'\n');
-                    i += 2;
-                    continue;
-                }
-                b't' => {
-                    out.push(b'\t');
-                    i += 2;
-                    continue;
-                }
-                b'r' => {
-                    out.push(b'\r');
-                    i += 2;
-                    continue;
-                }
-                b'\\' => {
-                    out.push(b'\\');
-                    i += 2;
-                    continue;
-                }
-                b'u' if text[i..].starts_with("\\u{") => {
-                    if let Some(end) = text[i..].find('}')
-                        && let Some(c) = text
-                            .get(i + 3..i + end)
-                            .and_then(|hex| u32::from_str_radix(hex, 16).ok())
-                            .and_then(char::from_u32)
-                    {
-                        let mut buf = [0; 4];
-                        out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-                        i += end + 1;
-                        continue;
-                    }
-                }
-                _ => {}
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    OsString::from_vec(out)
-}
-
 pub fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
@@ -1010,15 +954,6 @@ mod tests {
             new_job_id(&mut ulid::Generator::new())
         };
         assert!(later > ids[999]);
-    }
-
-    #[test]
-    fn display_name_escapes_and_round_trips() {
-        let raw = OsString::from_vec(b"a\nb\x1b\xffc\\d".to_vec());
-        let shown = display_name(&raw);
-        assert_eq!(shown, "a\\nb\\u{1b}\\xffc\\\\d");
-        assert_eq!(parse_display_name(&shown), raw);
-        assert_eq!(display_name(OsStr::new("plain-ü.job")), "plain-ü.job");
     }
 
     #[test]

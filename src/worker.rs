@@ -21,7 +21,8 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, RetryConfig};
 use crate::dispatcher::RetryWakeup;
 use crate::handler::{self, Attempt, Outcome, Report};
-use crate::spool::{Claim, Claimed, Failure, JobRecord, Spool, display_name, rfc3339, unix_ms};
+use crate::job::display_name;
+use crate::spool::{Claim, Claimed, Failure, JobRecord, Spool, rfc3339, unix_ms};
 use crate::stats::Stats;
 
 /// What every worker shares.

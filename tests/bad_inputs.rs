@@ -635,7 +635,7 @@ fn names_with_newlines_control_characters_or_bad_utf8_run_and_log_escaped() {
     let log = d.log();
     for name in &names {
         // The log's job_id field shows the escaped name, quoted (so its backslashes are doubled).
-        let shown = format!("job_id={:?}", spoold::spool::display_name(name));
+        let shown = format!("job_id={:?}", spoold::job::display_name(name));
         assert!(log.contains(&shown), "{shown} not in the log:\n{log}");
     }
     assert!(!log.contains("line1\nline2"), "a raw newline in the log");

@@ -1,0 +1,196 @@
+//! The client commands as an operator runs them, often as root: an ID is never a path, and
+//! nothing a job or its handler wrote can drive the terminal of whoever reads the output.
+
+mod util;
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::process::Output;
+
+use util::{Env, SOON, wait_for};
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A spool with one failed job (`bad`) and one done job (`good`), and no daemon running.
+fn spool_with_a_failed_job() -> Env {
+    let env = Env::new(
+        &["/bin/sh", "-c", "grep -q good \"$SPOOLD_JOB_PATH\""],
+        "[retry]\nmax_attempts = 1\n",
+    );
+    let mut d = env.start();
+    env.submit("bad", "bad input");
+    env.submit("good", "good input");
+    assert!(
+        wait_for(SOON, || (env.count("failed") == 1
+            && env.count("done") == 1)
+            .then_some(()))
+        .is_some(),
+        "jobs did not settle; log:\n{}",
+        d.log()
+    );
+    d.stop();
+    env
+}
+
+/// Every path given where an ID belongs is refused before anything moves: a file outside the
+/// spool, a tab-completed path to a failed job, and a path into a sibling directory.
+#[test]
+fn retry_refuses_a_path_and_touches_nothing() {
+    let env = spool_with_a_failed_job();
+    let outside = env.dir.path().join("elsewhere");
+    fs::create_dir(&outside).unwrap();
+    let decoy = outside.join("decoy.txt");
+    fs::write(&decoy, "not a job").unwrap();
+    let failed_path = env.path("failed").join("bad");
+    let before = listing(&env, &outside);
+
+    let cases = [
+        (decoy.display().to_string(), None),
+        (failed_path.display().to_string(), Some("spoold retry bad")),
+        ("../done/good".to_owned(), Some("spoold retry good")),
+        ("..".to_owned(), None),
+        (".".to_owned(), None),
+        ("bad\\x2f..".to_owned(), None),
+        ("bad\\x00".to_owned(), None),
+    ];
+    for (arg, hint) in cases {
+        let out = env.cli(&["retry", &arg]);
+        let shown = text(&out);
+        assert_eq!(out.status.code(), Some(1), "retry {arg:?}: {shown}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("not a job ID"), "retry {arg:?}: {shown}");
+        if let Some(hint) = hint {
+            let id = hint.rsplit(' ').next().unwrap();
+            assert!(
+                stderr.contains(&format!("the ID here is {id}")),
+                "retry {arg:?} gives no hint: {shown}"
+            );
+        }
+        assert!(
+            out.stdout.is_empty(),
+            "retry {arg:?} reported success: {shown}"
+        );
+        assert_eq!(
+            listing(&env, &outside),
+            before,
+            "retry {arg:?} changed something"
+        );
+    }
+    assert_eq!(fs::read_to_string(&decoy).unwrap(), "not a job");
+    // A bad ID among good ones: nothing moves, so the operator need not guess what happened.
+    let out = env.cli(&["retry", "bad", "/etc/passwd"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(listing(&env, &outside), before);
+    // The job's own ID still works, and its reason does not stay behind.
+    let out = env.cli(&["retry", "bad"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(env.names("new"), ["bad".to_owned()].into());
+    assert_eq!(env.count("failed") + env.count("reasons"), 0);
+}
+
+/// A link in failed/ named like a job is not followed: neither it nor its target moves.
+#[test]
+fn retry_does_not_follow_a_link_in_failed() {
+    let env = spool_with_a_failed_job();
+    let target = env.dir.path().join("secret");
+    fs::write(&target, "keep me").unwrap();
+    symlink(&target, env.path("failed").join("01JLINK")).unwrap();
+
+    for args in [&["retry", "01JLINK"][..], &["retry", "--all"]] {
+        let out = env.cli(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("a symbolic link"),
+            "{args:?}: {}",
+            text(&out)
+        );
+        assert!(fs::symlink_metadata(env.path("failed").join("01JLINK")).is_ok());
+        assert_eq!(fs::read_to_string(&target).unwrap(), "keep me");
+        assert!(!env.names("new").contains("01JLINK"), "the link moved");
+    }
+    // --all still retried the real job.
+    assert_eq!(env.names("new"), ["bad".to_owned()].into());
+}
+
+#[test]
+fn retry_all_with_nothing_failed_says_so() {
+    let env = Env::new(&["/bin/true"], "");
+    env.start().stop();
+    let out = env.cli(&["retry", "--all"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("no failed jobs to retry"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// A handler whose stderr holds terminal escape sequences (a job from an untrusted producer is
+/// enough) cannot set the title, clear the screen or hide text for whoever runs `spoold failed`
+/// or `spoold status`; `--json` keeps the exact text, as valid JSON.
+#[test]
+fn failed_and_status_escape_what_a_handler_wrote() {
+    let payload = "\x1b]0;PWNED\x07\x1b[2J\x1b[31mred\r\u{9b}1A\u{202e}gpj.exe";
+    let env = Env::new(
+        &[
+            "/bin/sh",
+            "-c",
+            "printf '\\033]0;PWNED\\007\\033[2J\\033[31mred\\r\\302\\2331A\\342\\200\\256gpj.exe\\n\\377end\\n' >&2; exit 3",
+        ],
+        "[retry]\nmax_attempts = 1\n",
+    );
+    let mut d = env.start();
+    env.submit("job\x1b[2Jname", "x");
+    assert!(
+        wait_for(SOON, || (env.count("failed") == 1).then_some(())).is_some(),
+        "log:\n{}",
+        d.log()
+    );
+    d.stop();
+
+    let out = env.cli(&["failed"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = String::from_utf8(out.stdout.clone()).expect("the output is UTF-8");
+    for c in shown.chars() {
+        assert!(
+            c == '\n' || !(c.is_control() || ('\u{202a}'..='\u{202e}').contains(&c)),
+            "`spoold failed` printed {c:?}:\n{shown}"
+        );
+    }
+    assert!(shown.contains("\\u{1b}]0;PWNED\\u{7}\\u{1b}[2J"), "{shown}");
+    assert!(shown.contains("job\\u{1b}[2Jname"), "{shown}");
+    assert!(shown.contains("\\u{202e}gpj.exe"), "{shown}");
+
+    let out = env.cli(&["failed", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    let tail = list[0]["record"]["last_failure"]["stderr_tail"][0]
+        .as_str()
+        .unwrap();
+    assert_eq!(tail, payload, "--json keeps the exact text");
+
+    let out = env.cli(&["status"]);
+    let shown = String::from_utf8(out.stdout).unwrap();
+    assert!(!shown.contains('\x1b'), "{shown}");
+}
+
+/// The names in `dir` and in every spool directory, to show that nothing moved.
+fn listing(env: &Env, dir: &std::path::Path) -> Vec<String> {
+    let mut all: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    for sub in [
+        "new", "active", "retry", "done", "failed", "state", "reasons",
+    ] {
+        all.extend(env.names(sub).into_iter().map(|n| format!("{sub}/{n}")));
+    }
+    all.sort();
+    all
+}
