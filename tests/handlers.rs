@@ -1,8 +1,8 @@
 //! Misbehaving handlers (issue 6): one that ignores SIGTERM, one whose grandchild ignores SIGTERM
 //! and keeps stdout open, one that writes 1 GB, one that reads stdin to its end, one killed by a
 //! signal, one that closes its output and runs on, one that exits before reading its input; group
-//! members that outlive the handler without holding its output; and a daemon started with
-//! SIGCHLD ignored.
+//! members that outlive the handler without holding its output; a daemon started with SIGCHLD
+//! ignored; and an abort in a PID namespace whose /proc is its parent's.
 //!
 //! For each: spoold's memory stays bounded (VmHWM of the daemon, from /proc), no process of the
 //! handler outlives its job (every handler records its pids; /proc must not know them once the
