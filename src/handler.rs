@@ -21,7 +21,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::ExitStatus;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::errno::Errno;
@@ -687,14 +687,50 @@ fn slot<'a>(fds: &mut Vec<PollFd<'a>>, fd: Option<BorrowedFd<'a>>) -> Option<usi
 
 /// True while a process of the group lives. `kill(-pgid, 0)` also succeeds for zombies, which
 /// only their parent or init can reap, and a slow init (a container's PID 1) may leave them for
-/// long: so a group that answers it is looked up in /proc for a member that is not a zombie.
-/// The common case, an empty group, costs the one `kill`.
+/// long: so a group that answers it is looked up in /proc for a member that is not a zombie,
+/// provided /proc numbers processes as spoold does (`proc_is_ours`). The common case, an empty
+/// group, costs the one `kill`.
 fn group_alive(pgid: Pid) -> bool {
     if rustix::process::test_kill_process_group(pgid).is_err() {
         return false;
     }
-    // Without /proc, what `kill` said stands.
+    // Without /proc, or with one that lists another PID namespace's processes, what `kill` said
+    // stands. A zombie member then keeps the group "alive" until its SIGKILL at `kill_grace`:
+    // bounded, whereas trusting a foreign /proc would find no member and kill none.
+    if !proc_is_ours() {
+        return true;
+    }
     live_member_in_proc(pgid).unwrap_or(true)
+}
+
+/// Whether /proc belongs to spoold's own PID namespace, decided once per process: the answer
+/// cannot change while it runs, and `group_alive` asks it every `GROUP_CHECK`. A PID namespace
+/// entered without a /proc of its own (`unshare --pid --fork` without `--mount-proc`, as some
+/// sandboxes and container runtimes start services) sees its parent's /proc, whose pids are not
+/// the ones `kill` and spoold's process groups use.
+fn proc_is_ours() -> bool {
+    static OURS: OnceLock<bool> = OnceLock::new();
+    *OURS.get_or_init(|| proc_numbers_us_as(std::process::id()))
+}
+
+/// Whether /proc knows this process by `pid`, and in no other namespace's numbering.
+fn proc_numbers_us_as(pid: u32) -> bool {
+    // /proc/self resolves to the pid that the namespace of the /proc mount gives us; in a
+    // foreign /proc that is another number, or nothing if we are not visible there at all.
+    let self_link = std::fs::read_link("/proc/self").ok();
+    if self_link.and_then(|l| l.to_str()?.parse::<u32>().ok()) != Some(pid) {
+        return false;
+    }
+    // The two numbers can still agree by chance (small pids in nested containers). NSpid lists
+    // our pid in each namespace from that of /proc down to our own, so a single entry means they
+    // are one namespace. Kernels before 4.1 have no NSpid line; the link's answer stands there.
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .is_none_or(|pids| pids.split_ascii_whitespace().count() == 1)
 }
 
 /// Whether /proc lists a process of group `pgid` that is not a zombie; None if /proc cannot be
@@ -924,9 +960,21 @@ mod tests {
             rustix::process::test_kill_process_group(pgid).is_ok(),
             "kill(-pgid, 0) still answers for a zombie"
         );
+        assert!(
+            proc_is_ours(),
+            "the unit tests run with a /proc of their own PID namespace"
+        );
         assert!(!group_alive(pgid), "but the group has no live member");
         child.wait().unwrap();
         assert!(!group_alive(pgid));
+    }
+
+    /// /proc is trusted only if it knows this process by its own pid: another number is what a
+    /// parent namespace's /proc would show.
+    #[test]
+    fn proc_that_numbers_us_otherwise_is_not_ours() {
+        assert!(proc_numbers_us_as(std::process::id()));
+        assert!(!proc_numbers_us_as(std::process::id() + 1));
     }
 
     #[test]

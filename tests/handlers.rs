@@ -1,8 +1,8 @@
 //! Misbehaving handlers (issue 6): one that ignores SIGTERM, one whose grandchild ignores SIGTERM
 //! and keeps stdout open, one that writes 1 GB, one that reads stdin to its end, one killed by a
 //! signal, one that closes its output and runs on, one that exits before reading its input; group
-//! members that outlive the handler without holding its output; and a daemon started with
-//! SIGCHLD ignored.
+//! members that outlive the handler without holding its output; a daemon started with SIGCHLD
+//! ignored; and an abort in a PID namespace whose /proc is its parent's.
 //!
 //! For each: spoold's memory stays bounded (VmHWM of the daemon, from /proc), no process of the
 //! handler outlives its job (every handler records its pids; /proc must not know them once the
@@ -444,4 +444,138 @@ fn handlers_run_when_spoold_was_started_with_sigchld_ignored() {
     );
     assert_memory_bounded(d.pid(), rss);
     d.stop();
+}
+
+/// The host pids of the processes in the PID namespace `ns` (a `/proc/PID/ns/pid` link) that are
+/// alive, except its init, each with its command line.
+fn live_processes_in_pid_namespace(ns: &Path) -> Vec<(i32, String)> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let in_ns = fs::read_link(entry.path().join("ns/pid")).is_ok_and(|l| l == ns);
+        // NSpid ends with the pid inside the namespace; the init there is 1.
+        let is_init = fs::read_to_string(entry.path().join("status")).is_ok_and(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .and_then(|p| p.split_ascii_whitespace().last())
+                == Some("1")
+        });
+        if in_ns && !is_init && process_alive(pid) {
+            let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            found.push((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")));
+        }
+    }
+    found
+}
+
+#[test]
+fn abort_ends_the_group_where_proc_belongs_to_a_parent_pid_namespace() {
+    // spoold runs in a PID namespace of its own whose /proc is the host's (`unshare --pid
+    // --fork`, no --mount-proc): /proc's pids there are not the ones spoold's process groups
+    // have. spoold is not the namespace's init, which outlives it (as a sandbox's would), so
+    // whatever spoold leaves behind is still there to be seen after it exits.
+    let probe = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "true"])
+        .output();
+    if !probe.as_ref().is_ok_and(|o| o.status.success()) {
+        let reason = format!("cannot create a PID namespace (unshare --pid --fork): {probe:?}");
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "{reason}");
+        use std::io::Write;
+        let _ = std::io::stderr()
+            .lock()
+            .write_all(format!("SKIPPED: {reason}\n").as_bytes());
+        return;
+    }
+    // Each handler starts a shell that ignores SIGTERM, as does its sleep (an ignored signal
+    // stays ignored across exec), then waits; the abort's SIGTERM ends only the handler.
+    let c = case(
+        "sh -c 'trap \"\" TERM; echo started >> \"$0\"; sleep 30' \"$OUT/started\" &\nwait",
+        "timeout = \"60s\"\nkill_grace = \"500ms\"\n\n[shutdown]\ndrain_timeout = \"500ms\"\n\n\
+         [workers]\ncount = 2\n",
+    );
+    let exited = c.env.dir.path().join("spoold-exited");
+    let mut cmd = std::process::Command::new("unshare");
+    // --kill-child: when the test drops the daemon (kills unshare), the namespace's init gets
+    // SIGKILL, and everything left in the namespace with it.
+    cmd.args(["--pid", "--fork", "--kill-child", "sh", "-c"])
+        .arg("\"$0\" run --config \"$1\"; echo $? > \"$2\"; exec sleep 600")
+        .arg(util::BIN)
+        .arg(&c.env.config)
+        .arg(&exited);
+    let d = util::Daemon::spawn_command(cmd);
+    d.wait_note(|n| n.contains("READY=1"), SOON)
+        .unwrap_or_else(|| panic!("no READY=1; log:\n{}", d.log()));
+    // spoold is a child of the namespace's init, not the `unshare` the test started: find its
+    // host pid, to signal it, and its namespace, to look for what it leaves behind.
+    let bin = fs::canonicalize(util::BIN).unwrap();
+    let config = c.env.config.display().to_string();
+    let spoold = wait_for(SOON, || {
+        fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+            let cmdline = fs::read(e.path().join("cmdline")).ok()?;
+            (fs::read_link(e.path().join("exe")).ok()? == bin
+                && String::from_utf8_lossy(&cmdline).contains(&config))
+            .then_some(pid)
+        })
+    })
+    .expect("spoold's host pid");
+    let ns = fs::read_link(format!("/proc/{spoold}/ns/pid")).unwrap();
+    assert_ne!(
+        ns,
+        fs::read_link("/proc/self/ns/pid").unwrap(),
+        "spoold runs in a PID namespace of its own"
+    );
+
+    c.env.submit("one", "x");
+    c.env.submit("two", "x");
+    let started = c.out.join("started");
+    assert!(
+        wait_for(SOON, || {
+            (fs::read_to_string(&started)
+                .unwrap_or_default()
+                .lines()
+                .count()
+                == 2)
+                .then_some(())
+        })
+        .is_some(),
+        "both handlers started their shell; log:\n{}",
+        d.log()
+    );
+    let status = std::process::Command::new("kill")
+        .arg(spoold.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let code = wait_for(SOON, || {
+        fs::read_to_string(&exited)
+            .ok()
+            .filter(|s| s.ends_with('\n'))
+    })
+    .unwrap_or_else(|| panic!("spoold did not exit; log:\n{}", d.log()));
+    assert_eq!(code.trim(), "0", "spoold's exit status; log:\n{}", d.log());
+    assert_eq!(
+        c.env.names("new"),
+        ["one", "two"].map(String::from).into(),
+        "the aborted jobs went back to new/; log:\n{}",
+        d.log()
+    );
+    // The SIGKILL came before spoold exited; the kernel may take a moment to end them.
+    let survivors = wait_for(Duration::from_secs(2), || {
+        live_processes_in_pid_namespace(&ns)
+            .is_empty()
+            .then_some(())
+    });
+    assert!(
+        survivors.is_some(),
+        "processes of the handlers outlived spoold: {:?}; log:\n{}",
+        live_processes_in_pid_namespace(&ns),
+        d.log()
+    );
 }
