@@ -10,7 +10,7 @@
 //! `$CARGO_TARGET_DIR/bench/summary.json` (or `$SPOOLD_BENCH_JSON`).
 //!
 //! Environment: `SPOOLD_BENCH_QUICK=1` runs small counts (a smoke test of the suite itself, not
-//! figures to quote); `SPOOLD_BENCH_ONLY=throughput,stop,start,burst` picks sections;
+//! figures to quote); `SPOOLD_BENCH_ONLY=throughput,stop,start,burst,retry` picks sections;
 //! `SPOOLD_BENCH_ROUNDS=N` sets how many alternating rounds the throughput section runs;
 //! `SPOOLD_BENCH_DIR` is where the temporary spools go (it must be a local filesystem).
 
@@ -50,6 +50,8 @@ struct Sizes {
     backlog: usize,
     backlog_rounds: usize,
     burst: usize,
+    retry_backlog: usize,
+    retry_rounds: usize,
 }
 
 impl Sizes {
@@ -65,6 +67,8 @@ impl Sizes {
                 backlog: 50_000,
                 backlog_rounds: 2,
                 burst: 10_000,
+                retry_backlog: 20_000,
+                retry_rounds: 2,
             }
         } else {
             Sizes {
@@ -77,6 +81,8 @@ impl Sizes {
                 backlog: 1_000_000,
                 backlog_rounds: 3,
                 burst: 100_000,
+                retry_backlog: 100_000,
+                retry_rounds: 3,
             }
         };
         if let Some(rounds) = std::env::var("SPOOLD_BENCH_ROUNDS")
@@ -156,6 +162,9 @@ fn main() {
     if wanted("burst") {
         rows.extend(bench.burst());
     }
+    if wanted("retry") {
+        rows.extend(bench.retry_backlog());
+    }
     let load_after = load_average();
 
     println!();
@@ -182,6 +191,7 @@ fn main() {
             "backlog": sizes.backlog,
             "backlog_rounds": sizes.backlog_rounds,
             "burst": sizes.burst,
+            "retry_backlog": sizes.retry_backlog,
         },
         "rows": rows.iter().map(|r| json!({
             "section": r.section,
@@ -352,6 +362,8 @@ struct Daemon {
     exec_at: Instant,
     /// When READY=1 arrived, from the thread that reads the notify socket.
     ready: mpsc::Receiver<Instant>,
+    /// When each WATCHDOG=1 arrived.
+    pings: Arc<std::sync::Mutex<Vec<Instant>>>,
     /// Tells that thread to end.
     gone: Arc<AtomicBool>,
 }
@@ -368,7 +380,12 @@ impl Drop for Daemon {
 
 /// Reads every datagram the daemon sends, as systemd would. Unread datagrams would fill the
 /// socket's queue (net.unix.max_dgram_qlen, 10 by default) and block the daemon's next send.
-fn read_notifications(notify: UnixDatagram, ready: mpsc::Sender<Instant>, gone: Arc<AtomicBool>) {
+fn read_notifications(
+    notify: UnixDatagram,
+    ready: mpsc::Sender<Instant>,
+    pings: Arc<std::sync::Mutex<Vec<Instant>>>,
+    gone: Arc<AtomicBool>,
+) {
     let mut buf = [0u8; 4096];
     while !gone.load(Ordering::Relaxed) {
         match notify.recv(&mut buf) {
@@ -376,6 +393,9 @@ fn read_notifications(notify: UnixDatagram, ready: mpsc::Sender<Instant>, gone: 
                 let at = Instant::now();
                 if buf[..n].windows(7).any(|w| w == b"READY=1") {
                     let _ = ready.send(at);
+                }
+                if buf[..n].windows(10).any(|w| w == b"WATCHDOG=1") {
+                    pings.lock().expect("pings").push(at);
                 }
             }
             Err(e)
@@ -540,6 +560,11 @@ impl Bench {
 
     /// Starts `spoold run` on `spool`, logging to a file beside it.
     fn start(&self, spool: &SpoolDir) -> Daemon {
+        self.start_with(spool, &[])
+    }
+
+    /// [`Bench::start`] with extra environment variables (a watchdog interval, say).
+    fn start_with(&self, spool: &SpoolDir, env: &[(&str, &str)]) -> Daemon {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let sock_path = self.work.join(format!("notify-{n}.sock"));
         let notify = UnixDatagram::bind(&sock_path).expect("bind the notify socket");
@@ -559,11 +584,16 @@ impl Bench {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         let (ready_tx, ready) = mpsc::channel();
         let gone = Arc::new(AtomicBool::new(false));
+        let pings = Arc::new(std::sync::Mutex::new(Vec::new()));
         {
             let gone = gone.clone();
-            thread::spawn(move || read_notifications(notify, ready_tx, gone));
+            let pings = pings.clone();
+            thread::spawn(move || read_notifications(notify, ready_tx, pings, gone));
         }
         let exec_at = Instant::now();
         let child = cmd.spawn().expect("spawn spoold");
@@ -571,6 +601,7 @@ impl Bench {
             child,
             exec_at,
             ready,
+            pings,
             gone,
         }
     }
@@ -1134,6 +1165,119 @@ impl Bench {
             },
         ]
     }
+}
+
+impl Bench {
+    // ---- 6: a retry backlog --------------------------------------------------------------
+
+    /// A downstream outage has sent everything to `retry/`: `retry_backlog` jobs wait there
+    /// with due times spread evenly over the minute after the start. What a stop costs then
+    /// (SIGTERM to exit, a few seconds after READY while promotions run), and whether the
+    /// watchdog (WATCHDOG_USEC = 2 s, so a ping every second) ever went a whole interval
+    /// without a ping.
+    fn retry_backlog(&self) -> Vec<Row> {
+        let n = self.sizes.retry_backlog;
+        let rounds = self.sizes.retry_rounds;
+        let watchdog = Duration::from_secs(2);
+        println!(
+            "== retry backlog: {n} jobs in retry/ due over 60 s, {rounds} rounds, SIGTERM 3, 10 and 30 s after READY"
+        );
+        let mut stops = Vec::new();
+        let mut gaps = Vec::new();
+        for round in 0..rounds {
+            for after in [3, 10, 30] {
+                let spool = self.spool("retry");
+                spool.configure(2, &["/bin/true"], "");
+                let now_ms = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .expect("after the epoch")
+                    .as_millis() as u64;
+                make_retry_backlog(&spool, n, now_ms + 2_000, 60_000);
+                let usec = watchdog.as_micros().to_string();
+                let mut daemon = self.start_with(&spool, &[("WATCHDOG_USEC", &usec)]);
+                daemon.wait_ready();
+                let ready_at = Instant::now();
+                thread::sleep(Duration::from_secs(after));
+                let sent = Instant::now();
+                rustix::process::kill_process(daemon.pid(), Signal::TERM).expect("kill");
+                let status = daemon.wait_exit();
+                let took = sent.elapsed();
+                assert!(status.success(), "spoold exited with {status}");
+                let pings = daemon.pings.lock().expect("pings").clone();
+                let mut last = ready_at;
+                let mut gap = Duration::ZERO;
+                for at in pings.iter().filter(|at| **at > ready_at && **at < sent) {
+                    gap = gap.max(*at - last);
+                    last = *at;
+                }
+                gap = gap.max(sent - last);
+                println!(
+                    "  round {}, SIGTERM {after} s after READY: exit after {:.1} ms; longest gap between watchdog pings {:.0} ms; {} retried jobs done",
+                    round + 1,
+                    ms(took),
+                    ms(gap),
+                    spool.count("done")
+                );
+                stops.push(ms(took));
+                gaps.push(ms(gap));
+                drop(daemon);
+                self.remove(spool);
+            }
+        }
+        let stop = median(&stops);
+        let worst = stops.iter().copied().fold(0.0, f64::max);
+        let gap = gaps.iter().copied().fold(0.0, f64::max);
+        vec![
+            Row {
+                section: "retry",
+                what: format!(
+                    "SIGTERM to exit with {n} jobs in retry/ (median; worst {worst:.1} ms)"
+                ),
+                spoold: stop,
+                unit: "ms",
+                peer: None,
+                target: Some(("<= 50 ms".into(), worst <= 50.0)),
+                samples: stops,
+            },
+            Row {
+                section: "retry",
+                what: format!(
+                    "longest gap between watchdog pings, WATCHDOG_USEC 2 s, {n} in retry/"
+                ),
+                spoold: gap,
+                unit: "ms",
+                peer: None,
+                target: Some(("< 2000 ms".into(), gap < 2000.0)),
+                samples: gaps,
+            },
+        ]
+    }
+}
+
+/// Puts `n` empty jobs in `retry/`, each with the `state/` record a failed first attempt
+/// leaves, due evenly between `first_due_ms` and `first_due_ms + spread_ms`.
+fn make_retry_backlog(spool: &SpoolDir, n: usize, first_due_ms: u64, spread_ms: u64) {
+    let retry = spool.dir("retry");
+    let state = spool.dir("state");
+    thread::scope(|s| {
+        for part in 0..2 {
+            let (retry, state) = (&retry, &state);
+            s.spawn(move || {
+                for i in (part..n).step_by(2) {
+                    let name = format!("retry{i:07}");
+                    let due = first_due_ms + spread_ms * i as u64 / n as u64;
+                    let record = json!({
+                        "id": name,
+                        "attempts": 1,
+                        "next_attempt_unix_ms": due,
+                        "permanent": false,
+                    });
+                    fs::write(state.join(&name), record.to_string()).expect("write a record");
+                    File::create(retry.join(&name)).expect("create a job file");
+                }
+            });
+        }
+    });
 }
 
 /// The minimal spawner (a): two threads that run /bin/true and do nothing else, the physical

@@ -28,22 +28,29 @@ use std::time::{Duration, SystemTime};
 use futures_util::StreamExt;
 use inotify::{EventMask, EventStream, Inotify, WatchDescriptor, WatchMask};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use crate::spool::{Dir, NewScan, Spool, unix_ms};
+use crate::job::display_name;
+use crate::schedule::{self, RetrySchedule};
+use crate::spool::{Dir, NewScan, Promotion, Spool, unix_ms};
 use crate::stats::Stats;
 
 /// Names read from a scan per batch, sorted oldest first within the batch.
 const BATCH: usize = 1024;
 /// Hints queued at most before the dispatcher falls back to a scan.
 const MAX_PENDING: usize = 4 * BATCH;
-/// Retries are promoted at most this often, however many are due at nearby moments.
-const RETRY_COALESCE: Duration = Duration::from_millis(250);
+/// Due retries moved to `new/` per turn of the loop, so that a stop, a hint or a watchdog beat
+/// never waits behind thousands of renames that fell due together.
+const PROMOTE_BATCH: usize = 256;
+/// How long a promotion that failed (an I/O error) waits before it is tried again.
+const PROMOTE_RETRY: Duration = Duration::from_secs(1);
 
-/// Wakes the dispatcher when a job was put in `retry/`: carries the earliest due time known
-/// (ms since the epoch; `u64::MAX` for none).
-pub type RetryWakeup = watch::Sender<u64>;
+/// A job a worker has just put in `retry/`: its name there and when it is due (ms since the
+/// epoch). The channel is unbounded so that a worker never waits on the dispatcher; it carries
+/// one small message per failed attempt, which the dispatcher takes at every turn.
+pub type RetryScheduled = (OsString, u64);
 
 /// The inotify stream on `new/`, created before READY so that no submission after it is missed.
 pub struct Watcher {
@@ -89,7 +96,7 @@ pub struct Dispatcher {
     pub jobs: mpsc::Sender<OsString>,
     pub stats: Arc<Stats>,
     pub rescan_interval: watch::Receiver<Duration>,
-    pub retry_wakeup: Arc<RetryWakeup>,
+    pub retries: mpsc::UnboundedReceiver<RetryScheduled>,
     pub watcher: Option<Watcher>,
     /// How often to record a heartbeat for the watchdog; None when there is no watchdog.
     pub heartbeat: Option<Duration>,
@@ -112,8 +119,11 @@ impl Dispatcher {
         // A scan at start: whatever was submitted while no daemon ran.
         let mut dirty = true;
         let mut rescan_at = Instant::now() + *self.rescan_interval.borrow();
-        let mut retry_rx = self.retry_wakeup.subscribe();
-        let mut retry_at = Instant::now();
+        // The due times of the jobs in retry/, read from the directory off this thread (at
+        // start, and again only when the schedule had to leave some out).
+        let mut schedule = RetrySchedule::new(schedule::CAP);
+        let mut retry_scan: Option<JoinHandle<io::Result<RetrySchedule>>> = None;
+        let mut rescan_retries_at: Option<Instant> = Some(Instant::now());
         let heartbeat = self.heartbeat.unwrap_or(Duration::from_secs(3600));
         let mut beat_at = Instant::now();
         let mut watcher = self.watcher.take();
@@ -146,6 +156,19 @@ impl Dispatcher {
                 self.stats.queued.store(s.seen - claimed as i64, Relaxed);
                 scan = None;
             }
+
+            if retry_scan.is_none()
+                && (rescan_retries_at.is_some_and(|t| t <= Instant::now())
+                    || schedule.needs_rescan())
+            {
+                rescan_retries_at = None;
+                schedule.clear();
+                let spool = self.spool.clone();
+                retry_scan = Some(tokio::task::spawn_blocking(move || {
+                    spool.scan_retries(schedule::CAP)
+                }));
+            }
+            let promote_at = schedule.next_due().map(instant_of);
 
             tokio::select! {
                 biased;
@@ -217,14 +240,27 @@ impl Dispatcher {
                     let interval = *self.rescan_interval.borrow();
                     rescan_at = Instant::now() + self.poll_interval(interval, watcher.is_some());
                 }
-                r = retry_rx.changed() => {
-                    if r.is_ok() {
-                        let due = *retry_rx.borrow_and_update();
-                        retry_at = retry_at.min(instant_of(due));
+                Some((name, due)) = self.retries.recv() => schedule.insert(name, due),
+                scanned = async { retry_scan.as_mut().expect("guarded").await }, if retry_scan.is_some() => {
+                    retry_scan = None;
+                    match scanned {
+                        Ok(Ok(scanned)) => schedule.replace_with(scanned),
+                        Ok(Err(e)) => {
+                            tracing::error!(
+                                "cannot read {}: {e}; trying again in {}",
+                                self.spool.dir_path(Dir::Retry).display(),
+                                humantime::format_duration(*self.rescan_interval.borrow())
+                            );
+                            rescan_retries_at = Some(Instant::now() + *self.rescan_interval.borrow());
+                        }
+                        Err(e) => {
+                            tracing::error!("the read of retry/ ended abnormally: {e}");
+                            rescan_retries_at = Some(Instant::now() + *self.rescan_interval.borrow());
+                        }
                     }
                 }
-                () = sleep_until(retry_at) => {
-                    retry_at = self.promote_retries();
+                () = sleep_until(promote_at.unwrap_or_else(far_future)), if promote_at.is_some() => {
+                    self.promote_due(&mut schedule);
                 }
                 () = sleep_until(beat_at) => {
                     self.stats.beat();
@@ -267,32 +303,33 @@ impl Dispatcher {
         Ok(finished)
     }
 
-    /// Moves due retries to `new/` (their inotify events bring them back here) and returns when
-    /// to look again.
-    fn promote_retries(&self) -> Instant {
-        // Forget the wakeup value first: a retry scheduled while the directory is read below
-        // sets it again and is not missed.
-        self.retry_wakeup.send_if_modified(|v| {
-            *v = u64::MAX;
-            false
-        });
-        let fallback = Instant::now() + *self.rescan_interval.borrow();
-        let next = match self.spool.promote_due_retries(unix_ms(SystemTime::now())) {
-            Ok((promoted, next_due)) => {
-                if promoted > 0 {
-                    tracing::debug!(promoted, "retries due; moved back to new/");
+    /// Moves up to PROMOTE_BATCH due retries to `new/`; their inotify events bring them back
+    /// here as hints. A job that is not due after all (a stale entry) goes back in the schedule
+    /// at its real time.
+    fn promote_due(&self, schedule: &mut RetrySchedule) {
+        let now = unix_ms(SystemTime::now());
+        let mut promoted = 0;
+        for _ in 0..PROMOTE_BATCH {
+            let Some((name, _)) = schedule.pop_due(now) else {
+                break;
+            };
+            match self.spool.promote_if_due(&name, now) {
+                Ok(Promotion::Moved) => promoted += 1,
+                Ok(Promotion::NotDue(due)) => schedule.insert(name, due),
+                Ok(Promotion::Gone) => {}
+                Err(e) => {
+                    tracing::error!(
+                        job_id = display_name(&name),
+                        "cannot move the job from retry/ to new/: {e}; trying again in {}",
+                        humantime::format_duration(PROMOTE_RETRY)
+                    );
+                    schedule.insert(name, now.saturating_add(PROMOTE_RETRY.as_millis() as u64));
                 }
-                next_due.map_or(fallback, instant_of)
             }
-            Err(e) => {
-                tracing::error!(
-                    "cannot promote due retries in {}: {e}",
-                    self.spool.dir_path(Dir::Retry).display()
-                );
-                fallback
-            }
-        };
-        next.max(Instant::now() + RETRY_COALESCE)
+        }
+        if promoted > 0 {
+            tracing::debug!(promoted, "retries due; moved back to new/");
+        }
     }
 }
 
@@ -318,6 +355,11 @@ async fn next_event(
         Some(w) => w.stream.next().await,
         None => std::future::pending().await,
     }
+}
+
+/// A moment no timer reaches, for a branch whose guard is off.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86400 * 365)
 }
 
 /// The monotonic instant of a wall-clock time in ms since the epoch (the far future for u64::MAX).

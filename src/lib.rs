@@ -11,6 +11,7 @@ pub mod handler;
 pub mod job;
 pub mod logging;
 pub mod notify;
+pub mod schedule;
 pub mod signals;
 pub mod spool;
 pub mod stats;

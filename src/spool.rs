@@ -37,6 +37,7 @@ use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
 use crate::job::{JobId, display_name};
+use crate::schedule::RetrySchedule;
 
 /// The longest file name Linux filesystems accept, in bytes.
 const NAME_MAX: usize = 255;
@@ -192,6 +193,16 @@ pub struct Candidate {
     pub name: OsString,
     /// Modification time in nanoseconds since the epoch, used to run the oldest first.
     pub mtime_ns: i128,
+}
+
+/// What `promote_if_due` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Promotion {
+    Moved,
+    /// Still waiting: its record says it is due at this time (ms since the epoch).
+    NotDue(u64),
+    /// Not in `retry/` any more.
+    Gone,
 }
 
 /// What `retry_failed` did with an ID.
@@ -557,12 +568,20 @@ impl Spool {
     /// The attempt failed and another is due at `record.next_attempt_unix_ms`: record that, then
     /// move the job to `retry/`. If the record cannot be written the job stays in `active/`,
     /// where the next start finds it: the attempt count is never silently lost.
-    pub fn schedule_retry(&self, job: &Claimed, record: &JobRecord) -> io::Result<()> {
+    /// Returns the name the job has in `retry/`.
+    pub fn schedule_retry(&self, job: &Claimed, record: &JobRecord) -> io::Result<OsString> {
         self.write_record(Dir::State, &job.name, record)
             .map_err(|e| annotate(e, &job.name, "cannot record the failed attempt"))?;
-        self.move_job(Dir::Active, Dir::Retry, &job.name)
+        let moved = self
+            .move_job(Dir::Active, Dir::Retry, &job.name)
             .map_err(|e| annotate(e, &job.name, "cannot move to retry/"))?;
-        Ok(())
+        moved.ok_or_else(|| {
+            annotate(
+                io::Error::from(io::ErrorKind::NotFound),
+                &job.name,
+                "vanished from active/ before it could move to retry/",
+            )
+        })
     }
 
     /// The attempt was interrupted by a stop: put the job back in `new/` with its attempt count
@@ -572,33 +591,64 @@ impl Spool {
             .map_err(|e| annotate(e, &job.name, "cannot move back to new/"))
     }
 
-    /// Moves every job in `retry/` whose time has come to `new/`. Returns how many moved and
-    /// the earliest time (ms since the epoch) at which another one will be due.
-    pub fn promote_due_retries(&self, now_ms: u64) -> io::Result<(usize, Option<u64>)> {
-        let mut promoted = 0;
-        let mut next_due: Option<u64> = None;
+    /// Reads the due time of every job in `retry/` into a schedule that holds at most `cap` of
+    /// them (the earliest). A job whose record is missing (lost to a full disk, or deleted by
+    /// hand) or unreadable is due at once: better run now than never. This reads one record per
+    /// waiting job, so it runs off the daemon's main thread, at start and when the schedule had
+    /// to leave jobs out.
+    pub fn scan_retries(&self, cap: usize) -> io::Result<RetrySchedule> {
+        let mut schedule = RetrySchedule::new(cap);
         for entry in fs::read_dir(self.dir_path(Dir::Retry))? {
             let name = entry?.file_name();
-            let due = match self.read_record(Dir::State, &name) {
-                Ok(Some(r)) => r.next_attempt_unix_ms.unwrap_or(0),
-                // No record (lost to a full disk, or deleted by hand): run it now rather than never.
-                Ok(None) | Err(_) => 0,
-            };
-            if due <= now_ms {
-                // The lock guards no data, so a panic elsewhere cannot leave anything
-                // half-done: a poisoned lock is taken all the same.
-                let _promoting = self
-                    .claim_or_promote
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if self.move_job(Dir::Retry, Dir::New, &name)?.is_some() {
-                    promoted += 1;
-                }
-            } else {
-                next_due = Some(next_due.map_or(due, |n| n.min(due)));
+            let due = self.retry_due(&name);
+            schedule.insert(name, due);
+        }
+        Ok(schedule)
+    }
+
+    /// When the job `retry/NAME` is due, from its record (0, at once, when it has none).
+    fn retry_due(&self, name: &OsStr) -> u64 {
+        match self.read_record(Dir::State, name) {
+            Ok(Some(r)) => r.next_attempt_unix_ms.unwrap_or(0),
+            Ok(None) | Err(_) => 0,
+        }
+    }
+
+    /// Moves `retry/NAME` to `new/` if its record says it is due at `now_ms`. The record is read
+    /// again here, so an entry of the schedule that is stale (the job was promoted and failed
+    /// again since) cannot move a job before its time.
+    pub fn promote_if_due(&self, name: &OsStr, now_ms: u64) -> io::Result<Promotion> {
+        if rustix::fs::statat(self.fd(Dir::Retry), name, AtFlags::SYMLINK_NOFOLLOW).is_err() {
+            return Ok(Promotion::Gone);
+        }
+        let due = self.retry_due(name);
+        if due > now_ms {
+            return Ok(Promotion::NotDue(due));
+        }
+        // The lock guards no data, so a panic elsewhere cannot leave anything half-done: a
+        // poisoned lock is taken all the same.
+        let _promoting = self
+            .claim_or_promote
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(match self.move_job(Dir::Retry, Dir::New, name)? {
+            Some(_) => Promotion::Moved,
+            None => Promotion::Gone,
+        })
+    }
+
+    /// Moves every job in `retry/` that is due at `now_ms` to `new/`, reading every record.
+    /// Returns how many moved and when the next one is due. The daemon does not use it (it keeps
+    /// a schedule); it is the whole operation in one call, for tests and tools.
+    pub fn promote_due_retries(&self, now_ms: u64) -> io::Result<(usize, Option<u64>)> {
+        let mut schedule = self.scan_retries(usize::MAX)?;
+        let mut promoted = 0;
+        while let Some((name, _)) = schedule.pop_due(now_ms) {
+            if self.promote_if_due(&name, now_ms)? == Promotion::Moved {
+                promoted += 1;
             }
         }
-        Ok((promoted, next_due))
+        Ok((promoted, schedule.next_due()))
     }
 
     /// Atomically submits the bytes of `src` as a new job, and returns its ID. The file is

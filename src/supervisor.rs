@@ -118,13 +118,13 @@ pub async fn run(daemon: Daemon) -> Result<StopSummary, RunError> {
     let (jobs_tx, jobs_rx) = mpsc::channel(CHANNEL);
     let (config_tx, config_rx) = watch::channel(Arc::new(config));
     let (rescan_tx, rescan_rx) = watch::channel(config_rx.borrow().spool.rescan_interval);
-    let retry_wakeup = Arc::new(watch::Sender::new(u64::MAX));
+    let (retries_tx, retries_rx) = mpsc::unbounded_channel();
     let pool = Pool::new(Shared {
         spool: spool.clone(),
         jobs: tokio::sync::Mutex::new(jobs_rx),
         config: config_rx.clone(),
         stats: stats.clone(),
-        retry_wakeup: retry_wakeup.clone(),
+        retries: retries_tx,
         stop: shutdown.stop.clone(),
         abort: Abort::watch(shutdown.abort.clone())
             .map_err(|e| RunError::Io(format!("cannot create the abort eventfd: {e}")))?,
@@ -137,7 +137,7 @@ pub async fn run(daemon: Daemon) -> Result<StopSummary, RunError> {
         jobs: jobs_tx,
         stats: stats.clone(),
         rescan_interval: rescan_rx,
-        retry_wakeup,
+        retries: retries_rx,
         watcher,
         heartbeat: watchdog.map(|w| w / 4),
     };

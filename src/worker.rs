@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, RetryConfig};
-use crate::dispatcher::RetryWakeup;
+use crate::dispatcher::RetryScheduled;
 use crate::handler::{self, Attempt, Outcome, Report};
 use crate::job::display_name;
 use crate::spool::{Claim, Claimed, Failure, JobRecord, Spool, rfc3339, unix_ms};
@@ -31,7 +31,8 @@ pub struct Shared {
     pub jobs: Mutex<mpsc::Receiver<OsString>>,
     pub config: watch::Receiver<Arc<Config>>,
     pub stats: Arc<Stats>,
-    pub retry_wakeup: Arc<RetryWakeup>,
+    /// Tells the dispatcher of each job put in `retry/`, and when it is due.
+    pub retries: mpsc::UnboundedSender<RetryScheduled>,
     pub stop: CancellationToken,
     /// The abort token, pollable by a worker blocked on its handler.
     pub abort: handler::Abort,
@@ -341,15 +342,9 @@ fn record_outcome(shared: &Shared, config: &Config, job: &Claimed, id: &str, rep
                 record.next_attempt_unix_ms = Some(unix_ms(due));
                 record.next_attempt_at = Some(rfc3339(due));
                 match shared.spool.schedule_retry(job, &record) {
-                    Ok(()) => {
-                        let due_ms = unix_ms(due);
-                        shared.retry_wakeup.send_if_modified(|v| {
-                            let earlier = due_ms < *v;
-                            if earlier {
-                                *v = due_ms;
-                            }
-                            earlier
-                        });
+                    Ok(name) => {
+                        // Gone only once the daemon stops; the next start reads retry/ anyway.
+                        let _ = shared.retries.send((name, unix_ms(due)));
                         tracing::warn!(
                             job_id = id,
                             attempt = job.attempt,
@@ -434,7 +429,7 @@ mod tests {
             jobs: Mutex::new(rx),
             config: watch::channel(Arc::new(config)).1,
             stats: stats.clone(),
-            retry_wakeup: Arc::new(watch::Sender::new(u64::MAX)),
+            retries: mpsc::unbounded_channel().0,
             stop: CancellationToken::new(),
             abort: handler::Abort::watch(CancellationToken::new()).unwrap(),
         });

@@ -251,7 +251,10 @@ impl Harness {
                 let token = token_of(&spool.dir_path(Dir::Failed).join(name));
                 let id = spoold::job::JobId::parse(&spoold::job::display_name(name)).unwrap();
                 let path = spool.dir_path(Dir::Failed).join(name);
-                let is_link = fs::symlink_metadata(&path).unwrap().file_type().is_symlink();
+                let is_link = fs::symlink_metadata(&path)
+                    .unwrap()
+                    .file_type()
+                    .is_symlink();
                 match spool.retry_failed(&id).unwrap() {
                     // A fresh attempt count.
                     Retried::Queued(_) if !is_link => {
