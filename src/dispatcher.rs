@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::later;
 use crate::spool::{Dir, NewScan, Spool, unix_ms};
 use crate::stats::Stats;
 
@@ -111,7 +112,7 @@ impl Dispatcher {
         let mut scan: Option<Scan> = None;
         // A scan at start: whatever was submitted while no daemon ran.
         let mut dirty = true;
-        let mut rescan_at = Instant::now() + *self.rescan_interval.borrow();
+        let mut rescan_at = later(Instant::now(), *self.rescan_interval.borrow());
         let mut retry_rx = self.retry_wakeup.subscribe();
         let mut retry_at = Instant::now();
         let heartbeat = self.heartbeat.unwrap_or(Duration::from_secs(3600));
@@ -129,13 +130,17 @@ impl Dispatcher {
         loop {
             if scan.is_none() && dirty && pending.len() < BATCH {
                 dirty = false;
+                crate::fault::hit(crate::fault::Point::Dispatcher);
                 scan = Some(Scan {
                     reader: self.spool.scan_new()?,
                     seen: 0,
                     claimed_before: self.stats.claimed.load(Relaxed),
                 });
                 let interval = *self.rescan_interval.borrow();
-                rescan_at = Instant::now() + self.poll_interval(interval, watcher.is_some());
+                rescan_at = later(
+                    Instant::now(),
+                    self.poll_interval(interval, watcher.is_some()),
+                );
             }
             if pending.len() < BATCH
                 && let Some(s) = &mut scan
@@ -215,7 +220,7 @@ impl Dispatcher {
                 () = sleep_until(rescan_at) => {
                     dirty = true;
                     let interval = *self.rescan_interval.borrow();
-                    rescan_at = Instant::now() + self.poll_interval(interval, watcher.is_some());
+                    rescan_at = later(Instant::now(), self.poll_interval(interval, watcher.is_some()));
                 }
                 r = retry_rx.changed() => {
                     if r.is_ok() {
@@ -228,7 +233,7 @@ impl Dispatcher {
                 }
                 () = sleep_until(beat_at) => {
                     self.stats.beat();
-                    beat_at = Instant::now() + heartbeat;
+                    beat_at = later(Instant::now(), heartbeat);
                 }
             }
         }
@@ -276,7 +281,7 @@ impl Dispatcher {
             *v = u64::MAX;
             false
         });
-        let fallback = Instant::now() + *self.rescan_interval.borrow();
+        let fallback = later(Instant::now(), *self.rescan_interval.borrow());
         let next = match self.spool.promote_due_retries(unix_ms(SystemTime::now())) {
             Ok((promoted, next_due)) => {
                 if promoted > 0 {
@@ -292,7 +297,7 @@ impl Dispatcher {
                 fallback
             }
         };
-        next.max(Instant::now() + RETRY_COALESCE)
+        next.max(later(Instant::now(), RETRY_COALESCE))
     }
 }
 
@@ -320,9 +325,10 @@ async fn next_event(
     }
 }
 
-/// The monotonic instant of a wall-clock time in ms since the epoch (the far future for u64::MAX).
+/// The monotonic instant of a wall-clock time in ms since the epoch (the far future for u64::MAX,
+/// or for any time read from a record that lies beyond what the clock holds).
 fn instant_of(unix_ms_due: u64) -> Instant {
     let now_ms = unix_ms(SystemTime::now());
     let wait = Duration::from_millis(unix_ms_due.saturating_sub(now_ms));
-    Instant::now() + wait.min(Duration::from_secs(86400 * 365))
+    later(Instant::now(), wait)
 }
