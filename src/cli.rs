@@ -34,7 +34,8 @@ pub enum Command {
     /// Run the daemon until SIGTERM or SIGINT; SIGHUP reloads the config.
     ///
     /// Exit status: 0 after a clean stop, 78 for an invalid config, 73 when the spool cannot
-    /// be opened, 75 when another spoold owns the spool, 74 when job discovery fails.
+    /// be opened, 75 when another spoold owns the spool, 74 when job discovery fails, 70 after
+    /// a panic (a bug; logged, and systemd restarts spoold).
     Run(ConfigArg),
     /// Submit files as jobs, atomically; prints one job ID per file.
     Enqueue {

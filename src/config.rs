@@ -38,14 +38,14 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct SpoolConfig {
     pub dir: PathBuf,
-    #[serde(default = "default_rescan", deserialize_with = "positive_duration")]
+    #[serde(default = "default_rescan", deserialize_with = "rescan_interval")]
     pub rescan_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkersConfig {
-    #[serde(default = "default_workers")]
+    #[serde(default = "default_workers", deserialize_with = "worker_count")]
     pub count: NonZeroUsize,
 }
 
@@ -71,9 +71,9 @@ pub enum StdinMode {
 pub struct HandlerConfig {
     #[serde(deserialize_with = "non_empty_argv")]
     pub command: Vec<String>,
-    #[serde(default = "default_timeout", deserialize_with = "positive_duration")]
+    #[serde(default = "default_timeout", deserialize_with = "handler_timeout")]
     pub timeout: Duration,
-    #[serde(default = "default_kill_grace", deserialize_with = "positive_duration")]
+    #[serde(default = "default_kill_grace", deserialize_with = "kill_grace")]
     pub kill_grace: Duration,
     #[serde(default = "default_stdin")]
     pub stdin: StdinMode,
@@ -84,19 +84,13 @@ pub struct HandlerConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryConfig {
-    #[serde(default = "default_max_attempts")]
+    #[serde(default = "default_max_attempts", deserialize_with = "max_attempts")]
     pub max_attempts: NonZeroU32Attempts,
-    #[serde(
-        default = "default_backoff_initial",
-        deserialize_with = "positive_duration"
-    )]
+    #[serde(default = "default_backoff_initial", deserialize_with = "backoff")]
     pub backoff_initial: Duration,
-    #[serde(
-        default = "default_backoff_max",
-        deserialize_with = "positive_duration"
-    )]
+    #[serde(default = "default_backoff_max", deserialize_with = "backoff")]
     pub backoff_max: Duration,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "exit_codes")]
     pub permanent_exit_codes: Vec<i32>,
 }
 
@@ -130,7 +124,7 @@ impl Default for DoneConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownConfig {
-    #[serde(default = "default_drain", deserialize_with = "any_duration")]
+    #[serde(default = "default_drain", deserialize_with = "drain_timeout")]
     pub drain_timeout: Duration,
 }
 
@@ -191,40 +185,252 @@ fn default_level() -> String {
     "info".to_owned()
 }
 
-/// A duration such as `"250ms"`, `"30s"` or `"10m"`, which may be zero (a drain timeout of zero
-/// means "abort at once").
-fn any_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    humantime_serde::deserialize(d)
+/// The longest duration each key accepts. Every duration ends up added to a clock reading, so an
+/// unbounded one (`"500000000000 years"`) would overflow it; and far below that, values beyond
+/// these are mistakes rather than policies. A handler attempt or a backoff of more than 30 days
+/// is a job that should be scheduled another way. A full rescan more than once a day adds
+/// nothing, since inotify finds new jobs and the rescan only covers what it missed. A stop lasts
+/// up to `drain_timeout + kill_grace`, during which the unit cannot be started again: 6 hours of
+/// drain and 1 hour between SIGTERM and SIGKILL already hold a reboot or an upgrade for longer
+/// than any operator waits for one.
+pub struct Limit {
+    pub max: Duration,
+    /// The maximum as the error message and the documentation write it.
+    pub text: &'static str,
 }
 
-/// A duration that must be greater than zero: a zero timeout or interval is always a mistake.
-fn positive_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let value: Duration = humantime_serde::deserialize(d)?;
-    if value.is_zero() {
-        return Err(serde::de::Error::custom(
-            "must be greater than zero, for example \"30s\"",
-        ));
+const DAY: u64 = 86_400;
+pub const MAX_RESCAN_INTERVAL: Limit = Limit {
+    max: Duration::from_secs(DAY),
+    text: "24 hours (\"24h\")",
+};
+pub const MAX_HANDLER_TIMEOUT: Limit = Limit {
+    max: Duration::from_secs(30 * DAY),
+    text: "30 days (\"30d\")",
+};
+pub const MAX_KILL_GRACE: Limit = Limit {
+    max: Duration::from_secs(3600),
+    text: "1 hour (\"1h\")",
+};
+pub const MAX_BACKOFF: Limit = Limit {
+    max: Duration::from_secs(30 * DAY),
+    text: "30 days (\"30d\")",
+};
+pub const MAX_DRAIN_TIMEOUT: Limit = Limit {
+    max: Duration::from_secs(6 * 3600),
+    text: "6 hours (\"6h\")",
+};
+
+/// The units a duration may use, for error messages.
+const UNITS: &str = "ms, s (sec, seconds), m (min, minutes), h (hr, hours), d (days), w (weeks); \
+                     also ns, us, M (months), y (years)";
+
+fn rescan_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration(d, false, &MAX_RESCAN_INTERVAL)
+}
+fn handler_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration(d, false, &MAX_HANDLER_TIMEOUT)
+}
+fn kill_grace<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration(d, false, &MAX_KILL_GRACE)
+}
+fn backoff<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration(d, false, &MAX_BACKOFF)
+}
+/// A drain timeout of zero is allowed: it means "abort at once".
+fn drain_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration(d, true, &MAX_DRAIN_TIMEOUT)
+}
+
+/// A duration such as `"250ms"`, `"30s"` or `"1m 30s"`, at most `limit`, and greater than zero
+/// unless `zero_ok` (a zero timeout or interval is always a mistake).
+fn duration<'de, D: Deserializer<'de>>(
+    d: D,
+    zero_ok: bool,
+    limit: &Limit,
+) -> Result<Duration, D::Error> {
+    let text = match toml::Value::deserialize(d)? {
+        toml::Value::String(text) => text,
+        toml::Value::Integer(n) => {
+            return Err(custom(format!(
+                "a duration needs a unit and quotes, for example \"{n}s\"; units: {UNITS}"
+            )));
+        }
+        other => {
+            return Err(custom(format!(
+                "must be a duration in quotes, for example \"30s\" or \"1m 30s\", not {}",
+                describe(&other)
+            )));
+        }
+    };
+    let value = parse_duration(&text, limit).map_err(custom)?;
+    if value.is_zero() && !zero_ok {
+        return Err(custom("must be greater than zero, for example \"30s\""));
+    }
+    if value > limit.max {
+        return Err(custom(format!(
+            "{text:?} is longer than the maximum of {}",
+            limit.text
+        )));
     }
     Ok(value)
 }
 
+/// Parses a duration, with messages that say what is wrong and what would be right.
+fn parse_duration(text: &str, limit: &Limit) -> Result<Duration, String> {
+    use humantime::DurationError as E;
+    if text.trim_start().starts_with('-') {
+        return Err(format!("{text:?}: a duration cannot be negative"));
+    }
+    humantime::parse_duration(text).map_err(|e| match e {
+        E::Empty => "an empty string is not a duration; write a number and a unit, for example \
+                     \"30s\""
+            .to_owned(),
+        E::UnknownUnit { unit, .. } if unit.is_empty() => {
+            let example = if text.trim().bytes().all(|b| b.is_ascii_digit()) {
+                format!("{}s", text.trim())
+            } else {
+                "30s".to_owned()
+            };
+            format!("{text:?} has no unit; write for example \"{example}\" (units: {UNITS})")
+        }
+        E::UnknownUnit { unit, .. } => {
+            format!("{text:?}: unknown unit {unit:?}; the units are {UNITS}")
+        }
+        E::NumberOverflow => format!(
+            "{text:?} is too large (or finer than a nanosecond); the maximum is {}",
+            limit.text
+        ),
+        E::InvalidCharacter(_) | E::NumberExpected(_) => format!(
+            "{text:?} is not a duration; write numbers each followed by a unit, for example \
+             \"1m 30s\" (units: {UNITS})"
+        ),
+    })
+}
+
+/// `workers.count`: how many jobs run at once.
+fn worker_count<'de, D: Deserializer<'de>>(d: D) -> Result<NonZeroUsize, D::Error> {
+    let n = positive_integer(d, "jobs run at once", "4")?;
+    usize::try_from(n)
+        .ok()
+        .and_then(NonZeroUsize::new)
+        .ok_or_else(|| custom(format!("{n} is more workers than this machine can run")))
+}
+
+/// `retry.max_attempts`: how many attempts a job gets before it goes to `failed/`.
+fn max_attempts<'de, D: Deserializer<'de>>(d: D) -> Result<NonZeroU32Attempts, D::Error> {
+    let n = positive_integer(d, "attempts before a job fails for good", "5")?;
+    u32::try_from(n)
+        .ok()
+        .and_then(NonZeroU32Attempts::new)
+        .ok_or_else(|| custom(format!("{n} is too many; the maximum is {}", u32::MAX)))
+}
+
+/// A whole number of at least 1, the number of `what`; `example` shows one.
+fn positive_integer<'de, D: Deserializer<'de>>(
+    d: D,
+    what: &str,
+    example: &str,
+) -> Result<u64, D::Error> {
+    match toml::Value::deserialize(d)? {
+        toml::Value::Integer(n) if n >= 1 => Ok(n as u64),
+        toml::Value::Integer(n) => Err(custom(format!(
+            "must be at least 1 (the number of {what}), not {n}"
+        ))),
+        other => Err(custom(format!(
+            "must be a whole number (the number of {what}), for example {example}, not {}",
+            describe(&other)
+        ))),
+    }
+}
+
+/// `retry.permanent_exit_codes`: exit statuses a handler can return that mean "do not retry".
+fn exit_codes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<i32>, D::Error> {
+    let toml::Value::Array(items) = toml::Value::deserialize(d)? else {
+        return Err(custom(
+            "must be a list of exit codes, for example [2, 64]".to_owned(),
+        ));
+    };
+    let mut codes = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        match item {
+            toml::Value::Integer(code @ 1..=255) => codes.push(*code as i32),
+            toml::Value::Integer(code) => {
+                return Err(custom(format!(
+                    "element {} ({code}) is not an exit code a failed handler can return: \
+                     codes run from 1 to 255 (0 is success)",
+                    i + 1
+                )));
+            }
+            other => {
+                return Err(custom(format!(
+                    "element {} must be an exit code from 1 to 255, not {}",
+                    i + 1,
+                    describe(other)
+                )));
+            }
+        }
+    }
+    Ok(codes)
+}
+
+/// `handler.command`: the program and its arguments, as a list of strings.
 fn non_empty_argv<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    let argv: Vec<String> = Vec::deserialize(d)?;
+    const EXAMPLE: &str = "[\"/usr/local/bin/handle-job\", \"{path}\"]";
+    let items = match toml::Value::deserialize(d)? {
+        toml::Value::Array(items) => items,
+        other => {
+            return Err(custom(format!(
+                "must be a list of the program and its arguments, for example {EXAMPLE}, not {}",
+                describe(&other)
+            )));
+        }
+    };
+    let mut argv = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        match item {
+            toml::Value::String(arg) => argv.push(arg),
+            other => {
+                return Err(custom(format!(
+                    "element {} must be a string, not {}",
+                    i + 1,
+                    describe(&other)
+                )));
+            }
+        }
+    }
     match argv.first() {
-        None => Err(serde::de::Error::custom(
-            "must name a program, for example [\"/usr/local/bin/handle-job\", \"{path}\"]",
-        )),
-        Some(program) if program.is_empty() => Err(serde::de::Error::custom(
-            "the program (first element) is an empty string",
-        )),
+        None => Err(custom(format!(
+            "must name a program, for example {EXAMPLE}"
+        ))),
+        Some(program) if program.is_empty() => {
+            Err(custom("the program (first element) is an empty string"))
+        }
         Some(_) => match argv.iter().position(|a| a.contains('\0')) {
-            Some(i) => Err(serde::de::Error::custom(format!(
+            Some(i) => Err(custom(format!(
                 "element {} holds a NUL byte, which no program name or argument can hold",
                 i + 1
             ))),
             None => Ok(argv),
         },
     }
+}
+
+/// A TOML value as a sentence names it: "the string \"x\"", "the number 3", "a list".
+fn describe(value: &toml::Value) -> String {
+    match value {
+        toml::Value::String(s) => format!("the string {s:?}"),
+        toml::Value::Integer(n) => format!("the number {n}"),
+        toml::Value::Float(f) => format!("the number {f}"),
+        toml::Value::Boolean(b) => format!("{b}"),
+        toml::Value::Datetime(t) => format!("the date {t}"),
+        toml::Value::Array(_) => "a list".to_owned(),
+        toml::Value::Table(_) => "a table".to_owned(),
+    }
+}
+
+fn custom<E: serde::de::Error>(message: impl fmt::Display) -> E {
+    E::custom(message)
 }
 
 /// `[handler] env`: names and values an environment can hold. A name that is empty or holds
@@ -309,6 +515,7 @@ impl Config {
                 message: e.message().trim().to_owned(),
             }
         })?;
+        config.check_backoff_order(path, text)?;
         let base = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -318,6 +525,65 @@ impl Config {
         let base = std::path::absolute(base).unwrap_or_else(|_| base.to_owned());
         config.resolve_relative_paths(&base);
         Ok(config)
+    }
+
+    /// `retry.backoff_max` caps the backoff that starts at `retry.backoff_initial`, so it cannot
+    /// be the shorter of the two. Each key is checked alone while deserializing; this check
+    /// needs both, so it runs afterwards and finds the position of the offending value itself.
+    fn check_backoff_order(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let retry = &self.retry;
+        if retry.backoff_max >= retry.backoff_initial {
+            return Ok(());
+        }
+        #[derive(Deserialize)]
+        struct Spans {
+            retry: Option<RetrySpans>,
+        }
+        #[derive(Deserialize)]
+        struct RetrySpans {
+            backoff_initial: Option<toml::Spanned<toml::Value>>,
+            backoff_max: Option<toml::Spanned<toml::Value>>,
+        }
+        let spans = toml::from_str::<Spans>(text)
+            .ok()
+            .and_then(|s| s.retry)
+            .map(|r| {
+                (
+                    r.backoff_initial.map(|v| v.span()),
+                    r.backoff_max.map(|v| v.span()),
+                )
+            });
+        let show = |d: Duration| humantime::format_duration(d).to_string();
+        // Blame backoff_max when the file sets it; otherwise the file raised backoff_initial
+        // above the default cap.
+        let (key, span, message) = match spans {
+            Some((initial, None)) => (
+                "retry.backoff_initial",
+                initial,
+                format!(
+                    "{} is longer than retry.backoff_max ({}, the default), which caps every \
+                     backoff; raise backoff_max too",
+                    show(retry.backoff_initial),
+                    show(retry.backoff_max)
+                ),
+            ),
+            other => (
+                "retry.backoff_max",
+                other.and_then(|(_, max)| max),
+                format!(
+                    "{} is shorter than retry.backoff_initial ({}); the cap must be at least the \
+                     first backoff",
+                    show(retry.backoff_max),
+                    show(retry.backoff_initial)
+                ),
+            ),
+        };
+        Err(ConfigError {
+            path: path.to_owned(),
+            position: span.map(|s| line_column(text, s.start)),
+            key: Some(key.to_owned()),
+            message,
+        })
     }
 
     fn resolve_relative_paths(&mut self, base: &Path) {
@@ -475,6 +741,115 @@ mod tests {
         );
         let c = parse("[spool]\ndir = \"/x\"\n[handler]\ncommand = [\"python3\"]\n").unwrap();
         assert_eq!(c.handler.command[0], "python3");
+    }
+
+    /// Each duration key refuses a value beyond its documented maximum, naming the key and the
+    /// maximum, and accepts the maximum itself. A huge value used to be accepted and then
+    /// overflowed the clock at run time.
+    #[test]
+    fn durations_beyond_their_maximum_are_refused() {
+        // (table, key, limit): the key goes into its table, after MINIMAL's lines of it.
+        let cases = [
+            ("spool", "rescan_interval", &MAX_RESCAN_INTERVAL),
+            ("handler", "timeout", &MAX_HANDLER_TIMEOUT),
+            ("handler", "kill_grace", &MAX_KILL_GRACE),
+            ("retry", "backoff_initial", &MAX_BACKOFF),
+            ("retry", "backoff_max", &MAX_BACKOFF),
+            ("shutdown", "drain_timeout", &MAX_DRAIN_TIMEOUT),
+        ];
+        let file = |table: &str, line: String| {
+            let spool = "[spool]\ndir = \"/x\"\n";
+            let handler = "[handler]\ncommand = [\"/bin/true\"]\n";
+            match table {
+                "spool" => format!("{spool}{line}{handler}"),
+                "handler" => format!("{spool}{handler}{line}"),
+                _ => format!("{spool}{handler}[{table}]\n{line}"),
+            }
+        };
+        for (table, key, limit) in cases {
+            let text = file(table, format!("{key} = \"500000000000 years\"\n"));
+            let err = parse(&text).unwrap_err();
+            assert_eq!(err.key, Some(format!("{table}.{key}")), "{err}");
+            assert!(err.position.is_some(), "{err}");
+            assert!(err.message.contains(limit.text), "{err}");
+            let max = humantime::format_duration(limit.max);
+            // backoff_initial may not exceed backoff_max, so raise both.
+            let line = if key == "backoff_initial" {
+                format!("{key} = \"{max}\"\nbackoff_max = \"{max}\"\n")
+            } else {
+                format!("{key} = \"{max}\"\n")
+            };
+            let text = file(table, line);
+            parse(&text).unwrap_or_else(|e| panic!("the maximum is refused: {e}\n{text}"));
+        }
+    }
+
+    #[test]
+    fn duration_errors_say_what_is_wrong() {
+        let err = parse(&format!("{MINIMAL}timeout = \"10\"\n")).unwrap_err();
+        assert!(err.message.contains("has no unit"), "{err}");
+        assert!(err.message.contains("\"10s\""), "{err}");
+        assert!(err.message.contains("h (hr, hours)"), "{err}");
+        let err = parse(&format!("{MINIMAL}timeout = \"10 minuets\"\n")).unwrap_err();
+        assert!(err.message.contains("unknown unit \"minuets\""), "{err}");
+        assert!(err.message.contains("m (min, minutes)"), "{err}");
+        let err = parse(&format!("{MINIMAL}timeout = 10\n")).unwrap_err();
+        assert!(err.message.contains("needs a unit and quotes"), "{err}");
+        let err = parse(&format!("{MINIMAL}timeout = \"-5s\"\n")).unwrap_err();
+        assert!(err.message.contains("cannot be negative"), "{err}");
+    }
+
+    #[test]
+    fn counts_lists_and_exit_codes_are_explained_in_plain_words() {
+        let err = parse(&format!("{MINIMAL}[workers]\ncount = 0\n")).unwrap_err();
+        assert!(err.message.contains("at least 1"), "{err}");
+        let err = parse(&format!("{MINIMAL}[workers]\ncount = \"four\"\n")).unwrap_err();
+        assert!(err.message.contains("whole number"), "{err}");
+        assert!(!err.message.contains("usize"), "{err}");
+        let err = parse("[spool]\ndir = \"/x\"\n[handler]\ncommand = \"/bin/true\"\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("handler.command"));
+        assert!(err.message.contains("must be a list"), "{err}");
+        assert!(!err.message.contains("sequence"), "{err}");
+        for code in ["0", "256", "-1"] {
+            let err = parse(&format!(
+                "{MINIMAL}[retry]\npermanent_exit_codes = [2, {code}]\n"
+            ))
+            .unwrap_err();
+            assert_eq!(err.key.as_deref(), Some("retry.permanent_exit_codes"));
+            assert!(
+                err.message.contains(&format!("element 2 ({code})")),
+                "{err}"
+            );
+            assert!(err.message.contains("1 to 255"), "{err}");
+        }
+        let c = parse(&format!(
+            "{MINIMAL}[retry]\npermanent_exit_codes = [1, 255]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.retry.permanent_exit_codes, [1, 255]);
+    }
+
+    #[test]
+    fn backoff_max_below_backoff_initial_is_located() {
+        let err = parse(&format!(
+            "{MINIMAL}[retry]\nbackoff_initial = \"1m\"\nbackoff_max = \"30s\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("retry.backoff_max"));
+        assert_eq!(err.position, Some((7, 15)));
+        assert!(
+            err.message.contains("shorter than retry.backoff_initial"),
+            "{err}"
+        );
+        // Only backoff_initial set, above the default cap of 1h: it is the one to blame.
+        let err = parse(&format!("{MINIMAL}[retry]\nbackoff_initial = \"2h\"\n")).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("retry.backoff_initial"));
+        assert_eq!(err.position, Some((6, 19)));
+        // Equal is fine: every backoff is then the same.
+        parse(&format!(
+            "{MINIMAL}[retry]\nbackoff_initial = \"1m\"\nbackoff_max = \"1m\"\n"
+        ))
+        .unwrap();
     }
 
     #[test]

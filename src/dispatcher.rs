@@ -32,6 +32,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::later;
 use crate::job::display_name;
 use crate::schedule::{self, RetrySchedule};
 use crate::spool::{Dir, NewScan, Promotion, Spool, unix_ms};
@@ -118,7 +119,7 @@ impl Dispatcher {
         let mut scan: Option<Scan> = None;
         // A scan at start: whatever was submitted while no daemon ran.
         let mut dirty = true;
-        let mut rescan_at = Instant::now() + *self.rescan_interval.borrow();
+        let mut rescan_at = later(Instant::now(), *self.rescan_interval.borrow());
         // The due times of the jobs in retry/, read from the directory off this thread (at
         // start, and again only when the schedule had to leave some out).
         let mut schedule = RetrySchedule::new(schedule::CAP);
@@ -139,13 +140,17 @@ impl Dispatcher {
         loop {
             if scan.is_none() && dirty && pending.len() < BATCH {
                 dirty = false;
+                crate::fault::hit(crate::fault::Point::Dispatcher);
                 scan = Some(Scan {
                     reader: self.spool.scan_new()?,
                     seen: 0,
                     claimed_before: self.stats.claimed.load(Relaxed),
                 });
                 let interval = *self.rescan_interval.borrow();
-                rescan_at = Instant::now() + self.poll_interval(interval, watcher.is_some());
+                rescan_at = later(
+                    Instant::now(),
+                    self.poll_interval(interval, watcher.is_some()),
+                );
             }
             if pending.len() < BATCH
                 && let Some(s) = &mut scan
@@ -238,7 +243,7 @@ impl Dispatcher {
                 () = sleep_until(rescan_at) => {
                     dirty = true;
                     let interval = *self.rescan_interval.borrow();
-                    rescan_at = Instant::now() + self.poll_interval(interval, watcher.is_some());
+                    rescan_at = later(Instant::now(), self.poll_interval(interval, watcher.is_some()));
                 }
                 Some((name, due)) = self.retries.recv() => schedule.insert(name, due),
                 scanned = async { retry_scan.as_mut().expect("guarded").await }, if retry_scan.is_some() => {
@@ -251,11 +256,11 @@ impl Dispatcher {
                                 self.spool.dir_path(Dir::Retry).display(),
                                 humantime::format_duration(*self.rescan_interval.borrow())
                             );
-                            rescan_retries_at = Some(Instant::now() + *self.rescan_interval.borrow());
+                            rescan_retries_at = Some(later(Instant::now(), *self.rescan_interval.borrow()));
                         }
                         Err(e) => {
                             tracing::error!("the read of retry/ ended abnormally: {e}");
-                            rescan_retries_at = Some(Instant::now() + *self.rescan_interval.borrow());
+                            rescan_retries_at = Some(later(Instant::now(), *self.rescan_interval.borrow()));
                         }
                     }
                 }
@@ -264,7 +269,7 @@ impl Dispatcher {
                 }
                 () = sleep_until(beat_at) => {
                     self.stats.beat();
-                    beat_at = Instant::now() + heartbeat;
+                    beat_at = later(Instant::now(), heartbeat);
                 }
             }
         }
@@ -359,12 +364,13 @@ async fn next_event(
 
 /// A moment no timer reaches, for a branch whose guard is off.
 fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(86400 * 365)
+    later(Instant::now(), Duration::from_secs(86400 * 365))
 }
 
-/// The monotonic instant of a wall-clock time in ms since the epoch (the far future for u64::MAX).
+/// The monotonic instant of a wall-clock time in ms since the epoch (the far future for u64::MAX,
+/// or for any time read from a record that lies beyond what the clock holds).
 fn instant_of(unix_ms_due: u64) -> Instant {
     let now_ms = unix_ms(SystemTime::now());
     let wait = Duration::from_millis(unix_ms_due.saturating_sub(now_ms));
-    Instant::now() + wait.min(Duration::from_secs(86400 * 365))
+    later(Instant::now(), wait)
 }

@@ -31,6 +31,7 @@ use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
 use rustix::process::{Pid, PidfdFlags, Signal};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::later;
 use crate::config::{HandlerConfig, StdinMode};
 
 /// A line longer than this is cut, and the rest of it dropped, so one endless line cannot grow
@@ -318,7 +319,7 @@ pub fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &Abort, scratch: &mut 
         stderr_tail: VecDeque::new(),
     };
 
-    let deadline = clock + cfg.timeout;
+    let deadline = later(clock, cfg.timeout);
     let mut ended: Option<Ended> = None;
     let mut kill_at: Option<Instant> = None;
     let mut pipes_deadline: Option<Instant> = None;
@@ -337,12 +338,12 @@ pub fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &Abort, scratch: &mut 
         let now = Instant::now();
         if group_check.is_some_and(|t| t <= now) {
             if group_alive(pgid) {
-                group_check = Some(now + GROUP_CHECK);
+                group_check = Some(later(now, GROUP_CHECK));
             } else {
                 // The rest of the group went on SIGTERM: nothing is left to kill.
                 group_check = None;
                 kill_at = None;
-                pipes_deadline.get_or_insert(now + PIPE_GRACE);
+                pipes_deadline.get_or_insert(later(now, PIPE_GRACE));
                 continue;
             }
         }
@@ -351,7 +352,7 @@ pub fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &Abort, scratch: &mut 
         if limit.is_some_and(|t| t <= now) {
             ended = Some(Ended::Timeout);
             signal_group(pgid, Signal::TERM);
-            kill_at = Some(now + cfg.kill_grace);
+            kill_at = Some(later(now, cfg.kill_grace));
             continue;
         }
         if kill_at.is_some_and(|t| t <= now) {
@@ -360,7 +361,7 @@ pub fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &Abort, scratch: &mut 
             group_check = None;
             kill_at = None;
             if status.is_some() {
-                pipes_deadline = Some(now + PIPE_GRACE);
+                pipes_deadline = Some(later(now, PIPE_GRACE));
             }
             continue;
         }
@@ -428,19 +429,19 @@ pub fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &Abort, scratch: &mut 
             if !group_killed && group_alive(pgid) {
                 signal_group(pgid, Signal::TERM);
                 let now = Instant::now();
-                kill_at.get_or_insert(now + cfg.kill_grace);
-                group_check = Some(now + GROUP_CHECK);
+                kill_at.get_or_insert(later(now, cfg.kill_grace));
+                group_check = Some(later(now, GROUP_CHECK));
             } else {
                 // Nothing of the group lives (or all of it is dying of SIGKILL): a SIGKILL
                 // still pending from a timeout or an abort has nothing left to do, and must
                 // not hold the job until it is due.
                 kill_at = None;
-                pipes_deadline = Some(Instant::now() + PIPE_GRACE);
+                pipes_deadline = Some(later(Instant::now(), PIPE_GRACE));
             }
         } else if aborted {
             ended = Some(Ended::Abort);
             signal_group(pgid, Signal::TERM);
-            kill_at = Some(Instant::now() + cfg.kill_grace);
+            kill_at = Some(later(Instant::now(), cfg.kill_grace));
         }
     }
     if log.suppressed > 0 {

@@ -4,9 +4,11 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod dispatcher;
+pub mod fault;
 pub mod handler;
 pub mod job;
 pub mod logging;

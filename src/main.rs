@@ -6,17 +6,19 @@
 
 #![forbid(unsafe_code)]
 
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use futures_util::FutureExt;
 
 use spoold::cli::{Cli, Command};
 use spoold::config::Config;
 use spoold::signals::Shutdown;
 use spoold::supervisor::{Daemon, RunError};
-use spoold::{commands, logging, notify, signals, supervisor};
+use spoold::{commands, fault, logging, notify, signals, supervisor};
 
 /// How long the runtime may take to drop what is left after the supervisor returned. Nothing
 /// (a blocking task, a child that will not be reaped) may hold the exit longer.
@@ -37,7 +39,15 @@ fn run(config_path: &Path) -> ExitCode {
             return ExitCode::from(RunError::Config(e).exit_code());
         }
     };
+    if let Err(e) = fault::arm_from_env() {
+        eprintln!("spoold: {e}");
+        return ExitCode::from(64);
+    }
     let log = logging::init(&config.log.level);
+    // Before anything can panic: from here on a panic in any thread is logged and stops the
+    // daemon on the abort path (supervisor::install_panic_hook says why).
+    let shutdown = Shutdown::new();
+    let panics = supervisor::install_panic_hook(shutdown.abort.clone());
     let notifier = notify::Notifier::from_env();
     // One thread for the supervisor, the dispatcher and the signals: their work is a few system
     // calls between waits. Each worker gets a thread and a runtime of its own (worker.rs), so
@@ -52,8 +62,7 @@ fn run(config_path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async {
-        let shutdown = Shutdown::new();
+    let run = async {
         let reloads = signals::listen(&shutdown)
             .map_err(|e| RunError::Io(format!("cannot install signal handlers: {e}")))?;
         supervisor::run(Daemon {
@@ -63,10 +72,21 @@ fn run(config_path: &Path) -> ExitCode {
             reloads,
             notifier,
             log,
+            panics: panics.clone(),
         })
         .await
-    });
+    };
+    // The supervisor catches the panics of its loop and of the stop; this catches one before
+    // its workers exist (start-up), which has nothing to stop. No unwinding reaches main,
+    // whose exit status (101) would say nothing.
+    let result = runtime.block_on(AssertUnwindSafe(run).catch_unwind());
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
+    let result = match (result, panics.first()) {
+        (Ok(Err(e)), _) => Err(e),
+        (_, Some(what)) => Err(RunError::Panic(what.to_owned())),
+        (Ok(Ok(summary)), None) => Ok(summary),
+        (Err(_), None) => Err(RunError::Panic("the supervisor panicked".to_owned())),
+    };
     match result {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {

@@ -9,17 +9,21 @@
 //! for exactly that long and never needs SIGKILL.
 
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::later;
 use crate::config::{Config, ConfigError};
 use crate::dispatcher::{Dispatcher, Watcher};
+use crate::fault::{self, Point};
 use crate::handler::Abort;
 use crate::logging::LogControl;
 use crate::notify::Notifier;
@@ -47,7 +51,14 @@ pub enum RunError {
     Config(ConfigError),
     Spool(SpoolError),
     Io(String),
+    /// A thread panicked (a bug); the description names the thread and the place.
+    Panic(String),
 }
+
+/// EX_SOFTWARE from sysexits(3): the exit status after a panic. It is non-zero, so the packaged
+/// unit's `Restart=on-failure` starts spoold again, and crash recovery reruns the job the
+/// panicking thread held in `active/`.
+pub const EX_SOFTWARE: u8 = 70;
 
 impl fmt::Display for RunError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -55,6 +66,11 @@ impl fmt::Display for RunError {
             RunError::Config(e) => write!(f, "invalid config {e}"),
             RunError::Spool(e) => write!(f, "{e}"),
             RunError::Io(e) => write!(f, "{e}"),
+            RunError::Panic(e) => write!(
+                f,
+                "stopped after a panic ({e}); exiting with status {EX_SOFTWARE} so that the \
+                 service manager restarts spoold"
+            ),
         }
     }
 }
@@ -67,8 +83,58 @@ impl RunError {
             RunError::Spool(SpoolError::Locked { .. }) => 75,
             RunError::Spool(_) => 73,
             RunError::Io(_) => 74,
+            RunError::Panic(_) => EX_SOFTWARE,
         }
     }
+}
+
+/// The first panic in any thread of the daemon, as the hook of [`install_panic_hook`] recorded
+/// it ("thread NAME panicked at FILE:LINE:COL: MESSAGE").
+#[derive(Debug, Clone, Default)]
+pub struct Panics(Arc<OnceLock<String>>);
+
+impl Panics {
+    pub fn first(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
+}
+
+/// Makes every panic loud and fatal. A panic is a bug, and one on a worker thread used to be
+/// swallowed: the thread died with its job in `active/` while the daemon looked healthy. The
+/// hook logs it at error level with the thread's name and place, records it, and cancels
+/// `abort`, so the daemon stops on the abort path and exits with [`EX_SOFTWARE`]. The default
+/// hook's output (to stderr) is kept only when RUST_BACKTRACE asks for the backtrace, which
+/// the log line lacks; otherwise it would repeat the line in the journal.
+pub fn install_panic_hook(abort: tokio_util::sync::CancellationToken) -> Panics {
+    let panics = Panics::default();
+    let record = panics.clone();
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("(unnamed)");
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let place = info
+            .location()
+            .map(|l| format!(" at {l}"))
+            .unwrap_or_default();
+        let what = format!("thread {name} panicked{place}: {message}");
+        tracing::error!(
+            thread = name,
+            "{what}; this is a bug: stopping, aborting the jobs in flight (a job this thread \
+             held stays in active/ and runs again at the next start)"
+        );
+        let _ = record.0.set(what);
+        abort.cancel();
+        if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| !v.is_empty() && v != "0") {
+            default_hook(info);
+        }
+    }));
+    panics
 }
 
 /// What a stop did, for the one summary line.
@@ -87,6 +153,8 @@ pub struct Daemon {
     pub reloads: mpsc::Receiver<()>,
     pub notifier: Notifier,
     pub log: LogControl,
+    /// Filled in by the panic hook; a panic anywhere makes the run end in [`RunError::Panic`].
+    pub panics: Panics,
 }
 
 pub async fn run(daemon: Daemon) -> Result<StopSummary, RunError> {
@@ -97,6 +165,7 @@ pub async fn run(daemon: Daemon) -> Result<StopSummary, RunError> {
         mut reloads,
         notifier,
         log,
+        panics,
     } = daemon;
     let spool = Arc::new(Spool::open(&config.spool.dir).map_err(RunError::Spool)?);
     let _lock = spool.lock().map_err(RunError::Spool)?;
@@ -168,36 +237,42 @@ pub async fn run(daemon: Daemon) -> Result<StopSummary, RunError> {
 
     let mut status_tick = tokio::time::interval(STATUS_EVERY);
     let mut fatal: Option<RunError> = None;
-    loop {
-        tokio::select! {
-            biased;
-            () = shutdown.stop.cancelled() => break,
-            ended = &mut dispatcher => {
-                let why = match ended {
-                    Ok(Ok(())) => "the dispatcher ended unexpectedly".to_owned(),
-                    Ok(Err(e)) => format!("job discovery failed: {e}"),
-                    Err(e) => format!("the dispatcher crashed: {e}"),
-                };
-                tracing::error!("{why}; stopping");
-                fatal = Some(RunError::Io(why));
-                shutdown.stop.cancel();
-                break;
-            }
-            Some(()) = reloads.recv() => {
-                notifier.reloading();
-                reload_error = reload(&config_path, &config_tx, &rescan_tx, &pool, &log);
-                status = status_line(&stats, &reload_error);
-                notifier.ready(&status);
-            }
-            _ = status_tick.tick() => {
-                let now = status_line(&stats, &reload_error);
-                if now != status {
-                    status = now;
-                    notifier.status(&status);
+    // A panic in here (a bug) has been logged and has cancelled `abort` by the time it unwinds
+    // to this point; what is left to do is the stop, on the abort path.
+    let _ = AssertUnwindSafe(async {
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.stop.cancelled() => break,
+                ended = &mut dispatcher => {
+                    let why = match ended {
+                        Ok(Ok(())) => "the dispatcher ended unexpectedly".to_owned(),
+                        Ok(Err(e)) => format!("job discovery failed: {e}"),
+                        Err(e) => format!("the dispatcher crashed: {e}"),
+                    };
+                    tracing::error!("{why}; stopping");
+                    fatal = Some(RunError::Io(why));
+                    shutdown.stop.cancel();
+                    break;
+                }
+                Some(()) = reloads.recv() => {
+                    notifier.reloading();
+                    reload_error = reload(&config_path, &config_tx, &rescan_tx, &pool, &log);
+                    status = status_line(&stats, &reload_error);
+                    notifier.ready(&status);
+                }
+                _ = status_tick.tick() => {
+                    let now = status_line(&stats, &reload_error);
+                    if now != status {
+                        status = now;
+                        notifier.status(&status);
+                    }
                 }
             }
         }
-    }
+    })
+    .catch_unwind()
+    .await;
 
     stopping.cancel();
     // The dispatcher returns as soon as it sees the stop, even from a send to a full channel:
@@ -207,8 +282,34 @@ pub async fn run(daemon: Daemon) -> Result<StopSummary, RunError> {
         let _ = dispatcher.await;
     }
     let config = config_rx.borrow().clone();
-    let summary = stop(&pool, &stats, &shutdown, &notifier, &config).await;
+    let summary = AssertUnwindSafe(stop(&pool, &stats, &shutdown, &notifier, &config))
+        .catch_unwind()
+        .await;
     watchdog_done.cancel();
+    let summary = match summary {
+        Ok(summary) => summary,
+        Err(_) => {
+            // The stop sequence itself panicked. The hook cancelled `abort`, so the handlers
+            // are being signalled: wait for their workers as an aborted stop would, and for no
+            // longer.
+            let bound = config.handler.kill_grace.saturating_add(ABORT_SLACK);
+            if tokio::time::timeout(bound, pool.wait()).await.is_err() {
+                tracing::error!(
+                    "workers did not finish {} after the abort; exiting without them (their \
+                     jobs stay in active/ and run again at the next start)",
+                    humantime::format_duration(bound)
+                );
+            }
+            let what = panics.first().unwrap_or("the stop sequence panicked");
+            return Err(RunError::Panic(what.to_owned()));
+        }
+    };
+    // A panic outranks any other reason to stop: it is the one that needs a restart and a bug
+    // report. The summary is not logged then: the job the panicking thread held would count as
+    // drained although it waits in active/.
+    if let Some(what) = panics.first() {
+        return Err(RunError::Panic(what.to_owned()));
+    }
     tracing::info!(
         drained = summary.drained,
         requeued = summary.requeued,
@@ -232,10 +333,11 @@ async fn stop(
     notifier: &Notifier,
     config: &Config,
 ) -> StopSummary {
+    fault::hit(Point::Stop);
     let began = Instant::now();
     let in_flight = pool.in_flight() as u64;
     let requeued_before = stats.requeued.load(Relaxed);
-    let drain_until = began + config.shutdown.drain_timeout;
+    let drain_until = later(began, config.shutdown.drain_timeout);
     let kill_grace = config.handler.kill_grace;
     notifier.stopping(&stopping_line(in_flight as usize, drain_until));
     if in_flight > 0 {
@@ -254,8 +356,8 @@ async fn stop(
     loop {
         // The worst case still ahead: the rest of the drain, then kill_grace.
         let end = match aborted_at {
-            Some(at) => at + kill_grace + ABORT_SLACK,
-            None => drain_until + kill_grace + ABORT_SLACK,
+            Some(at) => later(at, kill_grace.saturating_add(ABORT_SLACK)),
+            None => later(drain_until, kill_grace.saturating_add(ABORT_SLACK)),
         };
         tokio::select! {
             biased;
@@ -279,16 +381,18 @@ async fn stop(
                     "{} workers did not finish {} after the abort; exiting without them (their \
                      jobs stay in active/ and run again at the next start)",
                     stats.workers.load(Relaxed),
-                    humantime::format_duration(kill_grace + ABORT_SLACK)
+                    humantime::format_duration(kill_grace.saturating_add(ABORT_SLACK))
                 );
                 break;
             }
             () = sleep_until(extend_at) => {
-                notifier.extend_timeout(end.saturating_duration_since(Instant::now()) + EXTEND_MARGIN);
+                notifier.extend_timeout(
+                    end.saturating_duration_since(Instant::now()).saturating_add(EXTEND_MARGIN),
+                );
                 if aborted_at.is_none() {
                     notifier.status(&stopping_line(pool.in_flight(), drain_until));
                 }
-                extend_at = Instant::now() + EXTEND_EVERY;
+                extend_at = later(Instant::now(), EXTEND_EVERY);
             }
         }
     }

@@ -18,6 +18,7 @@ use tokio::sync::{Mutex, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::clock::later;
 use crate::config::{Config, RetryConfig};
 use crate::dispatcher::RetryScheduled;
 use crate::handler::{self, Attempt, Outcome, Report};
@@ -215,6 +216,7 @@ fn run_job(shared: &Shared, name: OsString, scratch: &mut handler::Scratch) {
     let config = shared.config.borrow().clone();
     let _busy = BusyGuard::new(&shared.stats);
     tracing::info!(job_id = id, attempt = job.attempt, "job started");
+    crate::fault::hit(crate::fault::Point::Worker);
     let attempt = Attempt {
         id: &id,
         name: &job.name,
@@ -338,7 +340,7 @@ fn record_outcome(shared: &Shared, config: &Config, job: &Claimed, id: &str, rep
                 }
             } else {
                 let delay = backoff(&config.retry, job.attempt);
-                let due = now + delay;
+                let due = later(now, delay);
                 record.next_attempt_unix_ms = Some(unix_ms(due));
                 record.next_attempt_at = Some(rfc3339(due));
                 match shared.spool.schedule_retry(job, &record) {

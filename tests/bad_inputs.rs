@@ -1124,3 +1124,134 @@ fn same_name_as_a_job_waiting_in_retry_gets_its_own_attempt_count() {
         serde_json::from_str(&fs::read_to_string(env.path("state/same")).unwrap()).unwrap();
     assert_eq!(record["attempts"], 1, "{record}");
 }
+
+/// Issue 12's reproductions: a huge duration for any key is refused naming the key and its
+/// maximum (it used to be accepted, then overflowed the clock at run time); a duration without
+/// a unit or with a misspelt one says so and lists the units; counts, lists and exit codes are
+/// explained in plain words; a backoff cap below the first backoff is refused with its place.
+#[test]
+fn huge_durations_and_bad_values_are_refused_in_plain_words() {
+    let env = Env::new(&["/bin/true"], "");
+    let path = env.dir.path().join("bad.toml");
+    let head = format!("[spool]\ndir = {:?}\n", env.spool.display().to_string());
+    let handler = "[handler]\ncommand = [\"/bin/true\"]\n";
+    let huge = "\"500000000000 years\"";
+    // (config text, line, key, fragments the message must hold, fragments it must not)
+    let cases: Vec<(String, usize, &str, Vec<&str>)> = vec![
+        (
+            format!("{head}rescan_interval = {huge}\n{handler}"),
+            3,
+            "spool.rescan_interval",
+            vec!["maximum of 24 hours"],
+        ),
+        (
+            format!("{head}{handler}timeout = {huge}\n"),
+            5,
+            "handler.timeout",
+            vec!["maximum of 30 days"],
+        ),
+        (
+            format!("{head}{handler}kill_grace = {huge}\n"),
+            5,
+            "handler.kill_grace",
+            vec!["maximum of 1 hour"],
+        ),
+        (
+            format!("{head}{handler}[retry]\nbackoff_initial = {huge}\n"),
+            6,
+            "retry.backoff_initial",
+            vec!["maximum of 30 days"],
+        ),
+        (
+            format!("{head}{handler}[retry]\nbackoff_max = {huge}\n"),
+            6,
+            "retry.backoff_max",
+            vec!["maximum of 30 days"],
+        ),
+        (
+            format!("{head}{handler}[shutdown]\ndrain_timeout = {huge}\n"),
+            6,
+            "shutdown.drain_timeout",
+            vec!["maximum of 6 hours"],
+        ),
+        (
+            format!("{head}{handler}timeout = \"10\"\n"),
+            5,
+            "handler.timeout",
+            vec!["has no unit", "\"10s\"", "m (min, minutes)"],
+        ),
+        (
+            format!("{head}{handler}timeout = \"10 minuets\"\n"),
+            5,
+            "handler.timeout",
+            vec!["unknown unit \"minuets\"", "m (min, minutes)"],
+        ),
+        (
+            format!("{head}{handler}[workers]\ncount = 0\n"),
+            6,
+            "workers.count",
+            vec!["must be at least 1"],
+        ),
+        (
+            format!("{head}{handler}[workers]\ncount = \"four\"\n"),
+            6,
+            "workers.count",
+            vec!["must be a whole number"],
+        ),
+        (
+            format!("{head}[handler]\ncommand = \"/bin/true\"\n"),
+            4,
+            "handler.command",
+            vec!["must be a list of the program and its arguments"],
+        ),
+        (
+            format!("{head}{handler}[retry]\npermanent_exit_codes = [0]\n"),
+            6,
+            "retry.permanent_exit_codes",
+            vec!["element 1 (0)", "1 to 255"],
+        ),
+        (
+            format!("{head}{handler}[retry]\npermanent_exit_codes = [2, 256]\n"),
+            6,
+            "retry.permanent_exit_codes",
+            vec!["element 2 (256)", "1 to 255"],
+        ),
+        (
+            format!("{head}{handler}[retry]\npermanent_exit_codes = [-1]\n"),
+            6,
+            "retry.permanent_exit_codes",
+            vec!["element 1 (-1)", "1 to 255"],
+        ),
+        (
+            format!("{head}{handler}[retry]\nbackoff_initial = \"1m\"\nbackoff_max = \"30s\"\n"),
+            7,
+            "retry.backoff_max",
+            vec!["shorter than retry.backoff_initial (1m)"],
+        ),
+    ];
+    for (text, line, key, fragments) in cases {
+        fs::write(&path, &text).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("check-config").arg(&path);
+        let out = run_to_exit(cmd, SOON);
+        let err = stderr_of(&out);
+        let ctx = format!("{text}\nstderr: {err}");
+        assert_eq!(out.status.code(), Some(78), "{ctx}");
+        let at = format!("{}:{line}:", path.display());
+        assert!(err.contains(&at), "expected {at:?}; {ctx}");
+        assert!(err.contains(&format!("key `{key}`")), "no key; {ctx}");
+        for fragment in fragments {
+            assert!(err.contains(fragment), "no {fragment:?}; {ctx}");
+        }
+        for jargon in ["usize", "u32", "sequence", "expected a duration"] {
+            assert!(!err.contains(jargon), "jargon {jargon:?}; {ctx}");
+        }
+        assert_eq!(err.lines().count(), 1, "one clear line; {ctx}");
+    }
+    // `spoold run` refuses the same way, before it touches the spool.
+    fs::write(&path, format!("{head}{handler}timeout = {huge}\n")).unwrap();
+    let out = run_to_exit(spoold_run(&path), SOON);
+    assert_eq!(out.status.code(), Some(78), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("key `handler.timeout`"));
+    assert!(!env.path("new").exists());
+}

@@ -438,3 +438,87 @@ fn abort_of_a_handler_that_ends_on_sigterm_does_not_wait_for_kill_grace() {
         d.log()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Panics (issue 12): never silent. SPOOLD_TEST_PANIC exists only in debug builds, which is what
+// the tests run.
+// ---------------------------------------------------------------------------------------------
+
+/// The log line the panic hook writes: at error level, naming the thread.
+fn panic_logged(log: &str, thread: &str) -> bool {
+    log.lines()
+        .any(|l| l.contains("ERROR") && l.contains(&format!("thread {thread} panicked at")))
+}
+
+/// A worker that panics while it holds a job does not leave a daemon that looks healthy with
+/// the job stuck in active/: the panic is logged with the thread's name, spoold stops by itself
+/// with status 70 (so that Restart=on-failure brings it back), and the next start runs the job.
+#[test]
+fn a_worker_panic_is_logged_and_stops_spoold_with_status_70_and_the_job_runs_again() {
+    let env = Env::new(&["/bin/true"], "[workers]\ncount = 2\n");
+    let mut d = Daemon::start(&env.config, &[("SPOOLD_TEST_PANIC", "worker")]);
+    env.submit("job", "x");
+    let (status, _) = d.wait_exit(SOON);
+    let log = d.log();
+    assert_eq!(status.code(), Some(70), "{log}");
+    assert!(panic_logged(&log, "spoold-worker"), "{log}");
+    assert!(log.contains("exiting with status 70"), "{log}");
+    assert_eq!(env.names("active"), ["job".to_owned()].into(), "{log}");
+
+    // The restart that systemd would do: crash recovery runs the job.
+    let mut d = env.start();
+    assert!(
+        wait_for(SOON, || env.path("done/job").exists().then_some(())).is_some(),
+        "{}",
+        d.log()
+    );
+    d.stop();
+}
+
+/// The dispatcher (a task on the main thread) takes the same path: logged, exit 70, and the
+/// job it never dispatched is still in new/ for the next start.
+#[test]
+fn a_dispatcher_panic_is_logged_and_stops_spoold_with_status_70() {
+    let env = Env::new(&["/bin/true"], "");
+    env.submit("job", "x");
+    let mut d = Daemon::spawn(&env.config, &[("SPOOLD_TEST_PANIC", "dispatcher")]);
+    let (status, _) = d.wait_exit(SOON);
+    let log = d.log();
+    assert_eq!(status.code(), Some(70), "{log}");
+    assert!(panic_logged(&log, "main"), "{log}");
+    assert_eq!(env.names("new"), ["job".to_owned()].into(), "{log}");
+
+    let mut d = env.start();
+    assert!(
+        wait_for(SOON, || env.path("done/job").exists().then_some(())).is_some(),
+        "{}",
+        d.log()
+    );
+    d.stop();
+}
+
+/// A panic in the stop sequence itself (a huge drain_timeout used to cause one, exit 101):
+/// the stop goes on as an abort, within kill_grace rather than the 20 s drain, leaves no
+/// handler behind, puts the job back in new/, and exits 70.
+#[test]
+fn a_panic_in_the_stop_aborts_the_jobs_in_flight_and_exits_70_without_a_hang() {
+    let env = Env::new(&["/bin/true"], "");
+    let h = sleeper(&env, 60.0);
+    env.write_config(
+        &[&h],
+        "kill_grace = \"1s\"\n[shutdown]\ndrain_timeout = \"20s\"\n",
+    );
+    let pids = env.dir.path().join("pids");
+    let mut d = Daemon::start(&env.config, &[("SPOOLD_TEST_PANIC", "stop")]);
+    env.submit("job", "x");
+    let pid = wait_for(SOON, || pids_in(&pids).first().copied()).expect("the handler started");
+    d.term();
+    let (status, took) = d.wait_exit(SOON);
+    let log = d.log();
+    assert_eq!(status.code(), Some(70), "{log}");
+    assert!(panic_logged(&log, "main"), "{log}");
+    assert!(took < Duration::from_secs(10), "took {took:?}: {log}");
+    assert!(!process_alive(pid), "the handler outlived the stop: {log}");
+    assert_eq!(env.names("new"), ["job".to_owned()].into(), "{log}");
+    assert!(env.names("active").is_empty(), "{log}");
+}

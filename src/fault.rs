@@ -1,0 +1,56 @@
+//! Deliberate panics for the tests, in debug builds only: `SPOOLD_TEST_PANIC=worker|dispatcher|stop`.
+//!
+//! Once the time arithmetic could no longer overflow, no known panic was left, yet the path a
+//! panic takes (logged with its thread, the abort path, exit status 70, crash recovery at the
+//! next start) still needs a test. The tests run the debug binary with this variable set. In a
+//! release build the variable is never read and [`hit`] is empty, so no such switch ships.
+
+/// Where a deliberate panic can be raised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Point {
+    /// In a worker, just after it claimed a job (the job is in `active/`).
+    Worker,
+    /// In the dispatcher, as its first scan of `new/` begins.
+    Dispatcher,
+    /// In the supervisor, as the stop sequence begins.
+    Stop,
+}
+
+#[cfg(debug_assertions)]
+static ARMED: std::sync::OnceLock<Option<Point>> = std::sync::OnceLock::new();
+
+/// Reads `SPOOLD_TEST_PANIC` once, at the start of `spoold run`. An unknown value is refused
+/// with the values it may take, rather than silently arming nothing.
+#[cfg(debug_assertions)]
+pub fn arm_from_env() -> Result<(), String> {
+    let point = match std::env::var("SPOOLD_TEST_PANIC").ok().as_deref() {
+        None | Some("") => None,
+        Some("worker") => Some(Point::Worker),
+        Some("dispatcher") => Some(Point::Dispatcher),
+        Some("stop") => Some(Point::Stop),
+        Some(other) => {
+            return Err(format!(
+                "SPOOLD_TEST_PANIC={other:?}: expected worker, dispatcher or stop"
+            ));
+        }
+    };
+    let _ = ARMED.set(point);
+    Ok(())
+}
+
+/// Release builds have no fault injection.
+#[cfg(not(debug_assertions))]
+pub fn arm_from_env() -> Result<(), String> {
+    Ok(())
+}
+
+/// Panics if the tests armed `point`.
+#[inline]
+pub fn hit(point: Point) {
+    #[cfg(debug_assertions)]
+    if ARMED.get().copied().flatten() == Some(point) {
+        panic!("deliberate panic at {point:?} (SPOOLD_TEST_PANIC, a test-only switch)");
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = point;
+}
