@@ -76,9 +76,30 @@ pub enum Command {
         all: bool,
     },
     /// Check a config file: exit 0 when it is valid, else print the error and exit 78.
+    ///
+    /// It also warns, without failing, when the handler program cannot be run: it is looked up
+    /// as spoold would run it, in the PATH that `[handler] env` sets, if it sets one.
     CheckConfig {
-        /// The config file.
-        #[arg(value_name = "PATH", default_value = DEFAULT_PATH)]
-        path: PathBuf,
+        /// The config file [env: SPOOLD_CONFIG] [default: /etc/spoold/spoold.toml].
+        // Not a `ConfigArg`: a value clap takes from SPOOLD_CONFIG counts as given, and would
+        // then conflict with the positional PATH, which must win over the environment.
+        #[arg(long, short, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// The config file, as an alternative to --config.
+        #[arg(value_name = "PATH", conflicts_with = "config")]
+        path: Option<PathBuf>,
     },
+}
+
+impl Command {
+    /// The file `check-config` checks: PATH, else --config, else SPOOLD_CONFIG, else the default.
+    pub fn check_config_path(config: Option<PathBuf>, path: Option<PathBuf>) -> PathBuf {
+        path.or(config)
+            .or_else(|| {
+                std::env::var_os("SPOOLD_CONFIG")
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from)
+            })
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
+    }
 }

@@ -14,7 +14,9 @@ const EX_CONFIG: u8 = 78;
 pub fn run(command: Command) -> ExitCode {
     match command {
         Command::Run(_) => unreachable!("`run` is the daemon, handled in main"),
-        Command::CheckConfig { path } => check_config(&path),
+        Command::CheckConfig { config, path } => {
+            check_config(&Command::check_config_path(config, path))
+        }
         Command::Enqueue { config, files } => with_spool(&config.config, |s| enqueue(s, &files)),
         Command::Status { config, json } => with_spool(&config.config, |s| status(s, json)),
         Command::Failed { config, json } => with_spool(&config.config, |s| failed(s, json)),
@@ -25,11 +27,10 @@ pub fn run(command: Command) -> ExitCode {
 fn check_config(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
-            if !crate::handler::program_exists(&config.handler.command[0]) {
+            if let Err(problem) = crate::handler::check_program(&config.handler) {
                 eprintln!(
-                    "spoold: warning: {}: handler program {} is not found (jobs will fail until it exists)",
-                    path.display(),
-                    config.handler.command[0]
+                    "spoold: warning: {}: {problem}; jobs will fail until that is fixed",
+                    path.display()
                 );
             }
             println!("{}: ok", path.display());

@@ -1124,3 +1124,130 @@ fn same_name_as_a_job_waiting_in_retry_gets_its_own_attempt_count() {
         serde_json::from_str(&fs::read_to_string(env.path("state/same")).unwrap()).unwrap();
     assert_eq!(record["attempts"], 1, "{record}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The command line
+// ---------------------------------------------------------------------------------------------
+
+/// `spoold check-config` with `args` (and `env`), to its exit.
+fn check_config(args: &[&OsStr], env: &[(&str, &OsStr)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("check-config")
+        .args(args)
+        .env_remove("SPOOLD_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    run_to_exit(cmd, SOON)
+}
+
+#[test]
+fn check_config_takes_config_like_every_subcommand_and_looks_the_handler_up_as_spawn_does() {
+    let env = Env::new(&["/bin/true"], "");
+    let bin = env.dir.path().join("bin");
+    fs::create_dir(&bin).unwrap();
+    let handler_path = format!("[handler.env]\nPATH = \"{}:/nonexistent\"\n", bin.display());
+    let config = env.config.as_os_str();
+    let other = env.dir.path().join("missing.toml");
+
+    // The same file, named four ways: positional, --config, -c, SPOOLD_CONFIG. A positional
+    // PATH wins over SPOOLD_CONFIG; with --config it is a usage error (exit 2).
+    for (args, vars) in [
+        (vec![config], vec![]),
+        (vec![OsStr::new("--config"), config], vec![]),
+        (vec![OsStr::new("-c"), config], vec![]),
+        (vec![], vec![("SPOOLD_CONFIG", config)]),
+        (vec![config], vec![("SPOOLD_CONFIG", other.as_os_str())]),
+    ] {
+        let out = check_config(&args, &vars);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(0), "{args:?} {vars:?}: {err}");
+        assert_eq!(
+            err, "",
+            "{args:?} {vars:?}: a valid config, a runnable handler"
+        );
+    }
+    let out = check_config(&[OsStr::new("--config"), config, other.as_os_str()], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
+
+    // A bare name is looked up in [handler] env's PATH, not in spoold's: `true` is in spoold's
+    // PATH but not in that one, and `only-here` is only in that one.
+    let only_here = bin.join("only-here");
+    fs::write(&only_here, "#!/bin/sh\nexit 0\n").unwrap();
+    fs::set_permissions(&only_here, fs::Permissions::from_mode(0o755)).unwrap();
+    let not_exec = bin.join("not-exec");
+    fs::write(&not_exec, "#!/bin/sh\nexit 0\n").unwrap();
+    fs::set_permissions(&not_exec, fs::Permissions::from_mode(0o644)).unwrap();
+    for (program, extra, warning) in [
+        ("only-here", handler_path.as_str(), None),
+        (
+            "true",
+            handler_path.as_str(),
+            Some("handler program true is not found in [handler] env's PATH"),
+        ),
+        (
+            "not-exec",
+            handler_path.as_str(),
+            Some("handler program not-exec is not executable"),
+        ),
+        ("true", "", None),
+        (
+            "no-such-program-anywhere",
+            "",
+            Some("handler program no-such-program-anywhere is not found in spoold's PATH"),
+        ),
+        (
+            not_exec.to_str().unwrap(),
+            "",
+            Some("is not executable by this user (Permission denied)"),
+        ),
+    ] {
+        env.write_config(&[program], extra);
+        let out = check_config(&[config], &[]);
+        let err = stderr_of(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{program}: only a warning: {err}"
+        );
+        match warning {
+            None => assert_eq!(err, "", "{program} {extra}"),
+            Some(w) => {
+                assert!(
+                    err.contains(w),
+                    "{program} {extra}: expected {w:?} in {err}"
+                );
+                assert!(err.contains(&env.config.display().to_string()), "{err}");
+            }
+        }
+        // `spoold run` warns the same at start, and starts all the same.
+        // The warning comes before the "ready" line.
+        let mut d = env.start();
+        assert!(
+            d.wait_log(|l| l.contains("spoold ready"), SOON),
+            "{}",
+            d.log()
+        );
+        d.stop();
+        let log = d.log();
+        match warning {
+            None => assert!(!log.contains("handler program"), "{program}: {log}"),
+            Some(w) => assert!(log.contains(w), "{program}: expected {w:?} in {log}"),
+        }
+    }
+}
+
+#[test]
+fn crash_recovery_of_one_job_says_one_job() {
+    let env = Env::new(&["/bin/true"], "");
+    fs::create_dir_all(env.path("active")).unwrap();
+    fs::write(env.path("active/left-behind"), "x").unwrap();
+    let mut d = env.start();
+    assert!(
+        d.wait_log(|l| l.contains("found 1 job in active/"), SOON),
+        "{}",
+        d.log()
+    );
+    d.stop();
+    assert!(!d.log().contains("1 jobs"), "{}", d.log());
+}
