@@ -41,6 +41,13 @@ const MAX_PENDING: usize = 4 * BATCH;
 /// Retries are promoted at most this often, however many are due at nearby moments.
 const RETRY_COALESCE: Duration = Duration::from_millis(250);
 
+/// A file in `tmp/` untouched (not modified) for this long was abandoned by its producer, and
+/// is removed: the Maildir rule. A producer still writing it would have touched it since.
+pub const TMP_MAX_AGE: Duration = Duration::from_secs(36 * 3600);
+/// How often `tmp/` is swept, after the sweep at start. Abandoned files are rare and cost only
+/// space, so the sweep stays far off the hot path.
+const TMP_SWEEP_EVERY: Duration = Duration::from_secs(3600);
+
 /// Wakes the dispatcher when a job was put in `retry/`: carries the earliest due time known
 /// (ms since the epoch; `u64::MAX` for none).
 pub type RetryWakeup = watch::Sender<u64>;
@@ -123,6 +130,9 @@ impl Dispatcher {
                 self.spool.dir_path(Dir::New).display()
             );
         }
+
+        // Owned by this task's stop token like everything else here; it needs no handle.
+        tokio::spawn(sweep_tmp(self.spool.clone(), stop.clone()));
 
         // Never more than the channel holds, which reserve_many would refuse.
         let handoff = (self.jobs.max_capacity() / 2).max(1);
@@ -325,4 +335,40 @@ fn instant_of(unix_ms_due: u64) -> Instant {
     let now_ms = unix_ms(SystemTime::now());
     let wait = Duration::from_millis(unix_ms_due.saturating_sub(now_ms));
     Instant::now() + wait.min(Duration::from_secs(86400 * 365))
+}
+
+/// Removes abandoned files from `tmp/` at start and then every `TMP_SWEEP_EVERY`, until `stop`.
+/// Each sweep runs on the blocking pool, since a `tmp/` with a million files would hold the
+/// main thread for seconds, and checks the token between entries, so it also ends at a stop.
+async fn sweep_tmp(spool: Arc<Spool>, stop: CancellationToken) {
+    loop {
+        let before = SystemTime::now() - TMP_MAX_AGE;
+        let (sweeper, token) = (spool.clone(), stop.clone());
+        let sweep = tokio::task::spawn_blocking(move || {
+            let tmp = sweeper.dir_path(Dir::Tmp);
+            let result = sweeper.sweep_tmp(before, &|| token.is_cancelled(), &mut |name, result| {
+                let file = crate::spool::display_name(name);
+                match result {
+                    Ok(()) => tracing::warn!(
+                        file = %file,
+                        "removed {}/{file}: untouched for more than {} hours, so abandoned by whatever was writing it",
+                        tmp.display(),
+                        TMP_MAX_AGE.as_secs() / 3600
+                    ),
+                    Err(e) => tracing::warn!(file = %file, "cannot remove the abandoned {}/{file}: {e}", tmp.display()),
+                }
+            });
+            if let Err(e) = result {
+                tracing::warn!("cannot sweep {}: {e}", tmp.display());
+            }
+        });
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = sweep => {}
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(TMP_SWEEP_EVERY) => {}
+        }
+    }
 }

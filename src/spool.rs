@@ -496,6 +496,51 @@ impl Spool {
         })
     }
 
+    /// Removes what was left in `tmp/` by producers that never finished (a killed `cp`, a
+    /// crashed client): every entry but a directory last modified before `before`. Stops early
+    /// when `cancelled` says so, and reports each removal, or a failed one, to `report`.
+    /// Returns how many it removed.
+    pub fn sweep_tmp(
+        &self,
+        before: SystemTime,
+        cancelled: &dyn Fn() -> bool,
+        report: &mut dyn FnMut(&OsStr, io::Result<()>),
+    ) -> io::Result<usize> {
+        let tmp = self.fd(Dir::Tmp);
+        let mut removed = 0;
+        for entry in fs::read_dir(self.dir_path(Dir::Tmp))? {
+            if cancelled() {
+                break;
+            }
+            let name = entry?.file_name();
+            let st = match rustix::fs::statat(tmp, &name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                // Renamed into new/ (or removed by its producer) since the listing.
+                Err(Errno::NOENT) => continue,
+                Err(e) => {
+                    report(&name, Err(e.into()));
+                    continue;
+                }
+            };
+            let mtime =
+                UNIX_EPOCH + Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32);
+            if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
+                || mtime >= before
+            {
+                continue;
+            }
+            match rustix::fs::unlinkat(tmp, &name, AtFlags::empty()) {
+                Ok(()) => {
+                    removed += 1;
+                    report(&name, Ok(()));
+                }
+                Err(Errno::NOENT) => {}
+                Err(e) => report(&name, Err(e.into())),
+            }
+        }
+        Ok(removed)
+    }
+
     /// True when `new/NAME` is a regular file (not following links).
     pub fn is_regular_in_new(&self, name: &OsStr) -> bool {
         rustix::fs::statat(self.fd(Dir::New), name, AtFlags::SYMLINK_NOFOLLOW)

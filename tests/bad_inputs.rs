@@ -1449,3 +1449,55 @@ fn permission_denied_on_the_spool_names_the_user_and_the_group() {
         assert!(err.contains(&hint), "{args:?}: expected {hint:?} in {err}");
     }
 }
+
+#[test]
+fn abandoned_files_in_tmp_are_removed_after_36_hours_and_logged() {
+    let env = Env::new(&["/bin/true"], "");
+    let tmp = env.path("tmp");
+    fs::create_dir_all(&tmp).unwrap();
+    let touch = |name: &OsStr, when: &str| {
+        let ok = Command::new("touch")
+            .arg("-d")
+            .arg(when)
+            .arg(tmp.join(name))
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    let odd = OsStr::from_bytes(b"half\nwritten\xff");
+    for (name, when) in [
+        (OsStr::new("killed-cp"), "37 hours ago"),
+        (odd, "40 hours ago"),
+        (OsStr::new("slow-but-alive"), "35 hours ago"),
+        (OsStr::new("fresh"), "now"),
+    ] {
+        fs::write(tmp.join(name), "partial").unwrap();
+        touch(name, when);
+    }
+    fs::create_dir(tmp.join("a-directory")).unwrap();
+    touch(OsStr::new("a-directory"), "40 hours ago");
+
+    let mut d = env.start();
+    let removed = |name: &str| {
+        format!(
+            "removed {}/{name}: untouched for more than 36 hours",
+            tmp.display()
+        )
+    };
+    assert!(
+        d.wait_log(
+            |l| l.contains(&removed("killed-cp")) && l.contains(&removed("half\\nwritten\\xff")),
+            SOON
+        ),
+        "{}",
+        d.log()
+    );
+    d.stop();
+    assert_eq!(
+        env.names("tmp"),
+        ["a-directory", "fresh", "slow-but-alive"]
+            .map(String::from)
+            .into(),
+        "only files untouched for 36 hours go"
+    );
+}
