@@ -16,6 +16,9 @@
 //! The dispatcher only names candidates; a worker claims one by renaming it. A name waiting in
 //! the channel is still in `new/`, so a stop leaves nothing to undo. Every await here also waits
 //! on the stop token: the send to a full channel cannot outlive the workers.
+//!
+//! It also sweeps `tmp/` of files that producers abandoned (the Maildir rule), hourly and on the
+//! blocking pool.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
