@@ -71,6 +71,9 @@ A clean stop, or a client command that succeeded.
 .B 1
 A client command failed.
 .TP
+.B 2
+A usage error: an unknown subcommand or option, a missing or extra argument.
+.TP
 .B 73
 The spool cannot be opened.
 .TP

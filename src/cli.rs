@@ -15,7 +15,10 @@ use crate::config::DEFAULT_PATH;
                   with N workers, retries with backoff, and a failed/ queue. Under systemd it \
                   drains or aborts the jobs in flight within the unit's stop timeout, applies \
                   config edits on reload without dropping work, and logs every job to the \
-                  journal with a JOB_ID field."
+                  journal with a JOB_ID field.",
+    after_long_help = "Exit status: 0 on success; 1 when a client command failed; 2 for a usage \
+                       error (an unknown option, a missing argument); 78 for an invalid config; \
+                       `spoold run` also exits 73, 74 or 75 (see `spoold run --help`)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -35,9 +38,19 @@ pub enum Command {
     ///
     /// Exit status: 0 after a clean stop, 78 for an invalid config, 73 when the spool cannot
     /// be opened, 75 when another spoold owns the spool, 74 when job discovery fails, 70 after
-    /// a panic (a bug; logged, and systemd restarts spoold).
+    /// a panic (a bug; logged, and systemd restarts spoold), 2 for a usage error.
+    #[command(override_usage = "spoold run [-c|--config <PATH>]")]
     Run(ConfigArg),
     /// Submit files as jobs, atomically; prints one job ID per file.
+    ///
+    /// Only regular files are submitted: a FIFO or a device is refused. Interrupted (SIGINT,
+    /// SIGTERM, SIGHUP) or failing, it leaves nothing behind in tmp/. When the spool's
+    /// subdirectories are missing (no daemon opened it yet), it creates them if this user owns
+    /// the spool root, and otherwise says so.
+    #[command(
+        override_usage = "spoold enqueue [-c|--config <PATH>] <FILE>...\n       \
+                                spoold enqueue [-c|--config <PATH>] -"
+    )]
     Enqueue {
         #[command(flatten)]
         config: ConfigArg,
@@ -46,14 +59,17 @@ pub enum Command {
         files: Vec<PathBuf>,
     },
     /// Show how many jobs are in each state, read from the spool.
+    #[command(override_usage = "spoold status [-c|--config <PATH>] [--json]")]
     Status {
         #[command(flatten)]
         config: ConfigArg,
-        /// Print one JSON object (queued, active, retry, done, failed, oldest_queued_age_s).
+        /// Print one JSON object (queued, active, retry, done, failed, oldest_queued_age_s,
+        /// daemon_pid: the pid of the daemon that owns the spool, or null).
         #[arg(long)]
         json: bool,
     },
     /// List the failed jobs with the reason each failed.
+    #[command(override_usage = "spoold failed [-c|--config <PATH>] [--json]")]
     Failed {
         #[command(flatten)]
         config: ConfigArg,
@@ -62,6 +78,8 @@ pub enum Command {
         json: bool,
     },
     /// Move failed jobs back to new/ with a fresh attempt count.
+    #[command(override_usage = "spoold retry [-c|--config <PATH>] <ID>...\n       \
+                                spoold retry [-c|--config <PATH>] --all")]
     Retry {
         #[command(flatten)]
         config: ConfigArg,
@@ -77,9 +95,32 @@ pub enum Command {
         all: bool,
     },
     /// Check a config file: exit 0 when it is valid, else print the error and exit 78.
+    ///
+    /// It also warns, without failing, when the handler program cannot be run: it is looked up
+    /// as spoold would run it, in the PATH that `[handler] env` sets, if it sets one.
+    #[command(override_usage = "spoold check-config [-c|--config <PATH>]\n       \
+                                spoold check-config <PATH>")]
     CheckConfig {
-        /// The config file.
-        #[arg(value_name = "PATH", default_value = DEFAULT_PATH)]
-        path: PathBuf,
+        /// The config file [env: SPOOLD_CONFIG] [default: /etc/spoold/spoold.toml].
+        // Not a `ConfigArg`: a value clap takes from SPOOLD_CONFIG counts as given, and would
+        // then conflict with the positional PATH, which must win over the environment.
+        #[arg(long, short, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// The config file, as an alternative to --config.
+        #[arg(value_name = "PATH", conflicts_with = "config")]
+        path: Option<PathBuf>,
     },
+}
+
+impl Command {
+    /// The file `check-config` checks: PATH, else --config, else SPOOLD_CONFIG, else the default.
+    pub fn check_config_path(config: Option<PathBuf>, path: Option<PathBuf>) -> PathBuf {
+        path.or(config)
+            .or_else(|| {
+                std::env::var_os("SPOOLD_CONFIG")
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from)
+            })
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
+    }
 }

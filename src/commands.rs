@@ -1,13 +1,18 @@
 //! The client subcommands (enqueue, status, failed, retry, check-config): short-lived, no runtime.
 
+use std::fs::File;
 use std::io::{self, Write};
-use std::path::Path;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use crate::cli::Command;
 use crate::config::Config;
+use nix::unistd::{Group, User};
+
 use crate::job::{JobId, display_name, escape_bytes, escape_text};
-use crate::spool::{self, Retried, Spool};
+use crate::spool::{self, Partial, Retried, Spool, SpoolError};
 
 const EX_CONFIG: u8 = 78;
 
@@ -15,22 +20,33 @@ const EX_CONFIG: u8 = 78;
 pub fn run(command: Command) -> ExitCode {
     match command {
         Command::Run(_) => unreachable!("`run` is the daemon, handled in main"),
-        Command::CheckConfig { path } => check_config(&path),
-        Command::Enqueue { config, files } => with_spool(&config.config, |s| enqueue(s, &files)),
-        Command::Status { config, json } => with_spool(&config.config, |s| status(s, json)),
-        Command::Failed { config, json } => with_spool(&config.config, |s| failed(s, json)),
-        Command::Retry { config, ids, all } => with_spool(&config.config, |s| retry(s, &ids, all)),
+        Command::CheckConfig { config, path } => {
+            check_config(&Command::check_config_path(config, path))
+        }
+        Command::Enqueue { config, files } => {
+            with_spool(&config.config, Layout::CreateIfOwner, |s| {
+                enqueue(s, &files)
+            })
+        }
+        Command::Status { config, json } => {
+            with_spool(&config.config, Layout::Existing, |s| status(s, json))
+        }
+        Command::Failed { config, json } => {
+            with_spool(&config.config, Layout::Existing, |s| failed(s, json))
+        }
+        Command::Retry { config, ids, all } => {
+            with_spool(&config.config, Layout::Existing, |s| retry(s, &ids, all))
+        }
     }
 }
 
 fn check_config(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
-            if !crate::handler::program_exists(&config.handler.command[0]) {
+            if let Err(problem) = crate::handler::check_program(&config.handler) {
                 eprintln!(
-                    "spoold: warning: {}: handler program {} is not found (jobs will fail until it exists)",
-                    path.display(),
-                    config.handler.command[0]
+                    "spoold: warning: {}: {problem}; jobs will fail until that is fixed",
+                    path.display()
                 );
             }
             println!("{}: ok", path.display());
@@ -43,18 +59,48 @@ fn check_config(path: &Path) -> ExitCode {
     }
 }
 
-fn with_spool(config: &Path, f: impl FnOnce(&Spool) -> io::Result<ExitCode>) -> ExitCode {
-    let config = match Config::load(config) {
+/// What a client command may do about a spool whose layout is missing (no daemon opened it).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Only report it.
+    Existing,
+    /// Create it, when this user owns the spool root (a spool in the user's own directory, as
+    /// the example config's). Anyone else would create directories the daemon's user might not
+    /// be able to use, so they are told to start the daemon instead.
+    CreateIfOwner,
+}
+
+fn with_spool(
+    config_path: &Path,
+    layout: Layout,
+    f: impl FnOnce(&Spool) -> io::Result<ExitCode>,
+) -> ExitCode {
+    let config = match Config::load(config_path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("spoold: invalid config {e}");
             return ExitCode::from(EX_CONFIG);
         }
     };
-    let spool = match Spool::attach(&config.spool.dir) {
+    let root = &config.spool.dir;
+    let attached = match Spool::attach(root) {
+        Err(SpoolError::NotSetUp { .. }) if layout == Layout::CreateIfOwner && owns(root) => {
+            Spool::open(root)
+        }
+        other => other,
+    };
+    let spool = match attached {
         Ok(s) => s,
+        Err(SpoolError::Denied { path, group }) => {
+            eprintln!(
+                "spoold: permission denied on {}: {}",
+                path.display(),
+                membership_hint(group)
+            );
+            return ExitCode::FAILURE;
+        }
         Err(e) => {
-            eprintln!("spoold: {e}");
+            eprintln!("spoold: {e} (config {})", config_path.display());
             return ExitCode::FAILURE;
         }
     };
@@ -67,17 +113,70 @@ fn with_spool(config: &Path, f: impl FnOnce(&Spool) -> io::Result<ExitCode>) -> 
     }
 }
 
-fn enqueue(spool: &Spool, files: &[std::path::PathBuf]) -> io::Result<ExitCode> {
+/// Whether this user owns `path`.
+fn owns(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.uid() == rustix::process::geteuid().as_raw())
+}
+
+/// Why this user may not use a spool whose root belongs to group `gid`, and what to do, as
+/// "user alice is not in group spoold (sudo adduser alice spoold, then log in again)".
+fn membership_hint(gid: u32) -> String {
+    let uid = rustix::process::geteuid().as_raw();
+    let user = User::from_uid(uid.into())
+        .ok()
+        .flatten()
+        .map_or_else(|| uid.to_string(), |u| u.name);
+    let Some(group) = Group::from_gid(gid.into()).ok().flatten() else {
+        return format!("user {user} may not use it (its group, gid {gid}, has no name)");
+    };
+    let in_session = rustix::process::getegid().as_raw() == gid
+        || rustix::process::getgroups()
+            .is_ok_and(|groups| groups.iter().any(|g| g.as_raw() == gid));
+    if in_session {
+        // Membership is not the problem: a mode or an ACL was changed by hand.
+        format!(
+            "user {user} is in group {} but may still not use it: check its mode",
+            group.name
+        )
+    } else if group.mem.contains(&user) {
+        format!(
+            "user {user} was added to group {0} after this session began: log in again (or run \
+             `newgrp {0}`)",
+            group.name
+        )
+    } else {
+        format!(
+            "user {user} is not in group {0} (sudo adduser {user} {0}, then log in again)",
+            group.name
+        )
+    }
+}
+
+fn enqueue(spool: &Spool, files: &[PathBuf]) -> io::Result<ExitCode> {
+    let partial = Arc::new(Partial::default());
+    remove_partial_on_signal(&partial)?;
     let mut generator = ulid::Generator::new();
     let mut code = ExitCode::SUCCESS;
     let mut out = io::stdout().lock();
     for file in files {
         let id = spool::new_job_id(&mut generator);
         let result = if file.as_os_str() == "-" {
-            spool.enqueue(&mut io::stdin().lock(), &id)
+            spool.enqueue_tracked(&mut io::stdin().lock(), &id, &partial)
         } else {
-            std::fs::File::open(file).and_then(|mut f| spool.enqueue(&mut f, &id))
-        };
+            open_regular(file).and_then(|mut f| spool.enqueue_tracked(&mut f, &id, &partial))
+        }
+        .map_err(|e| {
+            // Refused by tmp/ itself, rather than by the file being submitted: say why.
+            let tmp = spool.dir_path(spool::Dir::Tmp);
+            if e.kind() == io::ErrorKind::PermissionDenied
+                && e.to_string().contains(&*tmp.to_string_lossy())
+            {
+                let gid = std::fs::metadata(&tmp).map_or(u32::MAX, |m| m.gid());
+                io::Error::new(e.kind(), format!("{e}; {}", membership_hint(gid)))
+            } else {
+                e
+            }
+        });
         match result {
             Ok(()) => writeln!(out, "{id}")?,
             Err(e) => {
@@ -87,6 +186,70 @@ fn enqueue(spool: &Spool, files: &[std::path::PathBuf]) -> io::Result<ExitCode> 
         }
     }
     Ok(code)
+}
+
+/// Opens a file to submit, refusing anything but a regular file (or a link to one): a FIFO
+/// would block without a writer, and a device such as /dev/zero never ends. The open does not
+/// block (O_NONBLOCK, which a regular file ignores) and the type is read from the open file,
+/// so nothing can swap a FIFO in between.
+fn open_regular(path: &Path) -> io::Result<File> {
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc_flags())
+        .open(path)?;
+    let kind = file.metadata()?.file_type();
+    if kind.is_file() {
+        return Ok(file);
+    }
+    let what = if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else {
+        "not a regular file"
+    };
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("is {what}: only regular files are submitted (use `-` to read standard input)"),
+    ))
+}
+
+/// O_NONBLOCK | O_NOCTTY, as the raw flags `custom_flags` takes.
+fn libc_flags() -> i32 {
+    (rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOCTTY).bits() as i32
+}
+
+/// Starts a thread that, at SIGINT, SIGTERM or SIGHUP, removes the file an enqueue is writing
+/// in `tmp/` and ends the process by that signal, as it would have ended without a handler.
+/// The thread does the work rather than a flag checked between reads: the main thread may be
+/// blocked in a read of standard input for as long as the writer at the other end likes.
+/// SIGXFSZ is caught and ignored, so that a write past the file size limit fails with EFBIG,
+/// and the enqueue removes its file, instead of the process being killed with it in `tmp/`.
+fn remove_partial_on_signal(partial: &Arc<Partial>) -> io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGXFSZ};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGXFSZ])?;
+    let partial = Arc::clone(partial);
+    std::thread::Builder::new()
+        .name("spoold-signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if signal == SIGXFSZ {
+                    continue;
+                }
+                // Held until the process ends, so that no enqueue publishes a job meanwhile.
+                let _held = partial.discard();
+                let _ = signal_hook::low_level::emulate_default_handler(signal);
+                // Only reached if the default action did not end the process.
+                std::process::exit(128 + signal);
+            }
+        })?;
+    Ok(())
 }
 
 fn status(spool: &Spool, json: bool) -> io::Result<ExitCode> {

@@ -16,6 +16,9 @@
 //! The dispatcher only names candidates; a worker claims one by renaming it. A name waiting in
 //! the channel is still in `new/`, so a stop leaves nothing to undo. Every await here also waits
 //! on the stop token: the send to a full channel cannot outlive the workers.
+//!
+//! It also sweeps `tmp/` of files that producers abandoned (the Maildir rule), hourly and on the
+//! blocking pool.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -47,6 +50,13 @@ const MAX_PENDING: usize = 4 * BATCH;
 const PROMOTE_BATCH: usize = 256;
 /// How long a promotion that failed (an I/O error) waits before it is tried again.
 const PROMOTE_RETRY: Duration = Duration::from_secs(1);
+
+/// A file in `tmp/` untouched (not modified) for this long was abandoned by its producer, and
+/// is removed: the Maildir rule. A producer still writing it would have touched it since.
+pub const TMP_MAX_AGE: Duration = Duration::from_secs(36 * 3600);
+/// How often `tmp/` is swept, after the sweep at start. Abandoned files are rare and cost only
+/// space, so the sweep stays far off the hot path.
+const TMP_SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
 /// A job a worker has just put in `retry/`: its name there and when it is due (ms since the
 /// epoch). The channel is unbounded so that a worker never waits on the dispatcher; it carries
@@ -134,6 +144,9 @@ impl Dispatcher {
                 self.spool.dir_path(Dir::New).display()
             );
         }
+
+        // Owned by this task's stop token like everything else here; it needs no handle.
+        tokio::spawn(sweep_tmp(self.spool.clone(), stop.clone()));
 
         // Never more than the channel holds, which reserve_many would refuse.
         let handoff = (self.jobs.max_capacity() / 2).max(1);
@@ -373,4 +386,40 @@ fn instant_of(unix_ms_due: u64) -> Instant {
     let now_ms = unix_ms(SystemTime::now());
     let wait = Duration::from_millis(unix_ms_due.saturating_sub(now_ms));
     later(Instant::now(), wait)
+}
+
+/// Removes abandoned files from `tmp/` at start and then every `TMP_SWEEP_EVERY`, until `stop`.
+/// Each sweep runs on the blocking pool, since a `tmp/` with a million files would hold the
+/// main thread for seconds, and checks the token between entries, so it also ends at a stop.
+async fn sweep_tmp(spool: Arc<Spool>, stop: CancellationToken) {
+    loop {
+        let before = SystemTime::now() - TMP_MAX_AGE;
+        let (sweeper, token) = (spool.clone(), stop.clone());
+        let sweep = tokio::task::spawn_blocking(move || {
+            let tmp = sweeper.dir_path(Dir::Tmp);
+            let result = sweeper.sweep_tmp(before, &|| token.is_cancelled(), &mut |name, result| {
+                let file = display_name(name);
+                match result {
+                    Ok(()) => tracing::warn!(
+                        file = %file,
+                        "removed {}/{file}: untouched for more than {} hours, so abandoned by whatever was writing it",
+                        tmp.display(),
+                        TMP_MAX_AGE.as_secs() / 3600
+                    ),
+                    Err(e) => tracing::warn!(file = %file, "cannot remove the abandoned {}/{file}: {e}", tmp.display()),
+                }
+            });
+            if let Err(e) = result {
+                tracing::warn!("cannot sweep {}: {e}", tmp.display());
+            }
+        });
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = sweep => {}
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(TMP_SWEEP_EVERY) => {}
+        }
+    }
 }

@@ -648,11 +648,11 @@ fn spawn(
 /// entry is the working directory; a candidate that is missing, or not a directory on the
 /// way, or not executable, is passed over; if none runs, the error is EACCES when some
 /// candidate was not executable (the reason a user needs), else the last one.
-fn spawn_in_path(
+fn spawn_in_path<T>(
     program: &CStr,
     path: &OsStr,
-    mut spawn: impl FnMut(&Path) -> nix::Result<nix::unistd::Pid>,
-) -> nix::Result<nix::unistd::Pid> {
+    mut spawn: impl FnMut(&Path) -> nix::Result<T>,
+) -> nix::Result<T> {
     let program = OsStr::from_bytes(program.to_bytes());
     let mut error = Errno::ENOENT;
     let mut denied = false;
@@ -890,14 +890,65 @@ fn emit_line(line: &mut Vec<u8>, dropped: &mut usize, emit: &mut impl FnMut(&[u8
     *dropped = 0;
 }
 
-/// True when the handler program exists, as a path or on $PATH; check-config warns otherwise.
-pub fn program_exists(program: &str) -> bool {
-    let p = Path::new(program);
-    if program.as_bytes().contains(&b'/') {
-        return p.is_file();
+/// glibc's search path for `posix_spawnp` when the environment has no PATH (`confstr(_CS_PATH)`).
+const DEFAULT_PATH: &str = "/bin:/usr/bin";
+
+/// Checks that the handler program can be run, looking it up exactly as a spawn does: a name
+/// with a `/` as it is, a bare name in `[handler] env`'s PATH when it sets one, else in
+/// spoold's own. `check-config` and `spoold run` at start-up warn with the problem returned,
+/// one that names the program and, for a bare name, the PATH searched. It tells "not found"
+/// from "not executable" as execvp(3) would: a candidate without the execute permission (for
+/// this user) is passed over, and is the reason given when no other candidate runs.
+pub fn check_program(cfg: &HandlerConfig) -> Result<(), String> {
+    let program = &cfg.command[0];
+    let runnable = |candidate: &Path| -> nix::Result<()> {
+        let raw = |e: rustix::io::Errno| Errno::from_raw(e.raw_os_error());
+        let stat = rustix::fs::stat(candidate).map_err(raw)?;
+        // execve(2) refuses anything but a regular file with EACCES, a directory included.
+        if !rustix::fs::FileType::from_raw_mode(stat.st_mode).is_file() {
+            return Err(Errno::EACCES);
+        }
+        rustix::fs::accessat(
+            rustix::fs::CWD,
+            candidate,
+            rustix::fs::Access::EXEC_OK,
+            rustix::fs::AtFlags::EACCESS,
+        )
+        .map_err(raw)
+    };
+    let (result, searched) = if program.contains('/') {
+        (runnable(Path::new(program)), None)
+    } else {
+        let (path, whose) = match cfg.env.get("PATH") {
+            Some(path) => (OsString::from(path), "[handler] env's PATH"),
+            None => match std::env::var_os("PATH") {
+                Some(path) => (path, "spoold's PATH"),
+                None => (OsString::from(DEFAULT_PATH), "the default PATH"),
+            },
+        };
+        // The config refuses a NUL byte in handler.command, so this conversion cannot fail.
+        let name = CString::new(program.as_bytes()).map_err(|e| e.to_string())?;
+        (
+            spawn_in_path(&name, &path, runnable),
+            Some(format!(" in {whose} {}", path.to_string_lossy())),
+        )
+    };
+    let searched = searched.unwrap_or_default();
+    match result {
+        Ok(()) => Ok(()),
+        Err(Errno::EACCES) => Err(format!(
+            "handler program {program} is not executable by this user{searched} \
+             (Permission denied)"
+        )),
+        Err(e @ (Errno::ENOENT | Errno::ENOTDIR)) => Err(format!(
+            "handler program {program} is not found{searched} ({})",
+            e.desc()
+        )),
+        Err(e) => Err(format!(
+            "handler program {program} cannot be run{searched} ({})",
+            e.desc()
+        )),
     }
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(p).is_file()))
 }
 
 #[cfg(test)]

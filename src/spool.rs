@@ -85,11 +85,36 @@ impl Dir {
 /// Why a spool could not be opened or locked. Each names the path at fault.
 #[derive(Debug)]
 pub enum SpoolError {
-    Root { path: PathBuf, problem: String },
-    Subdir { path: PathBuf, err: io::Error },
-    CrossDevice { root: PathBuf, subdir: PathBuf },
-    Locked { path: PathBuf, owner: Option<u32> },
-    Lock { path: PathBuf, err: io::Error },
+    Root {
+        path: PathBuf,
+        problem: String,
+    },
+    Subdir {
+        path: PathBuf,
+        err: io::Error,
+    },
+    CrossDevice {
+        root: PathBuf,
+        subdir: PathBuf,
+    },
+    /// A client found the root but not the layout: no daemon has opened this spool yet.
+    NotSetUp {
+        root: PathBuf,
+        missing: PathBuf,
+    },
+    /// A client may not use the spool; `group` is the root's group, which grants access.
+    Denied {
+        path: PathBuf,
+        group: u32,
+    },
+    Locked {
+        path: PathBuf,
+        owner: Option<u32>,
+    },
+    Lock {
+        path: PathBuf,
+        err: io::Error,
+    },
 }
 
 impl fmt::Display for SpoolError {
@@ -106,6 +131,14 @@ impl fmt::Display for SpoolError {
                 subdir.display(),
                 root.display()
             ),
+            SpoolError::NotSetUp { root, missing } => write!(
+                f,
+                "spool {} has not been set up yet ({} is missing: no spoold has opened it); \
+                 start spoold once (systemctl start spoold), or check spool.dir",
+                root.display(),
+                missing.display()
+            ),
+            SpoolError::Denied { path, .. } => write!(f, "permission denied on {}", path.display()),
             SpoolError::Locked { path, owner } => {
                 write!(
                     f,
@@ -236,6 +269,30 @@ pub struct Counts {
     pub daemon_pid: Option<u32>,
 }
 
+/// The file in `tmp/` that an enqueue is writing, if any. A signal handler thread removes it
+/// (`Partial::discard`) before the process ends, and keeps the lock while the process ends: an
+/// enqueue holds the same lock across its rename, so the file is either still in `tmp/` and
+/// removed, or already a whole job in `new/`, never removed half-way into a rename.
+#[derive(Debug, Default)]
+pub struct Partial(std::sync::Mutex<Option<PathBuf>>);
+
+impl Partial {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<PathBuf>> {
+        // The lock guards a path, which a panic elsewhere cannot leave half-written.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Removes the partial file, if an enqueue is writing one, and returns the lock: no
+    /// enqueue can create or publish a file while it is held. The caller ends the process.
+    pub fn discard(&self) -> std::sync::MutexGuard<'_, Option<PathBuf>> {
+        let mut current = self.lock();
+        if let Some(path) = current.take() {
+            let _ = fs::remove_file(path);
+        }
+        current
+    }
+}
+
 /// The flock that makes one daemon the owner of a spool; released when dropped.
 #[derive(Debug)]
 pub struct SpoolLock {
@@ -324,10 +381,25 @@ impl Spool {
 
     /// Opens an existing spool for a client command (enqueue, status, failed, retry): nothing is
     /// created, and the root need not be writable (a member of group spoold may only submit).
+    /// A missing root or layout, and a permission error, get errors of their own, so that the
+    /// command can say what to do.
     pub fn attach(root: &Path) -> Result<Spool, SpoolError> {
-        let root = fs::canonicalize(root).map_err(|e| SpoolError::Root {
-            path: root.to_owned(),
-            problem: e.to_string(),
+        // The group that grants access: the denied directory's, else (when it cannot even be
+        // looked at) the root's.
+        let group = |path: &Path| fs::metadata(path).map_or(u32::MAX, |m| m.gid());
+        let root = fs::canonicalize(root).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => SpoolError::Root {
+                path: root.to_owned(),
+                problem: "does not exist (check spool.dir in the config)".into(),
+            },
+            io::ErrorKind::PermissionDenied => SpoolError::Denied {
+                path: root.to_owned(),
+                group: root.parent().map_or(u32::MAX, group),
+            },
+            _ => SpoolError::Root {
+                path: root.to_owned(),
+                problem: e.to_string(),
+            },
         })?;
         let mut dirs = Vec::with_capacity(Dir::ALL.len());
         for dir in Dir::ALL {
@@ -337,9 +409,19 @@ impl Spool {
                 OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
                 Mode::empty(),
             )
-            .map_err(|e| SpoolError::Subdir {
-                path: path.clone(),
-                err: io::Error::from(e),
+            .map_err(|e| match e {
+                Errno::NOENT => SpoolError::NotSetUp {
+                    root: root.clone(),
+                    missing: path.clone(),
+                },
+                Errno::ACCESS | Errno::PERM => SpoolError::Denied {
+                    group: fs::metadata(&path).map_or_else(|_| group(&root), |m| m.gid()),
+                    path: path.clone(),
+                },
+                _ => SpoolError::Subdir {
+                    path: path.clone(),
+                    err: io::Error::from(e),
+                },
             })?;
             dirs.push(fd);
         }
@@ -436,6 +518,51 @@ impl Spool {
             // CLOEXEC: a scan is open while handlers start, and they must not inherit new/.
             new_fd: rustix::io::fcntl_dupfd_cloexec(self.fd(Dir::New), 0)?,
         })
+    }
+
+    /// Removes what was left in `tmp/` by producers that never finished (a killed `cp`, a
+    /// crashed client): every entry but a directory last modified before `before`. Stops early
+    /// when `cancelled` says so, and reports each removal, or a failed one, to `report`.
+    /// Returns how many it removed.
+    pub fn sweep_tmp(
+        &self,
+        before: SystemTime,
+        cancelled: &dyn Fn() -> bool,
+        report: &mut dyn FnMut(&OsStr, io::Result<()>),
+    ) -> io::Result<usize> {
+        let tmp = self.fd(Dir::Tmp);
+        let mut removed = 0;
+        for entry in fs::read_dir(self.dir_path(Dir::Tmp))? {
+            if cancelled() {
+                break;
+            }
+            let name = entry?.file_name();
+            let st = match rustix::fs::statat(tmp, &name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                // Renamed into new/ (or removed by its producer) since the listing.
+                Err(Errno::NOENT) => continue,
+                Err(e) => {
+                    report(&name, Err(e.into()));
+                    continue;
+                }
+            };
+            let mtime =
+                UNIX_EPOCH + Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32);
+            if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
+                || mtime >= before
+            {
+                continue;
+            }
+            match rustix::fs::unlinkat(tmp, &name, AtFlags::empty()) {
+                Ok(()) => {
+                    removed += 1;
+                    report(&name, Ok(()));
+                }
+                Err(Errno::NOENT) => {}
+                Err(e) => report(&name, Err(e.into())),
+            }
+        }
+        Ok(removed)
     }
 
     /// True when `new/NAME` is a regular file (not following links).
@@ -651,25 +778,51 @@ impl Spool {
         Ok((promoted, schedule.next_due()))
     }
 
-    /// Atomically submits the bytes of `src` as a new job, and returns its ID. The file is
-    /// written in `tmp/`, flushed to disk, then renamed into `new/`: a daemon never sees half a job.
-    pub fn enqueue(&self, src: &mut dyn Read, id: &str) -> io::Result<()> {
+    /// Atomically submits the bytes of `src` as a new job named `id`. The file is written in
+    /// `tmp/`, flushed to disk, then renamed into `new/`: a daemon never sees half a job. On an
+    /// error the partial file is removed; while it is being written, `partial` names it, so
+    /// that a signal can remove it too (see [`Partial`]).
+    pub fn enqueue_tracked(
+        &self,
+        src: &mut dyn Read,
+        id: &str,
+        partial: &Partial,
+    ) -> io::Result<()> {
         let tmp_path = self.dir_path(Dir::Tmp).join(id);
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o640)
-            .open(&tmp_path)?;
+        let mut file = {
+            let mut current = partial.lock();
+            let file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o640)
+                .open(&tmp_path)
+                .map_err(|e| {
+                    let tmp = self.dir_path(Dir::Tmp);
+                    io::Error::new(
+                        e.kind(),
+                        format!("cannot create a file in {}: {e}", tmp.display()),
+                    )
+                })?;
+            *current = Some(tmp_path.clone());
+            file
+        };
         let written = io::copy(src, &mut file).and_then(|_| file.sync_all());
         drop(file);
+        let mut current = partial.lock();
         let moved = written.and_then(|()| {
             rename_noreplace(self.fd(Dir::Tmp), id, self.fd(Dir::New), id).map_err(io::Error::from)
         });
+        *current = None;
         if let Err(e) = moved {
             let _ = fs::remove_file(&tmp_path);
             return Err(e);
         }
         Ok(())
+    }
+
+    /// [`Spool::enqueue_tracked`] for a caller that has no signal to handle.
+    pub fn enqueue(&self, src: &mut dyn Read, id: &str) -> io::Result<()> {
+        self.enqueue_tracked(src, id, &Partial::default())
     }
 
     /// Counts the jobs in each state. The age of the oldest queued job costs one stat per queued

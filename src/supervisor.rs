@@ -175,9 +175,19 @@ pub async fn run(daemon: Daemon) -> Result<StopSummary, RunError> {
     if !recovered.is_empty() {
         tracing::warn!(
             jobs = recovered.len(),
-            "found {} jobs in active/ left by a daemon that did not stop cleanly; they run again now",
-            recovered.len()
+            "found {} in active/ left by a daemon that did not stop cleanly; {} again now",
+            jobs(recovered.len() as u64),
+            if recovered.len() == 1 {
+                "it runs"
+            } else {
+                "they run"
+            }
         );
+    }
+    // Only a warning: the program may be installed after spoold starts, and each attempt
+    // reports the spawn's own error anyway. It is looked up as the spawn will look it up.
+    if let Err(problem) = crate::handler::check_program(&config.handler) {
+        tracing::warn!("{problem}; jobs will fail until that is fixed");
     }
     let watcher = Watcher::new(&spool)
         .map_err(|e| tracing::warn!("cannot watch the spool with inotify: {e}"))

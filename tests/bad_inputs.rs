@@ -1255,3 +1255,380 @@ fn huge_durations_and_bad_values_are_refused_in_plain_words() {
     assert!(stderr_of(&out).contains("key `handler.timeout`"));
     assert!(!env.path("new").exists());
 }
+
+// ---------------------------------------------------------------------------------------------
+// The command line
+// ---------------------------------------------------------------------------------------------
+
+/// `spoold check-config` with `args` (and `env`), to its exit.
+fn check_config(args: &[&OsStr], env: &[(&str, &OsStr)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("check-config")
+        .args(args)
+        .env_remove("SPOOLD_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    run_to_exit(cmd, SOON)
+}
+
+#[test]
+fn check_config_takes_config_like_every_subcommand_and_looks_the_handler_up_as_spawn_does() {
+    let env = Env::new(&["/bin/true"], "");
+    let bin = env.dir.path().join("bin");
+    fs::create_dir(&bin).unwrap();
+    let handler_path = format!("[handler.env]\nPATH = \"{}:/nonexistent\"\n", bin.display());
+    let config = env.config.as_os_str();
+    let other = env.dir.path().join("missing.toml");
+
+    // The same file, named four ways: positional, --config, -c, SPOOLD_CONFIG. A positional
+    // PATH wins over SPOOLD_CONFIG; with --config it is a usage error (exit 2).
+    for (args, vars) in [
+        (vec![config], vec![]),
+        (vec![OsStr::new("--config"), config], vec![]),
+        (vec![OsStr::new("-c"), config], vec![]),
+        (vec![], vec![("SPOOLD_CONFIG", config)]),
+        (vec![config], vec![("SPOOLD_CONFIG", other.as_os_str())]),
+    ] {
+        let out = check_config(&args, &vars);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(0), "{args:?} {vars:?}: {err}");
+        assert_eq!(
+            err, "",
+            "{args:?} {vars:?}: a valid config, a runnable handler"
+        );
+    }
+    let out = check_config(&[OsStr::new("--config"), config, other.as_os_str()], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
+
+    // A bare name is looked up in [handler] env's PATH, not in spoold's: `true` is in spoold's
+    // PATH but not in that one, and `only-here` is only in that one.
+    let only_here = bin.join("only-here");
+    fs::write(&only_here, "#!/bin/sh\nexit 0\n").unwrap();
+    fs::set_permissions(&only_here, fs::Permissions::from_mode(0o755)).unwrap();
+    let not_exec = bin.join("not-exec");
+    fs::write(&not_exec, "#!/bin/sh\nexit 0\n").unwrap();
+    fs::set_permissions(&not_exec, fs::Permissions::from_mode(0o644)).unwrap();
+    for (program, extra, warning) in [
+        ("only-here", handler_path.as_str(), None),
+        (
+            "true",
+            handler_path.as_str(),
+            Some("handler program true is not found in [handler] env's PATH"),
+        ),
+        (
+            "not-exec",
+            handler_path.as_str(),
+            Some("handler program not-exec is not executable"),
+        ),
+        ("true", "", None),
+        (
+            "no-such-program-anywhere",
+            "",
+            Some("handler program no-such-program-anywhere is not found in spoold's PATH"),
+        ),
+        (
+            not_exec.to_str().unwrap(),
+            "",
+            Some("is not executable by this user (Permission denied)"),
+        ),
+    ] {
+        env.write_config(&[program], extra);
+        let out = check_config(&[config], &[]);
+        let err = stderr_of(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{program}: only a warning: {err}"
+        );
+        match warning {
+            None => assert_eq!(err, "", "{program} {extra}"),
+            Some(w) => {
+                assert!(
+                    err.contains(w),
+                    "{program} {extra}: expected {w:?} in {err}"
+                );
+                assert!(err.contains(&env.config.display().to_string()), "{err}");
+            }
+        }
+        // `spoold run` warns the same at start, and starts all the same.
+        // The warning comes before the "ready" line.
+        let mut d = env.start();
+        assert!(
+            d.wait_log(|l| l.contains("spoold ready"), SOON),
+            "{}",
+            d.log()
+        );
+        d.stop();
+        let log = d.log();
+        match warning {
+            None => assert!(!log.contains("handler program"), "{program}: {log}"),
+            Some(w) => assert!(log.contains(w), "{program}: expected {w:?} in {log}"),
+        }
+    }
+}
+
+#[test]
+fn crash_recovery_of_one_job_says_one_job() {
+    let env = Env::new(&["/bin/true"], "");
+    fs::create_dir_all(env.path("active")).unwrap();
+    fs::write(env.path("active/left-behind"), "x").unwrap();
+    let mut d = env.start();
+    assert!(
+        d.wait_log(|l| l.contains("found 1 job in active/"), SOON),
+        "{}",
+        d.log()
+    );
+    d.stop();
+    assert!(!d.log().contains("1 jobs"), "{}", d.log());
+}
+
+/// `spoold enqueue --config CONFIG ARGS...`, reading from a pipe the test holds open.
+fn enqueue_from_pipe(env: &Env) -> std::process::Child {
+    Command::new(BIN)
+        .arg("enqueue")
+        .arg("--config")
+        .arg(&env.config)
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn spoold enqueue")
+}
+
+#[test]
+fn interrupted_or_failing_enqueue_leaves_nothing_in_tmp() {
+    use std::io::Write;
+    use std::os::unix::process::ExitStatusExt;
+    let env = Env::new(&["/bin/true"], "");
+    // Ctrl-C, a stop and a closed terminal, while enqueue waits for more of its standard input.
+    for signal in [2, 15, 1] {
+        let mut child = enqueue_from_pipe(&env);
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"the first half of a job").unwrap();
+        stdin.flush().unwrap();
+        assert!(
+            wait_for(SOON, || (env.count("tmp") == 1).then_some(())).is_some(),
+            "enqueue never started writing in tmp/"
+        );
+        // Blocked in a read of a pipe that stays open: only the signal can end it.
+        let killed = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let out = wait_for(SOON, || child.try_wait().unwrap()).expect("enqueue ended");
+        drop(stdin);
+        assert_eq!(
+            out.signal(),
+            Some(signal),
+            "ended by the signal itself: {out:?}"
+        );
+        assert_eq!(
+            env.names("tmp").len(),
+            0,
+            "signal {signal}: {:?}",
+            env.names("tmp")
+        );
+        assert_eq!(
+            env.count("new"),
+            0,
+            "signal {signal}: half a job was never published"
+        );
+    }
+
+    // A write that fails (the file size limit) removes its own file.
+    let big = env.dir.path().join("big");
+    fs::write(&big, vec![b'x'; 256 * 1024]).unwrap();
+    if Command::new("prlimit").arg("--version").output().is_ok() {
+        let mut cmd = Command::new("prlimit");
+        cmd.args(["--fsize=65536", "--", BIN, "enqueue", "--config"])
+            .arg(&env.config)
+            .arg(&big);
+        let out = run_to_exit(cmd, SOON);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("big: not submitted") && err.contains("File too large"),
+            "{err}"
+        );
+        assert_eq!(env.count("tmp"), 0, "{:?}", env.names("tmp"));
+        assert_eq!(env.count("new"), 0);
+    } else {
+        println!("SKIPPED: failing write: no prlimit");
+    }
+
+    // A FIFO without a writer and an endless device are refused at once, not read.
+    let fifo = env.dir.path().join("fifo");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut cmd = Command::new(BIN);
+    cmd.arg("enqueue")
+        .arg("--config")
+        .arg(&env.config)
+        .arg(&fifo)
+        .arg("/dev/zero")
+        .arg(&big);
+    let out = run_to_exit(cmd, SOON);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("fifo: not submitted: is a FIFO"), "{err}");
+    assert!(
+        err.contains("/dev/zero: not submitted: is a character device"),
+        "{err}"
+    );
+    // The regular file among them is submitted all the same.
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+    assert_eq!(env.count("new"), 1);
+    assert_eq!(env.count("tmp"), 0);
+}
+
+#[test]
+fn client_commands_on_a_spool_not_set_up_say_what_to_do() {
+    let env = Env::new(&["/bin/true"], "");
+    // The root exists, empty: no daemon has opened it.
+    for cmd in ["status", "failed"] {
+        let out = env.cli(&[cmd]);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {err}");
+        assert!(
+            err.contains(&format!(
+                "spool {} has not been set up yet",
+                env.spool.display()
+            )) && err.contains("start spoold once"),
+            "{cmd}: {err}"
+        );
+        assert!(!err.contains("os error"), "{cmd}: {err}");
+    }
+    if is_root() {
+        // Someone else's spool: enqueue does not create directories the daemon's user might
+        // not be able to use; it says what to do instead.
+        rustix::fs::chown(&env.spool, Some(rustix::fs::Uid::from_raw(65534)), None).unwrap();
+        let out = env.cli(&["enqueue", "/etc/hostname"]);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("has not been set up yet"), "{err}");
+        assert!(!env.path("tmp").exists());
+        rustix::fs::chown(&env.spool, Some(rustix::fs::Uid::from_raw(0)), None).unwrap();
+    }
+    // The user's own spool: enqueue sets it up and submits.
+    let out = env.cli(&["enqueue", "/etc/hostname"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(env.count("new"), 1);
+    let out = env.cli(&["status"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+
+    // A missing root names spool.dir.
+    fs::remove_dir_all(&env.spool).unwrap();
+    let out = env.cli(&["status"]);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("does not exist (check spool.dir"), "{err}");
+}
+
+#[test]
+fn permission_denied_on_the_spool_names_the_user_and_the_group() {
+    use std::os::unix::fs::MetadataExt;
+    if !is_root() || Command::new("setpriv").arg("--version").output().is_err() {
+        println!("SKIPPED: permission denied: needs root and setpriv to run as nobody");
+        return;
+    }
+    let env = Env::new(&["/bin/true"], "");
+    let out = env.cli(&["enqueue", "/etc/hostname"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    for p in [env.dir.path(), &env.config] {
+        let mode = if p.is_dir() { 0o755 } else { 0o644 };
+        fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+    }
+    // As the packaged spool is to a non-member: the root's group alone may enter it.
+    fs::set_permissions(&env.spool, fs::Permissions::from_mode(0o2750)).unwrap();
+    let group = nix::unistd::Group::from_gid(fs::metadata(&env.spool).unwrap().gid().into())
+        .unwrap()
+        .unwrap()
+        .name;
+    for args in [&["status"][..], &["failed"], &["enqueue", "-"]] {
+        let out = run_to_exit(
+            {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    "--",
+                    BIN,
+                ])
+                .args(args)
+                .arg("--config")
+                .arg(&env.config);
+                c
+            },
+            SOON,
+        );
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        let hint = format!(
+            "permission denied on {}/tmp: user nobody is not in group {group} (sudo adduser nobody {group}, then log in again)",
+            env.spool.display()
+        );
+        assert!(err.contains(&hint), "{args:?}: expected {hint:?} in {err}");
+    }
+}
+
+#[test]
+fn abandoned_files_in_tmp_are_removed_after_36_hours_and_logged() {
+    let env = Env::new(&["/bin/true"], "");
+    let tmp = env.path("tmp");
+    fs::create_dir_all(&tmp).unwrap();
+    let touch = |name: &OsStr, when: &str| {
+        let ok = Command::new("touch")
+            .arg("-d")
+            .arg(when)
+            .arg(tmp.join(name))
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    let odd = OsStr::from_bytes(b"half\nwritten\xff");
+    for (name, when) in [
+        (OsStr::new("killed-cp"), "37 hours ago"),
+        (odd, "40 hours ago"),
+        (OsStr::new("slow-but-alive"), "35 hours ago"),
+        (OsStr::new("fresh"), "now"),
+    ] {
+        fs::write(tmp.join(name), "partial").unwrap();
+        touch(name, when);
+    }
+    fs::create_dir(tmp.join("a-directory")).unwrap();
+    touch(OsStr::new("a-directory"), "40 hours ago");
+
+    let mut d = env.start();
+    let removed = |name: &str| {
+        format!(
+            "removed {}/{name}: untouched for more than 36 hours",
+            tmp.display()
+        )
+    };
+    assert!(
+        d.wait_log(
+            |l| l.contains(&removed("killed-cp")) && l.contains(&removed("half\\nwritten\\xff")),
+            SOON
+        ),
+        "{}",
+        d.log()
+    );
+    d.stop();
+    assert_eq!(
+        env.names("tmp"),
+        ["a-directory", "fresh", "slow-but-alive"]
+            .map(String::from)
+            .into(),
+        "only files untouched for 36 hours go"
+    );
+}

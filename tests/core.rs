@@ -748,3 +748,41 @@ fn same_name_twice_keeps_both() {
     assert_eq!(bodies, ["first".to_owned(), "second".to_owned()].into());
     assert!(d.log().contains("done/ already held a job of this name"));
 }
+
+#[test]
+fn usage_and_man_synopses_show_option_values_repeated_arguments_and_exit_status_2() {
+    // build.rs writes the man pages beside the binary, in the profile's directory.
+    let man = Path::new(util::BIN).parent().unwrap().join("man");
+    for (page, synopsis) in [
+        ("spoold-retry.8", "<ID>..."),
+        ("spoold-retry.8", "\\-\\-all"),
+        ("spoold-enqueue.8", "<FILE>..."),
+        ("spoold-check-config.8", "<PATH>"),
+        ("spoold-status.8", "[\\-c|\\-\\-config <PATH>]"),
+    ] {
+        let text = fs::read_to_string(man.join(page)).unwrap();
+        let section = text
+            .split(".SH SYNOPSIS")
+            .nth(1)
+            .and_then(|s| s.split(".SH").next())
+            .unwrap_or_else(|| panic!("{page} has no SYNOPSIS:\n{text}"));
+        assert!(
+            section.contains("[\\-c|\\-\\-config <PATH>]") && section.contains(synopsis),
+            "{page}: expected {synopsis:?} in the synopsis:\n{section}"
+        );
+    }
+    let top = fs::read_to_string(man.join("spoold.8")).unwrap();
+    assert!(top.contains(".B 2\nA usage error"), "{top}");
+
+    // A usage error exits 2, and --help says so.
+    let out = std::process::Command::new(util::BIN)
+        .args(["enqueue"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let help = std::process::Command::new(util::BIN)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("2 for a usage error"));
+}
