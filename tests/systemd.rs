@@ -6,6 +6,7 @@
 //! root, no CAP_SYS_ADMIN, no systemd) each test prints `SKIPPED: ...` and returns.
 
 mod sysd;
+mod util;
 
 use std::collections::BTreeMap;
 use std::path::Path;
