@@ -6,6 +6,10 @@
 //! `target/release/completions/`), not only in OUT_DIR, because OUT_DIR carries a hash that a
 //! packaging tool cannot name: cargo-deb's assets refer to them as `target/release/...`, which it
 //! maps to the real target directory (CARGO_TARGET_DIR, --target and profile included).
+//! The man pages in the profile's directory are gzipped (`spoold.8.gz`), as Debian policy wants
+//! them installed: cargo-deb compresses the man pages it copies from the source tree, but not
+//! those it finds under `target/`, which it takes for build products. OUT_DIR keeps them plain,
+//! for the tests to read.
 //! spoold.toml(5) is hand-written (packaging/man/spoold.toml.5), since serde has no schema to
 //! generate it from; tests/packaging.rs checks it documents every key and its default.
 
@@ -17,6 +21,7 @@ use std::path::{Path, PathBuf};
 use clap::CommandFactory;
 use clap_complete::Shell;
 use clap_mangen::Man;
+use flate2::{Compression, GzBuilder};
 
 // The CLI module, compiled here as it is in the crate. Only its types are used, to build the
 // clap::Command.
@@ -116,14 +121,22 @@ fn main() -> io::Result<()> {
     // The `help` subcommand is only a way to reach --help; it needs no man page of its own.
     let mut man_cmd = cli::Cli::command().disable_help_subcommand(true);
     man_cmd.build();
-    for dir in [out_dir.as_path(), profile_dir.as_path()] {
-        write_man_pages(&man_cmd, &dir.join("man"))?;
+    for (dir, gzipped) in [(out_dir.as_path(), false), (profile_dir.as_path(), true)] {
+        write_man_pages(&man_cmd, &dir.join("man"), gzipped)?;
         write_completions(&cmd, &dir.join("completions"))?;
     }
     Ok(())
 }
 
-fn write_man_pages(cmd: &clap::Command, dir: &Path) -> io::Result<()> {
+/// Writes each page as `NAME.8`, or as `NAME.8.gz` when `gzipped`.
+fn write_man_pages(cmd: &clap::Command, dir: &Path, gzipped: bool) -> io::Result<()> {
+    let write_page = |name: &str, page: &[u8]| {
+        if gzipped {
+            write_if_changed(&dir.join(format!("{name}.gz")), &gzip(page)?)
+        } else {
+            write_if_changed(&dir.join(name), page)
+        }
+    };
     fs::create_dir_all(dir)?;
     let version = cmd.get_version().unwrap_or_default().to_owned();
     let source = format!("spoold {version}");
@@ -146,7 +159,7 @@ fn write_man_pages(cmd: &clap::Command, dir: &Path) -> io::Result<()> {
     top.render_subcommands_section(&mut page)?;
     page.write_all(EXTRA_SECTIONS.as_bytes())?;
     top.render_version_section(&mut page)?;
-    write_if_changed(&dir.join("spoold.8"), &page)?;
+    write_page("spoold.8", &page)?;
 
     // spoold-run(8), spoold-enqueue(8), ...: each subcommand's options in full.
     // clap names a built subcommand "spoold-run" (its display name), and its synopsis
@@ -155,7 +168,7 @@ fn write_man_pages(cmd: &clap::Command, dir: &Path) -> io::Result<()> {
         let sub = man(sub.clone());
         let mut page = Vec::new();
         sub.render(&mut page)?;
-        write_if_changed(&dir.join(sub.get_filename()), &page)?;
+        write_page(&sub.get_filename(), &page)?;
     }
     Ok(())
 }
@@ -173,6 +186,17 @@ fn write_completions(cmd: &clap::Command, dir: &Path) -> io::Result<()> {
         write_if_changed(&dir.join(name), &text)?;
     }
     Ok(())
+}
+
+/// Gzip at the best compression, with no file name and a zero timestamp in the header, so that
+/// the same page always gives the same bytes (a reproducible package, and no lintian tag for a
+/// timestamped gzip).
+fn gzip(data: &[u8]) -> io::Result<Vec<u8>> {
+    let mut gz = GzBuilder::new()
+        .mtime(0)
+        .write(Vec::new(), Compression::best());
+    gz.write_all(data)?;
+    gz.finish()
 }
 
 /// Leaves an identical file untouched, so that its mtime does not change on every build.

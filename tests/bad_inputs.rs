@@ -2,7 +2,8 @@
 //! daemon keeps serving the other jobs, and nothing is lost.
 //!
 //! Cases that need root (a second filesystem or a bind mount, a full disk, an immutable
-//! directory, a device node) print `SKIPPED: <reason>` and return when not run as root; the
+//! directory, a device node) skip through `util::skip` when not run as root (under `CI=true`,
+//! they fail instead); the
 //! unwritable and unreadable roots are tested as another user when root, by mode otherwise. docs/failure-modes.md lists
 //! every case with what spoold does and the test here that shows it.
 
@@ -375,7 +376,10 @@ fn unwritable_spool_root_is_a_clear_startup_error() {
     if is_root() {
         // root can write anywhere: run the daemon as nobody, against a root-owned spool.
         if Command::new("setpriv").arg("--version").output().is_err() {
-            println!("SKIPPED: unwritable spool root: running as root without setpriv");
+            util::skip(
+                "unwritable_spool_root_is_a_clear_startup_error",
+                "unwritable spool root: running as root without setpriv",
+            );
             return;
         }
         for p in [env.dir.path(), &env.config] {
@@ -432,13 +436,19 @@ impl Drop for Mount {
 #[test]
 fn spool_spread_over_two_filesystems_is_refused() {
     if !is_root() {
-        println!("SKIPPED: spool over two filesystems: mounting a tmpfs needs root");
+        util::skip(
+            "spool_spread_over_two_filesystems_is_refused",
+            "spool over two filesystems: mounting a tmpfs needs root",
+        );
         return;
     }
     let env = Env::new(&["/bin/true"], "");
     env.submit("waiting", "x");
     let Some(_mount) = Mount::tmpfs(&env.path("done"), "1m") else {
-        println!("SKIPPED: spool over two filesystems: mount -t tmpfs failed");
+        util::skip(
+            "spool_spread_over_two_filesystems_is_refused",
+            "spool over two filesystems: mount -t tmpfs failed",
+        );
         return;
     };
     assert_refused_because_done_is_elsewhere(&env);
@@ -462,7 +472,10 @@ fn assert_refused_because_done_is_elsewhere(env: &Env) {
 #[test]
 fn spool_with_a_bind_mounted_subdirectory_is_refused() {
     if !is_root() {
-        println!("SKIPPED: bind-mounted spool directory: mount --bind needs root");
+        util::skip(
+            "spool_with_a_bind_mounted_subdirectory_is_refused",
+            "bind-mounted spool directory: mount --bind needs root",
+        );
         return;
     }
     let env = Env::new(&["/bin/true"], "");
@@ -477,7 +490,10 @@ fn spool_with_a_bind_mounted_subdirectory_is_refused() {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        println!("SKIPPED: bind-mounted spool directory: mount --bind failed");
+        util::skip(
+            "spool_with_a_bind_mounted_subdirectory_is_refused",
+            "bind-mounted spool directory: mount --bind failed",
+        );
         return;
     }
     let _mount = Mount(env.path("done"));
@@ -691,7 +707,10 @@ fn symlink_fifo_socket_directory_and_device_in_new_are_failed_unopened() {
         .unwrap();
         expected.push(("chardev", "a character device"));
     } else {
-        println!("SKIPPED: a device node in new/: mknod of a device needs root");
+        util::skip(
+            "symlink_fifo_socket_directory_and_device_in_new_are_failed_unopened",
+            "a device node in new/: mknod of a device needs root",
+        );
     }
     for (name, _) in &expected {
         fs::rename(tmp.join(name), env.path("new").join(name)).unwrap();
@@ -789,9 +808,11 @@ fn inotify_limit_case(limit: &str) {
         .arg(format!("echo 0 > /proc/sys/user/{limit}"))
         .output();
     if !probe.as_ref().is_ok_and(|o| o.status.success()) {
-        println!(
-            "SKIPPED: inotify limit: cannot lower {limit} in a user namespace \
-             (unshare --user): {probe:?}"
+        util::skip(
+            "inotify_limit_reached_falls_back_to_rescans",
+            &format!(
+                "inotify limit: cannot lower {limit} in a user namespace (unshare --user): {probe:?}"
+            ),
         );
         return;
     }
@@ -831,13 +852,19 @@ fn inotify_limit_case(limit: &str) {
 #[test]
 fn full_disk_while_recording_a_failure_loses_nothing() {
     if !is_root() {
-        println!("SKIPPED: full disk: mounting a small tmpfs as the spool needs root");
+        util::skip(
+            "full_disk_while_recording_a_failure_loses_nothing",
+            "full disk: mounting a small tmpfs as the spool needs root",
+        );
         return;
     }
     let env = Env::new(&["/bin/true"], "");
     let root = env.dir.path().join("small");
     let Some(_mount) = Mount::tmpfs(&root, "512k") else {
-        println!("SKIPPED: full disk: mount -t tmpfs failed");
+        util::skip(
+            "full_disk_while_recording_a_failure_loses_nothing",
+            "full disk: mount -t tmpfs failed",
+        );
         return;
     };
     let filler = root.join("filler");
@@ -1034,7 +1061,10 @@ fn unreadable_spool_root_is_a_clear_startup_error() {
 #[test]
 fn failed_rename_keeps_the_job_in_active_until_a_restart() {
     if !is_root() {
-        println!("SKIPPED: failed rename: chattr +i needs root");
+        util::skip(
+            "failed_rename_keeps_the_job_in_active_until_a_restart",
+            "failed rename: chattr +i needs root",
+        );
         return;
     }
     let env = recording_env("[workers]\ncount = 1\n");
@@ -1048,7 +1078,10 @@ fn failed_rename_keeps_the_job_in_active_until_a_restart() {
     let mut d = env.start();
     // An immutable done/ refuses every rename into it (EPERM), as a read-only filesystem would.
     if !chattr("+i", &env.path("done")) {
-        println!("SKIPPED: failed rename: chattr +i is not supported here");
+        util::skip(
+            "failed_rename_keeps_the_job_in_active_until_a_restart",
+            "failed rename: chattr +i is not supported here",
+        );
         return;
     }
     env.submit("stuck", "x");

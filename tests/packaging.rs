@@ -2,16 +2,18 @@
 //! `systemd-analyze security` exposure bound, the man pages document what they must, and the
 //! Debian package installs and runs in a throwaway systemd the way a sysadmin drives it.
 //!
-//! The tests that need a tool this machine lacks print `SKIPPED: <reason>` on stderr and pass:
-//! systemd-analyze for the unit checks; cargo-deb, root and the namespaces of tests/sysd for
-//! the end-to-end test.
+//! The tests that need a tool this machine lacks skip through `util::skip` (a failure under
+//! `CI=true`, a `SKIPPED: <test>: <reason>` line elsewhere): systemd-analyze for the unit
+//! checks; cargo-deb, lintian, root and the namespaces of tests/sysd for the package tests.
 
 mod sysd;
+mod util;
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -26,10 +28,6 @@ const SOON: Duration = Duration::from_secs(60);
 
 fn packaging(file: &str) -> PathBuf {
     Path::new(MANIFEST_DIR).join("packaging").join(file)
-}
-
-fn skip(reason: &str) {
-    eprintln!("\n*** SKIPPED: {reason} ***\n");
 }
 
 fn text(out: &Output) -> String {
@@ -90,7 +88,7 @@ fn staged_units() -> (tempfile::TempDir, PathBuf) {
 #[test]
 fn units_pass_systemd_analyze_verify() {
     if let Err(why) = systemd_analyze() {
-        return skip(&why);
+        return util::skip("units_pass_systemd_analyze_verify", &why);
     }
     let (dir, man) = staged_units();
     for unit in ["spoold.service", "spoold@q1.service"] {
@@ -125,7 +123,10 @@ fn exposure(report: &str) -> f64 {
 #[test]
 fn units_stay_within_the_security_exposure_bound_and_keep_the_network() {
     if let Err(why) = systemd_analyze() {
-        return skip(&why);
+        return util::skip(
+            "units_stay_within_the_security_exposure_bound_and_keep_the_network",
+            &why,
+        );
     }
     let (dir, _man) = staged_units();
     for unit in ["spoold.service", "spoold@q1.service"] {
@@ -297,26 +298,76 @@ fn cargo_deb_missing() -> Option<String> {
     }
 }
 
-/// Builds the .deb with cargo-deb, as a release would, into `out`.
-fn build_deb(out: &Path) -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let deb = out.join("spoold.deb");
-    let began = Instant::now();
-    let result = Command::new(cargo)
-        .args(["deb", "--locked", "--manifest-path"])
-        .arg(Path::new(MANIFEST_DIR).join("Cargo.toml"))
-        .arg("--output")
-        .arg(&deb)
+/// The .deb, built once per test process with cargo-deb as a release would build it, into
+/// `<target>/tmp/deb/spoold.deb`; the tests that need it share the one build.
+fn built_deb() -> &'static Path {
+    static DEB: OnceLock<PathBuf> = OnceLock::new();
+    DEB.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("deb");
+        fs::create_dir_all(&dir).unwrap();
+        let deb = dir.join("spoold.deb");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let began = Instant::now();
+        let result = Command::new(cargo)
+            .args(["deb", "--locked", "--manifest-path"])
+            .arg(Path::new(MANIFEST_DIR).join("Cargo.toml"))
+            .arg("--output")
+            .arg(&deb)
+            .output()
+            .unwrap();
+        assert!(
+            result.status.success(),
+            "cargo deb failed ({}):\n{}",
+            result.status,
+            text(&result)
+        );
+        eprintln!("cargo deb took {:?}", began.elapsed());
+        deb
+    })
+}
+
+/// lintian, or the reason it cannot be used here.
+fn lintian_missing() -> Option<String> {
+    match Command::new("lintian").arg("--version").output() {
+        Ok(out) if out.status.success() => None,
+        _ => Some("lintian is not installed (apt-get install lintian)".to_owned()),
+    }
+}
+
+/// The package passes lintian: no error and no warning, except those that
+/// packaging/lintian-overrides overrides with its reason.
+#[test]
+fn debian_package_passes_lintian() {
+    const TEST: &str = "debian_package_passes_lintian";
+    if let Some(why) = cargo_deb_missing().or_else(lintian_missing) {
+        return util::skip(TEST, &why);
+    }
+    let deb = built_deb();
+    let out = Command::new("lintian")
+        .args(["--fail-on", "error,warning", "--info"])
+        .arg(deb)
         .output()
         .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    let bad: Vec<&str> = report
+        .lines()
+        .filter(|l| l.starts_with("E: ") || l.starts_with("W: "))
+        .collect();
     assert!(
-        result.status.success(),
-        "cargo deb failed ({}):\n{}",
-        result.status,
-        text(&result)
+        out.status.success() && bad.is_empty(),
+        "lintian {} ({}): fix these, or override one in packaging/lintian-overrides with why:\n{}\n\n\
+         full report:\n{}",
+        deb.display(),
+        out.status,
+        bad.join("\n"),
+        text(&out)
     );
-    eprintln!("cargo deb took {:?}", began.elapsed());
-    deb
+    // Every override is still needed: an override that matches nothing hides nothing and
+    // should go.
+    assert!(
+        !report.contains("unused-override"),
+        "an override in packaging/lintian-overrides no longer matches anything:\n{report}"
+    );
 }
 
 /// Polls `script` in the machine until it succeeds, for at most `within`; returns its stdout.
@@ -349,16 +400,19 @@ fn prop(m: &sysd::Machine, unit: &str, name: &str) -> String {
 /// template; then remove the package and find the spool still there.
 #[test]
 fn debian_package_installs_and_runs_under_systemd() {
+    const TEST: &str = "debian_package_installs_and_runs_under_systemd";
     if let Some(why) = sysd::skip_reason() {
-        return skip(&why);
+        return util::skip(
+            TEST,
+            &format!("the throwaway systemd cannot run here: {why}"),
+        );
     }
     if let Some(why) = cargo_deb_missing() {
-        return skip(&why);
+        return util::skip(TEST, &why);
     }
     let began = Instant::now();
-    let out = tempfile::tempdir().unwrap();
-    build_deb(out.path());
-    let m = sysd::Machine::boot(&[(out.path(), "/srv/spoold-deb")]);
+    let deb = built_deb();
+    let m = sysd::Machine::boot(&[(deb.parent().unwrap(), "/srv/spoold-deb")]);
 
     // Install: the user, the spool and the units are there; nothing is enabled or running.
     // A container image's policy-rc.d (Docker's says "exit 101") forbids maintainer scripts
@@ -387,6 +441,12 @@ fn debian_package_installs_and_runs_under_systemd() {
         text(&verify)
     );
     m.sh_ok("man -w spoold.8 && man -w spoold.toml.5 && man -w spoold-enqueue.8");
+    // The config may hold secrets (handler.env): the daemon's group reads it, nobody else.
+    assert_eq!(
+        m.sh_ok("stat -c '%U:%G %a' /etc/spoold/spoold.toml"),
+        "root:spoold 640\n",
+        "/etc/spoold/spoold.toml after install"
+    );
 
     // Enable and start: `systemctl enable --now` returns once spoold sent READY=1.
     m.sh_ok("systemctl enable --now spoold");

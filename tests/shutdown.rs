@@ -4,7 +4,7 @@
 mod util;
 
 use std::os::unix::net::UnixDatagram;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use util::{Daemon, Env, SOON, pids_in, process_alive, wait_for};
 
@@ -318,22 +318,69 @@ fn reload_shrinks_workers_as_jobs_end() {
     d.stop();
 }
 
+/// The gaps between spoold's successive WATCHDOG=1 pings under `WATCHDOG_USEC=usec`, `count`
+/// of them, timed as they arrive on a notify socket of the test's own (util::Daemon keeps no
+/// arrival times).
+fn watchdog_gaps(usec: u64, count: usize) -> Vec<Duration> {
+    let env = Env::new(&["/bin/true"], "");
+    let sock_path = env.dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(SOON)).unwrap();
+    let child = std::process::Command::new(util::BIN)
+        .args(["run", "--config"])
+        .arg(&env.config)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", usec.to_string())
+        .env_remove("WATCHDOG_PID")
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed on every path out of here, a failed assertion included.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(child);
+    let mut pings = Vec::new();
+    let mut buf = [0u8; 4096];
+    while pings.len() < count + 1 {
+        let n = sock
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no notification within {SOON:?}: {e}"));
+        if String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1") {
+            pings.push(Instant::now());
+        }
+    }
+    pings.windows(2).map(|w| w[1] - w[0]).collect()
+}
+
+fn median(mut gaps: Vec<Duration>) -> Duration {
+    gaps.sort();
+    gaps[gaps.len() / 2]
+}
+
 #[test]
 fn watchdog_pings_at_half_the_interval() {
-    let env = Env::new(&["/bin/true"], "");
-    let d = Daemon::start(&env.config, &[("WATCHDOG_USEC", "400000")]);
-    assert!(
-        wait_for(SOON, || (d
-            .notes()
-            .iter()
-            .filter(|n| n.contains("WATCHDOG=1"))
-            .count()
-            >= 5)
-            .then_some(()))
-        .is_some(),
-        "{:?}",
-        d.notes()
-    );
+    // Two intervals, so that a fixed ping period cannot pass for both: spoold must ping every
+    // WATCHDOG_USEC / 2. The median gap is checked, so that one late wake-up on a loaded
+    // machine does not fail the test; the bounds still fail a ping at the full interval, or at
+    // a quarter of it.
+    for (usec, pings) in [(400_000, 6), (1_600_000, 4)] {
+        let half = Duration::from_micros(usec / 2);
+        let gaps = watchdog_gaps(usec, pings);
+        let typical = median(gaps.clone());
+        assert!(
+            typical >= half * 3 / 4 && typical <= half * 3 / 2,
+            "WATCHDOG_USEC={usec}: pings should come every {half:?}, but the median gap is \
+             {typical:?} (gaps {gaps:?})"
+        );
+    }
     // WATCHDOG_PID names another process: the watchdog is not ours, and nothing is sent.
     let env2 = Env::new(&["/bin/true"], "");
     let mut other = Daemon::start(

@@ -3,9 +3,11 @@
 //! Each test boots its own machine (tests/sysd), bind-mounts the built `spoold` binary into it,
 //! installs a Type=notify unit and a config written here, and asserts what systemd and the
 //! journal say, and where every job ended up in the spool. Where the harness cannot run (not
-//! root, no CAP_SYS_ADMIN, no systemd) each test prints `SKIPPED: ...` and returns.
+//! root, no CAP_SYS_ADMIN, no systemd) each test skips through `util::skip`: it prints
+//! `SKIPPED: <test>: <reason>` and returns, or fails under `CI=true`.
 
 mod sysd;
+mod util;
 
 use std::collections::BTreeMap;
 use std::path::Path;

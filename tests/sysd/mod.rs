@@ -13,8 +13,9 @@
 //!
 //! ```ignore
 //! mod sysd;
+//! mod util; // sysd skips through util::skip
 //! if sysd::skipped("my_test") {
-//!     return; // it printed `SKIPPED: my_test: ...` past libtest's capture
+//!     return; // it printed `SKIPPED: my_test: ...` past libtest's capture (CI=true: it failed)
 //! }
 //! let m = sysd::Machine::boot(&[(Path::new(BIN), "/usr/local/bin/spoold")]);
 //! m.write("/etc/systemd/system/x.service", "...");
@@ -69,17 +70,17 @@ pub fn skip_reason() -> Option<String> {
     REASON.get_or_init(probe).clone()
 }
 
-/// For a test's first line: when the harness cannot run here, prints a loud `SKIPPED: ...`
-/// line naming `test` and returns true. It writes to the process's stderr directly rather than
-/// through `eprintln!`, which libtest captures and shows only for failing tests, so the skip is
-/// seen in a plain `cargo test` run (and in CI's log) too.
+/// For a test's first line: when the harness cannot run here, skips `test` through the helper
+/// every suite shares (`util::skip`, so the test file declares `mod util;` beside `mod sysd;`)
+/// and returns true. Under `CI=true` that fails the test instead.
 pub fn skipped(test: &str) -> bool {
     let Some(why) = skip_reason() else {
         return false;
     };
-    // One write, so that parallel tests' lines do not interleave.
-    let line = format!("\n    SKIPPED: {test}: the throwaway systemd cannot run here: {why}\n\n");
-    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    crate::util::skip(
+        test,
+        &format!("the throwaway systemd cannot run here: {why}"),
+    );
     true
 }
 

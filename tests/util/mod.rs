@@ -6,6 +6,11 @@
 
 #![allow(dead_code)]
 
+mod skip;
+// Not every test file that includes util skips anything.
+#[allow(unused_imports)]
+pub use skip::skip;
+
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::fs;
