@@ -1490,7 +1490,10 @@ fn interrupted_or_failing_enqueue_leaves_nothing_in_tmp() {
         assert_eq!(env.count("tmp"), 0, "{:?}", env.names("tmp"));
         assert_eq!(env.count("new"), 0);
     } else {
-        println!("SKIPPED: failing write: no prlimit");
+        util::skip(
+            "interrupted_or_failing_enqueue_leaves_nothing_in_tmp",
+            "the failing write needs prlimit (util-linux)",
+        );
     }
 
     // A FIFO without a writer and an endless device are refused at once, not read.
@@ -1570,8 +1573,10 @@ fn client_commands_on_a_spool_not_set_up_say_what_to_do() {
 fn permission_denied_on_the_spool_names_the_user_and_the_group() {
     use std::os::unix::fs::MetadataExt;
     if !is_root() || Command::new("setpriv").arg("--version").output().is_err() {
-        println!("SKIPPED: permission denied: needs root and setpriv to run as nobody");
-        return;
+        return util::skip(
+            "permission_denied_on_the_spool_names_the_user_and_the_group",
+            "needs root and setpriv to run as nobody",
+        );
     }
     let env = Env::new(&["/bin/true"], "");
     let out = env.cli(&["enqueue", "/etc/hostname"]);
