@@ -41,7 +41,7 @@ pub fn run(command: Command) -> ExitCode {
 }
 
 fn check_config(path: &Path) -> ExitCode {
-    match Config::load(path) {
+    match load_config(path) {
         Ok(config) => {
             if let Err(problem) = crate::handler::check_program(&config.handler) {
                 eprintln!(
@@ -52,11 +52,30 @@ fn check_config(path: &Path) -> ExitCode {
             println!("{}: ok", path.display());
             ExitCode::SUCCESS
         }
-        Err(e) => {
+        Err(code) => code,
+    }
+}
+
+/// Loads the config for a client command. A file this user may not read is a permission
+/// problem, not an invalid config: the packaged config is `root:spoold 0640` (it may hold
+/// secrets in `handler.env`), so a user outside the group is told how to join it, and the exit
+/// status is 1, not 78. Anything else wrong with the file is EX_CONFIG, as for the daemon.
+fn load_config(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        if e.unreadable == Some(io::ErrorKind::PermissionDenied) {
+            let hint = rustix::fs::stat(path)
+                .map(|st| membership_hint(st.st_gid))
+                .unwrap_or_else(|_| "check its mode".to_owned());
+            eprintln!(
+                "spoold: permission denied on {}: {hint}",
+                escape_bytes(path.as_os_str().as_encoded_bytes())
+            );
+            ExitCode::FAILURE
+        } else {
             eprintln!("spoold: invalid config {e}");
             ExitCode::from(EX_CONFIG)
         }
-    }
+    })
 }
 
 /// What a client command may do about a spool whose layout is missing (no daemon opened it).
@@ -75,12 +94,9 @@ fn with_spool(
     layout: Layout,
     f: impl FnOnce(&Spool) -> io::Result<ExitCode>,
 ) -> ExitCode {
-    let config = match Config::load(config_path) {
+    let config = match load_config(config_path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("spoold: invalid config {e}");
-            return ExitCode::from(EX_CONFIG);
-        }
+        Err(code) => return code,
     };
     let root = &config.spool.dir;
     let attached = match Spool::attach(root) {

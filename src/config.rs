@@ -472,6 +472,10 @@ pub struct ConfigError {
     /// The dotted key the error is about, when it can be told.
     pub key: Option<String>,
     pub message: String,
+    /// Set when the file could not be read at all, with the reason: a client command tells a
+    /// user who may not read it (the packaged config is `root:spoold 0640`) how to get access,
+    /// rather than calling the file invalid.
+    pub unreadable: Option<std::io::ErrorKind>,
 }
 
 impl fmt::Display for ConfigError {
@@ -498,6 +502,7 @@ impl Config {
             position: None,
             key: None,
             message: format!("cannot read the config file: {e}"),
+            unreadable: Some(e.kind()),
         })?;
         Self::parse(path, &text)
     }
@@ -513,6 +518,7 @@ impl Config {
                 position,
                 key,
                 message: e.message().trim().to_owned(),
+                unreadable: None,
             }
         })?;
         config.check_backoff_order(path, text)?;
@@ -583,6 +589,7 @@ impl Config {
             position: span.map(|s| line_column(text, s.start)),
             key: Some(key.to_owned()),
             message,
+            unreadable: None,
         })
     }
 

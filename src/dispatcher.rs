@@ -46,8 +46,9 @@ const BATCH: usize = 1024;
 /// Hints queued at most before the dispatcher falls back to a scan.
 const MAX_PENDING: usize = 4 * BATCH;
 /// Due retries moved to `new/` per turn of the loop, so that a stop, a hint or a watchdog beat
-/// never waits behind thousands of renames that fell due together.
-const PROMOTE_BATCH: usize = 256;
+/// never waits behind thousands of renames that fell due together: each costs a stat, a read
+/// of the job's record and a rename, so a batch stays within a few milliseconds.
+const PROMOTE_BATCH: usize = 64;
 /// How long a promotion that failed (an I/O error) waits before it is tried again.
 const PROMOTE_RETRY: Duration = Duration::from_secs(1);
 
@@ -388,12 +389,24 @@ fn instant_of(unix_ms_due: u64) -> Instant {
     later(Instant::now(), wait)
 }
 
+/// "36 hours" rather than humantime's "1day 12h": the Maildir rule is stated in hours.
+fn age_in_words(age: Duration) -> String {
+    if age.as_secs() % 3600 == 0 && age.subsec_nanos() == 0 {
+        format!("{} hours", age.as_secs() / 3600)
+    } else {
+        humantime::format_duration(age).to_string()
+    }
+}
+
 /// Removes abandoned files from `tmp/` at start and then every `TMP_SWEEP_EVERY`, until `stop`.
 /// Each sweep runs on the blocking pool, since a `tmp/` with a million files would hold the
 /// main thread for seconds, and checks the token between entries, so it also ends at a stop.
 async fn sweep_tmp(spool: Arc<Spool>, stop: CancellationToken) {
     loop {
-        let before = SystemTime::now() - TMP_MAX_AGE;
+        let max_age = crate::fault::tmp_max_age(TMP_MAX_AGE);
+        let before = SystemTime::now()
+            .checked_sub(max_age)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
         let (sweeper, token) = (spool.clone(), stop.clone());
         let sweep = tokio::task::spawn_blocking(move || {
             let tmp = sweeper.dir_path(Dir::Tmp);
@@ -402,9 +415,9 @@ async fn sweep_tmp(spool: Arc<Spool>, stop: CancellationToken) {
                 match result {
                     Ok(()) => tracing::warn!(
                         file = %file,
-                        "removed {}/{file}: untouched for more than {} hours, so abandoned by whatever was writing it",
+                        "removed {}/{file}: untouched for more than {}, so abandoned by whatever was writing it",
                         tmp.display(),
-                        TMP_MAX_AGE.as_secs() / 3600
+                        age_in_words(max_age)
                     ),
                     Err(e) => tracing::warn!(file = %file, "cannot remove the abandoned {}/{file}: {e}", tmp.display()),
                 }

@@ -1,4 +1,5 @@
-//! Deliberate panics for the tests, in debug builds only: `SPOOLD_TEST_PANIC=worker|dispatcher|stop`.
+//! Test-only switches, in debug builds only: deliberate panics (`SPOOLD_TEST_PANIC=worker|dispatcher|stop`)
+//! and a shorter age for the sweep of `tmp/` (`SPOOLD_TEST_TMP_MAX_AGE`).
 //!
 //! Once the time arithmetic could no longer overflow, no known panic was left, yet the path a
 //! panic takes (logged with its thread, the abort path, exit status 70, crash recovery at the
@@ -53,4 +54,19 @@ pub fn hit(point: Point) {
     }
     #[cfg(not(debug_assertions))]
     let _ = point;
+}
+
+/// How old a file in `tmp/` must be before the sweep removes it: `default`, or in debug builds
+/// `SPOOLD_TEST_TMP_MAX_AGE` (a duration such as "2s"). The sweep compares the inode's change
+/// time, which no test can set back, so a test cannot make a file 36 hours old: it shortens the
+/// age instead.
+pub fn tmp_max_age(default: std::time::Duration) -> std::time::Duration {
+    #[cfg(debug_assertions)]
+    if let Some(age) = std::env::var("SPOOLD_TEST_TMP_MAX_AGE")
+        .ok()
+        .and_then(|v| humantime::parse_duration(&v).ok())
+    {
+        return age;
+    }
+    default
 }

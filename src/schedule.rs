@@ -67,8 +67,11 @@ impl RetrySchedule {
     /// True when a job left out of memory may be due before anything held: the directory must
     /// be read again to find it.
     pub fn needs_rescan(&self) -> bool {
+        // Strictly later: when more jobs share one due time than the schedule holds, those
+        // held are promoted first, and the directory is read again only once they are gone.
+        // Reading it while they are due would find the same set and never promote any.
         self.unheld_from
-            .is_some_and(|unheld| self.next_due().is_none_or(|held| held >= unheld))
+            .is_some_and(|unheld| self.next_due().is_none_or(|held| held > unheld))
     }
 
     /// Starts over from a fresh read of the directory. Entries added since that read began are
@@ -149,6 +152,43 @@ mod tests {
         assert!(!s.needs_rescan());
         let order: Vec<u64> = std::iter::from_fn(|| s.pop_due(100).map(|(_, d)| d)).collect();
         assert_eq!(order, [40, 45, 50]);
+    }
+
+    /// More jobs due at one moment than the schedule holds (jobs put in retry/ without a
+    /// record are all due at 0): the held ones are promoted before the directory is read again,
+    /// and a model of the directory ends empty, each job promoted once.
+    #[test]
+    fn more_jobs_due_at_once_than_it_holds_are_all_promoted() {
+        let mut dir: BTreeSet<(u64, OsString)> = (0..10).map(|i| (0, name(i))).collect();
+        dir.extend((10..17).map(|i| (i, name(i))));
+        let mut s = RetrySchedule::new(4);
+        let mut promoted = Vec::new();
+        let mut reads = 0;
+        while !dir.is_empty() {
+            assert!(
+                reads < 20,
+                "read the directory {reads} times, promoted {promoted:?}"
+            );
+            if s.is_empty() || s.needs_rescan() {
+                reads += 1;
+                let mut scanned = RetrySchedule::new(4);
+                for (due, n) in &dir {
+                    scanned.insert(n.clone(), *due);
+                }
+                s.clear();
+                s.replace_with(scanned);
+                assert!(!s.needs_rescan(), "a fresh read must be acted on first");
+            }
+            while let Some((n, due)) = s.pop_due(100) {
+                assert!(dir.remove(&(due, n.clone())), "{n:?} promoted twice");
+                promoted.push(n);
+                if s.needs_rescan() {
+                    break;
+                }
+            }
+        }
+        assert_eq!(promoted.len(), 17);
+        assert!(reads <= 6, "{reads} reads for 17 jobs held 4 at a time");
     }
 
     #[test]

@@ -546,10 +546,16 @@ impl Spool {
                     continue;
                 }
             };
-            let mtime =
-                UNIX_EPOCH + Duration::new(st.st_mtime.max(0) as u64, st.st_mtime_nsec as u32);
+            // Untouched means neither its data (mtime) nor its inode (ctime) changed. A producer
+            // may set an old mtime on purpose (`cp -p`, `rsync -t`, `tar -x`) just before its
+            // rename into new/; nobody can set a ctime, and setting the mtime updates it.
+            let at = |secs: i64, nsecs: u64| {
+                UNIX_EPOCH + Duration::new(secs.max(0) as u64, nsecs as u32)
+            };
+            let touched = at(st.st_mtime, st.st_mtime_nsec as u64)
+                .max(at(st.st_ctime, st.st_ctime_nsec as u64));
             if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
-                || mtime >= before
+                || touched >= before
             {
                 continue;
             }
@@ -745,8 +751,12 @@ impl Spool {
     /// again here, so an entry of the schedule that is stale (the job was promoted and failed
     /// again since) cannot move a job before its time.
     pub fn promote_if_due(&self, name: &OsStr, now_ms: u64) -> io::Result<Promotion> {
-        if rustix::fs::statat(self.fd(Dir::Retry), name, AtFlags::SYMLINK_NOFOLLOW).is_err() {
-            return Ok(Promotion::Gone);
+        // Only a job that is not there is gone: any other error is reported, and the caller
+        // tries again, since nothing else would bring the job back to the schedule.
+        match rustix::fs::statat(self.fd(Dir::Retry), name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(_) => {}
+            Err(Errno::NOENT) => return Ok(Promotion::Gone),
+            Err(e) => return Err(e.into()),
         }
         let due = self.retry_due(name);
         if due > now_ms {

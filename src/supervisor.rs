@@ -123,13 +123,15 @@ pub fn install_panic_hook(abort: tokio_util::sync::CancellationToken) -> Panics 
             .map(|l| format!(" at {l}"))
             .unwrap_or_default();
         let what = format!("thread {name} panicked{place}: {message}");
+        // Recorded and acted on before it is logged: should the logging itself ever block or
+        // panic, the daemon still stops with the right status rather than hang.
+        let _ = record.0.set(what.clone());
+        abort.cancel();
         tracing::error!(
             thread = name,
             "{what}; this is a bug: stopping, aborting the jobs in flight (a job this thread \
              held stays in active/ and runs again at the next start)"
         );
-        let _ = record.0.set(what);
-        abort.cancel();
         if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| !v.is_empty() && v != "0") {
             default_hook(info);
         }

@@ -174,10 +174,45 @@ fn failed_and_status_escape_what_a_handler_wrote() {
         .as_str()
         .unwrap();
     assert_eq!(tail, payload, "--json keeps the exact text");
+}
 
-    let out = env.cli(&["status"]);
-    let shown = String::from_utf8(out.stdout).unwrap();
-    assert!(!shown.contains('\x1b'), "{shown}");
+/// `spoold status` shows the spool's path, which may hold any byte: it is escaped too.
+#[test]
+fn status_escapes_the_spool_path() {
+    let env = Env::new(&["/bin/true"], "");
+    let odd = env.dir.path().join("spool\x1b]0;PWNED\x07");
+    fs::create_dir(&odd).unwrap();
+    let config = env.dir.path().join("odd.toml");
+    fs::write(
+        &config,
+        format!(
+            "[spool]\ndir = {}\n[handler]\ncommand = [\"/bin/true\"]\n",
+            // TOML spells the escapes \u001b, where Rust's {:?} gives \u{1b}.
+            format!("{:?}", odd.display().to_string())
+                .replace("\\u{1b}", "\\u001b")
+                .replace("\\u{7}", "\\u0007")
+        ),
+    )
+    .unwrap();
+    let mut d = util::Daemon::start(&config, &[]);
+    d.stop();
+    let out = std::process::Command::new(util::BIN)
+        .args(["status", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = String::from_utf8(out.stdout.clone()).unwrap();
+    assert!(
+        !shown.contains('\x1b') && !shown.contains('\x07'),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        shown.contains("spool\\u{1b}]0;PWNED\\u{7}"),
+        "{}",
+        text(&out)
+    );
 }
 
 /// The names in `dir` and in every spool directory, to show that nothing moved.
