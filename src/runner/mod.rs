@@ -9,6 +9,8 @@
 //! Two tokens drive a stop: `stop` (no new job is taken; the current one runs on) and `abort`
 //! (the current handler is signalled and its job requeued).
 
+pub mod handler;
+
 use std::ffi::OsString;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -20,11 +22,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::clock::later;
 use crate::config::{Config, RetryConfig};
-use crate::dispatcher::RetryScheduled;
-use crate::handler::{self, Attempt, Outcome, Report};
+use crate::daemon::stats::Stats;
 use crate::job::display_name;
-use crate::spool::{Claim, Claimed, Failure, JobRecord, Spool, rfc3339, unix_ms};
-use crate::stats::Stats;
+use crate::source::spool::discovery::RetryScheduled;
+use crate::source::spool::{Claim, Claimed, Failure, JobRecord, Spool, rfc3339, unix_ms};
+use handler::{Attempt, Outcome, Report};
 
 /// What every worker shares.
 pub struct Shared {

@@ -22,6 +22,9 @@
 //! No other module knows these names. Nothing here is async: the operations are single system
 //! calls on a local directory, and keeping them synchronous makes them testable without a runtime.
 
+pub mod discovery;
+pub mod schedule;
+
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs::{self, File};
@@ -37,7 +40,7 @@ use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
 use crate::job::{JobId, display_name};
-use crate::schedule::RetrySchedule;
+use crate::source::spool::schedule::RetrySchedule;
 
 /// The longest file name Linux filesystems accept, in bytes.
 const NAME_MAX: usize = 255;

@@ -36,10 +36,10 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::later;
+use crate::daemon::stats::Stats;
 use crate::job::display_name;
-use crate::schedule::{self, RetrySchedule};
-use crate::spool::{Dir, NewScan, Promotion, Spool, unix_ms};
-use crate::stats::Stats;
+use crate::source::spool::schedule::{self, RetrySchedule};
+use crate::source::spool::{Dir, NewScan, Promotion, Spool, unix_ms};
 
 /// Names read from a scan per batch, sorted oldest first within the batch.
 const BATCH: usize = 1024;

@@ -22,15 +22,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::later;
 use crate::config::{Config, ConfigError};
-use crate::dispatcher::{Dispatcher, Watcher};
+use crate::daemon::logging::LogControl;
+use crate::daemon::notify::Notifier;
+use crate::daemon::signals::Shutdown;
+use crate::daemon::stats::Stats;
 use crate::fault::{self, Point};
-use crate::handler::Abort;
-use crate::logging::LogControl;
-use crate::notify::Notifier;
-use crate::signals::Shutdown;
-use crate::spool::{Spool, SpoolError};
-use crate::stats::Stats;
-use crate::worker::{Pool, Shared};
+use crate::runner::handler::Abort;
+use crate::runner::{Pool, Shared};
+use crate::source::spool::discovery::{Dispatcher, Watcher};
+use crate::source::spool::{Spool, SpoolError};
 
 /// Names waiting between the dispatcher and the workers. Small: a name in the channel is a job
 /// that is not yet claimed, so this only smooths hand-offs.
@@ -186,7 +186,7 @@ pub async fn run(daemon: Daemon) -> Result<StopSummary, RunError> {
     }
     // Only a warning: the program may be installed after spoold starts, and each attempt
     // reports the spawn's own error anyway. It is looked up as the spawn will look it up.
-    if let Err(problem) = crate::handler::check_program(&config.handler) {
+    if let Err(problem) = crate::runner::handler::check_program(&config.handler) {
         tracing::warn!("{problem}; jobs will fail until that is fixed");
     }
     let watcher = Watcher::new(&spool)

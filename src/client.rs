@@ -12,7 +12,7 @@ use crate::config::Config;
 use nix::unistd::{Group, User};
 
 use crate::job::{JobId, display_name, escape_bytes, escape_text};
-use crate::spool::{self, Partial, Retried, Spool, SpoolError};
+use crate::source::spool::{self, Partial, Retried, Spool, SpoolError};
 
 const EX_CONFIG: u8 = 78;
 
@@ -43,7 +43,7 @@ pub fn run(command: Command) -> ExitCode {
 fn check_config(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
-            if let Err(problem) = crate::handler::check_program(&config.handler) {
+            if let Err(problem) = crate::runner::handler::check_program(&config.handler) {
                 eprintln!(
                     "spoold: warning: {}: {problem}; jobs will fail until that is fixed",
                     path.display()
