@@ -14,5 +14,6 @@ pub mod config;
 pub mod daemon;
 pub mod fault;
 pub mod job;
+pub mod policy;
 pub mod runner;
 pub mod source;

@@ -27,10 +27,9 @@ use crate::daemon::notify::Notifier;
 use crate::daemon::signals::Shutdown;
 use crate::daemon::stats::Stats;
 use crate::fault::{self, Point};
-use crate::runner::handler::Abort;
-use crate::runner::{Pool, Shared};
+use crate::runner::Pool;
 use crate::source::spool::discovery::{Dispatcher, Watcher};
-use crate::source::spool::{Spool, SpoolError};
+use crate::source::spool::{Spool, SpoolError, SpoolSource};
 
 /// Names waiting between the dispatcher and the workers. Small: a name in the channel is a job
 /// that is not yet claimed, so this only smooths hand-offs.
@@ -198,16 +197,21 @@ pub async fn run(daemon: Daemon) -> Result<StopSummary, RunError> {
     let (config_tx, config_rx) = watch::channel(Arc::new(config));
     let (rescan_tx, rescan_rx) = watch::channel(config_rx.borrow().spool.rescan_interval);
     let (retries_tx, retries_rx) = mpsc::unbounded_channel();
-    let pool = Pool::new(Shared {
-        spool: spool.clone(),
-        jobs: tokio::sync::Mutex::new(jobs_rx),
-        config: config_rx.clone(),
-        stats: stats.clone(),
-        retries: retries_tx,
-        stop: shutdown.stop.clone(),
-        abort: Abort::watch(shutdown.abort.clone())
-            .map_err(|e| RunError::Io(format!("cannot create the abort eventfd: {e}")))?,
-    });
+    let source = SpoolSource::new(
+        spool.clone(),
+        jobs_rx,
+        retries_tx,
+        stats.clone(),
+        config_rx.clone(),
+    );
+    let pool = Pool::new(
+        source,
+        config_rx.clone(),
+        stats.clone(),
+        shutdown.stop.clone(),
+        shutdown.abort.clone(),
+    )
+    .map_err(|e| RunError::Io(format!("cannot create the abort eventfd: {e}")))?;
     pool.resize(config_rx.borrow().workers.count.get());
 
     let watchdog = notifier.watchdog();
@@ -337,7 +341,7 @@ pub async fn run(daemon: Daemon) -> Result<StopSummary, RunError> {
 
 /// The stop sequence; see the module documentation.
 async fn stop(
-    pool: &Pool,
+    pool: &Pool<SpoolSource>,
     stats: &Stats,
     shutdown: &Shutdown,
     notifier: &Notifier,
@@ -454,7 +458,7 @@ fn reload(
     path: &std::path::Path,
     config_tx: &watch::Sender<Arc<Config>>,
     rescan_tx: &watch::Sender<Duration>,
-    pool: &Pool,
+    pool: &Pool<SpoolSource>,
     log: &LogControl,
 ) -> Option<String> {
     let mut new = match Config::load(path) {

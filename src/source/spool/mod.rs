@@ -23,7 +23,10 @@
 //! calls on a local directory, and keeping them synchronous makes them testable without a runtime.
 
 pub mod discovery;
+mod lease;
 pub mod schedule;
+
+pub use lease::{SpoolLease, SpoolSource};
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -39,7 +42,7 @@ use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
-use crate::job::{JobId, display_name};
+use crate::job::{JobId, Report, display_name};
 use crate::source::spool::schedule::RetrySchedule;
 
 /// The longest file name Linux filesystems accept, in bytes.
@@ -178,6 +181,23 @@ pub struct Failure {
     pub reason: String,
     /// The last lines the handler wrote to stderr.
     pub stderr_tail: Vec<String>,
+}
+
+impl Failure {
+    /// The record of attempt number `attempt`, which ended at `ended` as `report` says.
+    pub fn of(attempt: u32, report: Report, ended: SystemTime) -> Failure {
+        Failure {
+            attempt,
+            started_at: rfc3339(report.started),
+            ended_at: rfc3339(ended),
+            duration_ms: report.duration.as_millis() as u64,
+            exit_code: report.exit_code,
+            signal: report.signal,
+            timed_out: report.timed_out,
+            reason: report.reason,
+            stderr_tail: report.stderr_tail,
+        }
+    }
 }
 
 /// The bookkeeping of one job, in `state/NAME` while it lives and `reasons/NAME` once failed.
