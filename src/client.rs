@@ -8,13 +8,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use crate::cli::Command;
-use crate::config::Config;
+use crate::config::{Config, EX_CONFIG};
 use nix::unistd::{Group, User};
 
 use crate::job::{JobId, display_name, escape_bytes, escape_text};
 use crate::source::spool::{self, Partial, Retried, Spool, SpoolError};
-
-const EX_CONFIG: u8 = 78;
 
 /// Runs a client subcommand and returns the process exit status.
 pub fn run(command: Command) -> ExitCode {
@@ -53,7 +51,7 @@ fn check_config(path: &Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("spoold: invalid config {e}");
+            eprintln!("spoold: {}", e.invalid());
             ExitCode::from(EX_CONFIG)
         }
     }
@@ -78,7 +76,7 @@ fn with_spool(
     let config = match Config::load(config_path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("spoold: invalid config {e}");
+            eprintln!("spoold: {}", e.invalid());
             return ExitCode::from(EX_CONFIG);
         }
     };

@@ -15,7 +15,7 @@ use clap::Parser;
 use futures_util::FutureExt;
 
 use spoold::cli::{Cli, Command};
-use spoold::config::Config;
+use spoold::config::{Config, EX_CONFIG};
 use spoold::daemon::signals::Shutdown;
 use spoold::daemon::supervisor::{Daemon, RunError};
 use spoold::daemon::{logging, notify, signals, supervisor};
@@ -36,8 +36,8 @@ fn run(config_path: &Path) -> ExitCode {
     let config = match Config::load(config_path) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("spoold: invalid config {e}");
-            return ExitCode::from(RunError::Config(e).exit_code());
+            eprintln!("spoold: {}", e.invalid());
+            return ExitCode::from(EX_CONFIG);
         }
     };
     if let Err(e) = fault::arm_from_env() {

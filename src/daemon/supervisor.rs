@@ -21,7 +21,7 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::later;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, EX_CONFIG};
 use crate::daemon::logging::LogControl;
 use crate::daemon::notify::Notifier;
 use crate::daemon::signals::Shutdown;
@@ -62,7 +62,7 @@ pub const EX_SOFTWARE: u8 = 70;
 impl fmt::Display for RunError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RunError::Config(e) => write!(f, "invalid config {e}"),
+            RunError::Config(e) => f.write_str(&e.invalid()),
             RunError::Spool(e) => write!(f, "{e}"),
             RunError::Io(e) => write!(f, "{e}"),
             RunError::Panic(e) => write!(
@@ -75,10 +75,10 @@ impl fmt::Display for RunError {
 }
 
 impl RunError {
-    /// sysexits(3) codes: systemd units can refuse to restart on a config error (78).
+    /// sysexits(3) codes: systemd units can refuse to restart on a config error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            RunError::Config(_) => 78,
+            RunError::Config(_) => EX_CONFIG,
             RunError::Spool(SpoolError::Locked { .. }) => 75,
             RunError::Spool(_) => 73,
             RunError::Io(_) => 74,
@@ -167,7 +167,7 @@ pub async fn run(daemon: Daemon) -> Result<StopSummary, RunError> {
         panics,
     } = daemon;
     let spool = Arc::new(Spool::open(&config.spool.dir).map_err(RunError::Spool)?);
-    let _lock = spool.lock().map_err(RunError::Spool)?;
+    let _lock = spool.lock_async().await.map_err(RunError::Spool)?;
     let recovered = spool
         .recover_active()
         .map_err(|e| RunError::Io(format!("crash recovery in {}: {e}", spool.root().display())))?;

@@ -470,6 +470,7 @@ fn describe_status(status: ExitStatus) -> String {
     }
 }
 
+/// The conventional name of a signal, as spoold writes it in every log line and reason.
 pub fn signal_name(sig: Signal) -> String {
     match sig {
         Signal::TERM => "SIGTERM".into(),

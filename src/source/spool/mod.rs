@@ -49,6 +49,8 @@ use crate::source::spool::schedule::RetrySchedule;
 const NAME_MAX: usize = 255;
 /// How long `lock` waits for a lock that is held, before it says another daemon owns the spool.
 const LOCK_WAIT: Duration = Duration::from_secs(1);
+/// How long `lock` waits between two tries.
+const LOCK_RETRY: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dir {
@@ -470,43 +472,75 @@ impl Spool {
             .expect("every Dir is opened")]
     }
 
-    /// Takes the lock that makes this process the one daemon of the spool.
+    /// Takes the lock that makes this process the one daemon of the spool, waiting up to
+    /// `LOCK_WAIT` for a holder to let go. This blocks the calling thread; the daemon uses
+    /// [`Spool::lock_async`].
     pub fn lock(&self) -> Result<SpoolLock, SpoolError> {
+        let (path, mut file) = self.lock_file()?;
+        let give_up = std::time::Instant::now() + LOCK_WAIT;
+        while !self.try_lock(&path, &mut file, std::time::Instant::now() >= give_up)? {
+            std::thread::sleep(LOCK_RETRY);
+        }
+        self.own(&path, file)
+    }
+
+    /// [`Spool::lock`] for the daemon's runtime: the waits between tries are timers, so that
+    /// nothing else on the main thread waits behind them.
+    pub async fn lock_async(&self) -> Result<SpoolLock, SpoolError> {
+        let (path, mut file) = self.lock_file()?;
+        let give_up = std::time::Instant::now() + LOCK_WAIT;
+        while !self.try_lock(&path, &mut file, std::time::Instant::now() >= give_up)? {
+            tokio::time::sleep(LOCK_RETRY).await;
+        }
+        self.own(&path, file)
+    }
+
+    fn lock_file(&self) -> Result<(PathBuf, File), SpoolError> {
         let path = self.root.join("spoold.lock");
-        let lock_err = |err: io::Error| SpoolError::Lock {
-            path: path.clone(),
-            err,
-        };
-        let mut file = fs::OpenOptions::new()
+        let file = fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o644)
             .open(&path)
-            .map_err(lock_err)?;
-        // A daemon killed while it was starting a handler leaves a copy of the locked file in
-        // the child until that child's exec closes it, a few milliseconds later: a restart at
-        // once would otherwise be refused in the name of a dead pid. So wait a little first.
-        let give_up = std::time::Instant::now() + LOCK_WAIT;
-        let mut locked = rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive);
-        while locked == Err(Errno::WOULDBLOCK) && std::time::Instant::now() < give_up {
-            std::thread::sleep(Duration::from_millis(10));
-            locked = rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive);
-        }
-        match locked {
-            Ok(()) => {}
+            .map_err(|err| SpoolError::Lock {
+                path: path.clone(),
+                err,
+            })?;
+        Ok((path, file))
+    }
+
+    /// One try at the flock: true when taken, false when held and `last` is false. A daemon
+    /// killed while it was starting a handler leaves a copy of the locked file in the child
+    /// until that child's exec closes it, a few milliseconds later: a restart at once would
+    /// otherwise be refused in the name of a dead pid. So the callers try for a little while.
+    fn try_lock(&self, path: &Path, file: &mut File, last: bool) -> Result<bool, SpoolError> {
+        match rustix::fs::flock(&*file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(true),
+            Err(Errno::WOULDBLOCK) if !last => Ok(false),
             Err(Errno::WOULDBLOCK) => {
                 let mut text = String::new();
                 let _ = file.read_to_string(&mut text);
-                return Err(SpoolError::Locked {
+                Err(SpoolError::Locked {
                     path: self.root.clone(),
                     owner: text.trim().parse().ok(),
-                });
+                })
             }
-            Err(e) => return Err(lock_err(e.into())),
+            Err(e) => Err(SpoolError::Lock {
+                path: path.to_owned(),
+                err: e.into(),
+            }),
         }
-        // The pid is for the error message a second daemon prints; the lock itself is the flock.
+    }
+
+    /// Writes this process's pid into the locked file, for the error message a second daemon
+    /// prints; the lock itself is the flock.
+    fn own(&self, path: &Path, mut file: File) -> Result<SpoolLock, SpoolError> {
+        let lock_err = |err: io::Error| SpoolError::Lock {
+            path: path.to_owned(),
+            err,
+        };
         file.set_len(0).map_err(lock_err)?;
         writeln!(file, "{}", std::process::id()).map_err(lock_err)?;
         Ok(SpoolLock { _file: file })
@@ -1290,6 +1324,31 @@ mod tests {
         assert!(
             err.contains(&format!("pid {}", std::process::id())),
             "{err}"
+        );
+    }
+
+    /// The daemon waits for a held lock on its runtime's timers: the other tasks of the main
+    /// thread (signals, notifications) run while it waits.
+    #[tokio::test]
+    async fn waiting_for_the_lock_does_not_block_the_runtime() {
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+        let (d, spool) = spool();
+        let _held = spool.lock().unwrap();
+        let other = Spool::open(d.path()).unwrap();
+        let ticks = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = ticks.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                counter.fetch_add(1, Relaxed);
+                tokio::task::yield_now().await;
+            }
+        });
+        let err = other.lock_async().await.unwrap_err().to_string();
+        ticker.abort();
+        assert!(err.contains("already owned by another spoold"), "{err}");
+        assert!(
+            ticks.load(Relaxed) > 1,
+            "nothing else ran while the lock was awaited"
         );
     }
 
