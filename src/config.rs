@@ -478,6 +478,18 @@ pub struct ConfigError {
     pub unreadable: Option<std::io::ErrorKind>,
 }
 
+/// EX_CONFIG from sysexits(3): the exit status of every command, the daemon's included, that
+/// was given a config it cannot use. systemd units can refuse to restart on it.
+pub const EX_CONFIG: u8 = 78;
+
+impl ConfigError {
+    /// The one line that reports an unusable config, wherever it was read:
+    /// "invalid config FILE:LINE:COLUMN: key `KEY`: WHY".
+    pub fn invalid(&self) -> String {
+        format!("invalid config {self}")
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.path.display())?;

@@ -1,10 +1,76 @@
-//! What a job is to every command that names one: how an ID given by an operator is read (an ID
-//! is never a path), and how job names and job data are shown to people without letting them
-//! drive the terminal.
+//! What a job is, whichever source it came from: the runner's view of a job (`Job`), how an
+//! attempt ended (`Report`), what is to become of the job (`Verdict`); how an ID given by an
+//! operator is read (an ID is never a path); and how job names and job data are shown to people
+//! without letting them drive the terminal.
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+/// A job as the runner knows it: an ID, an attempt number and a local file for the handler.
+/// It is borrowed from the source's lease on the job, which alone knows where the job lives.
+#[derive(Debug, Clone, Copy)]
+pub struct Job<'a> {
+    /// The job's ID as the handler gets it (`{id}`, `SPOOLD_JOB_ID`).
+    pub id: &'a OsStr,
+    /// The ID escaped for logs (`display_name`), computed once per job by the source.
+    pub shown: &'a str,
+    /// The file the handler reads (`{path}`, `SPOOLD_JOB_PATH`, or its stdin).
+    pub path: &'a Path,
+    /// The attempt about to run, 1-based.
+    pub attempt: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    Failed,
+    /// Stopped by a spoold abort: the attempt does not count.
+    Aborted,
+}
+
+/// How an attempt ended. When it failed, this is the failure a source records for the job
+/// (the spool in `state/` and `reasons/`), so there is one type for both.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub outcome: Outcome,
+    pub started: SystemTime,
+    pub duration: Duration,
+    /// The exit code, when the handler exited.
+    pub exit_code: Option<i32>,
+    /// The signal that ended the handler, when one did.
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    /// One line a human can act on: "exit status 3", "killed by SIGKILL after timeout 10s", ...
+    pub reason: String,
+    /// The last lines the handler wrote to stderr.
+    pub stderr_tail: Vec<String>,
+}
+
+impl Report {
+    /// The shell's convention: the exit code, or 128 + the signal number.
+    pub fn exit_status(&self) -> Option<i32> {
+        self.exit_code.or(self.signal.map(|s| 128 + s))
+    }
+}
+
+/// What is to become of a job after an attempt (`policy::decide`); a source's lease carries it
+/// out (`source::Lease::settle`). The attempt's `Report` goes with it: `Retry` and `Fail` record
+/// it as the job's last failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The handler succeeded: the job is finished.
+    Done,
+    /// The attempt failed and attempts are left: run it again after `delay`.
+    Retry { delay: Duration },
+    /// Failed for good: out of attempts, or (`permanent`) an exit code that retrying cannot fix.
+    Fail { permanent: bool },
+    /// The attempt was interrupted (a stop, or a lease lost): the job goes back to wait, and
+    /// the attempt does not count.
+    Release,
+}
 
 /// A job ID as an operator gives it on a command line: one name inside a spool directory,
 /// never a path. It holds no `/` and no NUL, and is not `.`, `..` or empty, so that whatever a

@@ -1,21 +1,19 @@
 //! spoold's library: every module of the daemon, so that the binary, the integration tests, the
 //! property tests and the benchmarks share one implementation. `main.rs` is the entry point.
+//!
+//! The layout follows the architecture (ARCHITECTURE.md): `runner` runs jobs, `source` is where
+//! they come from and where their outcomes go, `daemon` is the process's life around the two,
+//! and `client` holds the short-lived commands.
 
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod client;
 pub mod clock;
-pub mod commands;
 pub mod config;
-pub mod dispatcher;
+pub mod daemon;
 pub mod fault;
-pub mod handler;
 pub mod job;
-pub mod logging;
-pub mod notify;
-pub mod schedule;
-pub mod signals;
-pub mod spool;
-pub mod stats;
-pub mod supervisor;
-pub mod worker;
+pub mod policy;
+pub mod runner;
+pub mod source;

@@ -15,10 +15,11 @@ use clap::Parser;
 use futures_util::FutureExt;
 
 use spoold::cli::{Cli, Command};
-use spoold::config::Config;
-use spoold::signals::Shutdown;
-use spoold::supervisor::{Daemon, RunError};
-use spoold::{commands, fault, logging, notify, signals, supervisor};
+use spoold::config::{Config, EX_CONFIG};
+use spoold::daemon::signals::Shutdown;
+use spoold::daemon::supervisor::{Daemon, RunError};
+use spoold::daemon::{logging, notify, signals, supervisor};
+use spoold::{client, fault};
 
 /// How long the runtime may take to drop what is left after the supervisor returned. Nothing
 /// (a blocking task, a child that will not be reaped) may hold the exit longer.
@@ -27,7 +28,7 @@ const RUNTIME_SHUTDOWN: Duration = Duration::from_millis(100);
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Run(args) => run(&args.config),
-        client => commands::run(client),
+        client => client::run(client),
     }
 }
 
@@ -35,8 +36,8 @@ fn run(config_path: &Path) -> ExitCode {
     let config = match Config::load(config_path) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("spoold: invalid config {e}");
-            return ExitCode::from(RunError::Config(e).exit_code());
+            eprintln!("spoold: {}", e.invalid());
+            return ExitCode::from(EX_CONFIG);
         }
     };
     if let Err(e) = fault::arm_from_env() {

@@ -508,14 +508,14 @@ fn spool_with_a_bind_mounted_subdirectory_is_refused() {
 fn job_removed_between_discovery_and_claim_is_skipped_quietly() {
     // Directly against the library: the scan saw the name, then someone else took the file.
     let dir = tempfile::tempdir().unwrap();
-    let spool = spoold::spool::Spool::open(dir.path()).unwrap();
+    let spool = spoold::source::spool::Spool::open(dir.path()).unwrap();
     fs::write(dir.path().join("new/gone"), "x").unwrap();
     let mut scan = spool.scan_new().unwrap();
     let seen = scan.next_candidate(true).unwrap().unwrap();
     fs::remove_file(dir.path().join("new/gone")).unwrap();
     assert!(matches!(
         spool.claim(&seen.name).unwrap(),
-        spoold::spool::Claim::Skipped
+        spoold::source::spool::Claim::Skipped
     ));
 
     // Through the daemon: the dispatcher has read the whole backlog into its queue of names,
@@ -1721,7 +1721,7 @@ fn abandoned_files_in_tmp_are_removed_after_36_hours_and_logged() {
         "only files untouched (data and inode) for the whole age go"
     );
     assert_eq!(
-        spoold::dispatcher::TMP_MAX_AGE,
+        spoold::source::spool::discovery::TMP_MAX_AGE,
         Duration::from_secs(36 * 3600),
         "the Maildir rule: 36 hours"
     );

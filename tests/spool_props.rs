@@ -1,5 +1,5 @@
 //! Property test of the spool state machine: random sequences of submit, claim, succeed, fail,
-//! retry, requeue, crash and restart against `spoold::spool::Spool` keep every job in exactly one
+//! retry, requeue, crash and restart against `spoold::source::spool::Spool` keep every job in exactly one
 //! place and never lose one (issue 6).
 //!
 //! Every job file carries a unique token as its content, so a job is followed by what it holds
@@ -16,7 +16,7 @@ use std::fs;
 use std::path::Path;
 
 use proptest::prelude::*;
-use spoold::spool::{Claim, Claimed, Dir, JobRecord, Retried, Spool, SpoolLock};
+use spoold::source::spool::{Claim, Claimed, Dir, JobRecord, Retried, Spool, SpoolLock};
 
 /// The job directories: a job file is in exactly one of them.
 const JOB_DIRS: [Dir; 5] = [Dir::New, Dir::Active, Dir::Retry, Dir::Done, Dir::Failed];
@@ -237,7 +237,7 @@ impl Harness {
                 let now = if all {
                     u64::MAX
                 } else {
-                    spoold::spool::unix_ms(std::time::SystemTime::now())
+                    spoold::source::spool::unix_ms(std::time::SystemTime::now())
                 };
                 r.spool.promote_due_retries(now).unwrap();
             }

@@ -10,6 +10,8 @@ use signal_hook_tokio::Signals;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::runner::handler::signal_name;
+
 /// The two stages of a stop. `stop` is the root token: cancelled by the first SIGTERM or SIGINT,
 /// it stops the dispatcher and lets in-flight jobs drain. `abort` is cancelled by a second
 /// signal (or by the supervisor at the drain deadline): handlers are signalled and their jobs
@@ -44,11 +46,8 @@ pub fn listen(shutdown: &Shutdown) -> std::io::Result<mpsc::Receiver<()>> {
     let shutdown = shutdown.clone();
     tokio::spawn(async move {
         while let Some(signal) = signals.next().await {
-            let name = match signal {
-                SIGTERM => "SIGTERM",
-                SIGINT => "SIGINT",
-                _ => "SIGHUP",
-            };
+            let name = rustix::process::Signal::from_named_raw(signal)
+                .map_or_else(|| format!("signal {signal}"), signal_name);
             if signal == SIGHUP {
                 tracing::info!("received SIGHUP; reloading the configuration");
                 let _ = reload_tx.try_send(());

@@ -22,6 +22,12 @@
 //! No other module knows these names. Nothing here is async: the operations are single system
 //! calls on a local directory, and keeping them synchronous makes them testable without a runtime.
 
+pub mod discovery;
+mod lease;
+pub mod schedule;
+
+pub use lease::{SpoolLease, SpoolSource};
+
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs::{self, File};
@@ -36,13 +42,15 @@ use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
-use crate::job::{JobId, display_name};
-use crate::schedule::RetrySchedule;
+use crate::job::{JobId, Report, display_name};
+use crate::source::spool::schedule::RetrySchedule;
 
 /// The longest file name Linux filesystems accept, in bytes.
 const NAME_MAX: usize = 255;
 /// How long `lock` waits for a lock that is held, before it says another daemon owns the spool.
 const LOCK_WAIT: Duration = Duration::from_secs(1);
+/// How long `lock` waits between two tries.
+const LOCK_RETRY: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dir {
@@ -175,6 +183,23 @@ pub struct Failure {
     pub reason: String,
     /// The last lines the handler wrote to stderr.
     pub stderr_tail: Vec<String>,
+}
+
+impl Failure {
+    /// The record of attempt number `attempt`, which ended at `ended` as `report` says.
+    pub fn of(attempt: u32, report: Report, ended: SystemTime) -> Failure {
+        Failure {
+            attempt,
+            started_at: rfc3339(report.started),
+            ended_at: rfc3339(ended),
+            duration_ms: report.duration.as_millis() as u64,
+            exit_code: report.exit_code,
+            signal: report.signal,
+            timed_out: report.timed_out,
+            reason: report.reason,
+            stderr_tail: report.stderr_tail,
+        }
+    }
 }
 
 /// The bookkeeping of one job, in `state/NAME` while it lives and `reasons/NAME` once failed.
@@ -447,43 +472,75 @@ impl Spool {
             .expect("every Dir is opened")]
     }
 
-    /// Takes the lock that makes this process the one daemon of the spool.
+    /// Takes the lock that makes this process the one daemon of the spool, waiting up to
+    /// `LOCK_WAIT` for a holder to let go. This blocks the calling thread; the daemon uses
+    /// [`Spool::lock_async`].
     pub fn lock(&self) -> Result<SpoolLock, SpoolError> {
+        let (path, mut file) = self.lock_file()?;
+        let give_up = std::time::Instant::now() + LOCK_WAIT;
+        while !self.try_lock(&path, &mut file, std::time::Instant::now() >= give_up)? {
+            std::thread::sleep(LOCK_RETRY);
+        }
+        self.own(&path, file)
+    }
+
+    /// [`Spool::lock`] for the daemon's runtime: the waits between tries are timers, so that
+    /// nothing else on the main thread waits behind them.
+    pub async fn lock_async(&self) -> Result<SpoolLock, SpoolError> {
+        let (path, mut file) = self.lock_file()?;
+        let give_up = std::time::Instant::now() + LOCK_WAIT;
+        while !self.try_lock(&path, &mut file, std::time::Instant::now() >= give_up)? {
+            tokio::time::sleep(LOCK_RETRY).await;
+        }
+        self.own(&path, file)
+    }
+
+    fn lock_file(&self) -> Result<(PathBuf, File), SpoolError> {
         let path = self.root.join("spoold.lock");
-        let lock_err = |err: io::Error| SpoolError::Lock {
-            path: path.clone(),
-            err,
-        };
-        let mut file = fs::OpenOptions::new()
+        let file = fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o644)
             .open(&path)
-            .map_err(lock_err)?;
-        // A daemon killed while it was starting a handler leaves a copy of the locked file in
-        // the child until that child's exec closes it, a few milliseconds later: a restart at
-        // once would otherwise be refused in the name of a dead pid. So wait a little first.
-        let give_up = std::time::Instant::now() + LOCK_WAIT;
-        let mut locked = rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive);
-        while locked == Err(Errno::WOULDBLOCK) && std::time::Instant::now() < give_up {
-            std::thread::sleep(Duration::from_millis(10));
-            locked = rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive);
-        }
-        match locked {
-            Ok(()) => {}
+            .map_err(|err| SpoolError::Lock {
+                path: path.clone(),
+                err,
+            })?;
+        Ok((path, file))
+    }
+
+    /// One try at the flock: true when taken, false when held and `last` is false. A daemon
+    /// killed while it was starting a handler leaves a copy of the locked file in the child
+    /// until that child's exec closes it, a few milliseconds later: a restart at once would
+    /// otherwise be refused in the name of a dead pid. So the callers try for a little while.
+    fn try_lock(&self, path: &Path, file: &mut File, last: bool) -> Result<bool, SpoolError> {
+        match rustix::fs::flock(&*file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(true),
+            Err(Errno::WOULDBLOCK) if !last => Ok(false),
             Err(Errno::WOULDBLOCK) => {
                 let mut text = String::new();
                 let _ = file.read_to_string(&mut text);
-                return Err(SpoolError::Locked {
+                Err(SpoolError::Locked {
                     path: self.root.clone(),
                     owner: text.trim().parse().ok(),
-                });
+                })
             }
-            Err(e) => return Err(lock_err(e.into())),
+            Err(e) => Err(SpoolError::Lock {
+                path: path.to_owned(),
+                err: e.into(),
+            }),
         }
-        // The pid is for the error message a second daemon prints; the lock itself is the flock.
+    }
+
+    /// Writes this process's pid into the locked file, for the error message a second daemon
+    /// prints; the lock itself is the flock.
+    fn own(&self, path: &Path, mut file: File) -> Result<SpoolLock, SpoolError> {
+        let lock_err = |err: io::Error| SpoolError::Lock {
+            path: path.to_owned(),
+            err,
+        };
         file.set_len(0).map_err(lock_err)?;
         writeln!(file, "{}", std::process::id()).map_err(lock_err)?;
         Ok(SpoolLock { _file: file })
@@ -1277,6 +1334,31 @@ mod tests {
         assert!(
             err.contains(&format!("pid {}", std::process::id())),
             "{err}"
+        );
+    }
+
+    /// The daemon waits for a held lock on its runtime's timers: the other tasks of the main
+    /// thread (signals, notifications) run while it waits.
+    #[tokio::test]
+    async fn waiting_for_the_lock_does_not_block_the_runtime() {
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+        let (d, spool) = spool();
+        let _held = spool.lock().unwrap();
+        let other = Spool::open(d.path()).unwrap();
+        let ticks = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = ticks.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                counter.fetch_add(1, Relaxed);
+                tokio::task::yield_now().await;
+            }
+        });
+        let err = other.lock_async().await.unwrap_err().to_string();
+        ticker.abort();
+        assert!(err.contains("already owned by another spoold"), "{err}");
+        assert!(
+            ticks.load(Relaxed) > 1,
+            "nothing else ran while the lock was awaited"
         );
     }
 

@@ -21,16 +21,15 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::later;
-use crate::config::{Config, ConfigError};
-use crate::dispatcher::{Dispatcher, Watcher};
+use crate::config::{Config, ConfigError, EX_CONFIG};
+use crate::daemon::logging::LogControl;
+use crate::daemon::notify::Notifier;
+use crate::daemon::signals::Shutdown;
+use crate::daemon::stats::Stats;
 use crate::fault::{self, Point};
-use crate::handler::Abort;
-use crate::logging::LogControl;
-use crate::notify::Notifier;
-use crate::signals::Shutdown;
-use crate::spool::{Spool, SpoolError};
-use crate::stats::Stats;
-use crate::worker::{Pool, Shared};
+use crate::runner::Pool;
+use crate::source::spool::discovery::{Dispatcher, Watcher};
+use crate::source::spool::{Spool, SpoolError, SpoolSource};
 
 /// Names waiting between the dispatcher and the workers. Small: a name in the channel is a job
 /// that is not yet claimed, so this only smooths hand-offs.
@@ -63,7 +62,7 @@ pub const EX_SOFTWARE: u8 = 70;
 impl fmt::Display for RunError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RunError::Config(e) => write!(f, "invalid config {e}"),
+            RunError::Config(e) => f.write_str(&e.invalid()),
             RunError::Spool(e) => write!(f, "{e}"),
             RunError::Io(e) => write!(f, "{e}"),
             RunError::Panic(e) => write!(
@@ -76,10 +75,10 @@ impl fmt::Display for RunError {
 }
 
 impl RunError {
-    /// sysexits(3) codes: systemd units can refuse to restart on a config error (78).
+    /// sysexits(3) codes: systemd units can refuse to restart on a config error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            RunError::Config(_) => 78,
+            RunError::Config(_) => EX_CONFIG,
             RunError::Spool(SpoolError::Locked { .. }) => 75,
             RunError::Spool(_) => 73,
             RunError::Io(_) => 74,
@@ -170,7 +169,7 @@ pub async fn run(daemon: Daemon) -> Result<StopSummary, RunError> {
         panics,
     } = daemon;
     let spool = Arc::new(Spool::open(&config.spool.dir).map_err(RunError::Spool)?);
-    let _lock = spool.lock().map_err(RunError::Spool)?;
+    let _lock = spool.lock_async().await.map_err(RunError::Spool)?;
     let recovered = spool
         .recover_active()
         .map_err(|e| RunError::Io(format!("crash recovery in {}: {e}", spool.root().display())))?;
@@ -188,7 +187,7 @@ pub async fn run(daemon: Daemon) -> Result<StopSummary, RunError> {
     }
     // Only a warning: the program may be installed after spoold starts, and each attempt
     // reports the spawn's own error anyway. It is looked up as the spawn will look it up.
-    if let Err(problem) = crate::handler::check_program(&config.handler) {
+    if let Err(problem) = crate::runner::handler::check_program(&config.handler) {
         tracing::warn!("{problem}; jobs will fail until that is fixed");
     }
     let watcher = Watcher::new(&spool)
@@ -200,16 +199,21 @@ pub async fn run(daemon: Daemon) -> Result<StopSummary, RunError> {
     let (config_tx, config_rx) = watch::channel(Arc::new(config));
     let (rescan_tx, rescan_rx) = watch::channel(config_rx.borrow().spool.rescan_interval);
     let (retries_tx, retries_rx) = mpsc::unbounded_channel();
-    let pool = Pool::new(Shared {
-        spool: spool.clone(),
-        jobs: tokio::sync::Mutex::new(jobs_rx),
-        config: config_rx.clone(),
-        stats: stats.clone(),
-        retries: retries_tx,
-        stop: shutdown.stop.clone(),
-        abort: Abort::watch(shutdown.abort.clone())
-            .map_err(|e| RunError::Io(format!("cannot create the abort eventfd: {e}")))?,
-    });
+    let source = SpoolSource::new(
+        spool.clone(),
+        jobs_rx,
+        retries_tx,
+        stats.clone(),
+        config_rx.clone(),
+    );
+    let pool = Pool::new(
+        source,
+        config_rx.clone(),
+        stats.clone(),
+        shutdown.stop.clone(),
+        shutdown.abort.clone(),
+    )
+    .map_err(|e| RunError::Io(format!("cannot create the abort eventfd: {e}")))?;
     pool.resize(config_rx.borrow().workers.count.get());
 
     let watchdog = notifier.watchdog();
@@ -339,7 +343,7 @@ pub async fn run(daemon: Daemon) -> Result<StopSummary, RunError> {
 
 /// The stop sequence; see the module documentation.
 async fn stop(
-    pool: &Pool,
+    pool: &Pool<SpoolSource>,
     stats: &Stats,
     shutdown: &Shutdown,
     notifier: &Notifier,
@@ -456,7 +460,7 @@ fn reload(
     path: &std::path::Path,
     config_tx: &watch::Sender<Arc<Config>>,
     rescan_tx: &watch::Sender<Duration>,
-    pool: &Pool,
+    pool: &Pool<SpoolSource>,
     log: &LogControl,
 ) -> Option<String> {
     let mut new = match Config::load(path) {

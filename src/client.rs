@@ -8,13 +8,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use crate::cli::Command;
-use crate::config::Config;
+use crate::config::{Config, EX_CONFIG};
 use nix::unistd::{Group, User};
 
 use crate::job::{JobId, display_name, escape_bytes, escape_text};
-use crate::spool::{self, Partial, Retried, Spool, SpoolError};
-
-const EX_CONFIG: u8 = 78;
+use crate::source::spool::{self, Partial, Retried, Spool, SpoolError};
 
 /// Runs a client subcommand and returns the process exit status.
 pub fn run(command: Command) -> ExitCode {
@@ -43,7 +41,7 @@ pub fn run(command: Command) -> ExitCode {
 fn check_config(path: &Path) -> ExitCode {
     match load_config(path) {
         Ok(config) => {
-            if let Err(problem) = crate::handler::check_program(&config.handler) {
+            if let Err(problem) = crate::runner::handler::check_program(&config.handler) {
                 eprintln!(
                     "spoold: warning: {}: {problem}; jobs will fail until that is fixed",
                     path.display()
@@ -72,7 +70,7 @@ fn load_config(path: &Path) -> Result<Config, ExitCode> {
             );
             ExitCode::FAILURE
         } else {
-            eprintln!("spoold: invalid config {e}");
+            eprintln!("spoold: {}", e.invalid());
             ExitCode::from(EX_CONFIG)
         }
     })

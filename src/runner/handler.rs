@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::later;
 use crate::config::{HandlerConfig, StdinMode};
+use crate::job::{Job, Outcome, Report};
 
 /// A line longer than this is cut, and the rest of it dropped, so one endless line cannot grow
 /// memory.
@@ -196,44 +197,6 @@ impl Abort {
     }
 }
 
-/// What a worker needs to start one attempt.
-pub struct Attempt<'a> {
-    /// The job name, escaped for logs.
-    pub id: &'a str,
-    pub name: &'a OsStr,
-    pub path: &'a Path,
-    pub attempt: u32,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Succeeded,
-    Failed,
-    /// Stopped by a spoold abort: the attempt does not count.
-    Aborted,
-}
-
-/// How an attempt ended.
-#[derive(Debug)]
-pub struct Report {
-    pub outcome: Outcome,
-    pub started: SystemTime,
-    pub duration: Duration,
-    pub exit_code: Option<i32>,
-    pub signal: Option<i32>,
-    pub timed_out: bool,
-    /// A line a human can act on.
-    pub reason: String,
-    pub stderr_tail: Vec<String>,
-}
-
-impl Report {
-    /// The shell's convention: the exit code, or 128 + the signal number.
-    pub fn exit_status(&self) -> Option<i32> {
-        self.exit_code.or(self.signal.map(|s| 128 + s))
-    }
-}
-
 /// The handler's process. Were `run` left without having waited for it (a handler it cannot
 /// watch, or a panic), dropping this kills its group and reaps it: no handler runs on
 /// unobserved.
@@ -284,7 +247,7 @@ enum Ended {
 
 /// Runs one attempt to its end. `abort` ends it early: SIGTERM to the group, SIGKILL after
 /// `kill_grace`, and an `Aborted` outcome. Blocks the calling thread until then.
-pub fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &Abort, scratch: &mut Scratch) -> Report {
+pub fn run(cfg: &HandlerConfig, job: &Job<'_>, abort: &Abort, scratch: &mut Scratch) -> Report {
     let started = SystemTime::now();
     let clock = Instant::now();
     let failed = |reason: String| Report {
@@ -312,7 +275,7 @@ pub fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &Abort, scratch: &mut 
     let mut out = LineReader::new(Some(std::fs::File::from(stdout)), &mut scratch.out);
     let mut err = LineReader::new(Some(std::fs::File::from(stderr)), &mut scratch.err);
     let mut log = OutputLog {
-        id: job.id,
+        id: job.shown,
         attempt: job.attempt,
         logged: 0,
         suppressed: 0,
@@ -367,7 +330,7 @@ pub fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &Abort, scratch: &mut 
         }
         if pipes_deadline.is_some_and(|t| t <= now) {
             tracing::warn!(
-                job_id = job.id,
+                job_id = job.shown,
                 attempt = job.attempt,
                 "a process that left the handler's process group keeps its output open; \
                  no longer reading it"
@@ -397,7 +360,11 @@ pub fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &Abort, scratch: &mut 
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => {
                 // Not expected with valid descriptors; end the attempt rather than spin.
-                tracing::error!(job_id = job.id, attempt = job.attempt, "poll failed: {e}");
+                tracing::error!(
+                    job_id = job.shown,
+                    attempt = job.attempt,
+                    "poll failed: {e}"
+                );
                 signal_group(pgid, Signal::KILL);
                 if status.is_none() {
                     status = Some(child.wait());
@@ -446,7 +413,7 @@ pub fn run(cfg: &HandlerConfig, job: &Attempt<'_>, abort: &Abort, scratch: &mut 
     }
     if log.suppressed > 0 {
         tracing::warn!(
-            job_id = job.id,
+            job_id = job.shown,
             attempt = job.attempt,
             "{} more lines of handler output were not logged (at most {MAX_LOGGED_LINES} lines \
              are logged per attempt)",
@@ -503,6 +470,7 @@ fn describe_status(status: ExitStatus) -> String {
     }
 }
 
+/// The conventional name of a signal, as spoold writes it in every log line and reason.
 pub fn signal_name(sig: Signal) -> String {
     match sig {
         Signal::TERM => "SIGTERM".into(),
@@ -531,7 +499,7 @@ pub fn signal_name(sig: Signal) -> String {
 /// std does, and reports an exec failure as the spawn's error.
 fn spawn(
     cfg: &HandlerConfig,
-    job: &Attempt<'_>,
+    job: &Job<'_>,
     scratch: &mut Scratch,
 ) -> Result<(Handler, OwnedFd, OwnedFd), String> {
     scratch.refresh_env(cfg);
@@ -546,7 +514,7 @@ fn spawn(
             let (value, len): (&OsStr, usize) = if tail.starts_with("{path}") {
                 (job.path.as_os_str(), 6)
             } else if tail.starts_with("{id}") {
-                (job.name, 4)
+                (job.id, 4)
             } else if tail.starts_with("{attempt}") {
                 (OsStr::new(&attempt), 9)
             } else {
@@ -621,7 +589,7 @@ fn spawn(
     let env = scratch.env.as_ref().expect("refreshed above");
     let job_vars = [
         var(b"SPOOLD_JOB_PATH", job.path.as_os_str().as_bytes()),
-        var(b"SPOOLD_JOB_ID", job.name.as_bytes()),
+        var(b"SPOOLD_JOB_ID", job.id.as_bytes()),
         var(b"SPOOLD_ATTEMPT", attempt.as_bytes()),
     ];
     let mut envp: Vec<&CStr> = Vec::with_capacity(env.vars.len() + job_vars.len());

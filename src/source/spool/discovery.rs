@@ -36,10 +36,10 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::later;
+use crate::daemon::stats::Stats;
 use crate::job::display_name;
-use crate::schedule::{self, RetrySchedule};
-use crate::spool::{Dir, NewScan, Promotion, Spool, unix_ms};
-use crate::stats::Stats;
+use crate::source::spool::schedule::{self, RetrySchedule};
+use crate::source::spool::{Dir, NewScan, Promotion, Spool, unix_ms};
 
 /// Names read from a scan per batch, sorted oldest first within the batch.
 const BATCH: usize = 1024;
@@ -391,7 +391,7 @@ fn instant_of(unix_ms_due: u64) -> Instant {
 
 /// "36 hours" rather than humantime's "1day 12h": the Maildir rule is stated in hours.
 fn age_in_words(age: Duration) -> String {
-    if age.as_secs() % 3600 == 0 && age.subsec_nanos() == 0 {
+    if age.as_secs().is_multiple_of(3600) && age.subsec_nanos() == 0 {
         format!("{} hours", age.as_secs() / 3600)
     } else {
         humantime::format_duration(age).to_string()

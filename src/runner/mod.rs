@@ -1,0 +1,209 @@
+//! The runner: the worker pool and the life of one job, whatever its source.
+//!
+//! Each worker asks the source for its next job (`Source::next`), runs one attempt with the
+//! config current at that moment, asks `policy::decide` what becomes of the job, and hands the
+//! verdict to the job's lease. The runner knows a job only as a `Job` (an ID, an attempt number
+//! and a local file): where jobs live, and what settling a verdict means, belong to the source.
+//! The pool grows at once when `workers.count` rises and shrinks as workers finish their
+//! current job.
+//!
+//! Two tokens drive a stop, both given to [`Pool::new`]: `stop` (no new job is taken; the
+//! current one runs on) and `abort` (the current handler is signalled and its job released).
+
+pub mod handler;
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::daemon::stats::Stats;
+use crate::policy;
+use crate::source::{Lease, Source};
+use handler::Abort;
+
+/// What every worker shares.
+struct Crew<S> {
+    source: S,
+    config: watch::Receiver<Arc<Config>>,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+    /// The abort token, pollable by a worker blocked on its handler.
+    abort: Abort,
+}
+
+/// The pool: how many workers there should be, and the tasks that are.
+pub struct Pool<S> {
+    crew: Arc<Crew<S>>,
+    target: watch::Sender<usize>,
+    tracker: TaskTracker,
+}
+
+impl<S: Source> Pool<S> {
+    /// A pool of no workers yet (see `resize`) that takes its jobs from `source`. At `stop`
+    /// workers take no new job; at `abort` their handlers are ended and their jobs released.
+    /// Must be called from within the runtime that will watch `abort`.
+    pub fn new(
+        source: S,
+        config: watch::Receiver<Arc<Config>>,
+        stats: Arc<Stats>,
+        stop: CancellationToken,
+        abort: CancellationToken,
+    ) -> io::Result<Pool<S>> {
+        let abort = Abort::watch(abort)?;
+        Ok(Pool {
+            crew: Arc::new(Crew {
+                source,
+                config,
+                stats,
+                stop,
+                abort,
+            }),
+            target: watch::Sender::new(0),
+            tracker: TaskTracker::new(),
+        })
+    }
+
+    /// Sets the number of workers: new ones start at once; surplus ones leave as soon as they
+    /// are between jobs.
+    pub fn resize(&self, count: usize) {
+        self.target.send_replace(count);
+        loop {
+            let live = self.crew.stats.workers.load(Relaxed);
+            if live >= count {
+                break;
+            }
+            if self
+                .crew
+                .stats
+                .workers
+                .compare_exchange(live, live + 1, Relaxed, Relaxed)
+                .is_ok()
+                && !self.start_worker()
+            {
+                // No thread to be had: the pool stays smaller rather than spin; the next
+                // reload tries again.
+                break;
+            }
+        }
+    }
+
+    /// Starts one worker on a thread of its own, driven by a current-thread runtime of its own.
+    ///
+    /// A worker's work between two handlers (renames, pipes, the spawn, the log lines) is short
+    /// but serial, and `posix_spawn` holds its thread until the child has exec'd. On one shared
+    /// thread, each worker waited for the others' bookkeeping while a core stood idle; on a
+    /// thread each, the workers' bookkeeping runs side by side, as each handler does (9-26 %
+    /// more jobs per second in BENCHMARKS.md). The tokens and channels the worker awaits are
+    /// not tied to any runtime, so cancellation reaches it the same way. The runtime needs no
+    /// I/O or timer driver: a handler is waited for by `handler::run`'s own poll.
+    /// Returns false when no runtime or thread could be had.
+    fn start_worker(&self) -> bool {
+        let crew = self.crew.clone();
+        let target = self.target.subscribe();
+        // The tracker counts the thread until it ends, so `wait` waits for it like a task.
+        let token = self.tracker.token();
+        let started = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .and_then(|runtime| {
+                std::thread::Builder::new()
+                    .name("spoold-worker".into())
+                    .spawn(move || {
+                        runtime.block_on(worker(crew, target));
+                        // The runtime goes first, so that the stop also waits for its teardown.
+                        drop(runtime);
+                        drop(token);
+                    })
+            });
+        if let Err(e) = started {
+            self.crew.stats.workers.fetch_sub(1, Relaxed);
+            tracing::error!("cannot start a worker: {e}");
+            return false;
+        }
+        true
+    }
+
+    /// Waits until every worker has returned (after `stop`, each returns when its job ends).
+    pub async fn wait(&self) {
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.crew.stats.busy.load(Relaxed)
+    }
+}
+
+/// Leaves the pool if there are more workers than wanted; true when this worker should exit.
+fn retire_if_surplus(stats: &Stats, target: &watch::Receiver<usize>) -> bool {
+    loop {
+        let live = stats.workers.load(Relaxed);
+        if live <= *target.borrow() {
+            return false;
+        }
+        if stats
+            .workers
+            .compare_exchange(live, live - 1, Relaxed, Relaxed)
+            .is_ok()
+        {
+            return true;
+        }
+    }
+}
+
+async fn worker<S: Source>(crew: Arc<Crew<S>>, mut target: watch::Receiver<usize>) {
+    let mut scratch = handler::Scratch::new();
+    loop {
+        if crew.stop.is_cancelled() {
+            break;
+        }
+        if retire_if_surplus(&crew.stats, &target) {
+            return;
+        }
+        let lease = tokio::select! {
+            biased;
+            () = crew.stop.cancelled() => break,
+            _ = target.changed() => continue,
+            lease = crew.source.next(&crew.stop) => match lease {
+                Some(lease) => lease,
+                None => break,
+            },
+        };
+        run_job(&crew, lease, &mut scratch);
+    }
+    crew.stats.workers.fetch_sub(1, Relaxed);
+}
+
+/// Takes a claimed job through one attempt and hands the verdict to its lease.
+fn run_job<S: Source>(crew: &Crew<S>, lease: S::Lease<'_>, scratch: &mut handler::Scratch) {
+    let config = crew.config.borrow().clone();
+    let _busy = BusyGuard::new(&crew.stats);
+    let job = lease.job();
+    tracing::info!(job_id = job.shown, attempt = job.attempt, "job started");
+    crate::fault::hit(crate::fault::Point::Worker);
+    // The attempt blocks this worker's thread, which has nothing else to run meanwhile: its
+    // runtime only serves this worker's waits between jobs.
+    let report = handler::run(&config.handler, &job, &crew.abort, scratch);
+    let verdict = policy::decide(&report, job.attempt, &config.retry, fastrand::f64());
+    lease.settle(verdict, report);
+}
+
+/// Counts a worker as busy for as long as it lives.
+struct BusyGuard<'a>(&'a Stats);
+
+impl<'a> BusyGuard<'a> {
+    fn new(stats: &'a Stats) -> Self {
+        stats.busy.fetch_add(1, Relaxed);
+        Self(stats)
+    }
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Relaxed);
+    }
+}

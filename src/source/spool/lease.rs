@@ -1,0 +1,400 @@
+//! The spool as a [`Source`]: a worker's claim of a name that discovery found in `new/`, and
+//! the settling of each verdict by the renames and records of [`Spool`].
+//!
+//! | verdict   | what the spool does                                                      |
+//! |-----------|--------------------------------------------------------------------------|
+//! | `Done`    | rename to `done/` (or unlink when `done.keep = false`)                   |
+//! | `Retry`   | write `state/NAME`, rename to `retry/`, tell discovery when it is due    |
+//! | `Fail`    | write `reasons/NAME`, rename to `failed/`                                |
+//! | `Release` | rename back to `new/`; `state/NAME` is untouched, so the attempt does not count |
+
+use std::ffi::OsString;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Mutex, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::discovery::RetryScheduled;
+use super::{Claim, Claimed, Failure, JobRecord, Spool, rfc3339, unix_ms};
+use crate::clock::later;
+use crate::config::Config;
+use crate::daemon::stats::Stats;
+use crate::job::{Job, Report, Verdict, display_name};
+use crate::source::{Lease, Source};
+
+/// The spool as the workers' source of jobs. Discovery (`super::discovery::Dispatcher`) sends
+/// it the names it finds in `new/`; a name is claimed, by a rename into `active/`, only when a
+/// worker asks for its next job.
+pub struct SpoolSource {
+    spool: Arc<Spool>,
+    names: Mutex<mpsc::Receiver<OsString>>,
+    /// Tells discovery of each job put in `retry/`, and when it is due.
+    retries: mpsc::UnboundedSender<RetryScheduled>,
+    stats: Arc<Stats>,
+    /// For `done.keep`, read when a job is done.
+    config: watch::Receiver<Arc<Config>>,
+}
+
+impl SpoolSource {
+    /// A source fed by `names`, which tells `retries` of each job it puts in `retry/`.
+    pub fn new(
+        spool: Arc<Spool>,
+        names: mpsc::Receiver<OsString>,
+        retries: mpsc::UnboundedSender<RetryScheduled>,
+        stats: Arc<Stats>,
+        config: watch::Receiver<Arc<Config>>,
+    ) -> SpoolSource {
+        SpoolSource {
+            spool,
+            names: Mutex::new(names),
+            retries,
+            stats,
+            config,
+        }
+    }
+
+    /// Claims `name`; None when it is not a job to run (taken already, or refused).
+    fn claim(&self, name: OsString) -> Option<SpoolLease<'_>> {
+        let claimed = match self.spool.claim(&name) {
+            Ok(Claim::Job(claimed)) => claimed,
+            Ok(Claim::Skipped) => {
+                // The name was counted as queued when it was handed out (a scan and an inotify
+                // hint can both name a file that arrived as a pass began), so a name that turns
+                // out to be taken already leaves the count like a claimed one does.
+                self.stats.queued.fetch_sub(1, Relaxed);
+                tracing::debug!(
+                    job_id = display_name(&name),
+                    "already taken or still running under the same name; skipped"
+                );
+                return None;
+            }
+            Ok(Claim::Rejected { reason, .. }) => {
+                self.stats.queued.fetch_sub(1, Relaxed);
+                self.stats.failed.fetch_add(1, Relaxed);
+                tracing::warn!(
+                    job_id = display_name(&name),
+                    outcome = "failed",
+                    "rejected: {reason}; moved to failed/"
+                );
+                return None;
+            }
+            Err(e) => {
+                tracing::error!(job_id = display_name(&name), "{e}");
+                return None;
+            }
+        };
+        self.stats.queued.fetch_sub(1, Relaxed);
+        self.stats.claimed.fetch_add(1, Relaxed);
+        // Shown from the claimed name: the claim may have renamed the job (a job of the same
+        // name waits in retry/).
+        Some(SpoolLease {
+            source: self,
+            shown: display_name(&claimed.name),
+            claimed,
+        })
+    }
+}
+
+impl Source for SpoolSource {
+    type Lease<'a> = SpoolLease<'a>;
+
+    async fn next<'a>(&'a self, stop: &'a CancellationToken) -> Option<SpoolLease<'a>> {
+        loop {
+            // The receiver is shared by the workers; it is released before the claim, so that
+            // claims (a rename each) run side by side.
+            let name = {
+                let mut names = tokio::select! {
+                    biased;
+                    () = stop.cancelled() => return None,
+                    names = self.names.lock() => names,
+                };
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => return None,
+                    name = names.recv() => name?,
+                }
+            };
+            // A name received just as the stop began is left in new/ rather than started.
+            if stop.is_cancelled() {
+                return None;
+            }
+            if let Some(lease) = self.claim(name) {
+                return Some(lease);
+            }
+        }
+    }
+}
+
+/// A job claimed from the spool: its file is in `active/`.
+pub struct SpoolLease<'a> {
+    source: &'a SpoolSource,
+    claimed: Box<Claimed>,
+    /// The job's name escaped for logs.
+    shown: String,
+}
+
+impl Lease for SpoolLease<'_> {
+    fn job(&self) -> Job<'_> {
+        Job {
+            id: &self.claimed.name,
+            shown: &self.shown,
+            path: &self.claimed.path,
+            attempt: self.claimed.attempt,
+        }
+    }
+
+    fn settle(self, verdict: Verdict, report: Report) {
+        match verdict {
+            Verdict::Done => self.done(&report),
+            Verdict::Release => self.release(&report),
+            Verdict::Retry { delay } => self.retry(delay, report),
+            Verdict::Fail { permanent } => self.fail(permanent, report),
+        }
+    }
+}
+
+impl SpoolLease<'_> {
+    fn done(&self, report: &Report) {
+        let (job, id, stats) = (&*self.claimed, self.shown.as_str(), &self.source.stats);
+        let duration_ms = report.duration.as_millis() as u64;
+        let exit_status = report.exit_status();
+        let keep = self.source.config.borrow().done.keep;
+        match self.source.spool.finish_done(job, keep) {
+            Ok(to) => {
+                stats.done.fetch_add(1, Relaxed);
+                if let Some(to) = to.filter(|to| *to != job.name) {
+                    tracing::warn!(
+                        job_id = id,
+                        "done/ already held a job of this name; kept as {}",
+                        display_name(&to)
+                    );
+                }
+                tracing::info!(
+                    job_id = id,
+                    attempt = job.attempt,
+                    outcome = "done",
+                    exit_status,
+                    duration_ms,
+                    "job done"
+                );
+            }
+            Err(e) => tracing::error!(
+                job_id = id,
+                attempt = job.attempt,
+                outcome = "done",
+                exit_status,
+                duration_ms,
+                "handler succeeded, but {e}; the job stays in active/ and runs again after a restart"
+            ),
+        }
+    }
+
+    fn release(&self, report: &Report) {
+        let (job, id, stats) = (&*self.claimed, self.shown.as_str(), &self.source.stats);
+        match self.source.spool.requeue(job) {
+            Ok(_) => {
+                stats.requeued.fetch_add(1, Relaxed);
+                stats.queued.fetch_add(1, Relaxed);
+                tracing::info!(
+                    job_id = id,
+                    attempt = job.attempt,
+                    outcome = "requeued",
+                    exit_status = report.exit_status(),
+                    duration_ms = report.duration.as_millis() as u64,
+                    "aborted by the stop; back in new/, this attempt does not count"
+                );
+            }
+            Err(e) => tracing::error!(
+                job_id = id,
+                attempt = job.attempt,
+                outcome = "requeued",
+                "{e}; it stays in active/ and runs again after a restart"
+            ),
+        }
+    }
+
+    /// The record of this failed attempt: the job's state or reason file.
+    fn record(&self, report: Report, now: SystemTime) -> JobRecord {
+        let job = &*self.claimed;
+        let failure = Failure::of(job.attempt, report, now);
+        JobRecord {
+            id: self.shown.clone(),
+            attempts: job.attempt,
+            first_attempt_at: job
+                .record
+                .as_ref()
+                .and_then(|r| r.first_attempt_at.clone())
+                .or_else(|| Some(failure.started_at.clone())),
+            last_failure: Some(failure),
+            ..JobRecord::default()
+        }
+    }
+
+    fn retry(self, delay: Duration, report: Report) {
+        let (exit_status, duration_ms) = (report.exit_status(), report.duration.as_millis() as u64);
+        let reason = report.reason.clone();
+        let now = SystemTime::now();
+        let due = later(now, delay);
+        let mut record = self.record(report, now);
+        record.next_attempt_unix_ms = Some(unix_ms(due));
+        record.next_attempt_at = Some(rfc3339(due));
+        let (job, id) = (&*self.claimed, self.shown.as_str());
+        match self.source.spool.schedule_retry(job, &record) {
+            Ok(name) => {
+                // Gone only once the daemon stops; the next start reads retry/ anyway.
+                let _ = self.source.retries.send((name, unix_ms(due)));
+                tracing::warn!(
+                    job_id = id,
+                    attempt = job.attempt,
+                    outcome = "retry",
+                    exit_status,
+                    duration_ms,
+                    "attempt failed ({reason}); next attempt in {}",
+                    humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
+                );
+            }
+            Err(e) => tracing::error!(
+                job_id = id,
+                attempt = job.attempt,
+                outcome = "retry",
+                exit_status,
+                duration_ms,
+                "attempt failed ({reason}); {e}; the job stays in active/ and runs again after a restart"
+            ),
+        }
+    }
+
+    fn fail(self, permanent: bool, report: Report) {
+        let (exit_status, duration_ms) = (report.exit_status(), report.duration.as_millis() as u64);
+        let reason = report.reason.clone();
+        let now = SystemTime::now();
+        let mut record = self.record(report, now);
+        record.permanent = permanent;
+        record.failed_at = Some(rfc3339(now));
+        let why = if permanent {
+            "permanent exit code"
+        } else {
+            "out of attempts"
+        };
+        let (job, id) = (&*self.claimed, self.shown.as_str());
+        match self.source.spool.fail(&job.name, &record) {
+            Ok(_) => {
+                self.source.stats.failed.fetch_add(1, Relaxed);
+                tracing::warn!(
+                    job_id = id,
+                    attempt = job.attempt,
+                    outcome = "failed",
+                    exit_status,
+                    duration_ms,
+                    "job failed ({reason}): {why}; moved to failed/"
+                );
+            }
+            Err(e) => tracing::error!(
+                job_id = id,
+                attempt = job.attempt,
+                outcome = "failed",
+                exit_status,
+                duration_ms,
+                "job failed ({reason}): {why}; {e}"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::Outcome;
+    use crate::source::spool::Dir;
+
+    fn config(dir: &std::path::Path) -> Arc<Config> {
+        Arc::new(
+            Config::parse(
+                &dir.join("c.toml"),
+                "[spool]\ndir = \".\"\n[handler]\ncommand = [\"true\"]\n",
+            )
+            .unwrap(),
+        )
+    }
+
+    fn report(outcome: Outcome) -> Report {
+        Report {
+            outcome,
+            started: SystemTime::now(),
+            duration: Duration::ZERO,
+            exit_code: Some(if outcome == Outcome::Succeeded { 0 } else { 1 }),
+            signal: None,
+            timed_out: false,
+            reason: "exit status 1".into(),
+            stderr_tail: vec!["oops".into()],
+        }
+    }
+
+    /// A job named twice (by a scan and by an inotify hint) is counted twice and handed out
+    /// twice; once it has run, STATUS must not show it as still queued.
+    #[tokio::test]
+    async fn a_name_handed_out_twice_leaves_nothing_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        std::fs::write(dir.path().join("new/job"), "x").unwrap();
+        let stats = Arc::new(Stats::default());
+        stats.queued.store(2, Relaxed);
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(OsString::from("job")).await.unwrap();
+        tx.send(OsString::from("job")).await.unwrap();
+        drop(tx);
+        let source = SpoolSource::new(
+            spool,
+            rx,
+            mpsc::unbounded_channel().0,
+            stats.clone(),
+            watch::channel(config(dir.path())).1,
+        );
+        let stop = CancellationToken::new();
+        let lease = source.next(&stop).await.expect("the job is claimed");
+        lease.settle(Verdict::Done, report(Outcome::Succeeded));
+        // The channel is closed, so the second name is skipped and the source is exhausted.
+        assert!(source.next(&stop).await.is_none());
+        assert_eq!(stats.done.load(Relaxed), 1);
+        assert_eq!(stats.queued(), 0);
+    }
+
+    /// The contract a source keeps towards the runner, run here against the spool; a broker
+    /// source runs `crate::source::contract` against itself the same way.
+    #[tokio::test]
+    async fn the_spool_keeps_the_source_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        let (tx, rx) = mpsc::channel(64);
+        let (retries_tx, _retries_rx) = mpsc::unbounded_channel();
+        let source = SpoolSource::new(
+            spool.clone(),
+            rx,
+            retries_tx,
+            Arc::new(Stats::default()),
+            watch::channel(config(dir.path())).1,
+        );
+        let submit = |id: &str, body: &str| spool.enqueue(&mut body.as_bytes(), id).unwrap();
+        // Discovery, by hand: what is due in retry/ goes to new/, and new/ is named to the
+        // source. A real dispatcher also names each file once more than needed at times; the
+        // source skips what it cannot claim.
+        let discover = || {
+            spool.promote_due_retries(u64::MAX).unwrap();
+            let mut scan = spool.scan_new().unwrap();
+            while let Some(c) = scan.next_candidate(false).unwrap() {
+                tx.try_send(c.name).unwrap();
+            }
+        };
+        crate::source::contract(&source, submit, discover).await;
+        // What the contract left behind, as the spool keeps it.
+        let names = |d: Dir| std::fs::read_dir(spool.dir_path(d)).unwrap().count();
+        assert_eq!((names(Dir::Done), names(Dir::Failed)), (1, 1));
+        assert_eq!(
+            (names(Dir::New), names(Dir::Active), names(Dir::Retry)),
+            (0, 0, 0)
+        );
+        assert_eq!(names(Dir::State), 0, "no bookkeeping left behind");
+    }
+}
