@@ -1,13 +1,11 @@
 //! The client commands as an operator runs them, often as root: an ID is never a path, and
 //! nothing a job or its handler wrote can drive the terminal of whoever reads the output.
 
-mod util;
-
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::process::Output;
 
-use util::{Env, SOON, wait_for};
+use crate::util::{Env, SOON, wait_for};
 
 fn text(out: &Output) -> String {
     format!(

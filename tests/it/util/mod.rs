@@ -4,15 +4,10 @@
 //! `spoold run` with its own NOTIFY_SOCKET, so tests wait on READY=1 and other notifications
 //! (events, with generous upper bounds) instead of sleeping.
 
-#![allow(dead_code)]
-
 mod skip;
-// Not every test file that includes util skips anything.
-#[allow(unused_imports)]
 pub use skip::skip;
 
 use std::collections::BTreeSet;
-use std::ffi::OsString;
 use std::fs;
 use std::io::Read;
 use std::os::unix::net::UnixDatagram;
@@ -323,8 +318,4 @@ pub fn pids_in(file: &Path) -> Vec<i32> {
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect()
-}
-
-pub fn os(s: &str) -> OsString {
-    OsString::from(s)
 }

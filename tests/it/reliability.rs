@@ -6,15 +6,13 @@
 //! soak in seconds; the cycle counts then become minimums:
 //!
 //! ```text
-//! SPOOLD_SOAK_SECS=3600 cargo test --release --test reliability -- --nocapture
+//! SPOOLD_SOAK_SECS=3600 cargo test --release --test it reliability:: -- --nocapture
 //! ```
 //!
 //! Afterwards the daemon drains the spool, and every job submitted must be in `done/` exactly
 //! once. The handler appends its job's ID to a log as it starts, which counts runs: in the crash
 //! soak only a job that was in `active/` at a kill may have run more than once (once more per
 //! such kill).
-
-mod util;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -23,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use util::{Daemon, Env, SOON, wait_for};
+use crate::util::{Daemon, Env, SOON, wait_for};
 
 /// Cycles in CI mode.
 const STOP_START_CYCLES: usize = 200;

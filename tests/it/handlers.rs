@@ -8,14 +8,12 @@
 //! handler outlives its job (every handler records its pids; /proc must not know them once the
 //! job is recorded), and the recorded outcome is right (`spoold failed --json`, done/).
 
-mod util;
-
 use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::util::{self, Env, SOON, pids_in, process_alive, wait_for};
 use serde_json::Value;
-use util::{Env, SOON, pids_in, process_alive, wait_for};
 
 /// How much the daemon's peak resident memory may exceed what it used when it became ready.
 /// The handler's output is read 8 KiB at a time and lines are cut at 4 KiB, so gigabytes of

@@ -7,8 +7,6 @@
 //! unwritable and unreadable roots are tested as another user when root, by mode otherwise. docs/failure-modes.md lists
 //! every case with what spoold does and the test here that shows it.
 
-mod util;
-
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -19,7 +17,7 @@ use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use util::{BIN, Daemon, Env, SOON, wait_for};
+use crate::util::{self, BIN, Daemon, Env, SOON, wait_for};
 
 fn is_root() -> bool {
     rustix::process::geteuid().is_root()

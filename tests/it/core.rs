@@ -1,14 +1,12 @@
 //! The core queue, end to end on the real binary: throughput and exactly-once, retries, failed/,
 //! timeouts, crash recovery, bursts past the inotify queue, bad entries, and the client commands.
 
-mod util;
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use util::{Env, SOON, pids_in, process_alive, wait_for};
+use crate::util::{self, Env, SOON, pids_in, process_alive, wait_for};
 
 /// A handler that appends "ID ATTEMPT" to runs.log; the test counts the runs of each job.
 fn recording_env(workers: usize, extra: &str) -> (Env, String) {

@@ -1,12 +1,10 @@
 //! Stopping right, on the real binary: the sd_notify datagrams, drain, abort at the deadline, a
 //! second signal, the full-channel deadlock, reload, and the watchdog.
 
-mod util;
-
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
-use util::{Daemon, Env, SOON, pids_in, process_alive, wait_for};
+use crate::util::{self, Daemon, Env, SOON, pids_in, process_alive, wait_for};
 
 /// A handler that records its pid, then sleeps for `secs` (in the shell's own process, so a
 /// SIGTERM to the group ends it).
