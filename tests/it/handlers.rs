@@ -280,11 +280,7 @@ fn handler_killed_by_a_signal_is_recorded_with_the_signal() {
     let rss = vm_kb(d.pid(), "VmRSS");
     c.env.submit("usr1", "x");
     c.env.submit("kill", "x");
-    assert!(
-        wait_for(SOON, || (c.env.count("failed") == 2).then_some(())).is_some(),
-        "{}",
-        d.log()
-    );
+    d.wait_until("failed/ to hold 2", || c.env.count("failed") == 2);
     for (id, sig, name) in [("usr1", 10, "SIGUSR1"), ("kill", 9, "SIGKILL")] {
         let record = failure_of(&c.env, id);
         let last = &record["last_failure"];

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crate::util::{Daemon, Env, SOON, wait_for};
+use crate::util::{Daemon, Env, SOON, runs, wait_for};
 
 /// Cycles in CI mode.
 const STOP_START_CYCLES: usize = 200;
@@ -83,7 +83,7 @@ impl Submitter {
 /// kills also meet jobs waiting in retry/ with their records); every other run succeeds.
 fn soak_env() -> (Env, String) {
     let env = Env::new(&["/bin/true"], "");
-    let runs = env.dir.path().join("runs");
+    let runs = env.runs_file();
     let marks = env.dir.path().join("failed-once");
     fs::create_dir(&marks).unwrap();
     let h = env.script(
@@ -115,16 +115,6 @@ fn config(env: &Env, handler: &str, drain: Duration) {
             drain.as_millis()
         ),
     );
-}
-
-/// How many times each job's handler started.
-fn runs(env: &Env) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    let text = fs::read_to_string(env.dir.path().join("runs")).unwrap_or_default();
-    for line in text.lines() {
-        *counts.entry(line.to_owned()).or_default() += 1;
-    }
-    counts
 }
 
 /// Starts a daemon and waits until `done/` holds every submitted job, then stops it; checks
