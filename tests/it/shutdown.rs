@@ -1,12 +1,10 @@
 //! Stopping right, on the real binary: the sd_notify datagrams, drain, abort at the deadline, a
 //! second signal, the full-channel deadlock, reload, and the watchdog.
 
-mod util;
-
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
-use util::{Daemon, Env, SOON, pids_in, process_alive, wait_for};
+use crate::util::{self, Daemon, Env, SOON, pids_in, process_alive, wait_for};
 
 /// A handler that records its pid, then sleeps for `secs` (in the shell's own process, so a
 /// SIGTERM to the group ends it).
@@ -74,7 +72,7 @@ fn drain_lets_jobs_in_flight_finish_and_leaves_the_rest() {
     for i in 0..6 {
         env.submit(&format!("d{i}"), "x");
     }
-    assert!(wait_for(SOON, || (env.count("active") == 2).then_some(())).is_some());
+    d.wait_until("active/ to hold 2", || env.count("active") == 2);
     d.term();
     let (status, _) = d.wait_exit(SOON);
     assert!(status.success(), "{}", d.log());
@@ -119,7 +117,9 @@ esac",
     for name in ["sleeps", "ignores", "child-ignores"] {
         env.submit(name, "x");
     }
-    assert!(wait_for(SOON, || (pids_in(&pids).len() >= 5).then_some(())).is_some());
+    d.wait_until("the handlers to record at least 5 pids", || {
+        pids_in(&pids).len() >= 5
+    });
     d.term();
     let (status, _) = d.wait_exit(SOON);
     assert!(status.success(), "{}", d.log());
@@ -130,16 +130,10 @@ esac",
     );
     assert_eq!(env.count("state"), 0, "an aborted attempt does not count");
     let pids = pids_in(&pids);
-    assert!(
-        wait_for(Duration::from_secs(5), || pids
-            .iter()
-            .all(|p| !process_alive(*p))
-            .then_some(()))
-        .is_some(),
-        "handler processes outlived the stop: {:?}",
-        pids.iter()
-            .filter(|p| process_alive(**p))
-            .collect::<Vec<_>>()
+    d.wait_until_within(
+        Duration::from_secs(5),
+        &format!("every handler process ({pids:?}) to be gone after the stop"),
+        || pids.iter().all(|p| !process_alive(*p)),
     );
     let log = d.log();
     assert!(log.contains("0 jobs drained, 3 requeued"), "{log}");
@@ -162,7 +156,7 @@ fn second_signal_aborts_at_once() {
     );
     let mut d = env.start();
     env.submit("long", "x");
-    assert!(wait_for(SOON, || (env.count("active") == 1).then_some(())).is_some());
+    d.wait_until("active/ to hold 1", || env.count("active") == 1);
     d.term();
     assert!(d.wait_note(|n| n.contains("STOPPING=1"), SOON).is_some());
     d.signal(2); // SIGINT counts as the second stop signal too.
@@ -195,7 +189,7 @@ fn stop_while_the_dispatcher_is_blocked_on_a_full_channel() {
         env.submit(&format!("q{i:03}"), "x");
     }
     let mut d = env.start();
-    assert!(wait_for(SOON, || (env.count("active") == 1).then_some(())).is_some());
+    d.wait_until("active/ to hold 1", || env.count("active") == 1);
     // STATUS counts the backlog, which the test knows to within the jobs already run.
     let queued = |n: &str| -> Option<u64> {
         n.split("STATUS=1/1 busy, ")
@@ -226,7 +220,7 @@ fn reload_grows_workers_and_survives_a_bad_config() {
     for i in 0..6 {
         env.submit(&format!("r{i}"), "x");
     }
-    assert!(wait_for(SOON, || (env.count("active") == 1).then_some(())).is_some());
+    d.wait_until("active/ to hold 1", || env.count("active") == 1);
 
     env.write_config(&[&handler], "[workers]\ncount = 3\n");
     d.signal(1);
@@ -237,10 +231,9 @@ fn reload_grows_workers_and_survives_a_bad_config() {
         reloading.contains("MONOTONIC_USEC="),
         "RELOADING=1 and MONOTONIC_USEC= in one datagram: {reloading:?}"
     );
-    assert!(
-        wait_for(SOON, || (env.count("active") == 3).then_some(())).is_some(),
-        "three jobs at once after the reload; log:\n{}",
-        d.log()
+    d.wait_until(
+        "three jobs at once after the reload (active/ to hold 3)",
+        || env.count("active") == 3,
     );
     assert_eq!(d.worker_threads(), 3, "a thread for each worker");
     // The new workers run on threads of their own and may claim their jobs before the
@@ -276,9 +269,10 @@ fn reload_grows_workers_and_survives_a_bad_config() {
             && l.contains(&format!("{}:2:7", env.config.display())),
         SOON
     ));
-    assert!(
-        wait_for(SOON * 2, || (env.count("done") == 6).then_some(())).is_some(),
-        "work goes on after a failed reload"
+    d.wait_until_within(
+        SOON * 2,
+        "work to go on after a failed reload (done/ to hold 6)",
+        || env.count("done") == 6,
     );
     d.stop();
     assert_eq!(env.count("done"), 6, "no job dropped by either reload");
@@ -293,7 +287,7 @@ fn reload_shrinks_workers_as_jobs_end() {
     for i in 0..9 {
         env.submit(&format!("s{i}"), "x");
     }
-    assert!(wait_for(SOON, || (env.count("active") == 3).then_some(())).is_some());
+    d.wait_until("active/ to hold 3", || env.count("active") == 3);
     assert_eq!(d.worker_threads(), 3, "a thread for each worker");
     env.write_config(&[&handler], "[workers]\ncount = 1\n");
     d.signal(1);
@@ -308,13 +302,9 @@ fn reload_shrinks_workers_as_jobs_end() {
         assert!(env.count("active") <= 1);
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(wait_for(SOON * 2, || (env.count("done") == 9).then_some(())).is_some());
+    d.wait_until_within(SOON * 2, "done/ to hold 9", || env.count("done") == 9);
     // The retired workers' threads are gone, not parked.
-    assert!(
-        wait_for(SOON, || (d.worker_threads() == 1).then_some(())).is_some(),
-        "one worker thread left, found {}",
-        d.worker_threads()
-    );
+    d.wait_until("one worker thread left", || d.worker_threads() == 1);
     d.stop();
 }
 
@@ -445,10 +435,9 @@ fn a_notify_socket_nobody_reads_never_blocks_the_daemon() {
             std::thread::sleep(Duration::from_millis(600));
         }
     }
-    assert!(
-        wait_for(SOON, || (env.count("done") == 300).then_some(())).is_some(),
-        "jobs stalled behind the unread notify socket: {} done",
-        env.count("done")
+    env.wait_until(
+        "the jobs to go on behind the unread notify socket (done/ to hold 300)",
+        || env.count("done") == 300,
     );
     rustix::process::kill_process(
         rustix::process::Pid::from_child(&child),
@@ -472,7 +461,7 @@ fn abort_of_a_handler_that_ends_on_sigterm_does_not_wait_for_kill_grace() {
     );
     let mut d = env.start();
     env.submit("polite", "x");
-    assert!(wait_for(SOON, || (env.count("active") == 1).then_some(())).is_some());
+    d.wait_until("active/ to hold 1", || env.count("active") == 1);
     d.term();
     let (status, took) = d.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "{}", d.log());
@@ -514,11 +503,7 @@ fn a_worker_panic_is_logged_and_stops_spoold_with_status_70_and_the_job_runs_aga
 
     // The restart that systemd would do: crash recovery runs the job.
     let mut d = env.start();
-    assert!(
-        wait_for(SOON, || env.path("done/job").exists().then_some(())).is_some(),
-        "{}",
-        d.log()
-    );
+    d.wait_until("done/job to exist", || env.path("done/job").exists());
     d.stop();
 }
 
@@ -536,11 +521,7 @@ fn a_dispatcher_panic_is_logged_and_stops_spoold_with_status_70() {
     assert_eq!(env.names("new"), ["job".to_owned()].into(), "{log}");
 
     let mut d = env.start();
-    assert!(
-        wait_for(SOON, || env.path("done/job").exists().then_some(())).is_some(),
-        "{}",
-        d.log()
-    );
+    d.wait_until("done/job to exist", || env.path("done/job").exists());
     d.stop();
 }
 

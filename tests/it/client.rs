@@ -1,22 +1,10 @@
 //! The client commands as an operator runs them, often as root: an ID is never a path, and
 //! nothing a job or its handler wrote can drive the terminal of whoever reads the output.
 
-mod util;
-
 use std::fs;
 use std::os::unix::fs::symlink;
-use std::process::Output;
 
-use util::{Env, SOON, wait_for};
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use crate::util::{Env, describe};
 
 /// A spool with one failed job (`bad`) and one done job (`good`), and no daemon running.
 fn spool_with_a_failed_job() -> Env {
@@ -27,13 +15,9 @@ fn spool_with_a_failed_job() -> Env {
     let mut d = env.start();
     env.submit("bad", "bad input");
     env.submit("good", "good input");
-    assert!(
-        wait_for(SOON, || (env.count("failed") == 1
-            && env.count("done") == 1)
-            .then_some(()))
-        .is_some(),
-        "jobs did not settle; log:\n{}",
-        d.log()
+    d.wait_until(
+        "the jobs to settle: failed/ to hold 1 and done/ to hold 1",
+        || env.count("failed") == 1 && env.count("done") == 1,
     );
     d.stop();
     env
@@ -62,7 +46,7 @@ fn retry_refuses_a_path_and_touches_nothing() {
     ];
     for (arg, hint) in cases {
         let out = env.cli(&["retry", &arg]);
-        let shown = text(&out);
+        let shown = describe(&out);
         assert_eq!(out.status.code(), Some(1), "retry {arg:?}: {shown}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("not a job ID"), "retry {arg:?}: {shown}");
@@ -86,11 +70,11 @@ fn retry_refuses_a_path_and_touches_nothing() {
     assert_eq!(fs::read_to_string(&decoy).unwrap(), "not a job");
     // A bad ID among good ones: nothing moves, so the operator need not guess what happened.
     let out = env.cli(&["retry", "bad", "/etc/passwd"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert_eq!(listing(&env, &outside), before);
     // The job's own ID still works, and its reason does not stay behind.
     let out = env.cli(&["retry", "bad"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(env.names("new"), ["bad".to_owned()].into());
     assert_eq!(env.count("failed") + env.count("reasons"), 0);
 }
@@ -105,11 +89,11 @@ fn retry_does_not_follow_a_link_in_failed() {
 
     for args in [&["retry", "01JLINK"][..], &["retry", "--all"]] {
         let out = env.cli(args);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", text(&out));
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", describe(&out));
         assert!(
             String::from_utf8_lossy(&out.stderr).contains("a symbolic link"),
             "{args:?}: {}",
-            text(&out)
+            describe(&out)
         );
         assert!(fs::symlink_metadata(env.path("failed").join("01JLINK")).is_ok());
         assert_eq!(fs::read_to_string(&target).unwrap(), "keep me");
@@ -124,11 +108,11 @@ fn retry_all_with_nothing_failed_says_so() {
     let env = Env::new(&["/bin/true"], "");
     env.start().stop();
     let out = env.cli(&["retry", "--all"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", describe(&out));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("no failed jobs to retry"),
         "{}",
-        text(&out)
+        describe(&out)
     );
 }
 
@@ -148,15 +132,11 @@ fn failed_and_status_escape_what_a_handler_wrote() {
     );
     let mut d = env.start();
     env.submit("job\x1b[2Jname", "x");
-    assert!(
-        wait_for(SOON, || (env.count("failed") == 1).then_some(())).is_some(),
-        "log:\n{}",
-        d.log()
-    );
+    d.wait_until("failed/ to hold 1", || env.count("failed") == 1);
     d.stop();
 
     let out = env.cli(&["failed"]);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", describe(&out));
     let shown = String::from_utf8(out.stdout.clone()).expect("the output is UTF-8");
     for c in shown.chars() {
         assert!(

@@ -1,54 +1,23 @@
 //! The core queue, end to end on the real binary: throughput and exactly-once, retries, failed/,
-//! timeouts, crash recovery, bursts past the inotify queue, bad entries, and the client commands.
-
-mod util;
+//! timeouts, crash recovery, bursts past the inotify queue, and the client commands (bad entries,
+//! names, handlers, roots and configs are in `bad_inputs`).
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use util::{Env, SOON, pids_in, process_alive, wait_for};
-
-/// A handler that appends "ID ATTEMPT" to runs.log; the test counts the runs of each job.
-fn recording_env(workers: usize, extra: &str) -> (Env, String) {
-    let env = Env::new(&["/bin/true"], "");
-    let log = env.dir.path().join("runs.log").display().to_string();
-    let script = env.script(
-        "record.sh",
-        &format!("echo \"$SPOOLD_JOB_ID $SPOOLD_ATTEMPT\" >> {log}"),
-    );
-    env.write_config(
-        &[&script],
-        &format!("[workers]\ncount = {workers}\n{extra}"),
-    );
-    (env, log)
-}
-
-fn runs(log: &str) -> BTreeMap<String, usize> {
-    let mut m = BTreeMap::new();
-    for line in fs::read_to_string(log).unwrap_or_default().lines() {
-        let id = line.split(' ').next().unwrap().to_owned();
-        *m.entry(id).or_default() += 1;
-    }
-    m
-}
+use crate::util::{self, Env, SOON, pids_in, process_alive, recording_env, runs};
 
 #[test]
 fn thousand_jobs_through_four_workers_run_exactly_once() {
-    let (env, log) = recording_env(4, "");
+    let env = recording_env("[workers]\ncount = 4\n");
     let mut d = env.start();
     for i in 0..1000 {
         env.submit(&format!("job-{i:04}"), "x");
     }
-    assert!(
-        wait_for(SOON * 4, || (env.count("done") == 1000).then_some(())).is_some(),
-        "done: {}; log:\n{}",
-        env.count("done"),
-        d.log()
-    );
+    d.wait_until_within(SOON * 4, "done/ to hold 1000", || env.count("done") == 1000);
     d.stop();
-    let runs = runs(&log);
+    let runs = runs(&env);
     assert_eq!(runs.len(), 1000);
     assert!(runs.values().all(|&n| n == 1), "some job ran twice");
     assert_eq!(
@@ -74,11 +43,7 @@ fn failing_job_is_retried_with_backoff_then_failed_with_reason() {
     );
     let mut d = env.start();
     env.submit("doomed", "x");
-    assert!(
-        wait_for(SOON, || (env.count("failed") == 1).then_some(())).is_some(),
-        "log:\n{}",
-        d.log()
-    );
+    d.wait_until("failed/ to hold 1", || env.count("failed") == 1);
     assert_eq!(
         fs::read_to_string(&runs).unwrap(),
         "attempt 1\nattempt 2\nattempt 3\n"
@@ -117,7 +82,7 @@ fn permanent_exit_code_fails_at_once() {
     );
     let mut d = env.start();
     env.submit("bad-input", "x");
-    assert!(wait_for(SOON, || (env.count("failed") == 1).then_some(())).is_some());
+    d.wait_until("failed/ to hold 1", || env.count("failed") == 1);
     let failed: serde_json::Value =
         serde_json::from_slice(&env.cli(&["failed", "--json"]).stdout).unwrap();
     assert_eq!(failed[0]["record"]["attempts"], 1);
@@ -144,20 +109,12 @@ fn timeout_kills_a_handler_that_ignores_sigterm_and_its_child() {
     );
     let mut d = env.start();
     env.submit("slowpoke", "x");
-    assert!(
-        wait_for(SOON, || (env.count("failed") == 1).then_some(())).is_some(),
-        "log:\n{}",
-        d.log()
-    );
+    d.wait_until("failed/ to hold 1", || env.count("failed") == 1);
     let pids = pids_in(&pids);
     assert_eq!(pids.len(), 2, "handler and child pids: {pids:?}");
-    assert!(
-        wait_for(SOON, || pids
-            .iter()
-            .all(|p| !process_alive(*p))
-            .then_some(()))
-        .is_some(),
-        "a process of the timed-out handler outlived its job: {pids:?}"
+    d.wait_until(
+        &format!("the timed-out handler and its child ({pids:?}) to be gone"),
+        || pids.iter().all(|p| !process_alive(*p)),
     );
     let failed: serde_json::Value =
         serde_json::from_slice(&env.cli(&["failed", "--json"]).stdout).unwrap();
@@ -177,10 +134,12 @@ fn timeout_kills_a_handler_that_ignores_sigterm_and_its_child() {
 #[test]
 fn crash_recovery_after_kill_9_loses_nothing() {
     let env = Env::new(&["/bin/true"], "");
-    let log = env.dir.path().join("runs.log").display().to_string();
     let script = env.script(
         "slow.sh",
-        &format!("sleep 0.2\necho \"$SPOOLD_JOB_ID\" >> {log}"),
+        &format!(
+            "sleep 0.2\nprintf '%s\\n' \"$SPOOLD_JOB_ID\" >> {}",
+            env.runs_file().display()
+        ),
     );
     env.write_config(&[&script], "[workers]\ncount = 3\n");
     let mut d = env.start();
@@ -188,10 +147,9 @@ fn crash_recovery_after_kill_9_loses_nothing() {
         env.submit(&format!("c{i:02}"), "x");
     }
     // Kill it while jobs are in flight.
-    assert!(
-        wait_for(SOON, || (env.count("done") >= 3 && env.count("active") > 0)
-            .then_some(()))
-        .is_some()
+    d.wait_until(
+        "done/ to hold at least 3 and active/ to hold more than 0",
+        || env.count("done") >= 3 && env.count("active") > 0,
     );
     d.signal(9);
     d.wait_exit(SOON);
@@ -204,14 +162,9 @@ fn crash_recovery_after_kill_9_loses_nothing() {
         "{}",
         d.log()
     );
-    assert!(
-        wait_for(SOON * 2, || (env.count("done") == 30).then_some(())).is_some(),
-        "done: {}, log:\n{}",
-        env.count("done"),
-        d.log()
-    );
+    d.wait_until_within(SOON * 2, "done/ to hold 30", || env.count("done") == 30);
     d.stop();
-    let runs = runs(&log);
+    let runs = runs(&env);
     assert_eq!(runs.len(), 30, "every job ran");
     let twice = runs.values().filter(|&&n| n > 1).count();
     assert!(
@@ -235,11 +188,9 @@ fn burst_past_the_inotify_queue_loses_nothing() {
         let name = format!("b{i:05}");
         fs::rename(tmp.join(&name), env.path("new").join(&name)).unwrap();
     }
-    assert!(
-        wait_for(SOON * 10, || (env.count("done") == n).then_some(())).is_some(),
-        "done {} of {n}",
-        env.count("done")
-    );
+    d.wait_until_within(SOON * 10, &format!("done/ to hold {}", n), || {
+        env.count("done") == n
+    });
     d.stop();
     let log = d.log();
     let mut started = BTreeMap::<&str, usize>::new();
@@ -261,7 +212,7 @@ fn burst_past_the_inotify_queue_loses_nothing() {
 
 #[test]
 fn oldest_job_runs_first() {
-    let (env, log) = recording_env(1, "");
+    let env = recording_env("[workers]\ncount = 1\n");
     for (name, age_s) in [("young", 10), ("oldest", 300), ("middle", 100)] {
         env.submit(name, "x");
         let t = std::time::SystemTime::now() - std::time::Duration::from_secs(age_s);
@@ -273,12 +224,12 @@ fn oldest_job_runs_first() {
             .unwrap();
     }
     let mut d = env.start();
-    assert!(wait_for(SOON, || (env.count("done") == 3).then_some(())).is_some());
+    d.wait_until("done/ to hold 3", || env.count("done") == 3);
     d.stop();
-    let order: Vec<String> = fs::read_to_string(&log)
+    let order: Vec<String> = fs::read_to_string(env.runs_file())
         .unwrap()
         .lines()
-        .map(|l| l.split(' ').next().unwrap().to_owned())
+        .map(str::to_owned)
         .collect();
     assert_eq!(order, ["oldest", "middle", "young"]);
 }
@@ -297,18 +248,14 @@ fn attempt_count_survives_a_restart() {
     );
     let mut d = env.start();
     env.submit("persistent", "x");
-    assert!(wait_for(SOON, || (env.count("retry") == 1).then_some(())).is_some());
+    d.wait_until("retry/ to hold 1", || env.count("retry") == 1);
     d.stop();
     let record: serde_json::Value =
         serde_json::from_slice(&fs::read(env.path("state").join("persistent")).unwrap()).unwrap();
     assert_eq!(record["attempts"], 1);
     assert!(record["next_attempt_unix_ms"].is_u64());
     let mut d = env.start();
-    assert!(
-        wait_for(SOON, || (env.count("done") == 1).then_some(())).is_some(),
-        "log:\n{}",
-        d.log()
-    );
+    d.wait_until("done/ to hold 1", || env.count("done") == 1);
     d.stop();
     assert_eq!(fs::read_to_string(&log).unwrap(), "1\n2\n");
 }
@@ -326,7 +273,7 @@ fn placeholders_environment_and_stdin() {
     );
     let mut d = env.start();
     env.submit("hello", "the job body");
-    assert!(wait_for(SOON, || (env.count("done") == 1).then_some(())).is_some());
+    d.wait_until("done/ to hold 1", || env.count("done") == 1);
     d.stop();
     let active = fs::canonicalize(env.path("active")).unwrap().join("hello");
     let log = d.log();
@@ -419,145 +366,6 @@ fn done_keep_false_deletes_finished_jobs() {
 }
 
 #[test]
-fn non_regular_entries_go_to_failed_unopened_and_others_run() {
-    let env = Env::new(&["/bin/cat", "{path}"], "");
-    let new = env.path("new");
-    fs::create_dir_all(&new).unwrap();
-    let mut d = env.start();
-    std::os::unix::fs::symlink("/etc/passwd", new.join("a-link")).unwrap();
-    fs::create_dir(new.join("a-dir")).unwrap();
-    rustix::fs::mknodat(
-        rustix::fs::CWD,
-        new.join("a-fifo"),
-        rustix::fs::FileType::Fifo,
-        rustix::fs::Mode::from_raw_mode(0o644),
-        0,
-    )
-    .unwrap();
-    let _sock = std::os::unix::net::UnixListener::bind(new.join("a-socket")).unwrap();
-    env.submit("fine", "ok");
-    fs::write(new.join(".partial"), "ignored").unwrap();
-    assert!(
-        wait_for(SOON, || (env.count("failed") == 4
-            && env.count("done") == 1)
-            .then_some(()))
-        .is_some(),
-        "failed {:?} done {:?}; log:\n{}",
-        env.names("failed"),
-        env.names("done"),
-        d.log()
-    );
-    // The dispatcher rescans new/ to find entries that raised no inotify event (mkdir, mknod).
-    d.stop();
-    let failed: serde_json::Value =
-        serde_json::from_slice(&env.cli(&["failed", "--json"]).stdout).unwrap();
-    let reasons: Vec<String> = failed
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|j| {
-            j["record"]["last_failure"]["reason"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
-    for kind in ["symbolic link", "directory", "FIFO", "socket"] {
-        assert!(
-            reasons.iter().any(|r| r.contains(kind)),
-            "{kind}: {reasons:?}"
-        );
-    }
-    assert!(!d.log().contains("root:x:0:0"), "the symlink was followed");
-    assert!(
-        env.names("new").is_empty(),
-        "only the dot-file stays in new/"
-    );
-    assert!(new.join(".partial").exists());
-}
-
-#[test]
-fn odd_names_are_handled_and_logged_escaped() {
-    let env = Env::new(&["/bin/true"], "");
-    let mut d = env.start();
-    let new = env.path("new");
-    let tmp = env.path("tmp");
-    let odd: Vec<Vec<u8>> = vec![
-        b"line\nbreak".to_vec(),
-        b"bell\x07and\x1bescape".to_vec(),
-        b"latin1-\xe9t\xe9".to_vec(),
-        vec![b'n'; 255],
-    ];
-    for name in &odd {
-        let name = std::ffi::OsStr::from_bytes(name);
-        fs::write(tmp.join(name), "x").unwrap();
-        fs::rename(tmp.join(name), new.join(name)).unwrap();
-    }
-    assert!(
-        wait_for(SOON, || (env.count("done") == odd.len()).then_some(())).is_some(),
-        "log:\n{}",
-        d.log()
-    );
-    d.stop();
-    let log = d.log();
-    assert!(log.contains("job_id=\"line\\\\nbreak\""), "{log}");
-    assert!(log.contains("latin1-\\\\xe9t\\\\xe9"), "{log}");
-    assert!(
-        !log.contains('\x07') && !log.contains('\x1b'),
-        "raw control characters in the log"
-    );
-}
-
-#[test]
-fn missing_handler_fails_the_attempt_with_the_reason() {
-    let env = Env::new(
-        &["/nonexistent/handler", "{path}"],
-        "[retry]\nmax_attempts = 1\n",
-    );
-    let mut d = env.start();
-    env.submit("orphan", "x");
-    assert!(wait_for(SOON, || (env.count("failed") == 1).then_some(())).is_some());
-    let failed: serde_json::Value =
-        serde_json::from_slice(&env.cli(&["failed", "--json"]).stdout).unwrap();
-    let reason = failed[0]["record"]["last_failure"]["reason"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert!(
-        reason.contains("cannot run handler /nonexistent/handler"),
-        "{reason}"
-    );
-    // A handler that exists but cannot be executed fails the same way.
-    let not_exec = env.dir.path().join("not-exec.sh");
-    fs::write(&not_exec, "#!/bin/sh\n").unwrap();
-    d.stop();
-    env.write_config(&[not_exec.to_str().unwrap()], "[retry]\nmax_attempts = 1\n");
-    let mut d = env.start();
-    env.submit("orphan2", "x");
-    assert!(wait_for(SOON, || (env.count("failed") == 2).then_some(())).is_some());
-    d.stop();
-    let text = String::from_utf8(env.cli(&["failed"]).stdout).unwrap();
-    assert!(text.contains("Permission denied"), "{text}");
-}
-
-#[test]
-fn spool_root_problems_are_clear_startup_errors() {
-    let env = Env::new(&["/bin/true"], "");
-    fs::remove_dir(&env.spool).unwrap();
-    let mut d = util::Daemon::spawn(&env.config, &[]);
-    let (status, _) = d.wait_exit(SOON);
-    assert_eq!(status.code(), Some(73));
-    assert!(d.log().contains("does not exist"), "{}", d.log());
-    assert!(d.log().contains(&env.spool.display().to_string()));
-
-    fs::write(&env.spool, "a file").unwrap();
-    let mut d = util::Daemon::spawn(&env.config, &[]);
-    let (status, _) = d.wait_exit(SOON);
-    assert_eq!(status.code(), Some(73));
-    assert!(d.log().contains("is not a directory"), "{}", d.log());
-}
-
-#[test]
 fn only_one_daemon_per_spool() {
     let env = Env::new(&["/bin/true"], "");
     let mut first = env.start();
@@ -571,35 +379,6 @@ fn only_one_daemon_per_spool() {
         "{log}"
     );
     first.stop();
-}
-
-#[test]
-fn invalid_config_exits_78_naming_file_line_and_key() {
-    let env = Env::new(&["/bin/true"], "[workers]\ncount = 0\n");
-    let mut d = util::Daemon::spawn(&env.config, &[]);
-    let (status, _) = d.wait_exit(SOON);
-    assert_eq!(status.code(), Some(78));
-    let expected = format!("{}:7:9: key `workers.count`", env.config.display());
-    assert!(d.log().contains(&expected), "{}", d.log());
-
-    let out = std::process::Command::new(util::BIN)
-        .args(["check-config"])
-        .arg(&env.config)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(78));
-    assert!(String::from_utf8_lossy(&out.stderr).contains(&expected));
-    env.write_config(&["/bin/true"], "");
-    let out = std::process::Command::new(util::BIN)
-        .args(["check-config"])
-        .arg(&env.config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]
@@ -656,12 +435,9 @@ fn enqueue_status_failed_and_retry() {
     assert!(status["daemon_pid"].is_null(), "no daemon runs: {status}");
 
     let mut d = env.start();
-    assert!(
-        wait_for(SOON, || (env.count("done") == 2
-            && env.count("failed") == 1)
-            .then_some(()))
-        .is_some()
-    );
+    d.wait_until("done/ to hold 2 and failed/ to hold 1", || {
+        env.count("done") == 2 && env.count("failed") == 1
+    });
     let status: serde_json::Value =
         serde_json::from_slice(&env.cli(&["status", "--json"]).stdout).unwrap();
     assert_eq!(
@@ -693,7 +469,7 @@ fn enqueue_status_failed_and_retry() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(wait_for(SOON, || (env.count("done") == 3).then_some(())).is_some());
+    d.wait_until("done/ to hold 3", || env.count("done") == 3);
     assert_eq!(env.count("failed"), 0);
     assert_eq!(env.count("reasons"), 0);
     let out = env.cli(&["retry", "no-such-job"]);
@@ -716,37 +492,16 @@ fn enqueue_status_failed_and_retry() {
         .unwrap();
     let out = child.wait_with_output().unwrap();
     let id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    assert!(wait_for(SOON, || (env.count("failed") == 1).then_some(())).is_some());
+    d.wait_until("failed/ to hold 1", || env.count("failed") == 1);
     // retry --all brings it back; it fails again (the input is still bad) with attempts = 1.
     let out = env.cli(&["retry", "--all"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(&id));
-    assert!(
-        wait_for(SOON, || {
-            let f: serde_json::Value =
-                serde_json::from_slice(&env.cli(&["failed", "--json"]).stdout).ok()?;
-            (f[0]["record"]["attempts"] == 1 && f[0]["id"] == id.as_str()).then_some(())
-        })
-        .is_some()
-    );
+    d.wait_until("the job back in failed/ after one more attempt", || {
+        serde_json::from_slice::<serde_json::Value>(&env.cli(&["failed", "--json"]).stdout)
+            .is_ok_and(|f| f[0]["record"]["attempts"] == 1 && f[0]["id"] == id.as_str())
+    });
     d.stop();
     assert!(Path::new(&env.spool).join("spoold.lock").exists());
-}
-
-#[test]
-fn same_name_twice_keeps_both() {
-    let (env, _log) = recording_env(1, "");
-    let mut d = env.start();
-    env.submit("twin", "first");
-    assert!(wait_for(SOON, || (env.count("done") == 1).then_some(())).is_some());
-    env.submit("twin", "second");
-    assert!(wait_for(SOON, || (env.count("done") == 2).then_some(())).is_some());
-    d.stop();
-    let bodies: std::collections::BTreeSet<String> = fs::read_dir(env.path("done"))
-        .unwrap()
-        .map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
-        .collect();
-    assert_eq!(bodies, ["first".to_owned(), "second".to_owned()].into());
-    assert!(d.log().contains("done/ already held a job of this name"));
 }
 
 #[test]

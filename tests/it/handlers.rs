@@ -8,14 +8,12 @@
 //! handler outlives its job (every handler records its pids; /proc must not know them once the
 //! job is recorded), and the recorded outcome is right (`spoold failed --json`, done/).
 
-mod util;
-
 use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::util::{self, Env, SOON, pids_in, process_alive, wait_for};
 use serde_json::Value;
-use util::{Env, SOON, pids_in, process_alive, wait_for};
 
 /// How much the daemon's peak resident memory may exceed what it used when it became ready.
 /// The handler's output is read 8 KiB at a time and lines are cut at 4 KiB, so gigabytes of
@@ -282,11 +280,7 @@ fn handler_killed_by_a_signal_is_recorded_with_the_signal() {
     let rss = vm_kb(d.pid(), "VmRSS");
     c.env.submit("usr1", "x");
     c.env.submit("kill", "x");
-    assert!(
-        wait_for(SOON, || (c.env.count("failed") == 2).then_some(())).is_some(),
-        "{}",
-        d.log()
-    );
+    d.wait_until("failed/ to hold 2", || c.env.count("failed") == 2);
     for (id, sig, name) in [("usr1", 10, "SIGUSR1"), ("kill", 9, "SIGKILL")] {
         let record = failure_of(&c.env, id);
         let last = &record["last_failure"];

@@ -9,11 +9,10 @@
 //! for. Each machine also gets a cgroup of its own, so several machines can run at once (cargo
 //! runs tests in parallel threads) without sharing a `system.slice`.
 //!
-//! Use from a test file:
+//! Use from a test module (sysd skips through `crate::util::skip`):
 //!
 //! ```ignore
-//! mod sysd;
-//! mod util; // sysd skips through util::skip
+//! use crate::sysd;
 //! if sysd::skipped("my_test") {
 //!     return; // it printed `SKIPPED: my_test: ...` past libtest's capture (CI=true: it failed)
 //! }
@@ -24,14 +23,12 @@
 //!
 //! Besides the interface other tests code against (`skip_reason`, `Machine::boot`, `sh`,
 //! `sh_ok`, `write`, `Drop`): `skipped`, `sh_within` (a bound of your own), `write_exec`,
-//! `read`, `pid` and `console` (what systemd printed, for a failed boot).
+//! `read` and `console` (what systemd printed, for a failed boot).
 //!
 //! A `Machine` must be dropped by the thread that booted it (keep it a local of the test
 //! function): the machine's `unshare` runs with a parent-death signal, so that a test binary that
 //! is killed takes its machines with it, and the kernel delivers that signal when the booting
 //! thread ends.
-
-#![allow(dead_code)]
 
 use std::fs;
 use std::io::Write as _;
@@ -71,7 +68,7 @@ pub fn skip_reason() -> Option<String> {
 }
 
 /// For a test's first line: when the harness cannot run here, skips `test` through the helper
-/// every suite shares (`util::skip`, so the test file declares `mod util;` beside `mod sysd;`)
+/// every suite shares (`util::skip`)
 /// and returns true. Under `CI=true` that fails the test instead.
 pub fn skipped(test: &str) -> bool {
     let Some(why) = skip_reason() else {
@@ -238,7 +235,7 @@ impl Machine {
             .prefix("spoold-sysd.")
             .tempdir()
             .expect("a state directory for the machine");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sysd/boot.sh");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/sysd/boot.sh");
         let mut cmd = Command::new("setpriv");
         cmd.args(["--pdeathsig", "KILL", "sh"])
             .arg(&script)
@@ -263,7 +260,7 @@ impl Machine {
             .stdout(console.try_clone().unwrap())
             .stderr(console)
             .spawn()
-            .expect("run tests/sysd/boot.sh");
+            .expect("run tests/it/sysd/boot.sh");
         let mut machine = Machine {
             pid: 0,
             unshare,
@@ -322,11 +319,6 @@ impl Machine {
             thread::sleep(Duration::from_millis(50));
         }
         machine
-    }
-
-    /// The guest's PID 1 as the host sees it.
-    pub fn pid(&self) -> u32 {
-        self.pid
     }
 
     /// What systemd and the boot script printed on the machine's console.

@@ -1,19 +1,16 @@
 //! End-to-end tests of spoold under a real (throwaway) systemd, driven as a user drives it: systemctl start, status, reload and stop, and journalctl.
 //!
-//! Each test boots its own machine (tests/sysd), bind-mounts the built `spoold` binary into it,
+//! Each test boots its own machine (tests/it/sysd), bind-mounts the built `spoold` binary into it,
 //! installs a Type=notify unit and a config written here, and asserts what systemd and the
 //! journal say, and where every job ended up in the spool. Where the harness cannot run (not
 //! root, no CAP_SYS_ADMIN, no systemd) each test skips through `util::skip`: it prints
 //! `SKIPPED: <test>: <reason>` and returns, or fails under `CI=true`.
 
-mod sysd;
-mod util;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use sysd::Machine;
+use crate::sysd::{self, Machine};
 
 const BIN: &str = env!("CARGO_BIN_EXE_spoold");
 const SPOOL: &str = "/var/spool/spoold";

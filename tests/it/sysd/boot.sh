@@ -1,6 +1,6 @@
 #!/bin/sh
 # Boots a throwaway systemd as PID 1 of fresh namespaces, on an overlay of the host's root, for
-# the end-to-end tests (tests/sysd/mod.rs runs it; see issue 3 for the recipe).
+# the end-to-end tests (tests/it/sysd/mod.rs runs it; see issue 3 for the recipe).
 #
 #   boot.sh outer STATE_DIR [HOST_PATH GUEST_PATH]...
 #

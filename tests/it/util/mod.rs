@@ -4,15 +4,10 @@
 //! `spoold run` with its own NOTIFY_SOCKET, so tests wait on READY=1 and other notifications
 //! (events, with generous upper bounds) instead of sleeping.
 
-#![allow(dead_code)]
-
 mod skip;
-// Not every test file that includes util skips anything.
-#[allow(unused_imports)]
 pub use skip::skip;
 
-use std::collections::BTreeSet;
-use std::ffi::OsString;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Read;
 use std::os::unix::net::UnixDatagram;
@@ -111,6 +106,190 @@ impl Env {
     pub fn start(&self) -> Daemon {
         Daemon::start(&self.config, &[])
     }
+
+    /// Waits up to `SOON` until `cond` holds, where no daemon runs (`Daemon::wait_until` when
+    /// one does); past that, panics with `what` and a listing of the spool.
+    #[track_caller]
+    pub fn wait_until(&self, what: &str, mut cond: impl FnMut() -> bool) {
+        if wait_for(SOON, || cond().then_some(())).is_none() {
+            panic!("{}", timed_out(SOON, what, Some(&self.spool), None));
+        }
+    }
+
+    /// The file the handler of `recording_env` appends each job's ID to.
+    pub fn runs_file(&self) -> PathBuf {
+        self.dir.path().join("runs")
+    }
+}
+
+/// A spool whose handler appends its job's ID (`$SPOOLD_JOB_ID`, as raw bytes) and a newline
+/// to `Env::runs_file` and exits 0; `extra` is the config after the handler's command.
+pub fn recording_env(extra: &str) -> Env {
+    let env = Env::new(&["/bin/true"], "");
+    let h = env.script(
+        "record.sh",
+        &format!(
+            "printf '%s\\n' \"$SPOOLD_JOB_ID\" >> {}",
+            env.runs_file().display()
+        ),
+    );
+    env.write_config(&[&h], extra);
+    env
+}
+
+/// How many times each job's handler ran, from the one ID per line in `Env::runs_file`.
+pub fn runs(env: &Env) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    let text = fs::read_to_string(env.runs_file()).unwrap_or_default();
+    for line in text.lines() {
+        *counts.entry(line.to_owned()).or_default() += 1;
+    }
+    counts
+}
+
+/// The `spoold failed --json` list as (id, reason) pairs.
+pub fn failed_reasons(env: &Env) -> Vec<(String, Option<String>)> {
+    let out = env.cli(&["failed", "--json"]);
+    assert!(
+        out.status.success(),
+        "spoold failed --json: {}",
+        describe(&out)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|j| {
+            (
+                j["id"].as_str().unwrap().to_owned(),
+                j["record"]["last_failure"]["reason"]
+                    .as_str()
+                    .map(str::to_owned),
+            )
+        })
+        .collect()
+}
+
+/// A finished command's exit status, stdout and stderr, for a failed check to show.
+pub fn describe(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Runs `cmd` to its exit, which must come within `within` (a refusal is immediate; a daemon
+/// that starts instead of refusing is a failure, not a hang).
+pub fn run_to_exit(mut cmd: Command, within: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > within {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running after {within:?} (it should have refused to start); stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The path after `--config` in a `spoold run` command line.
+fn config_arg(cmd: &Command) -> Option<PathBuf> {
+    let mut args = cmd.get_args();
+    args.by_ref().find(|a| *a == "--config")?;
+    args.next().map(PathBuf::from)
+}
+
+/// The spool root a config names, if the config reads as TOML with a `[spool] dir`: a test of
+/// a bad config has no spool to list.
+fn spool_of(config: &Path) -> Option<PathBuf> {
+    let table: toml::Table = fs::read_to_string(config).ok()?.parse().ok()?;
+    Some(PathBuf::from(table.get("spool")?.get("dir")?.as_str()?))
+}
+
+/// How many lines of the daemon's log a failed wait shows: enough for the last few jobs and
+/// the error that stopped them.
+const LOG_TAIL: usize = 30;
+
+/// How many names of each spool directory a failed wait shows.
+const NAMES_SHOWN: usize = 5;
+
+/// The message of a wait that timed out: what it waited for, the spool's directories (each
+/// with its count and first names) and the tail of the daemon's log.
+fn timed_out(within: Duration, what: &str, spool: Option<&Path>, log: Option<&str>) -> String {
+    let mut msg = format!("waited {within:?} for {what}, in vain\n");
+    match spool {
+        Some(spool) => msg.push_str(&spool_listing(spool)),
+        None => msg.push_str("(the spool is not known: its config did not name one)\n"),
+    }
+    if let Some(log) = log {
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(LOG_TAIL)..];
+        msg.push_str(&format!(
+            "the daemon's last {} of {} log lines:\n",
+            tail.len(),
+            lines.len()
+        ));
+        for line in tail {
+            msg.push_str(&format!("  {line}\n"));
+        }
+    }
+    msg
+}
+
+/// Each directory of the spool with how many entries it holds and the first few names.
+pub fn spool_listing(spool: &Path) -> String {
+    let mut dirs: Vec<(String, Vec<String>)> = match fs::read_dir(spool) {
+        Ok(rd) => rd
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| {
+                let mut names: Vec<String> = fs::read_dir(e.path())
+                    .map(|rd| {
+                        rd.filter_map(Result::ok)
+                            .map(|n| format!("{:?}", n.file_name()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                names.sort();
+                (e.file_name().to_string_lossy().into_owned(), names)
+            })
+            .collect(),
+        Err(e) => return format!("spool {}: cannot list it: {e}\n", spool.display()),
+    };
+    dirs.sort();
+    let mut out = format!("spool {}:\n", spool.display());
+    for (dir, names) in dirs {
+        out.push_str(&format!("  {dir}/ {}", names.len()));
+        if !names.is_empty() {
+            let more = if names.len() > NAMES_SHOWN {
+                " ..."
+            } else {
+                ""
+            };
+            let shown = names[..names.len().min(NAMES_SHOWN)].join(" ");
+            out.push_str(&format!(": {shown}{more}"));
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// A running `spoold run`, with the notifications it sent and everything it logged.
@@ -118,6 +297,9 @@ pub struct Daemon {
     pub child: Child,
     pub notes: Arc<Mutex<Vec<String>>>,
     pub log: Arc<Mutex<String>>,
+    /// The spool root named by the daemon's config, when that config could be read: a failed
+    /// wait lists it.
+    spool: Option<PathBuf>,
     _sock_dir: tempfile::TempDir,
 }
 
@@ -143,6 +325,7 @@ impl Daemon {
     /// Starts `cmd`, which runs the daemon (itself, or through a wrapper such as `unshare`),
     /// with a NOTIFY_SOCKET of its own and its stderr captured; waits for nothing.
     pub fn spawn_command(mut cmd: Command) -> Daemon {
+        let spool = config_arg(&cmd).and_then(|config| spool_of(&config));
         let sock_dir = tempfile::tempdir().unwrap();
         let sock_path = sock_dir.path().join("notify.sock");
         let sock = UnixDatagram::bind(&sock_path).unwrap();
@@ -195,6 +378,7 @@ impl Daemon {
             child,
             notes,
             log,
+            spool,
             _sock_dir: sock_dir,
         }
     }
@@ -228,6 +412,25 @@ impl Daemon {
     /// Waits until a notification datagram satisfies `pred`; returns it.
     pub fn wait_note(&self, pred: impl Fn(&str) -> bool, within: Duration) -> Option<String> {
         wait_for(within, || self.notes().into_iter().find(|n| pred(n)))
+    }
+
+    /// Waits up to `SOON` until `cond` holds. Past that it panics with `what` (what the test
+    /// waited for, in words), a listing of the spool and the daemon's last log lines, which is
+    /// what one looks at first to see why.
+    #[track_caller]
+    pub fn wait_until(&self, what: &str, cond: impl FnMut() -> bool) {
+        self.wait_until_within(SOON, what, cond);
+    }
+
+    /// `wait_until` with a bound of the test's own.
+    #[track_caller]
+    pub fn wait_until_within(&self, within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+        if wait_for(within, || cond().then_some(())).is_none() {
+            panic!(
+                "{}",
+                timed_out(within, what, self.spool.as_deref(), Some(&self.log()))
+            );
+        }
     }
 
     /// Waits until the log satisfies `pred`.
@@ -323,8 +526,4 @@ pub fn pids_in(file: &Path) -> Vec<i32> {
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect()
-}
-
-pub fn os(s: &str) -> OsString {
-    OsString::from(s)
 }

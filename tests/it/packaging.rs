@@ -4,11 +4,9 @@
 //!
 //! The tests that need a tool this machine lacks skip through `util::skip` (a failure under
 //! `CI=true`, a `SKIPPED: <test>: <reason>` line elsewhere): systemd-analyze for the unit
-//! checks; cargo-deb, lintian, root and the namespaces of tests/sysd for the package tests.
+//! checks; cargo-deb, lintian, root and the namespaces of tests/it/sysd for the package tests.
 
-mod sysd;
-mod util;
-
+use crate::{sysd, util};
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};

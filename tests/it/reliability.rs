@@ -6,15 +6,13 @@
 //! soak in seconds; the cycle counts then become minimums:
 //!
 //! ```text
-//! SPOOLD_SOAK_SECS=3600 cargo test --release --test reliability -- --nocapture
+//! SPOOLD_SOAK_SECS=3600 cargo test --release --test it reliability:: -- --nocapture
 //! ```
 //!
 //! Afterwards the daemon drains the spool, and every job submitted must be in `done/` exactly
 //! once. The handler appends its job's ID to a log as it starts, which counts runs: in the crash
 //! soak only a job that was in `active/` at a kill may have run more than once (once more per
 //! such kill).
-
-mod util;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -23,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use util::{Daemon, Env, SOON, wait_for};
+use crate::util::{Daemon, Env, SOON, runs, wait_for};
 
 /// Cycles in CI mode.
 const STOP_START_CYCLES: usize = 200;
@@ -85,7 +83,7 @@ impl Submitter {
 /// kills also meet jobs waiting in retry/ with their records); every other run succeeds.
 fn soak_env() -> (Env, String) {
     let env = Env::new(&["/bin/true"], "");
-    let runs = env.dir.path().join("runs");
+    let runs = env.runs_file();
     let marks = env.dir.path().join("failed-once");
     fs::create_dir(&marks).unwrap();
     let h = env.script(
@@ -117,16 +115,6 @@ fn config(env: &Env, handler: &str, drain: Duration) {
             drain.as_millis()
         ),
     );
-}
-
-/// How many times each job's handler started.
-fn runs(env: &Env) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    let text = fs::read_to_string(env.dir.path().join("runs")).unwrap_or_default();
-    for line in text.lines() {
-        *counts.entry(line.to_owned()).or_default() += 1;
-    }
-    counts
 }
 
 /// Starts a daemon and waits until `done/` holds every submitted job, then stops it; checks

@@ -7,8 +7,6 @@
 //! unwritable and unreadable roots are tested as another user when root, by mode otherwise. docs/failure-modes.md lists
 //! every case with what spoold does and the test here that shows it.
 
-mod util;
-
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -16,40 +14,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::thread;
 use std::time::{Duration, Instant};
 
-use util::{BIN, Daemon, Env, SOON, wait_for};
-
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
-
-/// Runs `cmd` to its exit, which must come within `within` (a refusal is immediate; a daemon
-/// that starts instead of refusing is a failure, not a hang).
-fn run_to_exit(mut cmd: Command, within: Duration) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let start = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if start.elapsed() > within {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "still running after {within:?} (it should have refused to start); stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-}
+use crate::util::{
+    self, BIN, Daemon, Env, SOON, failed_reasons, is_root, recording_env, run_to_exit, runs,
+    wait_for,
+};
 
 fn spoold_run(config: &Path) -> Command {
     let mut cmd = Command::new(BIN);
@@ -78,25 +48,6 @@ fn stderr_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// The `spoold failed --json` list as (id, reason) pairs.
-fn failed_reasons(env: &Env) -> Vec<(String, Option<String>)> {
-    let out = env.cli(&["failed", "--json"]);
-    assert!(out.status.success(), "{}", stderr_of(&out));
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    list.as_array()
-        .unwrap()
-        .iter()
-        .map(|j| {
-            (
-                j["id"].as_str().unwrap().to_owned(),
-                j["record"]["last_failure"]["reason"]
-                    .as_str()
-                    .map(str::to_owned),
-            )
-        })
-        .collect()
-}
-
 /// Submits a job whose name is raw bytes, the Maildir way.
 fn submit_raw(env: &Env, name: &OsStr, body: &str) {
     let tmp = env.path("tmp").join(name);
@@ -111,18 +62,6 @@ fn raw_names(dir: &Path) -> Vec<OsString> {
         .collect();
     v.sort();
     v
-}
-
-/// A handler that appends its job's name to `runs` and exits 0.
-fn recording_env(extra: &str) -> Env {
-    let env = Env::new(&["/bin/true"], "");
-    let runs = env.dir.path().join("runs");
-    let h = env.script(
-        "record.sh",
-        &format!("printf '%s\\n' \"$SPOOLD_JOB_ID\" >> {}", runs.display()),
-    );
-    env.write_config(&[&h], extra);
-    env
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -330,10 +269,25 @@ fn bad_configs_exit_78_naming_file_line_and_key() {
             }
             assert!(err.contains(case.message), "no {:?}; {ctx}", case.message);
             assert_eq!(err.lines().count(), 1, "one clear line; {ctx}");
+            if case.what == "workers.count = 0" {
+                // The column too: that of the value, after `count = `.
+                let at = format!("{}:{}:9: key `workers.count`", path.display(), case.line);
+                assert!(err.contains(&at), "expected {at:?} in the error; {ctx}");
+            }
         }
     }
     // The spool was never touched by a refused start.
     assert!(!env.path("new").exists());
+    // And a good config passes.
+    let out = run_to_exit(
+        {
+            let mut c = Command::new(BIN);
+            c.arg("check-config").arg(&env.config);
+            c
+        },
+        SOON,
+    );
+    assert!(out.status.success(), "{}", util::describe(&out));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -534,11 +488,7 @@ fn job_removed_between_discovery_and_claim_is_skipped_quietly() {
         env.submit(&format!("job{i:04}"), "x");
     }
     let mut d = env.start();
-    assert!(
-        wait_for(SOON, || (env.count("done") >= 1).then_some(())).is_some(),
-        "{}",
-        d.log()
-    );
+    d.wait_until("done/ to hold at least 1", || env.count("done") >= 1);
     let mut taken = Vec::new();
     for name in env.names("new") {
         let n: usize = name[3..].parse().unwrap();
@@ -548,12 +498,9 @@ fn job_removed_between_discovery_and_claim_is_skipped_quietly() {
     }
     assert!(taken.len() > 50, "too few taken away to show anything");
     let expected = total - taken.len();
-    assert!(
-        wait_for(SOON, || (env.count("done") == expected).then_some(())).is_some(),
-        "done {} of {expected}; log:\n{}",
-        env.count("done"),
-        d.log()
-    );
+    d.wait_until(&format!("done/ to hold {}", expected), || {
+        env.count("done") == expected
+    });
     let done = env.names("done");
     assert!(taken.iter().all(|t| !done.contains(t)));
     assert_eq!(env.count("failed"), 0);
@@ -567,13 +514,9 @@ fn same_name_submitted_twice_keeps_both() {
     let env = recording_env("");
     let mut d = env.start();
     env.submit("twice", "first");
-    assert!(wait_for(SOON, || (env.count("done") == 1).then_some(())).is_some());
+    d.wait_until("done/ to hold 1", || env.count("done") == 1);
     env.submit("twice", "second");
-    assert!(
-        wait_for(SOON, || (env.count("done") == 2).then_some(())).is_some(),
-        "{}",
-        d.log()
-    );
+    d.wait_until("done/ to hold 2", || env.count("done") == 2);
     d.stop();
     let done = env.names("done");
     let dup = done
@@ -598,13 +541,9 @@ fn names_of_255_bytes_run_and_clash_safely() {
     let long = "L".repeat(255);
     let mut d = env.start();
     env.submit(&long, "first");
-    assert!(wait_for(SOON, || (env.count("done") == 1).then_some(())).is_some());
+    d.wait_until("done/ to hold 1", || env.count("done") == 1);
     env.submit(&long, "second");
-    assert!(
-        wait_for(SOON, || (env.count("done") == 2).then_some(())).is_some(),
-        "{}",
-        d.log()
-    );
+    d.wait_until("done/ to hold 2", || env.count("done") == 2);
     d.stop();
     let done = env.names("done");
     assert!(done.contains(&long));
@@ -623,6 +562,7 @@ fn names_with_newlines_control_characters_or_bad_utf8_run_and_log_escaped() {
     let names: Vec<OsString> = vec![
         OsString::from("line1\nline2"),
         OsString::from("esc\u{1b}[31mred"),
+        OsString::from("bell\u{7}ring"),
         OsString::from_vec(b"latin1-\xe9t\xe9".to_vec()),
         OsString::from_vec(b"\xff\xfe".to_vec()),
     ];
@@ -631,13 +571,9 @@ fn names_with_newlines_control_characters_or_bad_utf8_run_and_log_escaped() {
         submit_raw(&env, name, "x");
     }
     env.submit("plain", "x");
-    assert!(
-        wait_for(SOON, || (env.count("done") == names.len() + 1)
-            .then_some(()))
-        .is_some(),
-        "{}",
-        d.log()
-    );
+    d.wait_until(&format!("done/ to hold {}", names.len() + 1), || {
+        env.count("done") == names.len() + 1
+    });
     d.stop();
     let done = raw_names(&env.path("done"));
     for name in &names {
@@ -656,6 +592,7 @@ fn names_with_newlines_control_characters_or_bad_utf8_run_and_log_escaped() {
     }
     assert!(!log.contains("line1\nline2"), "a raw newline in the log");
     assert!(!log.contains('\u{1b}'), "a raw escape in the log");
+    assert!(!log.contains('\u{7}'), "a raw bell in the log");
 }
 
 #[test]
@@ -717,15 +654,19 @@ fn symlink_fifo_socket_directory_and_device_in_new_are_failed_unopened() {
         env.submit(&format!("after-{name}"), "x");
     }
     let regular = 1 + expected.len();
-    assert!(
-        wait_for(SOON, || (env.count("done") == regular
-            && env.count("failed") == expected.len())
-        .then_some(()))
-        .is_some(),
-        "done {:?} failed {:?}; log:\n{}",
-        env.names("done"),
-        env.names("failed"),
-        d.log()
+    // Made in new/ itself, not renamed into it: mkdir raises no event that announces a job, so
+    // the dispatcher finds it by rescanning new/.
+    fs::create_dir(env.path("new/dir-made-in-new")).unwrap();
+    expected.push(("dir-made-in-new", "a directory"));
+    // A dot-file is a job still being written: left alone.
+    fs::write(env.path("new/.partial"), "ignored").unwrap();
+    d.wait_until(
+        &format!(
+            "done/ to hold {} and failed/ to hold {}",
+            regular,
+            expected.len()
+        ),
+        || env.count("done") == regular && env.count("failed") == expected.len(),
     );
     d.stop();
     let reasons = failed_reasons(&env);
@@ -747,6 +688,19 @@ fn symlink_fifo_socket_directory_and_device_in_new_are_failed_unopened() {
     );
     assert_eq!(fs::read_to_string(&outside).unwrap(), "secret");
     assert!(env.path("failed/dir/inside").exists());
+    // Unopened: the handler never ran on any of them.
+    let runs = runs(&env);
+    for (name, _) in &expected {
+        assert!(
+            !runs.contains_key(*name),
+            "the handler ran on {name}: {runs:?}"
+        );
+    }
+    assert!(
+        env.names("new").is_empty(),
+        "only the dot-file stays in new/"
+    );
+    assert!(env.path("new/.partial").exists());
     let log = d.log();
     assert!(
         log.contains("rejected: not a regular file but a FIFO"),
@@ -762,7 +716,7 @@ fn spool_directory_deleted_or_moved_while_running_is_a_clear_fatal_error() {
         let env = recording_env("");
         let mut d = env.start();
         env.submit("first", "x");
-        assert!(wait_for(SOON, || (env.count("done") == 1).then_some(())).is_some());
+        d.wait_until("done/ to hold 1", || env.count("done") == 1);
         let moved_to = env.dir.path().join("moved-away");
         let started = Instant::now();
         if how == "deleted" {
@@ -834,12 +788,7 @@ fn inotify_limit_case(limit: &str) {
     for i in 0..5 {
         env.submit(&format!("after{i}"), "x");
     }
-    assert!(
-        wait_for(SOON, || (env.count("done") == 6).then_some(())).is_some(),
-        "done {:?}; log:\n{}",
-        env.names("done"),
-        d.log()
-    );
+    d.wait_until("done/ to hold 6", || env.count("done") == 6);
     d.stop();
     let log = d.log();
     assert!(
@@ -940,18 +889,12 @@ fn full_disk_while_recording_a_failure_loses_nothing() {
     fs::remove_file(&filler).unwrap();
     // The daemon still serves other jobs.
     submit("other");
-    assert!(
-        wait_for(SOON, || root.join("done/other").exists().then_some(())).is_some(),
-        "{}",
-        d.log()
-    );
+    d.wait_until("done/other to exist", || root.join("done/other").exists());
     d.stop();
     let mut d = Daemon::start(&config, &[]);
-    assert!(
-        wait_for(SOON, || root.join("done/fill-retry").exists().then_some(())).is_some(),
-        "{}",
-        d.log()
-    );
+    d.wait_until("done/fill-retry to exist", || {
+        root.join("done/fill-retry").exists()
+    });
     d.stop();
     assert_eq!(count("active"), 0);
     assert_eq!(count("new"), 0);
@@ -1004,16 +947,9 @@ fn missing_or_non_executable_handler_fails_the_attempt_with_the_reason() {
             Path::new(program).file_name().unwrap().display()
         );
         env.submit(&name, "x");
-        assert!(
-            wait_for(SOON, || env
-                .path("failed")
-                .join(&name)
-                .exists()
-                .then_some(()))
-            .is_some(),
-            "{}",
-            d.log()
-        );
+        d.wait_until(&format!("failed/{name} to exist"), || {
+            env.path("failed").join(&name).exists()
+        });
         d.stop();
         let reason = failed_reasons(&env)
             .into_iter()
@@ -1029,6 +965,14 @@ fn missing_or_non_executable_handler_fails_the_attempt_with_the_reason() {
         // root may execute a file without the x bit only if some x bit is set: 0644 still fails.
         assert!(env.path("failed/for-path-not-executable.sh").exists());
     }
+    // `spoold failed` shows the reasons in plain text too.
+    let out = env.cli(&["failed"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("No such file or directory") && text.contains("Permission denied"),
+        "{}",
+        util::describe(&out)
+    );
 }
 
 #[test]
@@ -1097,18 +1041,10 @@ fn failed_rename_keeps_the_job_in_active_until_a_restart() {
     assert!(env.path("active/stuck").exists());
     // Still serving.
     env.submit("after", "x");
-    assert!(
-        wait_for(SOON, || env.path("done/after").exists().then_some(())).is_some(),
-        "{}",
-        d.log()
-    );
+    d.wait_until("done/after to exist", || env.path("done/after").exists());
     d.stop();
     let mut d = env.start();
-    assert!(
-        wait_for(SOON, || env.path("done/stuck").exists().then_some(())).is_some(),
-        "{}",
-        d.log()
-    );
+    d.wait_until("done/stuck to exist", || env.path("done/stuck").exists());
     d.stop();
     assert_eq!(env.count("active"), 0);
     assert_eq!(env.count("done"), 2);
@@ -1125,17 +1061,9 @@ fn same_name_as_a_job_waiting_in_retry_gets_its_own_attempt_count() {
     );
     let mut d = env.start();
     env.submit("same", "bad");
-    assert!(
-        wait_for(SOON, || env.path("retry/same").exists().then_some(())).is_some(),
-        "{}",
-        d.log()
-    );
+    d.wait_until("retry/same to exist", || env.path("retry/same").exists());
     env.submit("same", "good");
-    assert!(
-        wait_for(SOON, || (env.count("done") == 1).then_some(())).is_some(),
-        "{}",
-        d.log()
-    );
+    d.wait_until("done/ to hold 1", || env.count("done") == 1);
     d.stop();
     // The second job ran as its own first attempt, under a name of its own ...
     let done = env.names("done");
@@ -1441,10 +1369,9 @@ fn interrupted_or_failing_enqueue_leaves_nothing_in_tmp() {
         let mut stdin = child.stdin.take().unwrap();
         stdin.write_all(b"the first half of a job").unwrap();
         stdin.flush().unwrap();
-        assert!(
-            wait_for(SOON, || (env.count("tmp") == 1).then_some(())).is_some(),
-            "enqueue never started writing in tmp/"
-        );
+        env.wait_until("enqueue to start writing in tmp/ (tmp/ to hold 1)", || {
+            env.count("tmp") == 1
+        });
         // Blocked in a read of a pipe that stays open: only the signal can end it.
         let killed = Command::new("kill")
             .arg(format!("-{signal}"))

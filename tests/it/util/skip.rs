@@ -1,7 +1,7 @@
 //! The one way a test says it could not run its real checks: a failure under CI, a visible and
 //! counted skip elsewhere.
 //!
-//! Every suite skips through it (`util::skip`), the systemd harness in tests/sysd included, so
+//! Every suite skips through it (`util::skip`), the systemd harness in tests/it/sysd included, so
 //! that every skip is seen and counted the same way.
 
 use std::fs::OpenOptions;
