@@ -174,24 +174,24 @@ fn status_escapes_the_spool_path() {
         ),
     )
     .unwrap();
-    let mut d = util::Daemon::start(&config, &[]);
+    let mut d = crate::util::Daemon::start(&config, &[]);
     d.stop();
-    let out = std::process::Command::new(util::BIN)
+    let out = std::process::Command::new(crate::util::BIN)
         .args(["status", "--config"])
         .arg(&config)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", describe(&out));
     let shown = String::from_utf8(out.stdout.clone()).unwrap();
     assert!(
         !shown.contains('\x1b') && !shown.contains('\x07'),
         "{}",
-        text(&out)
+        describe(&out)
     );
     assert!(
         shown.contains("spool\\u{1b}]0;PWNED\\u{7}"),
         "{}",
-        text(&out)
+        describe(&out)
     );
 }
 
