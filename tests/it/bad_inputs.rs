@@ -1518,24 +1518,23 @@ fn permission_denied_on_the_spool_names_the_user_and_the_group() {
         .unwrap()
         .unwrap()
         .name;
+    // `spoold ARGS --config CONFIG` as the user nobody, in no group.
+    let as_nobody = |args: &[&str]| {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            BIN,
+        ])
+        .args(args)
+        .arg("--config")
+        .arg(&env.config);
+        run_to_exit(c, SOON)
+    };
     for args in [&["status"][..], &["failed"], &["enqueue", "-"]] {
-        let out = run_to_exit(
-            {
-                let mut c = Command::new("setpriv");
-                c.args([
-                    "--reuid=65534",
-                    "--regid=65534",
-                    "--clear-groups",
-                    "--",
-                    BIN,
-                ])
-                .args(args)
-                .arg("--config")
-                .arg(&env.config);
-                c
-            },
-            SOON,
-        );
+        let out = as_nobody(args);
         let err = stderr_of(&out);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         let hint = format!(
@@ -1553,23 +1552,7 @@ fn permission_denied_on_the_spool_names_the_user_and_the_group() {
             .unwrap()
             .name;
     for args in [&["status"][..], &["enqueue", "-"], &["check-config"]] {
-        let out = run_to_exit(
-            {
-                let mut c = Command::new("setpriv");
-                c.args([
-                    "--reuid=65534",
-                    "--regid=65534",
-                    "--clear-groups",
-                    "--",
-                    BIN,
-                ])
-                .args(args)
-                .arg("--config")
-                .arg(&env.config);
-                c
-            },
-            SOON,
-        );
+        let out = as_nobody(args);
         let err = stderr_of(&out);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         let hint = format!(
