@@ -13,9 +13,12 @@
 //! existed when it began, so a file waits at most about two passes: nothing starves however fast
 //! new jobs arrive. Memory is bounded by the batch size, not by the backlog.
 //!
-//! The dispatcher only names candidates; a worker claims one by renaming it. A name waiting in
+//! Discovery only names candidates; a worker claims one by renaming it. A name waiting in
 //! the channel is still in `new/`, so a stop leaves nothing to undo. Every await here also waits
 //! on the stop token: the send to a full channel cannot outlive the workers.
+//!
+//! What it counts in `new/` (a pass's names, and each hint) it publishes in `Stats`, so that
+//! STATUS shows a queued count without anyone counting the directory.
 //!
 //! It also sweeps `tmp/` of files that producers abandoned (the Maildir rule), hourly and on the
 //! blocking pool.
@@ -42,7 +45,7 @@ use crate::source::spool::{Dir, NewScan, Promotion, Spool, unix_ms};
 
 /// Names read from a scan per batch, sorted oldest first within the batch.
 const BATCH: usize = 1024;
-/// Hints queued at most before the dispatcher falls back to a scan.
+/// Hints queued at most before discovery falls back to a scan.
 const MAX_PENDING: usize = 4 * BATCH;
 /// Due retries moved to `new/` per turn of the loop, so that a stop, a hint or a watchdog beat
 /// never waits behind thousands of renames that fell due together: each costs a stat, a read
@@ -59,8 +62,8 @@ pub const TMP_MAX_AGE: Duration = Duration::from_secs(36 * 3600);
 const TMP_SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
 /// A job a worker has just put in `retry/`: its name there and when it is due (ms since the
-/// epoch). The channel is unbounded so that a worker never waits on the dispatcher; it carries
-/// one small message per failed attempt, which the dispatcher takes at every turn.
+/// epoch). The channel is unbounded so that a worker never waits on discovery; it carries
+/// one small message per failed attempt, which discovery takes at every turn.
 pub type RetryScheduled = (OsString, u64);
 
 /// The inotify stream on `new/`, created before READY so that no submission after it is missed.
