@@ -17,7 +17,7 @@ use futures_util::FutureExt;
 use spoold::cli::{Cli, Command};
 use spoold::config::{Config, EX_CONFIG};
 use spoold::daemon::signals::Shutdown;
-use spoold::daemon::supervisor::{Daemon, RunError};
+use spoold::daemon::supervisor::{Reloads, RunError};
 use spoold::daemon::{logging, notify, signals, supervisor};
 use spoold::{client, fault};
 
@@ -50,9 +50,9 @@ fn run(config_path: &Path) -> ExitCode {
     let shutdown = Shutdown::new();
     let panics = supervisor::install_panic_hook(shutdown.abort.clone());
     let notifier = notify::Notifier::from_env();
-    // One thread for the supervisor, the dispatcher and the signals: their work is a few system
-    // calls between waits. Each worker gets a thread and a runtime of its own (worker.rs), so
-    // that one worker's spawn never waits for another's bookkeeping.
+    // One thread for the supervisor, discovery and the signals: their work is a few system
+    // calls between waits. Each worker gets a thread and a runtime of its own (runner/mod.rs),
+    // so that one worker's spawn never waits for another's bookkeeping.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -64,18 +64,13 @@ fn run(config_path: &Path) -> ExitCode {
         }
     };
     let run = async {
-        let reloads = signals::listen(&shutdown)
-            .map_err(|e| RunError::Io(format!("cannot install signal handlers: {e}")))?;
-        supervisor::run(Daemon {
+        let requests = signals::listen(&shutdown).map_err(RunError::Signals)?;
+        let reloads = Reloads {
             config_path: config_path.to_owned(),
-            config,
-            shutdown,
-            reloads,
-            notifier,
+            requests,
             log,
-            panics: panics.clone(),
-        })
-        .await
+        };
+        supervisor::run(config, shutdown, reloads, notifier, panics.clone()).await
     };
     // The supervisor catches the panics of its loop and of the stop; this catches one before
     // its workers exist (start-up), which has nothing to stop. No unwinding reaches main,

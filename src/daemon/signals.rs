@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::runner::handler::signal_name;
 
 /// The two stages of a stop. `stop` is the root token: cancelled by the first SIGTERM or SIGINT,
-/// it stops the dispatcher and lets in-flight jobs drain. `abort` is cancelled by a second
+/// it stops discovery and lets in-flight jobs drain. `abort` is cancelled by a second
 /// signal (or by the supervisor at the drain deadline): handlers are signalled and their jobs
 /// requeued. `stop` is a child of `abort`, so an abort is always also a stop.
 #[derive(Debug, Clone)]

@@ -1,6 +1,6 @@
 //! The daemon's life: start-up and crash recovery, READY, STATUS, reload, the watchdog, and the stop.
 //!
-//! The stop has two stages, driven by the tokens in [`Shutdown`]. At `stop` the dispatcher
+//! The stop has two stages, driven by the tokens in [`Shutdown`]. At `stop` discovery
 //! returns and the workers take no new job; in-flight jobs may finish until
 //! `shutdown.drain_timeout`. At that deadline, or at a second signal, `abort` is cancelled:
 //! handlers get SIGTERM, then SIGKILL after `handler.kill_grace`, and their jobs go back to
@@ -9,6 +9,7 @@
 //! for exactly that long and never needs SIGKILL.
 
 use std::fmt;
+use std::io;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
@@ -17,8 +18,10 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::clock::later;
 use crate::config::{Config, ConfigError, EX_CONFIG};
@@ -28,10 +31,10 @@ use crate::daemon::signals::Shutdown;
 use crate::daemon::stats::Stats;
 use crate::fault::{self, Point};
 use crate::runner::Pool;
-use crate::source::spool::discovery::{Dispatcher, Watcher};
-use crate::source::spool::{Spool, SpoolError, SpoolSource};
+use crate::source::spool::discovery::{Discovery, Watcher};
+use crate::source::spool::{Spool, SpoolError, SpoolLock, SpoolSource};
 
-/// Names waiting between the dispatcher and the workers. Small: a name in the channel is a job
+/// Names waiting between discovery and the workers. Small: a name in the channel is a job
 /// that is not yet claimed, so this only smooths hand-offs.
 const CHANNEL: usize = 16;
 /// How often STATUS= is refreshed (it is only sent when it changed).
@@ -49,7 +52,22 @@ const ABORT_SLACK: Duration = Duration::from_millis(150);
 pub enum RunError {
     Config(ConfigError),
     Spool(SpoolError),
-    Io(String),
+    /// The jobs a daemon that died left in `active/` could not be moved back to `new/`.
+    Recovery {
+        root: PathBuf,
+        error: io::Error,
+    },
+    /// The signal handlers could not be installed.
+    Signals(io::Error),
+    /// The eventfd that carries an abort to the workers waiting on their handlers could not be
+    /// created.
+    AbortEventfd(io::Error),
+    /// Discovery broke: the spool was removed or moved away, or it could not be read.
+    DiscoveryFailed(io::Error),
+    /// Discovery returned although nothing stopped it (a bug).
+    DiscoveryEnded,
+    /// Discovery's task panicked or was cancelled; the description says which.
+    DiscoveryCrashed(String),
     /// A thread panicked (a bug); the description names the thread and the place.
     Panic(String),
 }
@@ -59,12 +77,23 @@ pub enum RunError {
 /// panicking thread held in `active/`.
 pub const EX_SOFTWARE: u8 = 70;
 
+/// EX_IOERR from sysexits(3): the exit status when the daemon could not start or keep running
+/// for a reason outside the config and the spool's own checks.
+const EX_IOERR: u8 = 74;
+
 impl fmt::Display for RunError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RunError::Config(e) => f.write_str(&e.invalid()),
             RunError::Spool(e) => write!(f, "{e}"),
-            RunError::Io(e) => write!(f, "{e}"),
+            RunError::Recovery { root, error } => {
+                write!(f, "crash recovery in {}: {error}", root.display())
+            }
+            RunError::Signals(e) => write!(f, "cannot install signal handlers: {e}"),
+            RunError::AbortEventfd(e) => write!(f, "cannot create the abort eventfd: {e}"),
+            RunError::DiscoveryFailed(e) => write!(f, "job discovery failed: {e}"),
+            RunError::DiscoveryEnded => f.write_str("job discovery ended unexpectedly"),
+            RunError::DiscoveryCrashed(e) => write!(f, "job discovery crashed: {e}"),
             RunError::Panic(e) => write!(
                 f,
                 "stopped after a panic ({e}); exiting with status {EX_SOFTWARE} so that the \
@@ -81,7 +110,12 @@ impl RunError {
             RunError::Config(_) => EX_CONFIG,
             RunError::Spool(SpoolError::Locked { .. }) => 75,
             RunError::Spool(_) => 73,
-            RunError::Io(_) => 74,
+            RunError::Recovery { .. }
+            | RunError::Signals(_)
+            | RunError::AbortEventfd(_)
+            | RunError::DiscoveryFailed(_)
+            | RunError::DiscoveryEnded
+            | RunError::DiscoveryCrashed(_) => EX_IOERR,
             RunError::Panic(_) => EX_SOFTWARE,
         }
     }
@@ -98,13 +132,12 @@ impl Panics {
     }
 }
 
-/// Makes every panic loud and fatal. A panic is a bug, and one on a worker thread used to be
-/// swallowed: the thread died with its job in `active/` while the daemon looked healthy. The
-/// hook logs it at error level with the thread's name and place, records it, and cancels
+/// Makes every panic loud and fatal. A panic is a bug, and a worker thread that died quietly
+/// would leave its job in `active/` while the daemon looked healthy. The hook logs it at error level with the thread's name and place, records it, and cancels
 /// `abort`, so the daemon stops on the abort path and exits with [`EX_SOFTWARE`]. The default
 /// hook's output (to stderr) is kept only when RUST_BACKTRACE asks for the backtrace, which
 /// the log line lacks; otherwise it would repeat the line in the journal.
-pub fn install_panic_hook(abort: tokio_util::sync::CancellationToken) -> Panics {
+pub fn install_panic_hook(abort: CancellationToken) -> Panics {
     let panics = Panics::default();
     let record = panics.clone();
     let default_hook = std::panic::take_hook();
@@ -146,170 +179,239 @@ pub struct StopSummary {
     pub took: Duration,
 }
 
-/// Everything the daemon needs from `main`.
-pub struct Daemon {
+/// What a reload needs from `main`: where the config was read from, the requests (one per
+/// SIGHUP, from `signals::listen`), and the handle that sets the log level.
+pub struct Reloads {
     pub config_path: PathBuf,
-    pub config: Config,
-    pub shutdown: Shutdown,
-    pub reloads: mpsc::Receiver<()>,
-    pub notifier: Notifier,
+    pub requests: mpsc::Receiver<()>,
     pub log: LogControl,
-    /// Filled in by the panic hook; a panic anywhere makes the run end in [`RunError::Panic`].
-    pub panics: Panics,
 }
 
-pub async fn run(daemon: Daemon) -> Result<StopSummary, RunError> {
-    let Daemon {
-        config_path,
-        config,
-        shutdown,
-        mut reloads,
-        notifier,
-        log,
-        panics,
-    } = daemon;
-    let spool = Arc::new(Spool::open(&config.spool.dir).map_err(RunError::Spool)?);
-    let _lock = spool.lock_async().await.map_err(RunError::Spool)?;
-    let recovered = spool
-        .recover_active()
-        .map_err(|e| RunError::Io(format!("crash recovery in {}: {e}", spool.root().display())))?;
-    if !recovered.is_empty() {
-        tracing::warn!(
-            jobs = recovered.len(),
-            "found {} in active/ left by a daemon that did not stop cleanly; {} again now",
-            jobs(recovered.len() as u64),
-            if recovered.len() == 1 {
-                "it runs"
-            } else {
-                "they run"
-            }
-        );
-    }
-    // Only a warning: the program may be installed after spoold starts, and each attempt
-    // reports the spawn's own error anyway. It is looked up as the spawn will look it up.
-    if let Err(problem) = crate::runner::handler::check_program(&config.handler) {
-        tracing::warn!("{problem}; jobs will fail until that is fixed");
-    }
-    let watcher = Watcher::new(&spool)
-        .map_err(|e| tracing::warn!("cannot watch the spool with inotify: {e}"))
-        .ok();
+/// Runs the daemon on `config` until `shutdown` stops it: start, serve, stop. `panics` is what
+/// the panic hook fills in; a panic anywhere makes the run end in [`RunError::Panic`].
+pub async fn run(
+    config: Config,
+    shutdown: Shutdown,
+    reloads: Reloads,
+    notifier: Notifier,
+    panics: Panics,
+) -> Result<StopSummary, RunError> {
+    let mut running = Running::start(config, &shutdown, notifier).await?;
+    let fatal = running.serve(&shutdown, reloads).await;
+    running.stop(&shutdown, fatal, &panics).await
+}
 
-    let stats = Arc::new(Stats::default());
-    let (jobs_tx, jobs_rx) = mpsc::channel(CHANNEL);
-    let (config_tx, config_rx) = watch::channel(Arc::new(config));
-    let (rescan_tx, rescan_rx) = watch::channel(config_rx.borrow().spool.rescan_interval);
-    let (retries_tx, retries_rx) = mpsc::unbounded_channel();
-    let source = SpoolSource::new(
-        spool.clone(),
-        jobs_rx,
-        retries_tx,
-        stats.clone(),
-        config_rx.clone(),
-    );
-    let pool = Pool::new(
-        source,
-        config_rx.clone(),
-        stats.clone(),
-        shutdown.stop.clone(),
-        shutdown.abort.clone(),
-    )
-    .map_err(|e| RunError::Io(format!("cannot create the abort eventfd: {e}")))?;
-    pool.resize(config_rx.borrow().workers.count.get());
+/// The daemon once started: the spool it holds, its workers, discovery, and the means to
+/// reconfigure them.
+struct Running {
+    spool: Arc<Spool>,
+    /// Held until the daemon returns: one daemon per spool.
+    _lock: SpoolLock,
+    stats: Arc<Stats>,
+    pool: Pool<SpoolSource>,
+    discovery: JoinHandle<io::Result<()>>,
+    notifier: Arc<Notifier>,
+    config_tx: watch::Sender<Arc<Config>>,
+    rescan_tx: watch::Sender<Duration>,
+    /// The watchdog's task; dropping the handle ends it, once the stop sequence is over.
+    watchdog: Option<AbortOnDropHandle<()>>,
+}
 
-    let watchdog = notifier.watchdog();
-    let dispatcher = Dispatcher {
-        spool: spool.clone(),
-        jobs: jobs_tx,
-        stats: stats.clone(),
-        rescan_interval: rescan_rx,
-        retries: retries_rx,
-        watcher,
-        heartbeat: watchdog.map(|w| w / 4),
-    };
-    stats.beat();
-    let mut dispatcher = tokio::spawn(dispatcher.run(shutdown.stop.clone()));
+impl Running {
+    /// Opens and locks the spool, recovers what a dead daemon left in `active/`, and starts
+    /// the workers, discovery and the watchdog. READY is for `serve`.
+    async fn start(
+        config: Config,
+        shutdown: &Shutdown,
+        notifier: Notifier,
+    ) -> Result<Running, RunError> {
+        let (spool, lock) = open_spool(&config).await?;
+        // Only a warning: the program may be installed after spoold starts, and each attempt
+        // reports the spawn's own error anyway. It is looked up as the spawn will look it up.
+        if let Err(problem) = crate::runner::handler::check_program(&config.handler) {
+            tracing::warn!("{problem}; jobs will fail until that is fixed");
+        }
+        let watcher = Watcher::new(&spool)
+            .map_err(|e| tracing::warn!("cannot watch the spool with inotify: {e}"))
+            .ok();
 
-    let notifier = Arc::new(notifier);
-    let stopping = CancellationToken::new();
-    let watchdog_done = CancellationToken::new();
-    if let Some(interval) = watchdog {
-        tokio::spawn(watchdog_loop(
-            notifier.clone(),
+        let stats = Arc::new(Stats::default());
+        let (names_tx, names_rx) = mpsc::channel(CHANNEL);
+        let (config_tx, config_rx) = watch::channel(Arc::new(config));
+        let (rescan_tx, rescan_rx) = watch::channel(config_rx.borrow().spool.rescan_interval);
+        let (retries_tx, retries_rx) = mpsc::unbounded_channel();
+        let source = SpoolSource::new(
+            spool.clone(),
+            names_rx,
+            retries_tx,
             stats.clone(),
-            interval,
-            stopping.clone(),
-            watchdog_done.clone(),
-        ));
+            config_rx.clone(),
+        );
+        let pool = Pool::new(
+            source,
+            config_rx.clone(),
+            stats.clone(),
+            shutdown.stop.clone(),
+            shutdown.abort.clone(),
+        )
+        .map_err(RunError::AbortEventfd)?;
+        pool.resize(config_rx.borrow().workers.count.get());
+
+        let watchdog = notifier.watchdog();
+        let discovery = Discovery {
+            spool: spool.clone(),
+            names: names_tx,
+            stats: stats.clone(),
+            rescan_interval: rescan_rx,
+            retries: retries_rx,
+            watcher,
+            heartbeat: watchdog.map(|w| w / 4),
+        };
+        stats.beat();
+        let discovery = tokio::spawn(discovery.run(shutdown.stop.clone()));
+
+        let notifier = Arc::new(notifier);
+        let watchdog = watchdog.map(|interval| {
+            AbortOnDropHandle::new(tokio::spawn(watchdog_loop(
+                notifier.clone(),
+                stats.clone(),
+                interval,
+                shutdown.stop.clone(),
+            )))
+        });
+        Ok(Running {
+            spool,
+            _lock: lock,
+            stats,
+            pool,
+            discovery,
+            notifier,
+            config_tx,
+            rescan_tx,
+            watchdog,
+        })
     }
 
-    let mut reload_error: Option<String> = None;
-    let mut status = status_line(&stats, &reload_error);
-    notifier.ready(&status);
-    tracing::info!(
-        spool = %spool.root().display(),
-        workers = config_rx.borrow().workers.count.get(),
-        "spoold ready"
-    );
+    /// Sends READY, then serves reloads and STATUS until the stop. Returns the error that
+    /// ended the daemon, if one did (discovery broke).
+    async fn serve(&mut self, shutdown: &Shutdown, reloads: Reloads) -> Option<RunError> {
+        let Reloads {
+            config_path,
+            mut requests,
+            log,
+        } = reloads;
+        let mut reload_error: Option<String> = None;
+        let mut status = status_line(&self.stats, &reload_error);
+        self.notifier.ready(&status);
+        tracing::info!(
+            spool = %self.spool.root().display(),
+            workers = self.config_tx.borrow().workers.count.get(),
+            "spoold ready"
+        );
 
-    let mut status_tick = tokio::time::interval(STATUS_EVERY);
-    let mut fatal: Option<RunError> = None;
-    // A panic in here (a bug) has been logged and has cancelled `abort` by the time it unwinds
-    // to this point; what is left to do is the stop, on the abort path.
-    let _ = AssertUnwindSafe(async {
-        loop {
-            tokio::select! {
-                biased;
-                () = shutdown.stop.cancelled() => break,
-                ended = &mut dispatcher => {
-                    let why = match ended {
-                        Ok(Ok(())) => "the dispatcher ended unexpectedly".to_owned(),
-                        Ok(Err(e)) => format!("job discovery failed: {e}"),
-                        Err(e) => format!("the dispatcher crashed: {e}"),
-                    };
-                    tracing::error!("{why}; stopping");
-                    fatal = Some(RunError::Io(why));
-                    shutdown.stop.cancel();
-                    break;
-                }
-                Some(()) = reloads.recv() => {
-                    notifier.reloading();
-                    reload_error = reload(&config_path, &config_tx, &rescan_tx, &pool, &log);
-                    status = status_line(&stats, &reload_error);
-                    notifier.ready(&status);
-                }
-                _ = status_tick.tick() => {
-                    let now = status_line(&stats, &reload_error);
-                    if now != status {
-                        status = now;
-                        notifier.status(&status);
+        let mut status_tick = tokio::time::interval(STATUS_EVERY);
+        let mut fatal: Option<RunError> = None;
+        // A panic in here (a bug) has been logged and has cancelled `abort` by the time it
+        // unwinds to this point; what is left to do is the stop, on the abort path.
+        let _ = AssertUnwindSafe(async {
+            loop {
+                tokio::select! {
+                    biased;
+                    () = shutdown.stop.cancelled() => break,
+                    ended = &mut self.discovery => {
+                        let why = match ended {
+                            Ok(Ok(())) => RunError::DiscoveryEnded,
+                            Ok(Err(e)) => RunError::DiscoveryFailed(e),
+                            Err(e) => RunError::DiscoveryCrashed(e.to_string()),
+                        };
+                        tracing::error!("{why}; stopping");
+                        fatal = Some(why);
+                        shutdown.stop.cancel();
+                        break;
+                    }
+                    Some(()) = requests.recv() => {
+                        self.notifier.reloading();
+                        reload_error = self.reload(&config_path, &log);
+                        status = status_line(&self.stats, &reload_error);
+                        self.notifier.ready(&status);
+                    }
+                    _ = status_tick.tick() => {
+                        let now = status_line(&self.stats, &reload_error);
+                        if now != status {
+                            status = now;
+                            self.notifier.status(&status);
+                        }
                     }
                 }
             }
-        }
-    })
-    .catch_unwind()
-    .await;
-
-    stopping.cancel();
-    // The dispatcher returns as soon as it sees the stop, even from a send to a full channel:
-    // every await in it also waits on the token. It is awaited, not aborted, so that a
-    // regression there shows up as a stop that hangs (tests/shutdown.rs catches it).
-    if fatal.is_none() {
-        let _ = dispatcher.await;
-    }
-    let config = config_rx.borrow().clone();
-    let summary = AssertUnwindSafe(stop(&pool, &stats, &shutdown, &notifier, &config))
+        })
         .catch_unwind()
         .await;
-    watchdog_done.cancel();
-    let summary = match summary {
-        Ok(summary) => summary,
-        Err(_) => {
+        fatal
+    }
+
+    /// Re-reads the config and applies what can change at run time. Returns the error that
+    /// kept the old config, if any.
+    fn reload(&self, path: &std::path::Path, log: &LogControl) -> Option<String> {
+        let mut new = match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("reload failed, still running on the previous config: {e}");
+                return Some(e.to_string());
+            }
+        };
+        let old = self.config_tx.borrow().clone();
+        if new.spool.dir != old.spool.dir {
+            tracing::warn!(
+                "spool.dir changed to {}; that takes a restart, so spoold keeps using {}",
+                new.spool.dir.display(),
+                old.spool.dir.display()
+            );
+            new.spool.dir = old.spool.dir.clone();
+        }
+        log.set_level(&new.log.level);
+        self.rescan_tx.send_replace(new.spool.rescan_interval);
+        self.pool.resize(new.workers.count.get());
+        tracing::info!(
+            workers = new.workers.count.get(),
+            "configuration reloaded from {}",
+            path.display()
+        );
+        self.config_tx.send_replace(Arc::new(new));
+        None
+    }
+
+    /// Waits for discovery, runs the stop sequence, and says how the daemon ended: a panic
+    /// outranks `fatal` (what ended `serve`), which outranks a clean stop.
+    async fn stop(
+        self,
+        shutdown: &Shutdown,
+        fatal: Option<RunError>,
+        panics: &Panics,
+    ) -> Result<StopSummary, RunError> {
+        // Discovery returns as soon as it sees the stop, even from a send to a full channel:
+        // every await in it also waits on the token. It is awaited, not aborted, so that a
+        // regression there shows up as a stop that hangs (tests/it/shutdown.rs catches it).
+        if fatal.is_none() {
+            let _ = self.discovery.await;
+        }
+        let config = self.config_tx.borrow().clone();
+        let summary = AssertUnwindSafe(drain(
+            &self.pool,
+            &self.stats,
+            shutdown,
+            &self.notifier,
+            &config,
+        ))
+        .catch_unwind()
+        .await;
+        drop(self.watchdog);
+        let Ok(summary) = summary else {
             // The stop sequence itself panicked. The hook cancelled `abort`, so the handlers
             // are being signalled: wait for their workers as an aborted stop would, and for no
             // longer.
             let bound = config.handler.kill_grace.saturating_add(ABORT_SLACK);
-            if tokio::time::timeout(bound, pool.wait()).await.is_err() {
+            if tokio::time::timeout(bound, self.pool.wait()).await.is_err() {
                 tracing::error!(
                     "workers did not finish {} after the abort; exiting without them (their \
                      jobs stay in active/ and run again at the next start)",
@@ -318,31 +420,55 @@ pub async fn run(daemon: Daemon) -> Result<StopSummary, RunError> {
             }
             let what = panics.first().unwrap_or("the stop sequence panicked");
             return Err(RunError::Panic(what.to_owned()));
+        };
+        // A panic outranks any other reason to stop: it is the one that needs a restart and a
+        // bug report. The summary is not logged then: the job the panicking thread held would
+        // count as drained although it waits in active/.
+        if let Some(what) = panics.first() {
+            return Err(RunError::Panic(what.to_owned()));
         }
-    };
-    // A panic outranks any other reason to stop: it is the one that needs a restart and a bug
-    // report. The summary is not logged then: the job the panicking thread held would count as
-    // drained although it waits in active/.
-    if let Some(what) = panics.first() {
-        return Err(RunError::Panic(what.to_owned()));
-    }
-    tracing::info!(
-        drained = summary.drained,
-        requeued = summary.requeued,
-        took_ms = summary.took.as_millis() as u64,
-        "spoold stopped: {} drained, {} requeued, in {}",
-        jobs(summary.drained),
-        summary.requeued,
-        humantime::format_duration(Duration::from_millis(summary.took.as_millis() as u64))
-    );
-    match fatal {
-        Some(e) => Err(e),
-        None => Ok(summary),
+        tracing::info!(
+            drained = summary.drained,
+            requeued = summary.requeued,
+            took_ms = summary.took.as_millis() as u64,
+            "spoold stopped: {} drained, {} requeued, in {}",
+            jobs_in_words(summary.drained),
+            summary.requeued,
+            humantime::format_duration(Duration::from_millis(summary.took.as_millis() as u64))
+        );
+        match fatal {
+            Some(e) => Err(e),
+            None => Ok(summary),
+        }
     }
 }
 
-/// The stop sequence; see the module documentation.
-async fn stop(
+/// Opens and locks the spool and moves back to `new/` whatever a daemon that died left in
+/// `active/`.
+async fn open_spool(config: &Config) -> Result<(Arc<Spool>, SpoolLock), RunError> {
+    let spool = Arc::new(Spool::open(&config.spool.dir).map_err(RunError::Spool)?);
+    let lock = spool.lock_async().await.map_err(RunError::Spool)?;
+    let recovered = spool.recover_active().map_err(|error| RunError::Recovery {
+        root: spool.root().to_owned(),
+        error,
+    })?;
+    if !recovered.is_empty() {
+        tracing::warn!(
+            jobs = recovered.len(),
+            "found {} in active/ left by a daemon that did not stop cleanly; {} again now",
+            jobs_in_words(recovered.len() as u64),
+            if recovered.len() == 1 {
+                "it runs"
+            } else {
+                "they run"
+            }
+        );
+    }
+    Ok((spool, lock))
+}
+
+/// The stop sequence: drain until `drain_timeout`, then abort; see the module documentation.
+async fn drain(
     pool: &Pool<SpoolSource>,
     stats: &Stats,
     shutdown: &Shutdown,
@@ -361,7 +487,7 @@ async fn stop(
             in_flight,
             "stopping: waiting up to {} for {} in flight",
             humantime::format_duration(config.shutdown.drain_timeout),
-            jobs(in_flight)
+            jobs_in_words(in_flight)
         );
     }
 
@@ -380,14 +506,14 @@ async fn stop(
             () = &mut wait => break,
             () = shutdown.abort.cancelled(), if aborted_at.is_none() => {
                 aborted_at = Some(Instant::now());
-                notifier.status(&format!("stopping: aborting {}", jobs(pool.in_flight() as u64)));
+                notifier.status(&format!("stopping: aborting {}", jobs_in_words(pool.in_flight() as u64)));
             }
             () = sleep_until(drain_until), if aborted_at.is_none() => {
                 if pool.in_flight() > 0 {
                     tracing::warn!(
                         in_flight = pool.in_flight(),
                         "drain timeout reached; aborting {} in flight (they go back to new/)",
-                        jobs(pool.in_flight() as u64)
+                        jobs_in_words(pool.in_flight() as u64)
                     );
                 }
                 shutdown.abort.cancel();
@@ -424,13 +550,13 @@ fn stopping_line(in_flight: usize, drain_until: Instant) -> String {
     let left = drain_until.saturating_duration_since(Instant::now());
     format!(
         "stopping: draining {}, {}s left",
-        jobs(in_flight as u64),
+        jobs_in_words(in_flight as u64),
         left.as_secs()
     )
 }
 
 /// "1 job", "3 jobs": operators read these lines in `systemctl status`.
-fn jobs(n: u64) -> String {
+fn jobs_in_words(n: u64) -> String {
     if n == 1 {
         "1 job".to_owned()
     } else {
@@ -454,68 +580,28 @@ fn status_line(stats: &Stats, reload_error: &Option<String>) -> String {
     line
 }
 
-/// Re-reads the config and applies what can change at run time. Returns the error that kept
-/// the old config, if any.
-fn reload(
-    path: &std::path::Path,
-    config_tx: &watch::Sender<Arc<Config>>,
-    rescan_tx: &watch::Sender<Duration>,
-    pool: &Pool<SpoolSource>,
-    log: &LogControl,
-) -> Option<String> {
-    let mut new = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("reload failed, still running on the previous config: {e}");
-            return Some(e.to_string());
-        }
-    };
-    let old = config_tx.borrow().clone();
-    if new.spool.dir != old.spool.dir {
-        tracing::warn!(
-            "spool.dir changed to {}; that takes a restart, so spoold keeps using {}",
-            new.spool.dir.display(),
-            old.spool.dir.display()
-        );
-        new.spool.dir = old.spool.dir.clone();
-    }
-    log.set_level(&new.log.level);
-    rescan_tx.send_replace(new.spool.rescan_interval);
-    pool.resize(new.workers.count.get());
-    tracing::info!(
-        workers = new.workers.count.get(),
-        "configuration reloaded from {}",
-        path.display()
-    );
-    config_tx.send_replace(Arc::new(new));
-    None
-}
-
-/// Pings the watchdog at half its interval, but only while the dispatcher's loop is turning (or
-/// the daemon is stopping, which has its own deadline): a hung dispatcher leads to a restart.
+/// Pings the watchdog at half its interval, but only while discovery's loop is turning (or the
+/// daemon is stopping, which has its own deadline): a hung discovery leads to a restart. It
+/// runs until its task is dropped.
 async fn watchdog_loop(
     notifier: Arc<Notifier>,
     stats: Arc<Stats>,
     interval: Duration,
-    stopping: CancellationToken,
-    done: CancellationToken,
+    stop: CancellationToken,
 ) {
     let half = interval / 2;
     loop {
-        if stopping.is_cancelled() || stats.since_beat() < half {
+        if stop.is_cancelled() || stats.since_beat() < half {
             notifier.watchdog_ping();
         } else {
             tracing::error!(
-                "the dispatcher has not run for {}; withholding the watchdog ping",
+                "job discovery has not run for {}; withholding the watchdog ping",
                 humantime::format_duration(Duration::from_millis(
                     stats.since_beat().as_millis() as u64
                 ))
             );
         }
-        tokio::select! {
-            () = done.cancelled() => return,
-            () = tokio::time::sleep(half) => {}
-        }
+        tokio::time::sleep(half).await;
     }
 }
 
@@ -535,10 +621,10 @@ mod tests {
         n
     }
 
-    /// The watchdog must stop pinging when the dispatcher's loop stops turning, so that systemd
+    /// The watchdog must stop pinging when discovery's loop stops turning, so that systemd
     /// restarts a daemon whose discovery hung; and ping again while it stops.
     #[tokio::test]
-    async fn watchdog_pings_only_while_the_dispatcher_turns() {
+    async fn watchdog_pings_only_while_discovery_turns() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify");
         let sock = UnixDatagram::bind(&path).unwrap();
@@ -546,18 +632,16 @@ mod tests {
         let interval = Duration::from_millis(200);
         let notifier = Arc::new(Notifier::with(Some(path.into_os_string()), Some(interval)));
         let stats = Arc::new(Stats::default());
-        let stopping = CancellationToken::new();
-        let done = CancellationToken::new();
+        let stop = CancellationToken::new();
         stats.beat();
-        let task = tokio::spawn(watchdog_loop(
+        let task = AbortOnDropHandle::new(tokio::spawn(watchdog_loop(
             notifier,
             stats.clone(),
             interval,
-            stopping.clone(),
-            done.clone(),
-        ));
+            stop.clone(),
+        )));
 
-        // A turning dispatcher: pings arrive.
+        // A turning discovery loop: pings arrive.
         let mut seen = 0;
         let give_up = Instant::now() + Duration::from_secs(30);
         while seen < 3 && Instant::now() < give_up {
@@ -565,16 +649,16 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
             seen += pings(&sock);
         }
-        assert!(seen >= 3, "pings while the dispatcher turns: {seen}");
+        assert!(seen >= 3, "pings while discovery turns: {seen}");
 
-        // A hung dispatcher: once its last beat is older than half the interval, no more pings.
+        // A hung discovery loop: once its last beat is older than half the interval, no more pings.
         tokio::time::sleep(interval).await;
         pings(&sock);
         tokio::time::sleep(interval * 3).await;
-        assert_eq!(pings(&sock), 0, "a ping although the dispatcher is stuck");
+        assert_eq!(pings(&sock), 0, "a ping although discovery is stuck");
 
         // While stopping, the stop's own deadline bounds the wait: pings resume.
-        stopping.cancel();
+        stop.cancel();
         let mut seen = 0;
         let give_up = Instant::now() + Duration::from_secs(30);
         while seen == 0 && Instant::now() < give_up {
@@ -582,7 +666,6 @@ mod tests {
             seen += pings(&sock);
         }
         assert!(seen > 0, "pings while stopping");
-        done.cancel();
-        task.await.unwrap();
+        drop(task);
     }
 }

@@ -13,9 +13,12 @@
 //! existed when it began, so a file waits at most about two passes: nothing starves however fast
 //! new jobs arrive. Memory is bounded by the batch size, not by the backlog.
 //!
-//! The dispatcher only names candidates; a worker claims one by renaming it. A name waiting in
+//! Discovery only names candidates; a worker claims one by renaming it. A name waiting in
 //! the channel is still in `new/`, so a stop leaves nothing to undo. Every await here also waits
 //! on the stop token: the send to a full channel cannot outlive the workers.
+//!
+//! What it counts in `new/` (a pass's names, and each hint) it publishes in `Stats`, so that
+//! STATUS shows a queued count without anyone counting the directory.
 //!
 //! It also sweeps `tmp/` of files that producers abandoned (the Maildir rule), hourly and on the
 //! blocking pool.
@@ -25,13 +28,12 @@ use std::ffi::OsString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 use inotify::{EventMask, EventStream, Inotify, WatchDescriptor, WatchMask};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinError, JoinHandle};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
@@ -43,7 +45,7 @@ use crate::source::spool::{Dir, NewScan, Promotion, Spool, unix_ms};
 
 /// Names read from a scan per batch, sorted oldest first within the batch.
 const BATCH: usize = 1024;
-/// Hints queued at most before the dispatcher falls back to a scan.
+/// Hints queued at most before discovery falls back to a scan.
 const MAX_PENDING: usize = 4 * BATCH;
 /// Due retries moved to `new/` per turn of the loop, so that a stop, a hint or a watchdog beat
 /// never waits behind thousands of renames that fell due together: each costs a stat, a read
@@ -60,8 +62,8 @@ pub const TMP_MAX_AGE: Duration = Duration::from_secs(36 * 3600);
 const TMP_SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
 /// A job a worker has just put in `retry/`: its name there and when it is due (ms since the
-/// epoch). The channel is unbounded so that a worker never waits on the dispatcher; it carries
-/// one small message per failed attempt, which the dispatcher takes at every turn.
+/// epoch). The channel is unbounded so that a worker never waits on discovery; it carries
+/// one small message per failed attempt, which discovery takes at every turn.
 pub type RetryScheduled = (OsString, u64);
 
 /// The inotify stream on `new/`, created before READY so that no submission after it is missed.
@@ -103,9 +105,11 @@ impl Watcher {
     }
 }
 
-pub struct Dispatcher {
+/// What discovery works with, as the supervisor hands it over.
+pub struct Discovery {
     pub spool: Arc<Spool>,
-    pub jobs: mpsc::Sender<OsString>,
+    /// Where the names of candidate jobs go, to the `SpoolSource`.
+    pub names: mpsc::Sender<OsString>,
     pub stats: Arc<Stats>,
     pub rescan_interval: watch::Receiver<Duration>,
     pub retries: mpsc::UnboundedReceiver<RetryScheduled>,
@@ -114,80 +118,51 @@ pub struct Dispatcher {
     pub heartbeat: Option<Duration>,
 }
 
-/// Where the dispatcher stands in the current scan pass.
+/// Where discovery stands in the current scan pass.
 struct Scan {
     reader: NewScan,
-    seen: i64,
-    /// `Stats::claimed` when the pass began.
-    claimed_before: u64,
+    seen: u64,
+    /// `Stats::taken` when the pass began.
+    taken_before: u64,
 }
 
-impl Dispatcher {
+/// Discovery's state between two turns of its loop; each arm of the loop's `select!` is a
+/// method on it. The sender of names stays outside: the permits of a hand-over borrow it.
+struct Turns {
+    spool: Arc<Spool>,
+    stats: Arc<Stats>,
+    rescan_interval: watch::Receiver<Duration>,
+    retries: mpsc::UnboundedReceiver<RetryScheduled>,
+    watcher: Option<Watcher>,
+    heartbeat: Duration,
+    /// Names found and not yet handed over, oldest first.
+    pending: VecDeque<OsString>,
+    /// The scan pass under way, if any.
+    scan: Option<Scan>,
+    /// Whether another scan pass is needed: a hint could not be queued, or one was lost.
+    dirty: bool,
+    rescan_at: Instant,
+    /// The due times of the jobs in retry/, read from the directory off this thread (at
+    /// start, and again only when the schedule had to leave some out).
+    schedule: RetrySchedule,
+    retry_scan: Option<JoinHandle<io::Result<RetrySchedule>>>,
+    rescan_retries_at: Option<Instant>,
+    beat_at: Instant,
+}
+
+impl Discovery {
     /// Runs until `stop` is cancelled. An error return means discovery itself broke (the spool
     /// vanished, say): the supervisor treats it as fatal.
-    pub async fn run(mut self, stop: CancellationToken) -> io::Result<()> {
-        let mut pending: VecDeque<OsString> = VecDeque::new();
-        let mut scan: Option<Scan> = None;
-        // A scan at start: whatever was submitted while no daemon ran.
-        let mut dirty = true;
-        let mut rescan_at = later(Instant::now(), *self.rescan_interval.borrow());
-        // The due times of the jobs in retry/, read from the directory off this thread (at
-        // start, and again only when the schedule had to leave some out).
-        let mut schedule = RetrySchedule::new(schedule::CAP);
-        let mut retry_scan: Option<JoinHandle<io::Result<RetrySchedule>>> = None;
-        let mut rescan_retries_at: Option<Instant> = Some(Instant::now());
-        let heartbeat = self.heartbeat.unwrap_or(Duration::from_secs(3600));
-        let mut beat_at = Instant::now();
-        let mut watcher = self.watcher.take();
-        if watcher.is_none() {
-            tracing::warn!(
-                "no inotify watch on {}; new jobs are found by rescans only",
-                self.spool.dir_path(Dir::New).display()
-            );
-        }
-
+    pub async fn run(self, stop: CancellationToken) -> io::Result<()> {
+        let (mut turns, names) = Turns::new(self);
         // Owned by this task's stop token like everything else here; it needs no handle.
-        tokio::spawn(sweep_tmp(self.spool.clone(), stop.clone()));
-
+        tokio::spawn(sweep_tmp(turns.spool.clone(), stop.clone()));
         // Never more than the channel holds, which reserve_many would refuse.
-        let handoff = (self.jobs.max_capacity() / 2).max(1);
+        let handoff = (names.max_capacity() / 2).max(1);
         loop {
-            if scan.is_none() && dirty && pending.len() < BATCH {
-                dirty = false;
-                crate::fault::hit(crate::fault::Point::Dispatcher);
-                scan = Some(Scan {
-                    reader: self.spool.scan_new()?,
-                    seen: 0,
-                    claimed_before: self.stats.claimed.load(Relaxed),
-                });
-                let interval = *self.rescan_interval.borrow();
-                rescan_at = later(
-                    Instant::now(),
-                    self.poll_interval(interval, watcher.is_some()),
-                );
-            }
-            if pending.len() < BATCH
-                && let Some(s) = &mut scan
-                && self.read_batch(s, &mut pending)?
-            {
-                // What the pass saw, less what was claimed while it ran.
-                let claimed = self.stats.claimed.load(Relaxed) - s.claimed_before;
-                self.stats.queued.store(s.seen - claimed as i64, Relaxed);
-                scan = None;
-            }
-
-            if retry_scan.is_none()
-                && (rescan_retries_at.is_some_and(|t| t <= Instant::now())
-                    || schedule.needs_rescan())
-            {
-                rescan_retries_at = None;
-                schedule.clear();
-                let spool = self.spool.clone();
-                retry_scan = Some(tokio::task::spawn_blocking(move || {
-                    spool.scan_retries(schedule::CAP)
-                }));
-            }
-            let promote_at = schedule.next_due().map(instant_of);
+            turns.scan_new()?;
+            turns.read_retries_if_due();
+            let promote_at = turns.schedule.next_due().map(instant_of);
 
             tokio::select! {
                 biased;
@@ -195,137 +170,210 @@ impl Dispatcher {
                 // Names go out up to half a channel at a time: the workers run on threads of
                 // their own, and waking this task for every slot they free would cost a
                 // cross-thread wake-up per job.
-                permits = self.jobs.reserve_many(pending.len().min(handoff)), if !pending.is_empty() => match permits {
+                permits = names.reserve_many(turns.pending.len().min(handoff)), if !turns.pending.is_empty() => match permits {
                     Ok(permits) => {
                         for permit in permits {
-                            permit.send(pending.pop_front().expect("as many names as permits"));
+                            permit.send(turns.pending.pop_front().expect("as many names as permits"));
                         }
                     }
                     // Every worker is gone: nothing left to dispatch to.
                     Err(_) => return Ok(()),
                 },
-                event = next_event(&mut watcher) => match event {
-                    Some(Ok(event)) => {
-                        if event.mask.contains(EventMask::Q_OVERFLOW) {
-                            tracing::warn!("inotify queue overflowed; rescanning new/");
-                            dirty = true;
-                        } else if watcher.as_ref().is_some_and(|w| w.root.as_ref() == Some(&event.wd)) {
-                            if let Some(path) = lost_spool_path(&self.spool, &event) {
-                                return Err(io::Error::new(
-                                    io::ErrorKind::NotFound,
-                                    format!("{} was removed or moved away while spoold was running", path.display()),
-                                ));
-                            }
-                        } else if event.mask.intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::IGNORED) {
-                            return Err(io::Error::new(
-                                io::ErrorKind::NotFound,
-                                format!("{} was removed or moved away while spoold was running", self.spool.dir_path(Dir::New).display()),
-                            ));
-                        } else if let Some(name) = event.name {
-                            if name.as_bytes().first() == Some(&b'.') {
-                                continue;
-                            }
-                            // A regular file that was just created is still being written: its
-                            // CLOSE_WRITE (or the producer's rename) brings it. Anything else
-                            // created here (a link, a FIFO, a directory) raises no further
-                            // event, so it is dispatched now, to be rejected at claim.
-                            if event.mask.contains(EventMask::CREATE)
-                                && self.spool.is_regular_in_new(&name)
-                            {
-                                continue;
-                            }
-                            self.stats.queued.fetch_add(1, Relaxed);
-                            // While a pass runs, or after hints were dropped, a hint could jump
-                            // ahead of older files: leave it to the next pass instead.
-                            if scan.is_some() || dirty || pending.len() >= MAX_PENDING {
-                                dirty = true;
-                            } else {
-                                pending.push_back(name);
-                            }
-                        }
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!("inotify failed ({e}); new jobs are found by rescans only");
-                        watcher = None;
-                        dirty = true;
-                    }
-                    None => {
-                        watcher = None;
-                        dirty = true;
-                    }
-                },
-                () = sleep_until(rescan_at) => {
-                    dirty = true;
-                    let interval = *self.rescan_interval.borrow();
-                    rescan_at = later(Instant::now(), self.poll_interval(interval, watcher.is_some()));
-                }
-                Some((name, due)) = self.retries.recv() => schedule.insert(name, due),
-                scanned = async { retry_scan.as_mut().expect("guarded").await }, if retry_scan.is_some() => {
-                    retry_scan = None;
-                    match scanned {
-                        Ok(Ok(scanned)) => schedule.replace_with(scanned),
-                        Ok(Err(e)) => {
-                            tracing::error!(
-                                "cannot read {}: {e}; trying again in {}",
-                                self.spool.dir_path(Dir::Retry).display(),
-                                humantime::format_duration(*self.rescan_interval.borrow())
-                            );
-                            rescan_retries_at = Some(later(Instant::now(), *self.rescan_interval.borrow()));
-                        }
-                        Err(e) => {
-                            tracing::error!("the read of retry/ ended abnormally: {e}");
-                            rescan_retries_at = Some(later(Instant::now(), *self.rescan_interval.borrow()));
-                        }
-                    }
+                event = next_event(&mut turns.watcher) => turns.on_event(event)?,
+                () = sleep_until(turns.rescan_at) => turns.rescan_due(),
+                Some((name, due)) = turns.retries.recv() => turns.schedule.insert(name, due),
+                scanned = async { turns.retry_scan.as_mut().expect("guarded").await }, if turns.retry_scan.is_some() => {
+                    turns.retries_read(scanned);
                 }
                 () = sleep_until(promote_at.unwrap_or_else(far_future)), if promote_at.is_some() => {
-                    self.promote_due(&mut schedule);
+                    turns.promote_due();
                 }
-                () = sleep_until(beat_at) => {
-                    self.stats.beat();
-                    beat_at = later(Instant::now(), heartbeat);
-                }
+                () = sleep_until(turns.beat_at) => turns.beat(),
             }
         }
     }
+}
 
-    /// Without inotify, rescans are the only discovery: poll at least every second.
-    fn poll_interval(&self, interval: Duration, watching: bool) -> Duration {
-        if watching {
+impl Turns {
+    fn new(discovery: Discovery) -> (Turns, mpsc::Sender<OsString>) {
+        let Discovery {
+            spool,
+            names,
+            stats,
+            rescan_interval,
+            retries,
+            watcher,
+            heartbeat,
+        } = discovery;
+        if watcher.is_none() {
+            tracing::warn!(
+                "no inotify watch on {}; new jobs are found by rescans only",
+                spool.dir_path(Dir::New).display()
+            );
+        }
+        let rescan_at = later(Instant::now(), *rescan_interval.borrow());
+        let turns = Turns {
+            spool,
+            stats,
+            rescan_interval,
+            retries,
+            watcher,
+            heartbeat: heartbeat.unwrap_or(Duration::from_secs(3600)),
+            pending: VecDeque::new(),
+            scan: None,
+            // A scan at start: whatever was submitted while no daemon ran.
+            dirty: true,
+            rescan_at,
+            schedule: RetrySchedule::new(schedule::CAP),
+            retry_scan: None,
+            rescan_retries_at: Some(Instant::now()),
+            beat_at: Instant::now(),
+        };
+        (turns, names)
+    }
+
+    /// Begins a scan pass when one is needed and the queue has room, and reads the next batch
+    /// of the pass under way into `pending`. At the end of a pass, publishes what it counted.
+    fn scan_new(&mut self) -> io::Result<()> {
+        if self.scan.is_none() && self.dirty && self.pending.len() < BATCH {
+            self.dirty = false;
+            crate::fault::hit(crate::fault::Point::Dispatcher);
+            self.scan = Some(Scan {
+                reader: self.spool.scan_new()?,
+                seen: 0,
+                taken_before: self.stats.taken(),
+            });
+            self.rescan_at = later(Instant::now(), self.poll_interval());
+        }
+        if self.pending.len() < BATCH
+            && let Some(s) = &mut self.scan
+            && read_batch(s, &mut self.pending)?
+        {
+            self.stats.counted_pass(s.seen, s.taken_before);
+            self.scan = None;
+        }
+        Ok(())
+    }
+
+    /// Starts reading retry/ off this thread, at start, after a failed read, and whenever the
+    /// schedule had to leave entries out.
+    fn read_retries_if_due(&mut self) {
+        if self.retry_scan.is_none()
+            && (self.rescan_retries_at.is_some_and(|t| t <= Instant::now())
+                || self.schedule.needs_rescan())
+        {
+            self.rescan_retries_at = None;
+            self.schedule.clear();
+            let spool = self.spool.clone();
+            self.retry_scan = Some(tokio::task::spawn_blocking(move || {
+                spool.scan_retries(schedule::CAP)
+            }));
+        }
+    }
+
+    /// One inotify event (or the end of the stream). An error return is fatal: the spool was
+    /// removed or moved away.
+    fn on_event(&mut self, event: Option<io::Result<inotify::Event<OsString>>>) -> io::Result<()> {
+        let event = match event {
+            Some(Ok(event)) => event,
+            Some(Err(e)) => {
+                tracing::warn!("inotify failed ({e}); new jobs are found by rescans only");
+                self.watcher = None;
+                self.dirty = true;
+                return Ok(());
+            }
+            None => {
+                self.watcher = None;
+                self.dirty = true;
+                return Ok(());
+            }
+        };
+        if event.mask.contains(EventMask::Q_OVERFLOW) {
+            tracing::warn!("inotify queue overflowed; rescanning new/");
+            self.dirty = true;
+        } else if self
+            .watcher
+            .as_ref()
+            .is_some_and(|w| w.root.as_ref() == Some(&event.wd))
+        {
+            if let Some(path) = lost_spool_path(&self.spool, &event) {
+                return Err(spool_gone(&path));
+            }
+        } else if event
+            .mask
+            .intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::IGNORED)
+        {
+            return Err(spool_gone(&self.spool.dir_path(Dir::New)));
+        } else if let Some(name) = event.name {
+            self.hint(name, event.mask);
+        }
+        Ok(())
+    }
+
+    /// A name inotify reported in `new/`.
+    fn hint(&mut self, name: OsString, mask: EventMask) {
+        if name.as_bytes().first() == Some(&b'.') {
+            return;
+        }
+        // A regular file that was just created is still being written: its CLOSE_WRITE (or the
+        // producer's rename) brings it. Anything else created here (a link, a FIFO, a
+        // directory) raises no further event, so it is dispatched now, to be rejected at claim.
+        if mask.contains(EventMask::CREATE) && self.spool.is_regular_in_new(&name) {
+            return;
+        }
+        self.stats.counted_hint();
+        // While a pass runs, or after hints were dropped, a hint could jump ahead of older
+        // files: leave it to the next pass instead.
+        if self.scan.is_some() || self.dirty || self.pending.len() >= MAX_PENDING {
+            self.dirty = true;
+        } else {
+            self.pending.push_back(name);
+        }
+    }
+
+    fn rescan_due(&mut self) {
+        self.dirty = true;
+        self.rescan_at = later(Instant::now(), self.poll_interval());
+    }
+
+    /// The read of retry/ ended: its due times replace the schedule, or it is tried again
+    /// after a rescan interval.
+    fn retries_read(&mut self, scanned: Result<io::Result<RetrySchedule>, JoinError>) {
+        self.retry_scan = None;
+        let interval = *self.rescan_interval.borrow();
+        match scanned {
+            Ok(Ok(scanned)) => return self.schedule.replace_with(scanned),
+            Ok(Err(e)) => tracing::error!(
+                "cannot read {}: {e}; trying again in {}",
+                self.spool.dir_path(Dir::Retry).display(),
+                humantime::format_duration(interval)
+            ),
+            Err(e) => tracing::error!("the read of retry/ ended abnormally: {e}"),
+        }
+        self.rescan_retries_at = Some(later(Instant::now(), interval));
+    }
+
+    fn beat(&mut self) {
+        self.stats.beat();
+        self.beat_at = later(Instant::now(), self.heartbeat);
+    }
+
+    /// How long until the next rescan. Without inotify, rescans are the only discovery: poll
+    /// at least every second.
+    fn poll_interval(&self) -> Duration {
+        let interval = *self.rescan_interval.borrow();
+        if self.watcher.is_some() {
             interval
         } else {
             interval.min(Duration::from_secs(1))
         }
     }
 
-    /// Reads up to BATCH names of the current pass into `pending`, oldest first. Returns true
-    /// when the pass is complete.
-    fn read_batch(&self, scan: &mut Scan, pending: &mut VecDeque<OsString>) -> io::Result<bool> {
-        let mut batch = Vec::with_capacity(BATCH);
-        let mut finished = false;
-        while batch.len() < BATCH {
-            match scan.reader.next_candidate(true)? {
-                Some(c) => batch.push(c),
-                None => {
-                    finished = true;
-                    break;
-                }
-            }
-        }
-        scan.seen += batch.len() as i64;
-        batch.sort_by(|a, b| {
-            a.mtime_ns
-                .cmp(&b.mtime_ns)
-                .then_with(|| a.name.cmp(&b.name))
-        });
-        pending.extend(batch.into_iter().map(|c| c.name));
-        Ok(finished)
-    }
-
     /// Moves up to PROMOTE_BATCH due retries to `new/`; their inotify events bring them back
     /// here as hints. A job that is not due after all (a stale entry) goes back in the schedule
     /// at its real time.
-    fn promote_due(&self, schedule: &mut RetrySchedule) {
+    fn promote_due(&mut self) {
+        let schedule = &mut self.schedule;
         let now = unix_ms(SystemTime::now());
         let mut promoted = 0;
         for _ in 0..PROMOTE_BATCH {
@@ -350,6 +398,41 @@ impl Dispatcher {
             tracing::debug!(promoted, "retries due; moved back to new/");
         }
     }
+}
+
+/// Reads up to BATCH names of the current pass into `pending`, oldest first. Returns true when
+/// the pass is complete.
+fn read_batch(scan: &mut Scan, pending: &mut VecDeque<OsString>) -> io::Result<bool> {
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut finished = false;
+    while batch.len() < BATCH {
+        match scan.reader.next_candidate(true)? {
+            Some(c) => batch.push(c),
+            None => {
+                finished = true;
+                break;
+            }
+        }
+    }
+    scan.seen += batch.len() as u64;
+    batch.sort_by(|a, b| {
+        a.mtime_ns
+            .cmp(&b.mtime_ns)
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    pending.extend(batch.into_iter().map(|c| c.name));
+    Ok(finished)
+}
+
+/// The error that ends discovery when a directory it depends on is gone.
+fn spool_gone(path: &std::path::Path) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!(
+            "{} was removed or moved away while spoold was running",
+            path.display()
+        ),
+    )
 }
 
 /// The path an event on the root watch says is gone: the root itself, or one of the spool's

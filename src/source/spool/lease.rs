@@ -24,7 +24,7 @@ use crate::daemon::stats::Stats;
 use crate::job::{Job, Report, Verdict, display_name};
 use crate::source::{Lease, Source};
 
-/// The spool as the workers' source of jobs. Discovery (`super::discovery::Dispatcher`) sends
+/// The spool as the workers' source of jobs. Discovery (`super::discovery::Discovery`) sends
 /// it the names it finds in `new/`; a name is claimed, by a rename into `active/`, only when a
 /// worker asks for its next job.
 pub struct SpoolSource {
@@ -63,7 +63,7 @@ impl SpoolSource {
                 // The name was counted as queued when it was handed out (a scan and an inotify
                 // hint can both name a file that arrived as a pass began), so a name that turns
                 // out to be taken already leaves the count like a claimed one does.
-                self.stats.queued.fetch_sub(1, Relaxed);
+                self.stats.took();
                 tracing::debug!(
                     job_id = display_name(&name),
                     "already taken or still running under the same name; skipped"
@@ -71,7 +71,7 @@ impl SpoolSource {
                 return None;
             }
             Ok(Claim::Rejected { reason, .. }) => {
-                self.stats.queued.fetch_sub(1, Relaxed);
+                self.stats.took();
                 self.stats.failed.fetch_add(1, Relaxed);
                 tracing::warn!(
                     job_id = display_name(&name),
@@ -85,8 +85,7 @@ impl SpoolSource {
                 return None;
             }
         };
-        self.stats.queued.fetch_sub(1, Relaxed);
-        self.stats.claimed.fetch_add(1, Relaxed);
+        self.stats.took();
         // Shown from the claimed name: the claim may have renamed the job (a job of the same
         // name waits in retry/).
         Some(SpoolLease {
@@ -195,8 +194,9 @@ impl SpoolLease<'_> {
         let (job, id, stats) = (&*self.claimed, self.shown.as_str(), &self.source.stats);
         match self.source.spool.requeue(job) {
             Ok(_) => {
+                // Not counted as queued here: the rename's inotify hint counts it, as it
+                // does any file that arrives in new/.
                 stats.requeued.fetch_add(1, Relaxed);
-                stats.queued.fetch_add(1, Relaxed);
                 tracing::info!(
                     job_id = id,
                     attempt = job.attempt,
@@ -340,7 +340,8 @@ mod tests {
         let spool = Arc::new(Spool::open(dir.path()).unwrap());
         std::fs::write(dir.path().join("new/job"), "x").unwrap();
         let stats = Arc::new(Stats::default());
-        stats.queued.store(2, Relaxed);
+        stats.counted_hint();
+        stats.counted_hint();
         let (tx, rx) = mpsc::channel(4);
         tx.send(OsString::from("job")).await.unwrap();
         tx.send(OsString::from("job")).await.unwrap();
