@@ -37,7 +37,10 @@ pub trait Admin {
 pub enum SubmitError {
     /// The queue itself refused this user (not the file being submitted); membership of
     /// `group` grants access.
-    Denied { err: io::Error, group: u32 },
+    Denied {
+        err: io::Error,
+        group: u32,
+    },
     Io(io::Error),
 }
 

@@ -218,13 +218,7 @@ impl SpoolLease<'_> {
     /// The job's history with this failed attempt: what its state or reason file records.
     fn history(&self, report: Report, now: SystemTime) -> History {
         let job = &*self.claimed;
-        record::after_failure(
-            &self.shown,
-            job.attempt,
-            job.history.as_ref(),
-            report,
-            now,
-        )
+        record::after_failure(&self.shown, job.attempt, job.history.as_ref(), report, now)
     }
 
     fn retry(self, delay: Duration, report: Report) {

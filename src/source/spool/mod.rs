@@ -39,14 +39,12 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::job::{Failure, History, JobId, display_name, escape_bytes};
+use crate::source::admin::{Admin, Counts, FailedJob, Partial, Place, Retried, SubmitError};
+use crate::source::spool::schedule::RetrySchedule;
+use record::JobRecord;
 use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
-use crate::job::{Failure, History, JobId, display_name, escape_bytes};
-use crate::source::admin::{
-    Admin, Counts, FailedJob, Partial, Place, Retried, SubmitError,
-};
-use record::JobRecord;
-use crate::source::spool::schedule::RetrySchedule;
 
 /// The longest file name Linux filesystems accept, in bytes.
 const NAME_MAX: usize = 255;
@@ -994,7 +992,10 @@ impl Spool {
 /// The spool as the client commands see it.
 impl Admin for Spool {
     fn address(&self) -> (&'static str, String) {
-        ("spool", escape_bytes(self.root.as_os_str().as_encoded_bytes()))
+        (
+            "spool",
+            escape_bytes(self.root.as_os_str().as_encoded_bytes()),
+        )
     }
 
     fn submit(&self, src: &mut dyn Read, id: &str, partial: &Partial) -> Result<(), SubmitError> {
@@ -1155,6 +1156,7 @@ mod tests {
 
     #[test]
     fn job_ids_sort_by_submit_time() {
+        use crate::source::admin::new_job_id;
         let mut g = ulid::Generator::new();
         let ids: Vec<String> = (0..1000).map(|_| new_job_id(&mut g)).collect();
         let mut sorted = ids.clone();
@@ -1200,12 +1202,12 @@ mod tests {
         let Claim::Job(job) = spool.claim(OsStr::new("j")).unwrap() else {
             panic!()
         };
-        let record = JobRecord {
+        let history = History {
             attempts: 1,
             next_attempt_unix_ms: Some(1000),
-            ..JobRecord::default()
+            ..History::default()
         };
-        spool.schedule_retry(&job, &record).unwrap();
+        spool.schedule_retry(&job, history).unwrap();
         assert_eq!(names(&spool, Dir::Retry), vec!["j"]);
         drop(spool);
         let spool = Spool::open(d.path()).unwrap();
@@ -1243,7 +1245,7 @@ mod tests {
         let failed = spool.failed_jobs().unwrap();
         assert!(
             failed[1]
-                .record
+                .history
                 .as_ref()
                 .unwrap()
                 .last_failure
