@@ -1,4 +1,7 @@
 //! The client subcommands (enqueue, status, failed, retry, check-config): short-lived, no runtime.
+//!
+//! The commands work through `source::Admin`, so they name no directory and no on-disk record:
+//! only `with_spool` knows that the queue is a spool, because the config says so.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -11,8 +14,10 @@ use crate::cli::Command;
 use crate::config::{Config, EX_CONFIG};
 use nix::unistd::{Group, User};
 
-use crate::job::{JobId, display_name, escape_bytes, escape_text};
-use crate::source::spool::{self, Partial, Retried, Spool, SpoolError};
+use crate::job::{Failure, History, JobId, display_name, escape_bytes, escape_text};
+use crate::source::Admin;
+use crate::source::admin::{Partial, Retried, SubmitError, new_job_id};
+use crate::source::spool::{Spool, SpoolError};
 
 /// Runs a client subcommand and returns the process exit status.
 pub fn run(command: Command) -> ExitCode {
@@ -166,34 +171,33 @@ fn membership_hint(gid: u32) -> String {
     }
 }
 
-fn enqueue(spool: &Spool, files: &[PathBuf]) -> io::Result<ExitCode> {
+fn enqueue(queue: &impl Admin, files: &[PathBuf]) -> io::Result<ExitCode> {
     let partial = Arc::new(Partial::default());
     remove_partial_on_signal(&partial)?;
     let mut generator = ulid::Generator::new();
     let mut code = ExitCode::SUCCESS;
     let mut out = io::stdout().lock();
     for file in files {
-        let id = spool::new_job_id(&mut generator);
+        let id = new_job_id(&mut generator);
         let result = if file.as_os_str() == "-" {
-            spool.enqueue_tracked(&mut io::stdin().lock(), &id, &partial)
+            queue.submit(&mut io::stdin().lock(), &id, &partial)
         } else {
-            open_regular(file).and_then(|mut f| spool.enqueue_tracked(&mut f, &id, &partial))
-        }
-        .map_err(|e| {
-            // Refused by tmp/ itself, rather than by the file being submitted: say why.
-            let tmp = spool.dir_path(spool::Dir::Tmp);
-            if e.kind() == io::ErrorKind::PermissionDenied
-                && e.to_string().contains(&*tmp.to_string_lossy())
-            {
-                let gid = std::fs::metadata(&tmp).map_or(u32::MAX, |m| m.gid());
-                io::Error::new(e.kind(), format!("{e}; {}", membership_hint(gid)))
-            } else {
-                e
-            }
-        });
+            open_regular(file)
+                .map_err(SubmitError::Io)
+                .and_then(|mut f| queue.submit(&mut f, &id, &partial))
+        };
         match result {
             Ok(()) => writeln!(out, "{id}")?,
-            Err(e) => {
+            // Refused by the queue itself, rather than by the file being submitted: say why.
+            Err(SubmitError::Denied { err, group }) => {
+                eprintln!(
+                    "spoold: {}: not submitted: {err}; {}",
+                    file.display(),
+                    membership_hint(group)
+                );
+                code = ExitCode::FAILURE;
+            }
+            Err(SubmitError::Io(e)) => {
                 eprintln!("spoold: {}: not submitted: {e}", file.display());
                 code = ExitCode::FAILURE;
             }
@@ -239,12 +243,12 @@ fn libc_flags() -> i32 {
     (rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOCTTY).bits() as i32
 }
 
-/// Starts a thread that, at SIGINT, SIGTERM or SIGHUP, removes the file an enqueue is writing
-/// in `tmp/` and ends the process by that signal, as it would have ended without a handler.
+/// Starts a thread that, at SIGINT, SIGTERM or SIGHUP, undoes the submission in progress (the
+/// spool removes the file it is writing) and ends the process by that signal, as it would have ended without a handler.
 /// The thread does the work rather than a flag checked between reads: the main thread may be
 /// blocked in a read of standard input for as long as the writer at the other end likes.
 /// SIGXFSZ is caught and ignored, so that a write past the file size limit fails with EFBIG,
-/// and the enqueue removes its file, instead of the process being killed with it in `tmp/`.
+/// and the enqueue undoes its submission, instead of the process being killed half-way.
 fn remove_partial_on_signal(partial: &Arc<Partial>) -> io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGXFSZ};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGXFSZ])?;
@@ -266,8 +270,8 @@ fn remove_partial_on_signal(partial: &Arc<Partial>) -> io::Result<()> {
     Ok(())
 }
 
-fn status(spool: &Spool, json: bool) -> io::Result<ExitCode> {
-    let counts = spool.counts(true)?;
+fn status(queue: &impl Admin, json: bool) -> io::Result<ExitCode> {
+    let counts = queue.counts()?;
     if json {
         println!("{}", serde_json::to_string(&counts)?);
     } else {
@@ -280,10 +284,8 @@ fn status(spool: &Spool, json: bool) -> io::Result<ExitCode> {
                 )
             })
             .unwrap_or_default();
-        println!(
-            "spool   {}",
-            escape_bytes(spool.root().as_os_str().as_encoded_bytes())
-        );
+        let (kind, address) = queue.address();
+        println!("{kind:<7} {address}");
         match counts.daemon_pid {
             Some(pid) => println!("daemon  running (pid {pid})"),
             None => println!("daemon  not running"),
@@ -297,13 +299,18 @@ fn status(spool: &Spool, json: bool) -> io::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn failed(spool: &Spool, json: bool) -> io::Result<ExitCode> {
-    let jobs = spool.failed_jobs()?;
+fn failed(queue: &impl Admin, json: bool) -> io::Result<ExitCode> {
+    let jobs = queue.failed()?;
     let mut out = io::stdout().lock();
     if json {
         let list: Vec<_> = jobs
             .iter()
-            .map(|j| serde_json::json!({ "id": display_name(&j.name), "record": j.record }))
+            .map(|j| {
+                serde_json::json!({
+                    "id": display_name(&j.name),
+                    "record": j.history.as_ref().map(history_json),
+                })
+            })
             .collect();
         writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
         return Ok(ExitCode::SUCCESS);
@@ -313,7 +320,7 @@ fn failed(spool: &Spool, json: bool) -> io::Result<ExitCode> {
     }
     for job in &jobs {
         let id = display_name(&job.name);
-        let Some(record) = &job.record else {
+        let Some(record) = &job.history else {
             writeln!(out, "{id}\n    (no reason recorded)")?;
             continue;
         };
@@ -346,12 +353,41 @@ fn failed(spool: &Spool, json: bool) -> io::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn retry(spool: &Spool, ids: &[String], all: bool) -> io::Result<ExitCode> {
+/// A history as `spoold failed --json` shows it, under "record": the fields and names of the
+/// spool's reason records, which that output has always shown as they are.
+fn history_json(h: &History) -> serde_json::Value {
+    serde_json::json!({
+        "id": h.id,
+        "attempts": h.attempts,
+        "first_attempt_at": h.first_attempt_at,
+        "next_attempt_unix_ms": h.next_attempt_unix_ms,
+        "next_attempt_at": h.next_attempt_at,
+        "failed_at": h.failed_at,
+        "permanent": h.permanent,
+        "last_failure": h.last_failure.as_ref().map(failure_json),
+    })
+}
+
+fn failure_json(f: &Failure) -> serde_json::Value {
+    serde_json::json!({
+        "attempt": f.attempt,
+        "started_at": f.started_at,
+        "ended_at": f.ended_at,
+        "duration_ms": f.duration_ms,
+        "exit_code": f.exit_code,
+        "signal": f.signal,
+        "timed_out": f.timed_out,
+        "reason": f.reason,
+        "stderr_tail": f.stderr_tail,
+    })
+}
+
+fn retry(queue: &impl Admin, ids: &[String], all: bool) -> io::Result<ExitCode> {
     let mut code = ExitCode::SUCCESS;
     // Every argument is checked before anything moves: a typo among many IDs must not leave
     // the operator guessing which of them were acted on.
     let ids: Vec<JobId> = if all {
-        let jobs = spool.failed_jobs()?;
+        let jobs = queue.failed()?;
         if jobs.is_empty() {
             println!("no failed jobs to retry");
             return Ok(code);
@@ -377,20 +413,22 @@ fn retry(spool: &Spool, ids: &[String], all: bool) -> io::Result<ExitCode> {
         parsed
     };
     for id in ids {
-        match spool.retry_failed(&id) {
-            Ok(Retried::Queued(name)) if name == id.as_os_str() => println!("{id}: back in new/"),
-            Ok(Retried::Queued(name)) => println!(
-                "{id}: back in new/ as {} (new/ already held a job of that name)",
+        match queue.retry(&id) {
+            Ok(Retried::Queued { name, place }) if name == id.as_os_str() => {
+                println!("{id}: back in {place}")
+            }
+            Ok(Retried::Queued { name, place }) => println!(
+                "{id}: back in {place} as {} ({place} already held a job of that name)",
                 display_name(&name)
             ),
             Ok(Retried::NoSuchJob) => {
                 eprintln!("spoold: {id}: no failed job of that name");
                 code = ExitCode::FAILURE;
             }
-            Ok(Retried::NotAJob(kind)) => {
+            Ok(Retried::NotAJob { kind, place }) => {
                 eprintln!(
                     "spoold: {id}: not retried: it is {kind}, not a job file; spoold never \
-                     follows or opens such an entry (remove it from failed/ by hand)"
+                     follows or opens such an entry (remove it from {place} by hand)"
                 );
                 code = ExitCode::FAILURE;
             }

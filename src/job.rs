@@ -72,6 +72,44 @@ pub enum Verdict {
     Release,
 }
 
+/// A failed attempt, as a source keeps it for people (`spoold failed`): the attempt's `Report`,
+/// numbered, with its times as RFC 3339 text, shown as they were recorded.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Failure {
+    pub attempt: u32,
+    pub started_at: String,
+    pub ended_at: String,
+    pub duration_ms: u64,
+    /// The exit code, when the handler exited.
+    pub exit_code: Option<i32>,
+    /// The signal that ended the handler, when one did.
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    /// One line a human can act on: "exit status 3", "killed by SIGKILL after timeout 10s", ...
+    pub reason: String,
+    /// The last lines the handler wrote to stderr.
+    pub stderr_tail: Vec<String>,
+}
+
+/// What a source knows of a job that has failed at least once: how often, when, and how it
+/// last failed. Each source stores it in its own format (the spool: `source::spool::record`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct History {
+    /// The job's ID when the history was written, escaped for display.
+    pub id: String,
+    /// Attempts that ended in failure. An attempt interrupted by a stop does not count.
+    pub attempts: u32,
+    pub first_attempt_at: Option<String>,
+    /// When a waiting retry may run, as milliseconds since the epoch (for spoold) ...
+    pub next_attempt_unix_ms: Option<u64>,
+    /// ... and as RFC 3339 (for people).
+    pub next_attempt_at: Option<String>,
+    pub failed_at: Option<String>,
+    /// True when the failure was a permanent exit code rather than running out of attempts.
+    pub permanent: bool,
+    pub last_failure: Option<Failure>,
+}
+
 /// A job ID as an operator gives it on a command line: one name inside a spool directory,
 /// never a path. It holds no `/` and no NUL, and is not `.`, `..` or empty, so that whatever a
 /// command does with it stays inside the one directory that command is about. It may hold any

@@ -22,7 +22,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::job::{Job, Report, Verdict};
 
+pub mod admin;
 pub mod spool;
+
+pub use admin::Admin;
 
 /// A queue that jobs are claimed from.
 pub trait Source: Send + Sync + 'static {

@@ -17,11 +17,11 @@ use tokio::sync::{Mutex, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::discovery::RetryScheduled;
-use super::{Claim, Claimed, Failure, JobRecord, Spool, rfc3339, unix_ms};
+use super::{Claim, Claimed, Spool, record, rfc3339, unix_ms};
 use crate::clock::later;
 use crate::config::Config;
 use crate::daemon::stats::Stats;
-use crate::job::{Job, Report, Verdict, display_name};
+use crate::job::{History, Job, Report, Verdict, display_name};
 use crate::source::{Lease, Source};
 
 /// The spool as the workers' source of jobs. Discovery (`super::discovery::Discovery`) sends
@@ -215,21 +215,10 @@ impl SpoolLease<'_> {
         }
     }
 
-    /// The record of this failed attempt: the job's state or reason file.
-    fn record(&self, report: Report, now: SystemTime) -> JobRecord {
+    /// The job's history with this failed attempt: what its state or reason file records.
+    fn history(&self, report: Report, now: SystemTime) -> History {
         let job = &*self.claimed;
-        let failure = Failure::of(job.attempt, report, now);
-        JobRecord {
-            id: self.shown.clone(),
-            attempts: job.attempt,
-            first_attempt_at: job
-                .record
-                .as_ref()
-                .and_then(|r| r.first_attempt_at.clone())
-                .or_else(|| Some(failure.started_at.clone())),
-            last_failure: Some(failure),
-            ..JobRecord::default()
-        }
+        record::after_failure(&self.shown, job.attempt, job.history.as_ref(), report, now)
     }
 
     fn retry(self, delay: Duration, report: Report) {
@@ -237,11 +226,10 @@ impl SpoolLease<'_> {
         let reason = report.reason.clone();
         let now = SystemTime::now();
         let due = later(now, delay);
-        let mut record = self.record(report, now);
-        record.next_attempt_unix_ms = Some(unix_ms(due));
-        record.next_attempt_at = Some(rfc3339(due));
+        let mut history = self.history(report, now);
+        record::set_next_attempt(&mut history, due);
         let (job, id) = (&*self.claimed, self.shown.as_str());
-        match self.source.spool.schedule_retry(job, &record) {
+        match self.source.spool.schedule_retry(job, history) {
             Ok(name) => {
                 // Gone only once the daemon stops; the next start reads retry/ anyway.
                 let _ = self.source.retries.send((name, unix_ms(due)));
@@ -270,16 +258,16 @@ impl SpoolLease<'_> {
         let (exit_status, duration_ms) = (report.exit_status(), report.duration.as_millis() as u64);
         let reason = report.reason.clone();
         let now = SystemTime::now();
-        let mut record = self.record(report, now);
-        record.permanent = permanent;
-        record.failed_at = Some(rfc3339(now));
+        let mut history = self.history(report, now);
+        history.permanent = permanent;
+        history.failed_at = Some(rfc3339(now));
         let why = if permanent {
             "permanent exit code"
         } else {
             "out of attempts"
         };
         let (job, id) = (&*self.claimed, self.shown.as_str());
-        match self.source.spool.fail(&job.name, &record) {
+        match self.source.spool.fail(&job.name, history) {
             Ok(_) => {
                 self.source.stats.failed.fetch_add(1, Relaxed);
                 tracing::warn!(

@@ -24,6 +24,7 @@
 
 pub mod discovery;
 mod lease;
+mod record;
 pub mod schedule;
 
 pub use lease::{SpoolLease, SpoolSource};
@@ -38,12 +39,12 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::job::{Failure, History, JobId, display_name, escape_bytes};
+use crate::source::admin::{Admin, Counts, FailedJob, Partial, Place, Retried, SubmitError};
+use crate::source::spool::schedule::RetrySchedule;
+use record::JobRecord;
 use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
-use serde::{Deserialize, Serialize};
-
-use crate::job::{JobId, Report, display_name};
-use crate::source::spool::schedule::RetrySchedule;
 
 /// The longest file name Linux filesystems accept, in bytes.
 const NAME_MAX: usize = 255;
@@ -87,6 +88,20 @@ impl Dir {
             Dir::State => "state",
             Dir::Reasons => "reasons",
         }
+    }
+
+    /// The directory as the client commands name it to people: `new/`.
+    fn place(self) -> Place {
+        Place::named(match self {
+            Dir::Tmp => "tmp/",
+            Dir::New => "new/",
+            Dir::Active => "active/",
+            Dir::Retry => "retry/",
+            Dir::Done => "done/",
+            Dir::Failed => "failed/",
+            Dir::State => "state/",
+            Dir::Reasons => "reasons/",
+        })
     }
 }
 
@@ -167,59 +182,6 @@ impl fmt::Display for SpoolError {
 
 impl std::error::Error for SpoolError {}
 
-/// What a failed attempt looked like, kept for `spoold failed`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Failure {
-    pub attempt: u32,
-    pub started_at: String,
-    pub ended_at: String,
-    pub duration_ms: u64,
-    /// The exit code, when the handler exited.
-    pub exit_code: Option<i32>,
-    /// The signal that ended the handler, when one did.
-    pub signal: Option<i32>,
-    pub timed_out: bool,
-    /// One line a human can act on: "exit status 3", "killed by SIGKILL after timeout 10s", ...
-    pub reason: String,
-    /// The last lines the handler wrote to stderr.
-    pub stderr_tail: Vec<String>,
-}
-
-impl Failure {
-    /// The record of attempt number `attempt`, which ended at `ended` as `report` says.
-    pub fn of(attempt: u32, report: Report, ended: SystemTime) -> Failure {
-        Failure {
-            attempt,
-            started_at: rfc3339(report.started),
-            ended_at: rfc3339(ended),
-            duration_ms: report.duration.as_millis() as u64,
-            exit_code: report.exit_code,
-            signal: report.signal,
-            timed_out: report.timed_out,
-            reason: report.reason,
-            stderr_tail: report.stderr_tail,
-        }
-    }
-}
-
-/// The bookkeeping of one job, in `state/NAME` while it lives and `reasons/NAME` once failed.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct JobRecord {
-    /// The job's name, escaped for display.
-    pub id: String,
-    /// Attempts that ended in failure. An attempt interrupted by a stop does not count.
-    pub attempts: u32,
-    pub first_attempt_at: Option<String>,
-    /// When a waiting retry may run, as milliseconds since the epoch (for spoold) ...
-    pub next_attempt_unix_ms: Option<u64>,
-    /// ... and as RFC 3339 (for people).
-    pub next_attempt_at: Option<String>,
-    pub failed_at: Option<String>,
-    /// True when the failure was a permanent exit code rather than running out of attempts.
-    pub permanent: bool,
-    pub last_failure: Option<Failure>,
-}
-
 /// A job a worker has claimed: its file is in `active/`.
 #[derive(Debug)]
 pub struct Claimed {
@@ -228,8 +190,8 @@ pub struct Claimed {
     pub path: PathBuf,
     /// The attempt about to run, 1-based.
     pub attempt: u32,
-    /// The record of earlier failed attempts, if any.
-    pub record: Option<JobRecord>,
+    /// The job's earlier failed attempts, if any.
+    pub history: Option<History>,
 }
 
 /// The outcome of trying to claim a name seen in `new/`.
@@ -261,61 +223,6 @@ pub enum Promotion {
     NotDue(u64),
     /// Not in `retry/` any more.
     Gone,
-}
-
-/// What `retry_failed` did with an ID.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Retried {
-    /// Back in `new/`, under this name (a `.dup-` name when `new/` held one like it).
-    Queued(OsString),
-    /// `failed/` holds no entry of that name.
-    NoSuchJob,
-    /// `failed/` holds an entry of that name that is not a regular file (this kind): it stays.
-    NotAJob(&'static str),
-}
-
-/// A job in `failed/` as `spoold failed` shows it.
-#[derive(Debug)]
-pub struct FailedJob {
-    pub name: OsString,
-    pub record: Option<JobRecord>,
-}
-
-/// Counts per state, as `spoold status` shows them.
-#[derive(Debug, Default, Clone, PartialEq, Serialize)]
-pub struct Counts {
-    pub queued: u64,
-    pub active: u64,
-    pub retry: u64,
-    pub done: u64,
-    pub failed: u64,
-    pub oldest_queued_age_s: Option<f64>,
-    /// The pid of the daemon that holds the spool's lock, if one runs.
-    pub daemon_pid: Option<u32>,
-}
-
-/// The file in `tmp/` that an enqueue is writing, if any. A signal handler thread removes it
-/// (`Partial::discard`) before the process ends, and keeps the lock while the process ends: an
-/// enqueue holds the same lock across its rename, so the file is either still in `tmp/` and
-/// removed, or already a whole job in `new/`, never removed half-way into a rename.
-#[derive(Debug, Default)]
-pub struct Partial(std::sync::Mutex<Option<PathBuf>>);
-
-impl Partial {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<PathBuf>> {
-        // The lock guards a path, which a panic elsewhere cannot leave half-written.
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Removes the partial file, if an enqueue is writing one, and returns the lock: no
-    /// enqueue can create or publish a file while it is held. The caller ends the process.
-    pub fn discard(&self) -> std::sync::MutexGuard<'_, Option<PathBuf>> {
-        let mut current = self.lock();
-        if let Some(path) = current.take() {
-            let _ = fs::remove_file(path);
-        }
-        current
-    }
 }
 
 /// The flock that makes one daemon the owner of a spool; released when dropped.
@@ -663,7 +570,7 @@ impl Spool {
                 "not a regular file but {}: spoold never follows or opens such an entry",
                 describe_file_type(kind)
             );
-            let record = JobRecord {
+            let history = History {
                 id: display_name(&name),
                 failed_at: Some(rfc3339(SystemTime::now())),
                 permanent: true,
@@ -671,22 +578,22 @@ impl Spool {
                     reason: reason.clone(),
                     ..Failure::default()
                 }),
-                ..JobRecord::default()
+                ..History::default()
             };
-            self.fail(&name, &record)?;
+            self.fail(&name, history)?;
             return Ok(Claim::Rejected { reason });
         }
-        let record = if own_record {
-            self.read_record(Dir::State, &name)?
+        let history = if own_record {
+            self.read_record(Dir::State, &name)?.map(History::from)
         } else {
             None
         };
-        let attempt = record.as_ref().map_or(0, |r| r.attempts) + 1;
+        let attempt = history.as_ref().map_or(0, |h| h.attempts) + 1;
         Ok(Claim::Job(Box::new(Claimed {
             path: self.dir_path(Dir::Active).join(&name),
             name,
             attempt,
-            record,
+            history,
         })))
     }
 
@@ -712,7 +619,7 @@ impl Spool {
                 .map_err(|e| annotate(e.into(), &job.name, "cannot delete"))?;
             None
         };
-        if job.record.is_some() {
+        if job.history.is_some() {
             // A move that met a name clash took the record along to the new name: remove it
             // there, or it is left behind with no job.
             self.remove_record(Dir::State, result.as_deref().unwrap_or(&job.name));
@@ -720,9 +627,9 @@ impl Spool {
         Ok(result)
     }
 
-    /// The job has failed for good: move it to `failed/` and record why beside it.
+    /// The job has failed for good: move it to `failed/` and record its history beside it.
     /// Returns the name it has in `failed/`.
-    pub fn fail(&self, name: &OsStr, record: &JobRecord) -> io::Result<OsString> {
+    pub fn fail(&self, name: &OsStr, history: History) -> io::Result<OsString> {
         // The reason is written first, under the name the job will have in failed/, so that
         // whoever sees the job there finds its reason too. Only this daemon adds to failed/, so
         // a name free now is still free at the rename below.
@@ -734,7 +641,7 @@ impl Spool {
         }
         // A reason that cannot be written (a full disk) must not keep the job out of failed/:
         // it is moved all the same, and the error is reported once it is safe there.
-        let recorded = self.write_record(Dir::Reasons, &final_name, record);
+        let recorded = self.write_record(Dir::Reasons, &final_name, &history.into());
         if let Err(e) = rename_noreplace(
             self.fd(Dir::Active),
             name,
@@ -755,12 +662,12 @@ impl Spool {
         Ok(final_name)
     }
 
-    /// The attempt failed and another is due at `record.next_attempt_unix_ms`: record that, then
-    /// move the job to `retry/`. If the record cannot be written the job stays in `active/`,
-    /// where the next start finds it: the attempt count is never silently lost.
+    /// The attempt failed and another is due at `history.next_attempt_unix_ms`: record that,
+    /// then move the job to `retry/`. If the record cannot be written the job stays in
+    /// `active/`, where the next start finds it: the attempt count is never silently lost.
     /// Returns the name the job has in `retry/`.
-    pub fn schedule_retry(&self, job: &Claimed, record: &JobRecord) -> io::Result<OsString> {
-        self.write_record(Dir::State, &job.name, record)
+    pub fn schedule_retry(&self, job: &Claimed, history: History) -> io::Result<OsString> {
+        self.write_record(Dir::State, &job.name, &history.into())
             .map_err(|e| annotate(e, &job.name, "cannot record the failed attempt"))?;
         let moved = self
             .move_job(Dir::Active, Dir::Retry, &job.name)
@@ -847,17 +754,12 @@ impl Spool {
 
     /// Atomically submits the bytes of `src` as a new job named `id`. The file is written in
     /// `tmp/`, flushed to disk, then renamed into `new/`: a daemon never sees half a job. On an
-    /// error the partial file is removed; while it is being written, `partial` names it, so
-    /// that a signal can remove it too (see [`Partial`]).
-    pub fn enqueue_tracked(
-        &self,
-        src: &mut dyn Read,
-        id: &str,
-        partial: &Partial,
-    ) -> io::Result<()> {
+    /// error the partial file is removed; while it is being written, `partial` holds its
+    /// removal, so that a signal can remove it too (see [`Partial`]).
+    fn enqueue_tracked(&self, src: &mut dyn Read, id: &str, partial: &Partial) -> io::Result<()> {
         let tmp_path = self.dir_path(Dir::Tmp).join(id);
         let mut file = {
-            let mut current = partial.lock();
+            let mut current = partial.hold();
             let file = fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -870,12 +772,15 @@ impl Spool {
                         format!("cannot create a file in {}: {e}", tmp.display()),
                     )
                 })?;
-            *current = Some(tmp_path.clone());
+            let removed = tmp_path.clone();
+            *current = Some(Box::new(move || {
+                let _ = fs::remove_file(removed);
+            }));
             file
         };
         let written = io::copy(src, &mut file).and_then(|_| file.sync_all());
         drop(file);
-        let mut current = partial.lock();
+        let mut current = partial.hold();
         let moved = written.and_then(|()| {
             rename_noreplace(self.fd(Dir::Tmp), id, self.fd(Dir::New), id).map_err(io::Error::from)
         });
@@ -952,8 +857,11 @@ impl Spool {
         let mut jobs = Vec::new();
         for entry in fs::read_dir(self.dir_path(Dir::Failed))? {
             let name = entry?.file_name();
-            let record = self.read_record(Dir::Reasons, &name).unwrap_or(None);
-            jobs.push(FailedJob { name, record });
+            let history = self
+                .read_record(Dir::Reasons, &name)
+                .unwrap_or(None)
+                .map(History::from);
+            jobs.push(FailedJob { name, history });
         }
         jobs.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(jobs)
@@ -972,7 +880,10 @@ impl Spool {
         // back, it would only be refused again (and a link's target is nobody's job).
         let kind = rustix::fs::FileType::from_raw_mode(stat.st_mode);
         if kind != rustix::fs::FileType::RegularFile {
-            return Ok(Retried::NotAJob(describe_file_type(kind)));
+            return Ok(Retried::NotAJob {
+                kind: describe_file_type(kind),
+                place: Dir::Failed.place(),
+            });
         }
         // A stale record must not follow the job back, but one that a live job of the same
         // name (in new/, active/ or retry/) owns must stay.
@@ -986,7 +897,10 @@ impl Spool {
             return Ok(Retried::NoSuchJob);
         };
         self.remove_record(Dir::Reasons, name);
-        Ok(Retried::Queued(moved))
+        Ok(Retried::Queued {
+            name: moved,
+            place: Dir::New.place(),
+        })
     }
 
     /// Renames `name` from one directory to another without overwriting anything. When the
@@ -1072,6 +986,44 @@ impl Spool {
 
     fn remove_record(&self, dir: Dir, name: &OsStr) {
         let _ = rustix::fs::unlinkat(self.fd(dir), name, AtFlags::empty());
+    }
+}
+
+/// The spool as the client commands see it.
+impl Admin for Spool {
+    fn address(&self) -> (&'static str, String) {
+        (
+            "spool",
+            escape_bytes(self.root.as_os_str().as_encoded_bytes()),
+        )
+    }
+
+    fn submit(&self, src: &mut dyn Read, id: &str, partial: &Partial) -> Result<(), SubmitError> {
+        self.enqueue_tracked(src, id, partial).map_err(|e| {
+            // Refused by tmp/ itself, rather than by the file being submitted: the group that
+            // grants access is tmp/'s.
+            let tmp = self.dir_path(Dir::Tmp);
+            if e.kind() == io::ErrorKind::PermissionDenied
+                && e.to_string().contains(&*tmp.to_string_lossy())
+            {
+                let group = fs::metadata(&tmp).map_or(u32::MAX, |m| m.gid());
+                SubmitError::Denied { err: e, group }
+            } else {
+                SubmitError::Io(e)
+            }
+        })
+    }
+
+    fn counts(&self) -> io::Result<Counts> {
+        Spool::counts(self, true)
+    }
+
+    fn failed(&self) -> io::Result<Vec<FailedJob>> {
+        self.failed_jobs()
+    }
+
+    fn retry(&self, id: &JobId) -> io::Result<Retried> {
+        self.retry_failed(id)
     }
 }
 
@@ -1179,15 +1131,6 @@ pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-/// A new job ID: a ULID, so that IDs sort by submit time.
-pub fn new_job_id(generator: &mut ulid::Generator) -> String {
-    match generator.generate() {
-        Ok(id) => id.to_string(),
-        // More than 2^80 IDs in one millisecond cannot happen; a fresh random one is still unique.
-        Err(_) => ulid::Ulid::generate().to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1213,6 +1156,7 @@ mod tests {
 
     #[test]
     fn job_ids_sort_by_submit_time() {
+        use crate::source::admin::new_job_id;
         let mut g = ulid::Generator::new();
         let ids: Vec<String> = (0..1000).map(|_| new_job_id(&mut g)).collect();
         let mut sorted = ids.clone();
@@ -1258,12 +1202,12 @@ mod tests {
         let Claim::Job(job) = spool.claim(OsStr::new("j")).unwrap() else {
             panic!()
         };
-        let record = JobRecord {
+        let history = History {
             attempts: 1,
             next_attempt_unix_ms: Some(1000),
-            ..JobRecord::default()
+            ..History::default()
         };
-        spool.schedule_retry(&job, &record).unwrap();
+        spool.schedule_retry(&job, history).unwrap();
         assert_eq!(names(&spool, Dir::Retry), vec!["j"]);
         drop(spool);
         let spool = Spool::open(d.path()).unwrap();
@@ -1301,7 +1245,7 @@ mod tests {
         let failed = spool.failed_jobs().unwrap();
         assert!(
             failed[1]
-                .record
+                .history
                 .as_ref()
                 .unwrap()
                 .last_failure

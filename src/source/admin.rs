@@ -1,0 +1,149 @@
+//! The seam between the client commands (`enqueue`, `status`, `failed`, `retry`) and a queue:
+//! the [`Admin`] trait and the domain types its answers are made of. A source implements it
+//! (the spool does); the commands name no directory and no on-disk record, so that they can
+//! work the same against a broker.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::io::{self, Read};
+use std::sync::{Mutex, MutexGuard};
+
+use serde::Serialize;
+
+use crate::job::{History, JobId};
+
+/// What the client commands ask of a queue.
+pub trait Admin {
+    /// What kind of queue this is and where, for people: ("spool", its root, escaped).
+    fn address(&self) -> (&'static str, String);
+
+    /// Submits the bytes of `src` as a new job named `id`, whole or not at all: a daemon never
+    /// sees half a job. While the job is partial, `partial` holds how to undo it, so that a
+    /// signal can (see [`Partial`]).
+    fn submit(&self, src: &mut dyn Read, id: &str, partial: &Partial) -> Result<(), SubmitError>;
+
+    /// The jobs in each state, the age of the oldest queued job, and the daemon's pid.
+    fn counts(&self) -> io::Result<Counts>;
+
+    /// The jobs that failed for good, in the order of their IDs, with their histories.
+    fn failed(&self) -> io::Result<Vec<FailedJob>>;
+
+    /// Queues the failed job `id` again, with a fresh attempt count.
+    fn retry(&self, id: &JobId) -> io::Result<Retried>;
+}
+
+/// Why a submission failed.
+#[derive(Debug)]
+pub enum SubmitError {
+    /// The queue itself refused this user (not the file being submitted); membership of
+    /// `group` grants access.
+    Denied {
+        err: io::Error,
+        group: u32,
+    },
+    Io(io::Error),
+}
+
+impl From<io::Error> for SubmitError {
+    fn from(e: io::Error) -> SubmitError {
+        SubmitError::Io(e)
+    }
+}
+
+/// A place a job can be in, as its source names it to people: `new/` in the spool, where a
+/// broker would say "the queue".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Place(&'static str);
+
+impl Place {
+    pub const fn named(name: &'static str) -> Place {
+        Place(name)
+    }
+}
+
+impl fmt::Display for Place {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// What [`Admin::retry`] did with an ID.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Retried {
+    /// Waiting to run, in `place`, under `name` (another name when `place` held a job of that
+    /// name already).
+    Queued { name: OsString, place: Place },
+    /// No failed job has that ID.
+    NoSuchJob,
+    /// An entry of that ID is in `place` but is no job (it is `kind`): it stays there.
+    NotAJob { kind: &'static str, place: Place },
+}
+
+/// A job that failed for good, as `spoold failed` shows it.
+#[derive(Debug)]
+pub struct FailedJob {
+    pub name: OsString,
+    /// None when nothing was recorded, or the record cannot be read.
+    pub history: Option<History>,
+}
+
+/// Counts per state, as `spoold status` shows them (its `--json` is this, serialised).
+#[derive(Debug, Default, Clone, PartialEq, Serialize)]
+pub struct Counts {
+    pub queued: u64,
+    pub active: u64,
+    pub retry: u64,
+    pub done: u64,
+    pub failed: u64,
+    pub oldest_queued_age_s: Option<f64>,
+    /// The pid of the daemon that owns the queue, if one runs.
+    pub daemon_pid: Option<u32>,
+}
+
+/// How to undo a submission that is not whole yet.
+pub type Undo = Box<dyn FnOnce() + Send>;
+
+/// The submission in progress, if any, as the means to undo it. A signal handler thread undoes
+/// it (`Partial::discard`) before the process ends, and keeps the lock while the process ends:
+/// a source holds the same lock while it completes a submission, so the job is either undone or
+/// whole, never undone half-way into being published.
+#[derive(Default)]
+pub struct Partial(Mutex<Option<Undo>>);
+
+impl Partial {
+    /// The lock a source holds to start a submission (setting its undo) and to complete it
+    /// (taking the undo away).
+    pub fn hold(&self) -> MutexGuard<'_, Option<Undo>> {
+        // The lock guards a closure that a panic elsewhere cannot leave half-made.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Undoes the submission in progress, if there is one, and returns the lock: no submission
+    /// can start or complete while it is held. The caller ends the process.
+    pub fn discard(&self) -> MutexGuard<'_, Option<Undo>> {
+        let mut current = self.hold();
+        if let Some(undo) = current.take() {
+            undo();
+        }
+        current
+    }
+}
+
+impl fmt::Debug for Partial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.hold().is_some() {
+            "Partial(in progress)"
+        } else {
+            "Partial(none)"
+        })
+    }
+}
+
+/// A new job ID: a ULID, so that IDs sort by submit time.
+pub fn new_job_id(generator: &mut ulid::Generator) -> String {
+    match generator.generate() {
+        Ok(id) => id.to_string(),
+        // More than 2^80 IDs in one millisecond cannot happen; a fresh random one is still unique.
+        Err(_) => ulid::Ulid::generate().to_string(),
+    }
+}

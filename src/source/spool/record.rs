@@ -1,0 +1,170 @@
+//! The on-disk record of a job's failures (`state/NAME`, `reasons/NAME`): its JSON, and the
+//! conversions to and from the domain types (`job::History`, `job::Failure`) that the rest of
+//! spoold uses. Nothing outside the spool source sees these types, so the file format can only
+//! change here.
+
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use super::{rfc3339, unix_ms};
+use crate::job::{Failure, History, Report};
+
+/// One failed attempt, as `last_failure` in a record. The field names are the file format:
+/// records written by any earlier spoold must still read.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub(super) struct FailureRecord {
+    attempt: u32,
+    started_at: String,
+    ended_at: String,
+    duration_ms: u64,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    timed_out: bool,
+    reason: String,
+    stderr_tail: Vec<String>,
+}
+
+/// The bookkeeping of one job, in `state/NAME` while it lives and `reasons/NAME` once failed.
+/// The optional fields may be missing from a file (read as None), the others may not.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub(super) struct JobRecord {
+    id: String,
+    attempts: u32,
+    first_attempt_at: Option<String>,
+    /// When a waiting retry may run, as milliseconds since the epoch (for spoold) ...
+    pub(super) next_attempt_unix_ms: Option<u64>,
+    /// ... and as RFC 3339 (for people).
+    next_attempt_at: Option<String>,
+    failed_at: Option<String>,
+    permanent: bool,
+    last_failure: Option<FailureRecord>,
+}
+
+impl From<FailureRecord> for Failure {
+    fn from(r: FailureRecord) -> Failure {
+        Failure {
+            attempt: r.attempt,
+            started_at: r.started_at,
+            ended_at: r.ended_at,
+            duration_ms: r.duration_ms,
+            exit_code: r.exit_code,
+            signal: r.signal,
+            timed_out: r.timed_out,
+            reason: r.reason,
+            stderr_tail: r.stderr_tail,
+        }
+    }
+}
+
+impl From<Failure> for FailureRecord {
+    fn from(f: Failure) -> FailureRecord {
+        FailureRecord {
+            attempt: f.attempt,
+            started_at: f.started_at,
+            ended_at: f.ended_at,
+            duration_ms: f.duration_ms,
+            exit_code: f.exit_code,
+            signal: f.signal,
+            timed_out: f.timed_out,
+            reason: f.reason,
+            stderr_tail: f.stderr_tail,
+        }
+    }
+}
+
+impl From<JobRecord> for History {
+    fn from(r: JobRecord) -> History {
+        History {
+            id: r.id,
+            attempts: r.attempts,
+            first_attempt_at: r.first_attempt_at,
+            next_attempt_unix_ms: r.next_attempt_unix_ms,
+            next_attempt_at: r.next_attempt_at,
+            failed_at: r.failed_at,
+            permanent: r.permanent,
+            last_failure: r.last_failure.map(Failure::from),
+        }
+    }
+}
+
+impl From<History> for JobRecord {
+    fn from(h: History) -> JobRecord {
+        JobRecord {
+            id: h.id,
+            attempts: h.attempts,
+            first_attempt_at: h.first_attempt_at,
+            next_attempt_unix_ms: h.next_attempt_unix_ms,
+            next_attempt_at: h.next_attempt_at,
+            failed_at: h.failed_at,
+            permanent: h.permanent,
+            last_failure: h.last_failure.map(FailureRecord::from),
+        }
+    }
+}
+
+/// The failure of attempt number `attempt`, which ended at `ended` as `report` says.
+pub(super) fn failure(attempt: u32, report: Report, ended: SystemTime) -> Failure {
+    Failure {
+        attempt,
+        started_at: rfc3339(report.started),
+        ended_at: rfc3339(ended),
+        duration_ms: report.duration.as_millis() as u64,
+        exit_code: report.exit_code,
+        signal: report.signal,
+        timed_out: report.timed_out,
+        reason: report.reason,
+        stderr_tail: report.stderr_tail,
+    }
+}
+
+/// The history of job `shown` after attempt `attempt` failed at `now` as `report` says; the
+/// time of its first attempt is kept from `earlier`, its history before this attempt.
+pub(super) fn after_failure(
+    shown: &str,
+    attempt: u32,
+    earlier: Option<&History>,
+    report: Report,
+    now: SystemTime,
+) -> History {
+    let failure = failure(attempt, report, now);
+    History {
+        id: shown.to_owned(),
+        attempts: attempt,
+        first_attempt_at: earlier
+            .and_then(|h| h.first_attempt_at.clone())
+            .or_else(|| Some(failure.started_at.clone())),
+        last_failure: Some(failure),
+        ..History::default()
+    }
+}
+
+/// Sets when the next attempt of a job with history `h` may run.
+pub(super) fn set_next_attempt(h: &mut History, due: SystemTime) {
+    h.next_attempt_unix_ms = Some(unix_ms(due));
+    h.next_attempt_at = Some(rfc3339(due));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record as an earlier spoold wrote it reads, and writes back, field for field.
+    #[test]
+    fn the_file_format_round_trips() {
+        let text = r#"{"id":"j","attempts":2,"first_attempt_at":"2024-01-01T00:00:00.000Z","next_attempt_unix_ms":1704067260000,"next_attempt_at":"2024-01-01T00:01:00.000Z","failed_at":null,"permanent":false,"last_failure":{"attempt":2,"started_at":"a","ended_at":"b","duration_ms":5,"exit_code":3,"signal":null,"timed_out":false,"reason":"exit status 3","stderr_tail":["x"]}}"#;
+        let record: JobRecord = serde_json::from_str(text).unwrap();
+        let back = JobRecord::from(History::from(record.clone()));
+        assert_eq!(back, record);
+        assert_eq!(serde_json::to_string(&back).unwrap(), text);
+    }
+
+    /// Optional fields may be missing from a file; the others may not.
+    #[test]
+    fn optional_fields_may_be_missing() {
+        let record: JobRecord =
+            serde_json::from_str(r#"{"id":"j","attempts":1,"permanent":true}"#).unwrap();
+        assert_eq!(History::from(record).attempts, 1);
+        assert!(serde_json::from_str::<JobRecord>(r#"{"id":"j","permanent":true}"#).is_err());
+    }
+}
