@@ -7,7 +7,9 @@
 //! group live on, they get SIGTERM, then SIGKILL after `kill_grace`.
 //!
 //! An attempt runs synchronously on its worker's thread: one `poll(2)` waits on the handler's
-//! pidfd, its two pipes and the abort eventfd at once, with the nearest deadline as timeout.
+//! pidfd, its two pipes, the abort eventfd and the lease's `revoked` descriptor at once, with
+//! the nearest deadline as timeout. What is watched, and what is due next, follows from the
+//! attempt's `Phase`.
 //! Nothing is registered with a reactor, so a job costs no `epoll_ctl`, and its pipes need no
 //! `fcntl` to become non-blocking; a worker thread has nothing else to do while its handler
 //! runs.
