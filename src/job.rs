@@ -29,6 +29,9 @@ pub enum Outcome {
     Failed,
     /// Stopped by a spoold abort: the attempt does not count.
     Aborted,
+    /// Ended because the source lost its hold on the job (`source::Lease::revoked`): the job
+    /// is the source's again, and the attempt does not count.
+    LeaseLost,
 }
 
 /// How an attempt ended. When it failed, this is the failure a source records for the job

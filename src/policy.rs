@@ -12,7 +12,7 @@ use crate::job::{Outcome, Report, Verdict};
 pub fn decide(report: &Report, attempt: u32, cfg: &RetryConfig, jitter: f64) -> Verdict {
     match report.outcome {
         Outcome::Succeeded => Verdict::Done,
-        Outcome::Aborted => Verdict::Release,
+        Outcome::Aborted | Outcome::LeaseLost => Verdict::Release,
         Outcome::Failed => {
             let permanent = report
                 .exit_code
@@ -77,6 +77,7 @@ mod tests {
         assert_eq!(decide(Outcome::Succeeded, Some(0), 1), Verdict::Done);
         // An aborted attempt is released whatever its number: it does not count.
         assert_eq!(decide(Outcome::Aborted, None, 3), Verdict::Release);
+        assert_eq!(decide(Outcome::LeaseLost, None, 3), Verdict::Release);
         assert_eq!(
             decide(Outcome::Failed, Some(1), 1),
             Verdict::Retry {

@@ -7,7 +7,9 @@
 //! group live on, they get SIGTERM, then SIGKILL after `kill_grace`.
 //!
 //! An attempt runs synchronously on its worker's thread: one `poll(2)` waits on the handler's
-//! pidfd, its two pipes and the abort eventfd at once, with the nearest deadline as timeout.
+//! pidfd, its two pipes, the abort eventfd and the lease's `revoked` descriptor at once, with
+//! the nearest deadline as timeout. What is watched, and what is due next, follows from the
+//! attempt's `Phase`.
 //! Nothing is registered with a reactor, so a job costs no `epoll_ctl`, and its pipes need no
 //! `fcntl` to become non-blocking; a worker thread has nothing else to do while its handler
 //! runs.
@@ -200,7 +202,7 @@ impl Abort {
 /// The handler's process. Were `run` left without having waited for it (a handler it cannot
 /// watch, or a panic), dropping this kills its group and reaps it: no handler runs on
 /// unobserved.
-struct Handler {
+struct HandlerProcess {
     /// The handler's PID, which is also its process group's ID.
     pgid: Pid,
     /// What reaping it gave, once it has been reaped. A second `waitpid` must never run: the
@@ -208,7 +210,8 @@ struct Handler {
     reaped: Option<Result<ExitStatus, rustix::io::Errno>>,
 }
 
-impl Handler {
+impl HandlerProcess {
+    /// Reaps the handler, waiting for its exit, or gives what reaping it gave before.
     fn wait(&mut self) -> io::Result<ExitStatus> {
         let reaped = *self.reaped.get_or_insert_with(|| {
             loop {
@@ -229,7 +232,7 @@ impl Handler {
     }
 }
 
-impl Drop for Handler {
+impl Drop for HandlerProcess {
     fn drop(&mut self) {
         if self.reaped.is_none() {
             signal_group(self.pgid, Signal::KILL);
@@ -241,114 +244,259 @@ impl Drop for Handler {
 /// Why spoold itself ended the handler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ended {
+    /// `handler.timeout` ran out.
     Timeout,
+    /// The abort token: a stop that no longer waits for jobs.
     Abort,
+    /// The source lost its hold on the job (`Lease::revoked`).
+    LeaseLost,
 }
 
-/// Runs one attempt to its end. `abort` ends it early: SIGTERM to the group, SIGKILL after
-/// `kill_grace`, and an `Aborted` outcome. Blocks the calling thread until then.
-pub fn run(cfg: &HandlerConfig, job: &Job<'_>, abort: &Abort, scratch: &mut Scratch) -> Report {
+/// Where an attempt stands. The phase alone says which descriptors are watched and which
+/// instant is due next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The handler runs and spoold has not ended it: its time limit counts, and an abort or a
+    /// lost lease ends it.
+    Running,
+    /// spoold has sent the group SIGTERM (`Attempt::ended` says why); SIGKILL follows at
+    /// `kill_at`.
+    Ending { kill_at: Instant },
+    /// The group has had its SIGKILL; only the handler's exit is awaited. A member seen after
+    /// this is dying, not defying: it gets no second grace period, which would stretch an abort
+    /// past the stop's bound.
+    Killed,
+    /// The handler has been reaped, but members of its group live on: they have had SIGTERM,
+    /// get SIGKILL at `kill_at`, and are looked for again at `check_at`. They may hold no pipe,
+    /// and must not outlive the job all the same. No descriptor reports their end, and a look
+    /// may read /proc, so looks are paced at `GROUP_CHECK` rather than made at every wake-up
+    /// (a member that floods the pipe would otherwise cost a scan per read).
+    Outlived { kill_at: Instant, check_at: Instant },
+    /// The handler has been reaped and nothing of its group lives (or all of it is dying of
+    /// SIGKILL): the pipes are read until they close, or until `until`.
+    Draining { until: Instant },
+}
+
+impl Phase {
+    fn reaped(self) -> bool {
+        matches!(self, Phase::Outlived { .. } | Phase::Draining { .. })
+    }
+
+    /// The next instant at which something is due; `deadline` is the attempt's time limit.
+    fn next_due(self, deadline: Instant) -> Option<Instant> {
+        match self {
+            Phase::Running => Some(deadline),
+            Phase::Ending { kill_at } => Some(kill_at),
+            Phase::Killed => None,
+            Phase::Outlived { kill_at, check_at } => Some(kill_at.min(check_at)),
+            Phase::Draining { until } => Some(until),
+        }
+    }
+}
+
+/// What `Attempt::on_time` did.
+enum Flow {
+    /// Nothing was due: wait for the next event.
+    Wait,
+    /// The phase changed: look again at what is due before waiting.
+    Changed,
+    /// The pipes stayed open past their grace: stop reading them.
+    GiveUp,
+}
+
+/// What one `poll` found ready.
+#[derive(Default)]
+struct Ready {
+    out: bool,
+    err: bool,
+    exited: bool,
+    aborted: bool,
+    revoked: bool,
+}
+
+/// One attempt being watched: the handler, its output, and where it stands.
+struct Attempt<'a, 'b> {
+    cfg: &'a HandlerConfig,
+    job: Job<'a>,
+    child: HandlerProcess,
+    /// Readable once the handler has exited, so one poll waits for the exit and the output.
+    pidfd: OwnedFd,
+    out: LineReader<'b, std::fs::File>,
+    err: LineReader<'b, std::fs::File>,
+    log: OutputLog<'a>,
+    /// When the time limit runs out; it counts only in `Phase::Running`.
+    deadline: Instant,
+    phase: Phase,
+    /// Why spoold ended the handler, if it did: set once, as the attempt leaves `Running`.
+    ended: Option<Ended>,
+}
+
+/// Runs one attempt to its end, blocking the calling thread until then. `abort`, or `revoked`
+/// (the job's lease, lost) becoming readable, ends it early: SIGTERM to the group, SIGKILL
+/// after `kill_grace`, and an `Aborted` or a `LeaseLost` outcome.
+pub fn run(
+    cfg: &HandlerConfig,
+    job: &Job<'_>,
+    abort: &Abort,
+    revoked: Option<BorrowedFd<'_>>,
+    scratch: &mut Scratch,
+) -> Report {
     let started = SystemTime::now();
     let clock = Instant::now();
-    let failed = |reason: String| Report {
-        outcome: Outcome::Failed,
-        started,
-        duration: clock.elapsed(),
-        exit_code: None,
-        signal: None,
-        timed_out: false,
-        reason,
-        stderr_tail: Vec::new(),
-    };
-    let (mut child, stdout, stderr) = match spawn(cfg, job, scratch) {
+    let spawned = spawn(cfg, job, scratch).and_then(|(child, stdout, stderr)| {
+        // Without a pidfd (out of descriptors) the attempt cannot be watched: it is ended at
+        // once (dropping `child` kills and reaps it) rather than left running unobserved.
+        let pidfd = rustix::process::pidfd_open(child.pgid, PidfdFlags::empty())
+            .map_err(|e| format!("cannot watch the handler (pidfd_open): {e}"))?;
+        Ok((child, pidfd, stdout, stderr))
+    });
+    let (child, pidfd, stdout, stderr) = match spawned {
         Ok(spawned) => spawned,
-        Err(reason) => return failed(reason),
+        Err(reason) => {
+            return Report {
+                outcome: Outcome::Failed,
+                started,
+                duration: clock.elapsed(),
+                exit_code: None,
+                signal: None,
+                timed_out: false,
+                reason,
+                stderr_tail: Vec::new(),
+            };
+        }
     };
-    let pgid = child.pgid;
-    // The pidfd lets one poll wait for the exit and the output together. Without it (out of
-    // descriptors), the attempt cannot be watched: it is ended at once (dropping `child` kills
-    // and reaps it) rather than left running unobserved.
-    let pidfd = match rustix::process::pidfd_open(pgid, PidfdFlags::empty()) {
-        Ok(fd) => fd,
-        Err(e) => return failed(format!("cannot watch the handler (pidfd_open): {e}")),
+    let mut attempt = Attempt {
+        cfg,
+        job: *job,
+        child,
+        pidfd,
+        out: LineReader::new(Some(std::fs::File::from(stdout)), &mut scratch.out),
+        err: LineReader::new(Some(std::fs::File::from(stderr)), &mut scratch.err),
+        log: OutputLog {
+            id: job.shown,
+            attempt: job.attempt,
+            logged: 0,
+            suppressed: 0,
+            stderr_tail: VecDeque::new(),
+        },
+        deadline: later(clock, cfg.timeout),
+        phase: Phase::Running,
+        ended: None,
     };
-    let mut out = LineReader::new(Some(std::fs::File::from(stdout)), &mut scratch.out);
-    let mut err = LineReader::new(Some(std::fs::File::from(stderr)), &mut scratch.err);
-    let mut log = OutputLog {
-        id: job.shown,
-        attempt: job.attempt,
-        logged: 0,
-        suppressed: 0,
-        stderr_tail: VecDeque::new(),
-    };
+    attempt.watch(abort, revoked);
+    attempt.report(started, clock)
+}
 
-    let deadline = later(clock, cfg.timeout);
-    let mut ended: Option<Ended> = None;
-    let mut kill_at: Option<Instant> = None;
-    let mut pipes_deadline: Option<Instant> = None;
-    let mut status: Option<io::Result<ExitStatus>> = None;
-    // Once the group has had its SIGKILL, a member seen afterwards is dying, not defying: it
-    // gets no second grace period, which would stretch the abort past the stop's bound.
-    let mut group_killed = false;
-    // When to look next whether the group outlasting the handler has gone: no descriptor
-    // reports that, and a look may read /proc, so it is paced rather than made on every wake-up
-    // (a member that floods the pipe would otherwise cost a scan per read).
-    let mut group_check: Option<Instant> = None;
-
-    // After the handler's exit the loop also runs while members of its group are being ended
-    // (`kill_at`): they may hold no pipe, and must not outlive the job all the same.
-    while status.is_none() || out.open() || err.open() || kill_at.is_some() {
-        let now = Instant::now();
-        if group_check.is_some_and(|t| t <= now) {
-            if group_alive(pgid) {
-                group_check = Some(later(now, GROUP_CHECK));
-            } else {
-                // The rest of the group went on SIGTERM: nothing is left to kill.
-                group_check = None;
-                kill_at = None;
-                pipes_deadline.get_or_insert(later(now, PIPE_GRACE));
-                continue;
+impl Attempt<'_, '_> {
+    /// Watches the attempt until it is over: the handler reaped, no member of its group being
+    /// ended, and its pipes closed or given up on.
+    fn watch(&mut self, abort: &Abort, revoked: Option<BorrowedFd<'_>>) {
+        while !self.over() {
+            let now = Instant::now();
+            match self.on_time(now) {
+                Flow::Wait => {}
+                Flow::Changed => continue,
+                Flow::GiveUp => break,
             }
+            let Some(ready) = self.poll(now, abort, revoked) else {
+                break;
+            };
+            self.on_ready(ready);
         }
-        // The time limit counts only while the handler runs and spoold has not ended it.
-        let limit = (ended.is_none() && status.is_none()).then_some(deadline);
-        if limit.is_some_and(|t| t <= now) {
-            ended = Some(Ended::Timeout);
-            signal_group(pgid, Signal::TERM);
-            kill_at = Some(later(now, cfg.kill_grace));
-            continue;
-        }
-        if kill_at.is_some_and(|t| t <= now) {
-            signal_group(pgid, Signal::KILL);
-            group_killed = true;
-            group_check = None;
-            kill_at = None;
-            if status.is_some() {
-                pipes_deadline = Some(later(now, PIPE_GRACE));
-            }
-            continue;
-        }
-        if pipes_deadline.is_some_and(|t| t <= now) {
+        if self.log.suppressed > 0 {
             tracing::warn!(
-                job_id = job.shown,
-                attempt = job.attempt,
-                "a process that left the handler's process group keeps its output open; \
-                 no longer reading it"
+                job_id = self.job.shown,
+                attempt = self.job.attempt,
+                "{} more lines of handler output were not logged (at most {MAX_LOGGED_LINES} lines \
+                 are logged per attempt)",
+                self.log.suppressed
             );
-            break;
         }
-        let next = [limit, kill_at, pipes_deadline, group_check]
-            .into_iter()
-            .flatten()
-            .min();
+    }
 
-        let watch_abort = ended.is_none() && status.is_none();
-        let mut fds = Vec::with_capacity(4);
-        let out_at = slot(&mut fds, out.fd());
-        let err_at = slot(&mut fds, err.fd());
-        let exit_at = slot(&mut fds, status.is_none().then(|| pidfd.as_fd()));
-        let abort_at = slot(&mut fds, watch_abort.then(|| abort.fd.as_fd()));
-        let timeout = next.map(|t| {
+    fn over(&self) -> bool {
+        match self.phase {
+            Phase::Draining { .. } => !self.out.open() && !self.err.open(),
+            _ => false,
+        }
+    }
+
+    /// Carries out what is due at `now` in the current phase.
+    fn on_time(&mut self, now: Instant) -> Flow {
+        let pgid = self.child.pgid;
+        match self.phase {
+            Phase::Running if self.deadline <= now => {
+                self.end(Ended::Timeout, now);
+                Flow::Changed
+            }
+            Phase::Ending { kill_at } if kill_at <= now => {
+                signal_group(pgid, Signal::KILL);
+                self.phase = Phase::Killed;
+                Flow::Changed
+            }
+            Phase::Outlived { kill_at, check_at } => {
+                if check_at <= now {
+                    if !group_alive(pgid) {
+                        // The rest of the group went on SIGTERM: nothing is left to kill.
+                        self.phase = Phase::Draining {
+                            until: later(now, PIPE_GRACE),
+                        };
+                        return Flow::Changed;
+                    }
+                    self.phase = Phase::Outlived {
+                        kill_at,
+                        check_at: later(now, GROUP_CHECK),
+                    };
+                }
+                if kill_at > now {
+                    return Flow::Wait;
+                }
+                signal_group(pgid, Signal::KILL);
+                self.phase = Phase::Draining {
+                    until: later(now, PIPE_GRACE),
+                };
+                Flow::Changed
+            }
+            Phase::Draining { until } if until <= now => {
+                tracing::warn!(
+                    job_id = self.job.shown,
+                    attempt = self.job.attempt,
+                    "a process that left the handler's process group keeps its output open; \
+                     no longer reading it"
+                );
+                Flow::GiveUp
+            }
+            _ => Flow::Wait,
+        }
+    }
+
+    /// spoold ends the handler: SIGTERM to its group now, SIGKILL after `kill_grace`.
+    fn end(&mut self, why: Ended, now: Instant) {
+        self.ended = Some(why);
+        signal_group(self.child.pgid, Signal::TERM);
+        self.phase = Phase::Ending {
+            kill_at: later(now, self.cfg.kill_grace),
+        };
+    }
+
+    /// Waits, until the next instant due, for what the phase watches: the open pipes; the
+    /// handler's exit until it is reaped; the abort and the lost lease while it runs. None when
+    /// the wait itself failed, which ends the attempt.
+    fn poll(
+        &mut self,
+        now: Instant,
+        abort: &Abort,
+        revoked: Option<BorrowedFd<'_>>,
+    ) -> Option<Ready> {
+        let running = self.phase == Phase::Running;
+        let reaped = self.phase.reaped();
+        let mut fds = Vec::with_capacity(5);
+        let out_at = slot(&mut fds, self.out.fd());
+        let err_at = slot(&mut fds, self.err.fd());
+        let exit_at = slot(&mut fds, (!reaped).then(|| self.pidfd.as_fd()));
+        let abort_at = slot(&mut fds, running.then(|| abort.fd.as_fd()));
+        let revoked_at = slot(&mut fds, revoked.filter(|_| running));
+        let timeout = self.phase.next_due(self.deadline).map(|t| {
             Timespec::try_from(t.saturating_duration_since(now)).unwrap_or(Timespec {
                 tv_sec: i64::MAX,
                 tv_nsec: 0,
@@ -357,106 +505,124 @@ pub fn run(cfg: &HandlerConfig, job: &Job<'_>, abort: &Abort, scratch: &mut Scra
         match rustix::event::poll(&mut fds, timeout.as_ref()) {
             Ok(_) => {}
             // A signal for spoold landed on this thread; its handler has run, so poll again.
-            Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::INTR) => return Some(Ready::default()),
             Err(e) => {
                 // Not expected with valid descriptors; end the attempt rather than spin.
                 tracing::error!(
-                    job_id = job.shown,
-                    attempt = job.attempt,
+                    job_id = self.job.shown,
+                    attempt = self.job.attempt,
                     "poll failed: {e}"
                 );
-                signal_group(pgid, Signal::KILL);
-                if status.is_none() {
-                    status = Some(child.wait());
-                }
-                break;
+                signal_group(self.child.pgid, Signal::KILL);
+                // The status is kept for the report.
+                let _ = self.child.wait();
+                return None;
             }
         }
         let ready = |at: Option<usize>| at.is_some_and(|i| !fds[i].revents().is_empty());
-        let (out_ready, err_ready, exited, aborted) = (
-            ready(out_at),
-            ready(err_at),
-            ready(exit_at),
-            ready(abort_at),
-        );
-        drop(fds);
+        Some(Ready {
+            out: ready(out_at),
+            err: ready(err_at),
+            exited: ready(exit_at),
+            aborted: ready(abort_at),
+            revoked: ready(revoked_at),
+        })
+    }
 
-        if out_ready {
-            let r = out.fill();
-            out.take_lines(r, |l| log.line("stdout", l));
+    fn on_ready(&mut self, ready: Ready) {
+        if ready.out {
+            let r = self.out.fill();
+            self.out.take_lines(r, |l| self.log.line("stdout", l));
         }
-        if err_ready {
-            let r = err.fill();
-            err.take_lines(r, |l| log.line("stderr", l));
+        if ready.err {
+            let r = self.err.fill();
+            self.err.take_lines(r, |l| self.log.line("stderr", l));
         }
-        if exited {
-            status = Some(child.wait());
-            // The handler is gone; whatever it left running in its group must not outlive
-            // the job.
-            if !group_killed && group_alive(pgid) {
+        if ready.exited {
+            self.on_exit();
+        } else if ready.aborted {
+            self.end(Ended::Abort, Instant::now());
+        } else if ready.revoked {
+            self.end(Ended::LeaseLost, Instant::now());
+        }
+    }
+
+    /// Reaps the handler. Whatever it left running in its group must not outlive the job.
+    fn on_exit(&mut self) {
+        // The status is kept for the report.
+        let _ = self.child.wait();
+        let pgid = self.child.pgid;
+        self.phase = match self.phase {
+            Phase::Running | Phase::Ending { .. } if group_alive(pgid) => {
                 signal_group(pgid, Signal::TERM);
                 let now = Instant::now();
-                kill_at.get_or_insert(later(now, cfg.kill_grace));
-                group_check = Some(later(now, GROUP_CHECK));
-            } else {
-                // Nothing of the group lives (or all of it is dying of SIGKILL): a SIGKILL
-                // still pending from a timeout or an abort has nothing left to do, and must
-                // not hold the job until it is due.
-                kill_at = None;
-                pipes_deadline = Some(later(Instant::now(), PIPE_GRACE));
+                let kill_at = match self.phase {
+                    Phase::Ending { kill_at } => kill_at,
+                    _ => later(now, self.cfg.kill_grace),
+                };
+                Phase::Outlived {
+                    kill_at,
+                    check_at: later(now, GROUP_CHECK),
+                }
             }
-        } else if aborted {
-            ended = Some(Ended::Abort);
-            signal_group(pgid, Signal::TERM);
-            kill_at = Some(later(Instant::now(), cfg.kill_grace));
-        }
-    }
-    if log.suppressed > 0 {
-        tracing::warn!(
-            job_id = job.shown,
-            attempt = job.attempt,
-            "{} more lines of handler output were not logged (at most {MAX_LOGGED_LINES} lines \
-             are logged per attempt)",
-            log.suppressed
-        );
+            // Nothing of the group lives (or all of it is dying of SIGKILL): a SIGKILL still
+            // pending from a timeout or an abort has nothing left to do, and must not hold the
+            // job until it is due.
+            _ => Phase::Draining {
+                until: later(Instant::now(), PIPE_GRACE),
+            },
+        };
     }
 
-    let status = status.expect("the loop ends only after the handler exited");
-    let mut report = Report {
-        outcome: Outcome::Failed,
-        started,
-        duration: clock.elapsed(),
-        exit_code: None,
-        signal: None,
-        timed_out: ended == Some(Ended::Timeout),
-        reason: String::new(),
-        stderr_tail: log.stderr_tail.into(),
-    };
-    match status {
-        Ok(status) => {
-            report.exit_code = status.code();
-            report.signal = status.signal();
-            report.outcome = match ended {
-                Some(Ended::Abort) => Outcome::Aborted,
-                Some(Ended::Timeout) => Outcome::Failed,
-                None if status.success() => Outcome::Succeeded,
-                None => Outcome::Failed,
-            };
-            report.reason = match (ended, status.code(), status.signal()) {
-                (Some(Ended::Timeout), _, _) => format!(
-                    "timed out after {}; {}",
-                    humantime::format_duration(cfg.timeout),
-                    describe_status(status)
-                ),
-                (Some(Ended::Abort), _, _) => {
-                    format!("aborted by a spoold stop; {}", describe_status(status))
-                }
-                _ => describe_status(status),
-            };
+    /// How the attempt ended, once `watch` has returned (the handler is reaped by then).
+    fn report(mut self, started: SystemTime, clock: Instant) -> Report {
+        debug_assert!(
+            self.child.reaped.is_some(),
+            "the watch ends with the handler reaped"
+        );
+        let status = self.child.wait();
+        let ended = self.ended;
+        let mut report = Report {
+            outcome: Outcome::Failed,
+            started,
+            duration: clock.elapsed(),
+            exit_code: None,
+            signal: None,
+            timed_out: ended == Some(Ended::Timeout),
+            reason: String::new(),
+            stderr_tail: std::mem::take(&mut self.log.stderr_tail).into(),
+        };
+        match status {
+            Ok(status) => {
+                report.exit_code = status.code();
+                report.signal = status.signal();
+                report.outcome = match ended {
+                    Some(Ended::Abort) => Outcome::Aborted,
+                    Some(Ended::LeaseLost) => Outcome::LeaseLost,
+                    Some(Ended::Timeout) => Outcome::Failed,
+                    None if status.success() => Outcome::Succeeded,
+                    None => Outcome::Failed,
+                };
+                report.reason = match ended {
+                    Some(Ended::Timeout) => format!(
+                        "timed out after {}; {}",
+                        humantime::format_duration(self.cfg.timeout),
+                        describe_status(status)
+                    ),
+                    Some(Ended::Abort) => {
+                        format!("aborted by a spoold stop; {}", describe_status(status))
+                    }
+                    Some(Ended::LeaseLost) => format!(
+                        "ended because the source lost its lease on the job; {}",
+                        describe_status(status)
+                    ),
+                    None => describe_status(status),
+                };
+            }
+            Err(e) => report.reason = format!("lost track of the handler: {e}"),
         }
-        Err(e) => report.reason = format!("lost track of the handler: {e}"),
+        report
     }
-    report
 }
 
 fn describe_status(status: ExitStatus) -> String {
@@ -494,79 +660,24 @@ pub fn signal_name(sig: Signal) -> String {
 ///
 /// It uses `posix_spawn(3)` directly rather than `std::process::Command`, which copies all of
 /// spoold's environment into a map, and back into strings, at every spawn that sets a
-/// variable: with the environment prepared once per config, a job cost 25-45 µs less of
-/// spoold's CPU (BENCHMARKS.md). glibc's `posix_spawn` starts the child with `CLONE_VFORK`, as
-/// std does, and reports an exec failure as the spawn's error.
+/// variable; here the environment is prepared once per config. glibc's `posix_spawn` starts the
+/// child with `CLONE_VFORK`, as std does, and reports an exec failure as the spawn's error.
 fn spawn(
     cfg: &HandlerConfig,
     job: &Job<'_>,
     scratch: &mut Scratch,
-) -> Result<(Handler, OwnedFd, OwnedFd), String> {
+) -> Result<(HandlerProcess, OwnedFd, OwnedFd), String> {
     scratch.refresh_env(cfg);
     let scratch = &*scratch;
     let attempt = job.attempt.to_string();
-    let fill = |template: &str| -> Result<CString, String> {
-        let mut out = OsString::new();
-        let mut rest = template;
-        while let Some(start) = rest.find('{') {
-            out.push(&rest[..start]);
-            let tail = &rest[start..];
-            let (value, len): (&OsStr, usize) = if tail.starts_with("{path}") {
-                (job.path.as_os_str(), 6)
-            } else if tail.starts_with("{id}") {
-                (job.id, 4)
-            } else if tail.starts_with("{attempt}") {
-                (OsStr::new(&attempt), 9)
-            } else {
-                (OsStr::new("{"), 1)
-            };
-            out.push(value);
-            rest = &tail[len..];
-        }
-        out.push(rest);
-        CString::new(out.into_vec())
-            .map_err(|_| format!("the handler command {template:?} holds a NUL byte"))
-    };
     let argv = cfg
         .command
         .iter()
-        .map(|a| fill(a))
+        .map(|a| fill(a, job, &attempt))
         .collect::<Result<Vec<CString>, String>>()?;
     let cannot_run =
         |e: &dyn std::fmt::Display| format!("cannot run handler {}: {e}", cfg.command[0]);
-
-    // Kept open until the spawn has returned, when the child holds its own copy.
-    let job_file;
-    let opened_null;
-    let stdin: BorrowedFd<'_> = match cfg.stdin {
-        // The worker's descriptor serves every attempt: the child gets a duplicate of it.
-        StdinMode::Null => match &scratch.dev_null {
-            Some(null) => null.as_fd(),
-            None => {
-                opened_null = std::fs::File::open("/dev/null")
-                    .map_err(|e| format!("cannot open /dev/null for the handler's stdin: {e}"))?;
-                opened_null.as_fd()
-            }
-        },
-        StdinMode::Job => {
-            // O_NONBLOCK and O_NOFOLLOW: even if the claimed file were swapped for a FIFO or a
-            // link, opening it can neither block a worker nor follow the link.
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(
-                    (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32,
-                )
-                .open(job.path)
-                .map_err(|e| format!("cannot open the job file for the handler's stdin: {e}"))?;
-            if !file.metadata().map_err(|e| e.to_string())?.is_file() {
-                return Err("the job file is not a regular file".into());
-            }
-            rustix::fs::fcntl_setfl(&file, rustix::fs::OFlags::empty())
-                .map_err(|e| format!("cannot prepare the job file for the handler: {e}"))?;
-            job_file = file;
-            job_file.as_fd()
-        }
-    };
+    let stdin = Stdin::open(cfg.stdin, job, scratch.dev_null.as_ref())?;
 
     // Close-on-exec, so that no other handler, started meanwhile by another worker, inherits
     // them: only the dup2 below gives the child its ends.
@@ -579,7 +690,7 @@ fn spawn(
     // The sources are never 0, 1 or 2, so no dup2 below overwrites a later one's source: std
     // opens /dev/null on any of those that is closed at start-up, and spoold never closes them.
     let mut actions = PosixSpawnFileActions::init().map_err(|e| cannot_run(&e))?;
-    for (fd, to) in [(stdin, 0), (out_w.as_fd(), 1), (err_w.as_fd(), 2)] {
+    for (fd, to) in [(stdin.as_fd(), 0), (out_w.as_fd(), 1), (err_w.as_fd(), 2)] {
         actions
             .add_dup2(fd.as_raw_fd(), to)
             .map_err(|e| cannot_run(&e))?;
@@ -596,20 +707,110 @@ fn spawn(
     envp.extend(env.vars.iter().map(CString::as_c_str));
     envp.extend(job_vars.iter().flatten().map(CString::as_c_str));
 
+    let pid = spawn_program(&argv, env, &actions, attr, &envp)
+        .map_err(|e| cannot_run(&io::Error::from(e)))?;
+    let pgid = Pid::from_raw(pid.as_raw()).expect("a child that was just spawned has a pid");
+    Ok((HandlerProcess { pgid, reaped: None }, out_r, err_r))
+}
+
+/// One argument of the handler's argv: `template` with `{path}`, `{id}` and `{attempt}` filled
+/// in for `job`; any other `{` stays as it is.
+fn fill(template: &str, job: &Job<'_>, attempt: &str) -> Result<CString, String> {
+    let mut out = OsString::new();
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        out.push(&rest[..start]);
+        let tail = &rest[start..];
+        let (value, len): (&OsStr, usize) = if tail.starts_with("{path}") {
+            (job.path.as_os_str(), 6)
+        } else if tail.starts_with("{id}") {
+            (job.id, 4)
+        } else if tail.starts_with("{attempt}") {
+            (OsStr::new(attempt), 9)
+        } else {
+            (OsStr::new("{"), 1)
+        };
+        out.push(value);
+        rest = &tail[len..];
+    }
+    out.push(rest);
+    CString::new(out.into_vec())
+        .map_err(|_| format!("the handler command {template:?} holds a NUL byte"))
+}
+
+/// The handler's stdin, held open until the spawn has returned, when the child holds its own
+/// copy.
+enum Stdin<'s> {
+    /// The worker's `/dev/null`, which serves every attempt: the child gets a duplicate of it.
+    Shared(BorrowedFd<'s>),
+    /// A file opened for this attempt alone: the job file, or `/dev/null` when the worker has
+    /// none.
+    Own(std::fs::File),
+}
+
+impl<'s> Stdin<'s> {
+    fn open(
+        mode: StdinMode,
+        job: &Job<'_>,
+        dev_null: Option<&'s std::fs::File>,
+    ) -> Result<Stdin<'s>, String> {
+        match (mode, dev_null) {
+            (StdinMode::Null, Some(null)) => Ok(Stdin::Shared(null.as_fd())),
+            (StdinMode::Null, None) => std::fs::File::open("/dev/null")
+                .map(Stdin::Own)
+                .map_err(|e| format!("cannot open /dev/null for the handler's stdin: {e}")),
+            (StdinMode::Job, _) => {
+                // O_NONBLOCK and O_NOFOLLOW: even if the claimed file were swapped for a FIFO or
+                // a link, opening it can neither block a worker nor follow the link.
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(
+                        (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32,
+                    )
+                    .open(job.path)
+                    .map_err(|e| {
+                        format!("cannot open the job file for the handler's stdin: {e}")
+                    })?;
+                if !file.metadata().map_err(|e| e.to_string())?.is_file() {
+                    return Err("the job file is not a regular file".into());
+                }
+                rustix::fs::fcntl_setfl(&file, rustix::fs::OFlags::empty())
+                    .map_err(|e| format!("cannot prepare the job file for the handler: {e}"))?;
+                Ok(Stdin::Own(file))
+            }
+        }
+    }
+}
+
+impl AsFd for Stdin<'_> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Stdin::Shared(fd) => *fd,
+            Stdin::Own(file) => file.as_fd(),
+        }
+    }
+}
+
+/// Spawns `argv`: a program named with a `/` as it is; a bare name in the PATH that
+/// `[handler] env` sets, if it sets one (glibc would search spoold's own: this searches the
+/// handler's, as execvp(3) would); else in spoold's PATH, as glibc does.
+fn spawn_program(
+    argv: &[CString],
+    env: &HandlerEnv,
+    actions: &PosixSpawnFileActions,
+    attr: &PosixSpawnAttr,
+    envp: &[&CStr],
+) -> nix::Result<nix::unistd::Pid> {
     let program = &argv[0];
-    let spawned = if program.as_bytes().contains(&b'/') {
-        nix::spawn::posix_spawn(program.as_c_str(), &actions, attr, &argv, &envp)
+    if program.as_bytes().contains(&b'/') {
+        nix::spawn::posix_spawn(program.as_c_str(), actions, attr, argv, envp)
     } else if let Some(path) = env.from.get("PATH") {
-        // glibc would search spoold's own PATH: search the handler's, as execvp(3) would.
         spawn_in_path(program, OsStr::new(path), |candidate| {
-            nix::spawn::posix_spawn(candidate, &actions, attr, &argv, &envp)
+            nix::spawn::posix_spawn(candidate, actions, attr, argv, envp)
         })
     } else {
-        nix::spawn::posix_spawnp(program, &actions, attr, &argv, &envp)
-    };
-    let pid = spawned.map_err(|e| cannot_run(&io::Error::from(e)))?;
-    let pgid = Pid::from_raw(pid.as_raw()).expect("a child that was just spawned has a pid");
-    Ok((Handler { pgid, reaped: None }, out_r, err_r))
+        nix::spawn::posix_spawnp(program, actions, attr, argv, envp)
+    }
 }
 
 /// Tries `spawn` on `program` in each directory of `path` in turn, as execvp(3) does: an empty
@@ -943,13 +1144,16 @@ mod tests {
     /// poll while the pipes drain): it must get the same status, not a second `waitpid`, which
     /// could reap another worker's handler that reuses the PID.
     #[test]
-    #[expect(clippy::zombie_processes, reason = "the Handler under test reaps it")]
+    #[expect(
+        clippy::zombie_processes,
+        reason = "the HandlerProcess under test reaps it"
+    )]
     fn a_handler_is_reaped_once_and_its_status_kept() {
         let child = std::process::Command::new("sh")
             .args(["-c", "exit 7"])
             .spawn()
             .unwrap();
-        let mut handler = Handler {
+        let mut handler = HandlerProcess {
             pgid: Pid::from_raw(child.id() as i32).unwrap(),
             reaped: None,
         };

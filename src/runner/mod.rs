@@ -9,6 +9,7 @@
 //!
 //! Two tokens drive a stop, both given to [`Pool::new`]: `stop` (no new job is taken; the
 //! current one runs on) and `abort` (the current handler is signalled and its job released).
+//! A lease the source loses (`Lease::revoked`) ends its one attempt as `abort` does.
 
 pub mod handler;
 
@@ -97,9 +98,9 @@ impl<S: Source> Pool<S> {
     /// A worker's work between two handlers (renames, pipes, the spawn, the log lines) is short
     /// but serial, and `posix_spawn` holds its thread until the child has exec'd. On one shared
     /// thread, each worker waited for the others' bookkeeping while a core stood idle; on a
-    /// thread each, the workers' bookkeeping runs side by side, as each handler does (9-26 %
-    /// more jobs per second in BENCHMARKS.md). The tokens and channels the worker awaits are
-    /// not tied to any runtime, so cancellation reaches it the same way. The runtime needs no
+    /// thread each, the workers' bookkeeping runs side by side, as each handler does. The
+    /// tokens and channels the worker awaits are not tied to any runtime, so cancellation
+    /// reaches it the same way. The runtime needs no
     /// I/O or timer driver: a handler is waited for by `handler::run`'s own poll.
     /// Returns false when no runtime or thread could be had.
     fn start_worker(&self) -> bool {
@@ -187,7 +188,7 @@ fn run_job<S: Source>(crew: &Crew<S>, lease: S::Lease<'_>, scratch: &mut handler
     crate::fault::hit(crate::fault::Point::Worker);
     // The attempt blocks this worker's thread, which has nothing else to run meanwhile: its
     // runtime only serves this worker's waits between jobs.
-    let report = handler::run(&config.handler, &job, &crew.abort, scratch);
+    let report = handler::run(&config.handler, &job, &crew.abort, lease.revoked(), scratch);
     let verdict = policy::decide(&report, job.attempt, &config.retry, fastrand::f64());
     lease.settle(verdict, report);
 }
@@ -205,5 +206,128 @@ impl<'a> BusyGuard<'a> {
 impl Drop for BusyGuard<'_> {
     fn drop(&mut self) {
         self.0.busy.fetch_sub(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{Job, Outcome, Report, Verdict};
+    use std::ffi::OsStr;
+    use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    /// A source of one job whose lease can be lost: `revoked` is an eventfd the test raises, as
+    /// a broker source would when it cannot renew its lease. It keeps what the runner settled.
+    struct LosingSource {
+        path: PathBuf,
+        revoked: OwnedFd,
+        settled: Mutex<Option<(Verdict, Report)>>,
+    }
+
+    struct LosingLease<'a>(&'a LosingSource);
+
+    impl Source for LosingSource {
+        type Lease<'a> = LosingLease<'a>;
+
+        async fn next<'a>(&'a self, _stop: &'a CancellationToken) -> Option<LosingLease<'a>> {
+            Some(LosingLease(self))
+        }
+    }
+
+    impl Lease for LosingLease<'_> {
+        fn job(&self) -> Job<'_> {
+            Job {
+                id: OsStr::new("job"),
+                shown: "job",
+                path: &self.0.path,
+                attempt: 1,
+            }
+        }
+
+        fn revoked(&self) -> Option<BorrowedFd<'_>> {
+            Some(self.0.revoked.as_fd())
+        }
+
+        fn settle(self, verdict: Verdict, report: Report) {
+            *self.0.settled.lock().unwrap() = Some((verdict, report));
+        }
+    }
+
+    /// Waits (boundedly) until `path` exists.
+    fn wait_for_file(path: &Path) -> bool {
+        let until = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < until {
+            if path.exists() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    /// A lease lost while the handler runs ends that attempt as an abort would: SIGTERM to the
+    /// group, SIGKILL after `kill_grace` (this handler ignores the SIGTERM, noting it), and the
+    /// job is released, its attempt not counted, instead of being failed or retried.
+    #[tokio::test]
+    async fn a_lost_lease_ends_the_attempt_as_an_abort_does_and_releases_the_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("job");
+        std::fs::write(&path, "x").unwrap();
+        let config = Config::parse(
+            &dir.path().join("c.toml"),
+            r#"
+            [spool]
+            dir = "."
+            [handler]
+            command = ["sh", "-c", "trap 'touch \"$1.termed\"' TERM; touch \"$1.started\"; while :; do sleep 1; done", "sh", "{path}"]
+            timeout = "30s"
+            kill_grace = "300ms"
+            "#,
+        )
+        .unwrap();
+        let kill_grace = config.handler.kill_grace;
+        let source = LosingSource {
+            path: path.clone(),
+            revoked: rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap(),
+            settled: Mutex::new(None),
+        };
+        let crew = Crew {
+            source,
+            config: watch::channel(Arc::new(config)).1,
+            stats: Arc::new(Stats::default()),
+            stop: CancellationToken::new(),
+            abort: Abort::watch(CancellationToken::new()).unwrap(),
+        };
+
+        let revoked = crew.source.revoked.try_clone().unwrap();
+        let started = dir.path().join("job.started");
+        let loser = std::thread::spawn(move || {
+            let seen = wait_for_file(&started);
+            rustix::io::write(&revoked, &1u64.to_ne_bytes()).unwrap();
+            seen
+        });
+        let lease = crew.source.next(&crew.stop).await.unwrap();
+        run_job(&crew, lease, &mut handler::Scratch::new());
+        assert!(loser.join().unwrap(), "the handler started");
+
+        let (verdict, report) = crew.source.settled.lock().unwrap().take().expect("settled");
+        assert_eq!(verdict, Verdict::Release, "{report:?}");
+        assert_eq!(report.outcome, Outcome::LeaseLost, "{report:?}");
+        assert!(!report.timed_out, "{report:?}");
+        assert!(
+            dir.path().join("job.termed").exists(),
+            "the handler had SIGTERM first: {report:?}"
+        );
+        assert_eq!(report.signal, Some(9), "then SIGKILL: {report:?}");
+        assert!(report.duration >= kill_grace, "{report:?}");
+        assert!(
+            report.reason.starts_with(
+                "ended because the source lost its lease on the job; killed by SIGKILL"
+            ),
+            "{report:?}"
+        );
     }
 }

@@ -17,6 +17,7 @@
 //! | `Release` | rename back to `new/`; the attempt not counted  | nak at once; the attempt not counted      |
 
 use std::future::Future;
+use std::os::fd::BorrowedFd;
 
 use tokio_util::sync::CancellationToken;
 
@@ -49,11 +50,19 @@ pub trait Source: Send + Sync + 'static {
 /// A source's hold on one claimed job. The job is the source's again once `settle` returns.
 ///
 /// A lease that must be renewed while the handler runs (a broker's acknowledgement deadline)
-/// renews itself; if it cannot, the runner must be able to end that one attempt as it ends one
-/// at an abort, with `Verdict::Release`. The spool's lease never expires.
+/// renews itself; if it cannot, it raises `revoked`, and the runner ends that one attempt as it
+/// ends one at an abort, with `Verdict::Release`. The spool's lease never expires.
 pub trait Lease {
     /// The job, as the runner and the handler see it.
     fn job(&self) -> Job<'_>;
+
+    /// A descriptor that becomes readable, and stays readable, once the source has lost its
+    /// hold on the job. The runner polls it beside the handler and the abort: when it fires,
+    /// the handler's group gets SIGTERM, then SIGKILL after `kill_grace`, and the outcome is
+    /// `Outcome::LeaseLost`, settled as `Verdict::Release`. None for a lease that cannot be
+    /// lost. A descriptor rather than a future, because the runner waits for its handler in
+    /// one `poll(2)`, outside any runtime.
+    fn revoked(&self) -> Option<BorrowedFd<'_>>;
 
     /// Carries out `verdict` for the attempt that `report` describes: the job moves on (or is
     /// acknowledged), and the outcome is logged and counted. An error is logged here, and

@@ -9,6 +9,7 @@
 //! | `Release` | rename back to `new/`; `state/NAME` is untouched, so the attempt does not count |
 
 use std::ffi::OsString;
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, SystemTime};
@@ -142,6 +143,11 @@ impl Lease for SpoolLease<'_> {
             path: &self.claimed.path,
             attempt: self.claimed.attempt,
         }
+    }
+
+    /// A claim in `active/` is the spool's alone until it is settled: it is never lost.
+    fn revoked(&self) -> Option<BorrowedFd<'_>> {
+        None
     }
 
     fn settle(self, verdict: Verdict, report: Report) {
