@@ -9,7 +9,9 @@ mod util;
 
 use std::collections::BTreeSet;
 use std::fmt::Display;
+use std::io::{BufRead as _, BufReader};
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, message::PublishMessage, stream};
@@ -40,6 +42,77 @@ async fn stream_leader_kill_loses_no_acked_message_on_debian_server() {
         nats::debian_server,
     )
     .await;
+}
+
+/// The variable that makes `cluster_for_a_killed_test_process` boot a cluster; without it that
+/// test returns at once, so `cargo test -- --ignored` does not hang on it.
+const KILLED_PROCESS_VAR: &str = "SPOOLD_NATS_KILLED_PROCESS";
+
+/// A test process that is SIGKILLed runs no Drop: its nodes must still go, and with them
+/// their ports and stores' locks. This test runs this very test binary as such a process,
+/// kills it once its cluster is up, and waits for the nodes to end.
+#[test]
+fn nodes_die_with_a_killed_test_process() {
+    let test = "nodes_die_with_a_killed_test_process";
+    let Some(server) = nats::server_or_skip(test, nats::debian_server) else {
+        return;
+    };
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "cluster_for_a_killed_test_process", "--ignored"])
+        .args(["--nocapture", "--test-threads", "1"])
+        .env(KILLED_PROCESS_VAR, &server)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut pids = Vec::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        // libtest prints the test's name first, on the same line.
+        let line = line.unwrap();
+        if let Some((_, rest)) = line.split_once("NODE PIDS ") {
+            pids = rest.split(' ').map(|p| p.parse::<i32>().unwrap()).collect();
+            break;
+        }
+    }
+    assert_eq!(pids.len(), 3, "the child test process printed no node pids");
+    assert!(pids.iter().all(|&p| util::process_alive(p)));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let left = util::wait_for(SOON, || {
+        let alive: Vec<i32> = pids
+            .iter()
+            .copied()
+            .filter(|&p| util::process_alive(p))
+            .collect();
+        alive.is_empty().then_some(())
+    });
+    if left.is_none() {
+        // This test's failure must not leave servers behind either.
+        for &p in &pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        panic!("NATS nodes {pids:?} outlived their SIGKILLed test process by {SOON:?}");
+    }
+}
+
+/// The process `nodes_die_with_a_killed_test_process` kills: boots a cluster, prints its
+/// pids, and waits on its stdin, which stays open until the process is killed.
+#[test]
+#[ignore = "run by nodes_die_with_a_killed_test_process"]
+fn cluster_for_a_killed_test_process() {
+    let Some(server) = std::env::var_os(KILLED_PROCESS_VAR) else {
+        return;
+    };
+    let cluster = nats::Cluster::start(std::path::Path::new(&server));
+    let pids: Vec<String> = (1..=3)
+        .map(|n| cluster.pid(n).unwrap().to_string())
+        .collect();
+    println!("NODE PIDS {}", pids.join(" "));
+    let _ = std::io::stdin().read_line(&mut String::new());
 }
 
 /// Boots a cluster of the server `find` names, fills an R3 work-queue stream, SIGKILLs its
