@@ -339,7 +339,12 @@ impl Cluster {
         let mut all = String::new();
         for node in &self.nodes {
             let text = fs::read_to_string(&node.log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
+            // A node logs every failed /healthz, which the harness polls: those lines would
+            // fill the tail and hide the cause.
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.contains("Healthcheck failed"))
+                .collect();
             let tail = &lines[lines.len().saturating_sub(40)..];
             all.push_str(&format!("--- {} ({}):\n", node.name, node.log.display()));
             for line in tail {
@@ -454,7 +459,7 @@ impl Cluster {
             if began.elapsed() > within {
                 return Err(why);
             }
-            thread::sleep(Duration::from_millis(50));
+            thread::sleep(Duration::from_millis(100));
         }
     }
 
