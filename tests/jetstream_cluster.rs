@@ -58,7 +58,9 @@ fn nodes_die_with_a_killed_test_process() {
         return;
     };
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "cluster_for_a_killed_test_process", "--ignored"])
+        // A filter, not --exact: the name has a module path when this file is a module of a
+        // larger test crate.
+        .args(["cluster_for_a_killed_test_process", "--ignored"])
         .args(["--nocapture", "--test-threads", "1"])
         .env(KILLED_PROCESS_VAR, &server)
         .stdin(Stdio::piped())
