@@ -6,6 +6,7 @@
 //! a file did not use were dead code). Run a suite with `cargo test --test it core::`, one test
 //! with `cargo test --test it core::oldest_job_runs_first`.
 
+mod nats;
 mod sysd;
 mod util;
 
@@ -13,6 +14,7 @@ mod bad_inputs;
 mod client;
 mod core;
 mod handlers;
+mod jetstream_cluster;
 mod packaging;
 mod reliability;
 mod shutdown;

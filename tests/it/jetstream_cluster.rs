@@ -4,9 +4,6 @@
 //! client: what a PubAck promises survives the crash of the node that gave it, a new leader
 //! takes over, and the killed node rejoins on restart.
 
-mod nats;
-mod util;
-
 use std::collections::BTreeSet;
 use std::fmt::Display;
 use std::io::{BufRead as _, BufReader};
@@ -17,7 +14,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer, message::PublishMessage, stream};
 use futures_util::StreamExt as _;
 
-use util::SOON;
+use crate::nats;
+use crate::util::{self, SOON};
 
 /// Messages published before the kill, and after it (while the new leader settles in).
 const BEFORE_KILL: usize = 300;

@@ -7,11 +7,10 @@
 //! the cluster's temporary directory. A node's log is appended to `nN.log` there, across
 //! restarts, and printed when a test fails with the cluster still up.
 //!
-//! Use from a test file:
+//! Use from a suite of `tests/it` (the server lookups skip through `util::skip`):
 //!
 //! ```ignore
-//! mod nats;
-//! mod util; // the server lookups skip through util::skip
+//! use crate::nats;
 //! let Some(server) = nats::server_or_skip("my_test", nats::current_server) else {
 //!     return; // it printed `SKIPPED: my_test: ...` (under CI=true it failed)
 //! };
@@ -21,8 +20,6 @@
 //! cluster.restart(1);
 //! cluster.wait_ready(nats::READY_WITHIN);
 //! ```
-
-#![allow(dead_code)]
 
 use std::collections::BTreeSet;
 use std::fs::{self, OpenOptions};
@@ -173,7 +170,6 @@ fn sha256(path: &Path) -> Result<String, String> {
 struct Node {
     name: String,
     client: u16,
-    route: u16,
     monitor: u16,
     conf: PathBuf,
     log: PathBuf,
@@ -233,11 +229,6 @@ impl Cluster {
         format!("nats://127.0.0.1:{}", self.node(n).client)
     }
 
-    /// The server binary the nodes run.
-    pub fn server(&self) -> &Path {
-        &self.server
-    }
-
     /// The node number of a server name (`n2` → 2), as JetStream reports leaders and peers.
     pub fn number(&self, name: &str) -> usize {
         self.nodes
@@ -245,11 +236,6 @@ impl Cluster {
             .position(|node| node.name == name)
             .map(|i| i + 1)
             .unwrap_or_else(|| panic!("no node of this cluster is named {name:?}"))
-    }
-
-    /// Node `n`'s server name.
-    pub fn name(&self, n: usize) -> &str {
-        &self.node(n).name
     }
 
     /// Whether node `n`'s process is running (it has not exited, been killed or stopped).
@@ -279,16 +265,6 @@ impl Cluster {
             .unwrap_or_else(|| panic!("kill({n}): {} is not running", node.name));
         let _ = child.kill();
         let _ = child.wait();
-    }
-
-    /// SIGTERMs node `n` and waits for it to exit, SIGKILLing it after 10 s.
-    pub fn stop(&mut self, n: usize) {
-        let node = self.node_mut(n);
-        let child = node
-            .child
-            .take()
-            .unwrap_or_else(|| panic!("stop({n}): {} is not running", node.name));
-        stop_all(vec![child]);
     }
 
     /// Starts node `n` again on its old ports and store, and returns at once: call
@@ -324,14 +300,6 @@ impl Cluster {
         } else {
             Err(format!("{} /healthz: {status} {}", node.name, body.trim()))
         }
-    }
-
-    /// The JetStream meta leader's server name, as the first running node that names one
-    /// reports it (a node may go on naming a leader that was just killed, until the next
-    /// election).
-    pub fn leader(&mut self) -> Option<String> {
-        let running: Vec<usize> = (1..=3).filter(|&n| self.running(n)).collect();
-        running.into_iter().find_map(|n| self.meta_leader(n).ok())
     }
 
     /// Every node's log, the last 40 lines each, for a failure message.
@@ -394,7 +362,6 @@ impl Cluster {
                     log: self.dir.path().join(format!("{name}.log")),
                     name,
                     client,
-                    route,
                     monitor,
                     conf,
                     child: None,
