@@ -32,7 +32,7 @@ use crate::daemon::stats::Stats;
 use crate::fault::{self, Point};
 use crate::runner::Pool;
 use crate::source::spool::discovery::{Discovery, Watcher};
-use crate::source::spool::{Spool, SpoolError, SpoolLock, SpoolSource};
+use crate::source::spool::{Dir, Spool, SpoolError, SpoolLock, SpoolSource};
 
 /// Names waiting between discovery and the workers. Small: a name in the channel is a job
 /// that is not yet claimed, so this only smooths hand-offs.
@@ -455,8 +455,9 @@ async fn open_spool(config: &Config) -> Result<(Arc<Spool>, SpoolLock), RunError
     if !recovered.is_empty() {
         tracing::warn!(
             jobs = recovered.len(),
-            "found {} in active/ left by a daemon that did not stop cleanly; {} again now",
+            "found {} in {} left by a daemon that did not stop cleanly; {} again now",
             jobs_in_words(recovered.len() as u64),
+            Dir::Active.place(),
             if recovered.len() == 1 {
                 "it runs"
             } else {
@@ -512,7 +513,7 @@ async fn drain(
                 if pool.in_flight() > 0 {
                     tracing::warn!(
                         in_flight = pool.in_flight(),
-                        "drain timeout reached; aborting {} in flight (they go back to new/)",
+                        "drain timeout reached; aborting {} in flight (they go back to the queue; the attempt does not count)",
                         jobs_in_words(pool.in_flight() as u64)
                     );
                 }

@@ -55,7 +55,9 @@ fn nodes_die_with_a_killed_test_process() {
     let Some(server) = nats::server_or_skip(test, nats::debian_server) else {
         return;
     };
-    let mut child = Command::new(std::env::current_exe().unwrap())
+    // /proc/self/exe rather than current_exe(): it still runs this binary if a rebuild has
+    // replaced the file meanwhile, where the path would name the new one, or nothing.
+    let mut child = Command::new("/proc/self/exe")
         // A filter, not --exact: the name has a module path when this file is a module of a
         // larger test crate.
         .args(["cluster_for_a_killed_test_process", "--ignored"])

@@ -90,8 +90,8 @@ impl Dir {
         }
     }
 
-    /// The directory as the client commands name it to people: `new/`.
-    fn place(self) -> Place {
+    /// The directory as log lines and the client commands name it to people: `new/`.
+    pub fn place(self) -> Place {
         Place::named(match self {
             Dir::Tmp => "tmp/",
             Dir::New => "new/",
