@@ -70,6 +70,24 @@ pub trait Lease {
     fn settle(self, verdict: Verdict, report: Report);
 }
 
+/// A report of an attempt that ended with `outcome` (exit status 0, or 1 with a line of
+/// stderr), for the tests of the runner's partners.
+#[cfg(test)]
+pub(crate) fn report(outcome: crate::job::Outcome) -> Report {
+    use crate::job::Outcome;
+    use std::time::{Duration, SystemTime};
+    Report {
+        outcome,
+        started: SystemTime::now(),
+        duration: Duration::ZERO,
+        exit_code: Some(if outcome == Outcome::Succeeded { 0 } else { 1 }),
+        signal: None,
+        timed_out: false,
+        reason: "exit status 1".into(),
+        stderr_tail: vec!["oops".into()],
+    }
+}
+
 /// The contract every source keeps towards the runner, for each source's own tests to run
 /// against it (`source::spool` does). `submit(id, body)` adds a job; `discover()` lets the
 /// source see every job waiting, and every retry as if it were due.
@@ -81,19 +99,9 @@ pub(crate) async fn contract<S: Source>(
 ) {
     use crate::job::Outcome;
     use std::ffi::OsStr;
-    use std::time::{Duration, SystemTime};
+    use std::time::Duration;
 
     let stop = CancellationToken::new();
-    let report = |outcome| Report {
-        outcome,
-        started: SystemTime::now(),
-        duration: Duration::ZERO,
-        exit_code: Some(if outcome == Outcome::Succeeded { 0 } else { 1 }),
-        signal: None,
-        timed_out: false,
-        reason: "exit status 1".into(),
-        stderr_tail: Vec::new(),
-    };
     let next = async |expect: &str, attempt: u32| {
         // Bounded, so that a source that loses a job fails the test instead of hanging it.
         let lease = tokio::time::timeout(Duration::from_secs(30), source.next(&stop))

@@ -301,6 +301,7 @@ impl SpoolLease<'_> {
 mod tests {
     use super::*;
     use crate::job::Outcome;
+    use crate::source::report;
     use crate::source::spool::Dir;
 
     fn config(dir: &std::path::Path) -> Arc<Config> {
@@ -311,19 +312,6 @@ mod tests {
             )
             .unwrap(),
         )
-    }
-
-    fn report(outcome: Outcome) -> Report {
-        Report {
-            outcome,
-            started: SystemTime::now(),
-            duration: Duration::ZERO,
-            exit_code: Some(if outcome == Outcome::Succeeded { 0 } else { 1 }),
-            signal: None,
-            timed_out: false,
-            reason: "exit status 1".into(),
-            stderr_tail: vec!["oops".into()],
-        }
     }
 
     /// A job named twice (by a scan and by an inotify hint) is counted twice and handed out
