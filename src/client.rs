@@ -48,7 +48,7 @@ pub fn run(command: Command) -> ExitCode {
                 pause(s, reason.as_deref())
             })
         }
-        Command::Resume { config } => with_spool(&config.config, Layout::Existing, |s| resume(s)),
+        Command::Resume { config } => with_spool(&config.config, Layout::Existing, resume),
         Command::Hold { config, ids, all } => with_spool(&config.config, Layout::Existing, |s| {
             hold_or_release(s, Action::Hold, &ids, all)
         }),

@@ -385,6 +385,45 @@ mod tests {
         assert_eq!(stats.queued(), 0);
     }
 
+    /// While paused, a worker that holds a name waits without claiming it, and a stop ends the
+    /// wait at once, leaving the job in new/.
+    #[tokio::test]
+    async fn a_paused_source_claims_nothing_and_a_stop_ends_its_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        std::fs::write(dir.path().join("new/job"), "x").unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(OsString::from("job")).await.unwrap();
+        let paused = Paused {
+            reason: None,
+            since: rfc3339(SystemTime::now()),
+            by_uid: 0,
+        };
+        let (_paused_tx, paused_rx) = watch::channel(Some(paused));
+        let source = SpoolSource::new(
+            spool,
+            rx,
+            mpsc::unbounded_channel().0,
+            Arc::new(Stats::default()),
+            watch::channel(config(dir.path())).1,
+            paused_rx,
+        );
+        let stop = CancellationToken::new();
+        let canceller = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            canceller.cancel();
+        });
+        let began = std::time::Instant::now();
+        let ended = tokio::time::timeout(Duration::from_secs(5), source.next(&stop)).await;
+        assert!(
+            matches!(ended, Ok(None)),
+            "claimed while paused, or the stop did not end the wait"
+        );
+        assert!(began.elapsed() >= Duration::from_millis(250));
+        assert!(dir.path().join("new/job").exists());
+    }
+
     /// The contract a source keeps towards the runner, run here against the spool; a broker
     /// source runs `crate::source::contract` against itself the same way.
     #[tokio::test]
