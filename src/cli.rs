@@ -64,7 +64,8 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArg,
         /// Print one JSON object (queued, active, retry, done, failed, oldest_queued_age_s,
-        /// daemon_pid: the pid of the daemon that owns the spool, or null).
+        /// daemon_pid: the pid of the daemon that owns the spool, or null; paused,
+        /// paused_reason, paused_since, paused_by_uid; held).
         #[arg(long)]
         json: bool,
     },
@@ -91,6 +92,65 @@ pub enum Command {
         )]
         ids: Vec<String>,
         /// Retry every failed job.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Pause the queue: no new job starts; jobs in flight go on.
+    ///
+    /// The pause is state of the spool, not of the daemon: it holds across restarts and works
+    /// with or without a running daemon, which acts on it within a second. `spoold status`
+    /// shows it; the journal records who paused (OPERATOR_UID=). Members of the spool's group
+    /// may pause. Pausing a paused queue keeps the pause in force as it was.
+    #[command(override_usage = "spoold pause [-c|--config <PATH>] [--reason <TEXT>]")]
+    Pause {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Why, for `spoold status` and the journal.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+    /// End a pause: jobs start again.
+    #[command(override_usage = "spoold resume [-c|--config <PATH>]")]
+    Resume {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Set waiting jobs aside (queued, or waiting for a retry): they never start until released.
+    ///
+    /// Held jobs keep their attempt count. Like Postfix's hold queue. Only root (or the user
+    /// spoold) may hold jobs in the packaged spool.
+    #[command(override_usage = "spoold hold [-c|--config <PATH>] <ID>...\n       \
+                                spoold hold [-c|--config <PATH>] --all")]
+    Hold {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// IDs of waiting jobs, as `spoold enqueue` printed them.
+        #[arg(
+            value_name = "ID",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        ids: Vec<String>,
+        /// Hold every waiting job.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Put held jobs back in the queue, with their attempt count kept.
+    #[command(
+        override_usage = "spoold release [-c|--config <PATH>] <ID>...\n       \
+                                spoold release [-c|--config <PATH>] --all"
+    )]
+    Release {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// IDs of held jobs.
+        #[arg(
+            value_name = "ID",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        ids: Vec<String>,
+        /// Release every held job.
         #[arg(long)]
         all: bool,
     },

@@ -1,4 +1,5 @@
-//! The client subcommands (enqueue, status, failed, retry, check-config): short-lived, no runtime.
+//! The client subcommands (enqueue, status, failed, retry, pause, resume, hold, release,
+//! check-config): short-lived, no runtime.
 //!
 //! The commands work through `source::Admin`, so they name no directory and no on-disk record:
 //! only `with_spool` knows that the queue is a spool, because the config says so.
@@ -16,7 +17,7 @@ use nix::unistd::{Group, User};
 
 use crate::job::{Failure, History, JobId, display_name, escape_bytes, escape_text};
 use crate::source::Admin;
-use crate::source::admin::{Partial, Retried, SubmitError, new_job_id};
+use crate::source::admin::{Moved, OperatorError, Partial, Retried, SubmitError, new_job_id};
 use crate::source::spool::{Spool, SpoolError};
 
 /// Runs a client subcommand and returns the process exit status.
@@ -39,6 +40,22 @@ pub fn run(command: Command) -> ExitCode {
         }
         Command::Retry { config, ids, all } => {
             with_spool(&config.config, Layout::Existing, |s| retry(s, &ids, all))
+        }
+        // A pause needs no daemon: the client creates the layout as enqueue does, so that a
+        // spool can be paused before its first start.
+        Command::Pause { config, reason } => {
+            with_spool(&config.config, Layout::CreateIfOwner, |s| {
+                pause(s, reason.as_deref())
+            })
+        }
+        Command::Resume { config } => with_spool(&config.config, Layout::Existing, resume),
+        Command::Hold { config, ids, all } => with_spool(&config.config, Layout::Existing, |s| {
+            hold_or_release(s, Action::Hold, &ids, all)
+        }),
+        Command::Release { config, ids, all } => {
+            with_spool(&config.config, Layout::Existing, |s| {
+                hold_or_release(s, Action::Release, &ids, all)
+            })
         }
     }
 }
@@ -290,11 +307,23 @@ fn status(queue: &impl Admin, json: bool) -> io::Result<ExitCode> {
             Some(pid) => println!("daemon  running (pid {pid})"),
             None => println!("daemon  not running"),
         }
+        match queue.paused()? {
+            Some(p) => println!(
+                "paused  yes, since {} by uid {}{}",
+                escape_text(&p.since),
+                p.by_uid,
+                p.reason
+                    .map(|r| format!(": {}", escape_text(&r)))
+                    .unwrap_or_default()
+            ),
+            None => println!("paused  no"),
+        }
         println!("queued  {}{age}", counts.queued);
         println!("active  {}", counts.active);
         println!("retry   {}", counts.retry);
         println!("done    {}", counts.done);
         println!("failed  {}", counts.failed);
+        println!("held    {}", counts.held);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -434,6 +463,121 @@ fn retry(queue: &impl Admin, ids: &[String], all: bool) -> io::Result<ExitCode> 
             }
             Err(e) => {
                 eprintln!("spoold: {id}: {e}");
+                code = ExitCode::FAILURE;
+            }
+        }
+    }
+    Ok(code)
+}
+
+/// Says why an operator action was refused, with what to do about it.
+fn operator_error(what: &str, e: OperatorError) {
+    match e {
+        OperatorError::Denied {
+            err,
+            root_only: true,
+            ..
+        } => eprintln!("spoold: {what}: {err}; only root (or the user spoold) may do this"),
+        OperatorError::Denied { err, group, .. } => {
+            eprintln!("spoold: {what}: {err}; {}", membership_hint(group))
+        }
+        OperatorError::Io(e) => eprintln!("spoold: {what}: {e}"),
+    }
+}
+
+fn pause(queue: &impl Admin, reason: Option<&str>) -> io::Result<ExitCode> {
+    match queue.pause(reason) {
+        Ok((p, true)) => println!(
+            "already paused since {} by uid {}; left as it was",
+            escape_text(&p.since),
+            p.by_uid
+        ),
+        Ok((_, false)) => println!("paused: no new job starts until `spoold resume`"),
+        Err(e) => {
+            operator_error("not paused", e);
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn resume(queue: &impl Admin) -> io::Result<ExitCode> {
+    match queue.resume() {
+        Ok(true) => println!("resumed: jobs start again"),
+        Ok(false) => println!("not paused; nothing to do"),
+        Err(e) => {
+            operator_error("not resumed", e);
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Clone, Copy)]
+enum Action {
+    Hold,
+    Release,
+}
+
+fn hold_or_release(
+    queue: &impl Admin,
+    action: Action,
+    ids: &[String],
+    all: bool,
+) -> io::Result<ExitCode> {
+    let (verb, none) = match action {
+        Action::Hold => ("held", "no waiting job"),
+        Action::Release => ("released", "no held job"),
+    };
+    // As for retry: every argument is checked before anything moves.
+    let ids: Vec<JobId> = if all {
+        let ids = match action {
+            Action::Hold => queue.waiting()?,
+            Action::Release => queue.held()?,
+        };
+        if ids.is_empty() {
+            println!("{none}; nothing {verb}");
+            return Ok(ExitCode::SUCCESS);
+        }
+        ids
+    } else {
+        let mut parsed = Vec::with_capacity(ids.len());
+        let mut bad = false;
+        for arg in ids {
+            match JobId::parse(arg) {
+                Ok(id) => parsed.push(id),
+                Err(e) => {
+                    eprintln!("spoold: {e}");
+                    bad = true;
+                }
+            }
+        }
+        if bad {
+            eprintln!("spoold: nothing was {verb}");
+            return Ok(ExitCode::FAILURE);
+        }
+        parsed
+    };
+    let mut code = ExitCode::SUCCESS;
+    for id in ids {
+        let result = match action {
+            Action::Hold => queue.hold(&id),
+            Action::Release => queue.release(&id),
+        };
+        match result {
+            Ok(Moved::To { name, place }) if name == id.as_os_str() => {
+                println!("{id}: {verb}, in {place}")
+            }
+            Ok(Moved::To { name, place }) => println!(
+                "{id}: {verb}, in {place} as {} ({place} already held a job of that name)",
+                display_name(&name)
+            ),
+            Ok(Moved::NoSuchJob) => {
+                eprintln!("spoold: {id}: {none} of that name");
+                code = ExitCode::FAILURE;
+            }
+            Err(e) => {
+                operator_error(&format!("{id}: not {verb}"), e);
                 code = ExitCode::FAILURE;
             }
         }

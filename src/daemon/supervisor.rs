@@ -31,7 +31,8 @@ use crate::daemon::signals::Shutdown;
 use crate::daemon::stats::Stats;
 use crate::fault::{self, Point};
 use crate::runner::Pool;
-use crate::source::spool::discovery::{Discovery, Watcher};
+use crate::source::admin::Paused;
+use crate::source::spool::discovery::{self, Discovery, Watcher};
 use crate::source::spool::{Dir, Spool, SpoolError, SpoolLock, SpoolSource};
 
 /// Names waiting between discovery and the workers. Small: a name in the channel is a job
@@ -215,6 +216,8 @@ struct Running {
     rescan_tx: watch::Sender<Duration>,
     /// The watchdog's task; dropping the handle ends it, once the stop sequence is over.
     watchdog: Option<AbortOnDropHandle<()>>,
+    /// The operator's pause, for STATUS=.
+    paused: watch::Receiver<Option<Paused>>,
 }
 
 impl Running {
@@ -240,12 +243,14 @@ impl Running {
         let (config_tx, config_rx) = watch::channel(Arc::new(config));
         let (rescan_tx, rescan_rx) = watch::channel(config_rx.borrow().spool.rescan_interval);
         let (retries_tx, retries_rx) = mpsc::unbounded_channel();
+        let (paused_tx, paused_rx) = discovery::pause_channel(&spool);
         let source = SpoolSource::new(
             spool.clone(),
             names_rx,
             retries_tx,
             stats.clone(),
             config_rx.clone(),
+            paused_rx.clone(),
         );
         let pool = Pool::new(
             source,
@@ -266,6 +271,7 @@ impl Running {
             retries: retries_rx,
             watcher,
             heartbeat: watchdog.map(|w| w / 4),
+            paused: paused_tx,
         };
         stats.beat();
         let discovery = tokio::spawn(discovery.run(shutdown.stop.clone()));
@@ -289,6 +295,7 @@ impl Running {
             config_tx,
             rescan_tx,
             watchdog,
+            paused: paused_rx,
         })
     }
 
@@ -301,7 +308,7 @@ impl Running {
             log,
         } = reloads;
         let mut reload_error: Option<String> = None;
-        let mut status = status_line(&self.stats, &reload_error);
+        let mut status = status_line(&self.stats, &self.paused, &reload_error);
         self.notifier.ready(&status);
         tracing::info!(
             spool = %self.spool.root().display(),
@@ -332,11 +339,11 @@ impl Running {
                     Some(()) = requests.recv() => {
                         self.notifier.reloading();
                         reload_error = self.reload(&config_path, &log);
-                        status = status_line(&self.stats, &reload_error);
+                        status = status_line(&self.stats, &self.paused, &reload_error);
                         self.notifier.ready(&status);
                     }
                     _ = status_tick.tick() => {
-                        let now = status_line(&self.stats, &reload_error);
+                        let now = status_line(&self.stats, &self.paused, &reload_error);
                         if now != status {
                             status = now;
                             self.notifier.status(&status);
@@ -565,9 +572,19 @@ fn jobs_in_words(n: u64) -> String {
     }
 }
 
-fn status_line(stats: &Stats, reload_error: &Option<String>) -> String {
+fn status_line(
+    stats: &Stats,
+    paused: &watch::Receiver<Option<Paused>>,
+    reload_error: &Option<String>,
+) -> String {
+    // First, since it is what explains a queue that does not move.
+    let paused = if paused.borrow().is_some() {
+        "paused (spoold resume to go on); "
+    } else {
+        ""
+    };
     let mut line = format!(
-        "{}/{} busy, {} queued, {} done, {} failed",
+        "{paused}{}/{} busy, {} queued, {} done, {} failed",
         stats.busy.load(Relaxed),
         stats.workers.load(Relaxed),
         stats.queued(),

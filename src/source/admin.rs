@@ -1,4 +1,5 @@
-//! The seam between the client commands (`enqueue`, `status`, `failed`, `retry`) and a queue:
+//! The seam between the client commands (`enqueue`, `status`, `failed`, `retry`, `pause`,
+//! `resume`, `hold`, `release`) and a queue:
 //! the [`Admin`] trait and the domain types its answers are made of. A source implements it
 //! (the spool does); the commands name no directory and no on-disk record, so that they can
 //! work the same against a broker.
@@ -30,6 +31,67 @@ pub trait Admin {
 
     /// Queues the failed job `id` again, with a fresh attempt count.
     fn retry(&self, id: &JobId) -> io::Result<Retried>;
+
+    /// Whether the queue is paused, and by whom: None when it runs.
+    fn paused(&self) -> io::Result<Option<Paused>>;
+
+    /// Pauses the queue: no new job starts, jobs in flight go on. The pause is state of the
+    /// queue, not of a daemon: it holds across restarts and with no daemon running. Returns
+    /// the pause in force, and whether it was one already (then it is left as it was).
+    fn pause(&self, reason: Option<&str>) -> Result<(Paused, bool), OperatorError>;
+
+    /// Ends a pause. Returns false when the queue was not paused.
+    fn resume(&self) -> Result<bool, OperatorError>;
+
+    /// Sets the waiting job `id` aside: it never starts until released.
+    fn hold(&self, id: &JobId) -> Result<Moved, OperatorError>;
+
+    /// Puts the held job `id` back among the waiting ones, with its attempt count kept.
+    fn release(&self, id: &JobId) -> Result<Moved, OperatorError>;
+
+    /// The IDs of the jobs waiting to run (queued or waiting for a retry), for `hold --all`.
+    fn waiting(&self) -> io::Result<Vec<JobId>>;
+
+    /// The IDs of the held jobs, for `release --all`.
+    fn held(&self) -> io::Result<Vec<JobId>>;
+}
+
+/// A pause in force: who paused the queue, when, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Paused {
+    pub reason: Option<String>,
+    /// RFC 3339, UTC.
+    pub since: String,
+    /// The effective uid of whoever paused it.
+    pub by_uid: u32,
+}
+
+/// Why an operator action failed.
+#[derive(Debug)]
+pub enum OperatorError {
+    /// This user may not change the queue's state; membership of `group` would grant it, or
+    /// (when `root_only`) only root may.
+    Denied {
+        err: io::Error,
+        group: u32,
+        root_only: bool,
+    },
+    Io(io::Error),
+}
+
+impl From<io::Error> for OperatorError {
+    fn from(e: io::Error) -> OperatorError {
+        OperatorError::Io(e)
+    }
+}
+
+/// What [`Admin::hold`] or [`Admin::release`] did with an ID.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Moved {
+    /// Now in `place`, under `name` (another name when `place` held a job of that name).
+    To { name: OsString, place: Place },
+    /// No job of that ID is where the action takes jobs from.
+    NoSuchJob,
 }
 
 /// Why a submission failed.
@@ -98,6 +160,13 @@ pub struct Counts {
     pub oldest_queued_age_s: Option<f64>,
     /// The pid of the daemon that owns the queue, if one runs.
     pub daemon_pid: Option<u32>,
+    /// Whether an operator paused the queue (`spoold pause`), and the pause's record.
+    pub paused: bool,
+    pub paused_reason: Option<String>,
+    pub paused_since: Option<String>,
+    pub paused_by_uid: Option<u32>,
+    /// Jobs set aside by `spoold hold`.
+    pub held: u64,
 }
 
 /// How to undo a submission that is not whole yet.

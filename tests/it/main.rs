@@ -15,6 +15,7 @@ mod client;
 mod core;
 mod handlers;
 mod jetstream_cluster;
+mod operator;
 mod packaging;
 mod reliability;
 mod shutdown;

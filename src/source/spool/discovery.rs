@@ -21,7 +21,10 @@
 //! STATUS shows a queued count without anyone counting the directory.
 //!
 //! It also sweeps `tmp/` of files that producers abandoned (the Maildir rule), hourly and on the
-//! blocking pool.
+//! blocking pool, and keeps the operator's pause (`control/pause`): a watch on `control/` tells
+//! it at once when the record changes, a read every second is the fallback, and each change is
+//! published to the source (which claims nothing while paused) and logged with the uid of the
+//! operator who made it.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -40,6 +43,8 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::later;
 use crate::daemon::stats::Stats;
 use crate::job::display_name;
+use crate::source::admin::Paused;
+use crate::source::spool::control::PauseRecord;
 use crate::source::spool::schedule::{self, RetrySchedule};
 use crate::source::spool::{Dir, NewScan, Promotion, Spool, unix_ms};
 
@@ -53,6 +58,10 @@ const MAX_PENDING: usize = 4 * BATCH;
 const PROMOTE_BATCH: usize = 64;
 /// How long a promotion that failed (an I/O error) waits before it is tried again.
 const PROMOTE_RETRY: Duration = Duration::from_secs(1);
+/// How often the pause record is read when no inotify event said it changed: a running daemon
+/// acts on a pause within a second even without the watch. One small read a second costs
+/// nothing next to a job.
+const PAUSE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// A file in `tmp/` untouched (not modified) for this long was abandoned by its producer, and
 /// is removed: the Maildir rule. A producer still writing it would have touched it since.
@@ -72,6 +81,8 @@ pub struct Watcher {
     /// The watch on the spool root, which reports the removal of `new/` and its siblings at
     /// once: spoold holds them open, so their own DELETE_SELF comes only when they are closed.
     root: Option<WatchDescriptor>,
+    /// The watch on `control/`, which tells of a pause or a resume at once.
+    control: Option<WatchDescriptor>,
 }
 
 impl Watcher {
@@ -100,8 +111,24 @@ impl Watcher {
                     | WatchMask::ONLYDIR,
             )
             .ok();
+        // Without this one, the pause is read every PAUSE_CHECK_EVERY all the same.
+        let control = inotify
+            .watches()
+            .add(
+                spool.dir_path(Dir::Control),
+                WatchMask::CLOSE_WRITE
+                    | WatchMask::MOVED_TO
+                    | WatchMask::MOVED_FROM
+                    | WatchMask::DELETE
+                    | WatchMask::ONLYDIR,
+            )
+            .ok();
         let stream = inotify.into_event_stream(vec![0u8; 64 * 1024])?;
-        Ok(Watcher { stream, root })
+        Ok(Watcher {
+            stream,
+            root,
+            control,
+        })
     }
 }
 
@@ -116,6 +143,40 @@ pub struct Discovery {
     pub watcher: Option<Watcher>,
     /// How often to record a heartbeat for the watchdog; None when there is no watchdog.
     pub heartbeat: Option<Duration>,
+    /// Where the operator's pause is published (see [`pause_channel`]).
+    pub paused: watch::Sender<Option<Paused>>,
+}
+
+/// The channel of the operator's pause, holding the pause in force at start: a daemon that
+/// starts on a paused spool claims nothing, from its first job on.
+pub fn pause_channel(
+    spool: &Spool,
+) -> (
+    watch::Sender<Option<Paused>>,
+    watch::Receiver<Option<Paused>>,
+) {
+    let paused = match spool.pause_record() {
+        Ok(record) => record.and_then(|r| r.pause()),
+        Err(e) => {
+            tracing::error!("{e}; spoold runs as if not paused until the record is fixed");
+            None
+        }
+    };
+    if let Some(p) = &paused {
+        tracing::warn!(
+            operator_uid = p.by_uid,
+            "the spool is paused (by uid {}, since {}{}): no job starts until `spoold resume`",
+            p.by_uid,
+            p.since,
+            reason_text(p.reason.as_deref())
+        );
+    }
+    watch::channel(paused)
+}
+
+/// ": REASON" for log lines, escaped, or nothing.
+fn reason_text(reason: Option<&str>) -> String {
+    reason.map_or_else(String::new, |r| format!(": {}", crate::job::escape_text(r)))
 }
 
 /// Where discovery stands in the current scan pass.
@@ -148,6 +209,12 @@ struct Turns {
     retry_scan: Option<JoinHandle<io::Result<RetrySchedule>>>,
     rescan_retries_at: Option<Instant>,
     beat_at: Instant,
+    paused: watch::Sender<Option<Paused>>,
+    /// The pause record as last read, to log each change once.
+    pause_seen: Option<PauseRecord>,
+    /// The last error reading it, to log each distinct error once rather than every second.
+    pause_error: Option<String>,
+    pause_check_at: Instant,
 }
 
 impl Discovery {
@@ -189,6 +256,7 @@ impl Discovery {
                     turns.promote_due();
                 }
                 () = sleep_until(turns.beat_at) => turns.beat(),
+                () = sleep_until(turns.pause_check_at) => turns.check_pause(),
             }
         }
     }
@@ -204,6 +272,7 @@ impl Turns {
             retries,
             watcher,
             heartbeat,
+            paused,
         } = discovery;
         if watcher.is_none() {
             tracing::warn!(
@@ -228,6 +297,12 @@ impl Turns {
             retry_scan: None,
             rescan_retries_at: Some(Instant::now()),
             beat_at: Instant::now(),
+            paused,
+            // Nothing seen yet: the first turn reads the record, in case it changed since
+            // `pause_channel` read it.
+            pause_seen: None,
+            pause_error: None,
+            pause_check_at: Instant::now(),
         };
         (turns, names)
     }
@@ -291,6 +366,14 @@ impl Turns {
         if event.mask.contains(EventMask::Q_OVERFLOW) {
             tracing::warn!("inotify queue overflowed; rescanning new/");
             self.dirty = true;
+            self.check_pause();
+        } else if self
+            .watcher
+            .as_ref()
+            .is_some_and(|w| w.control.as_ref() == Some(&event.wd))
+        {
+            // Any change in control/ (a temporary file's too): the record is read again.
+            self.check_pause();
         } else if self
             .watcher
             .as_ref()
@@ -351,6 +434,49 @@ impl Turns {
             Err(e) => tracing::error!("the read of retry/ ended abnormally: {e}"),
         }
         self.rescan_retries_at = Some(later(Instant::now(), interval));
+    }
+
+    /// Reads the pause record and, when it changed, publishes the pause and logs who changed it.
+    fn check_pause(&mut self) {
+        self.pause_check_at = later(Instant::now(), PAUSE_CHECK_EVERY);
+        let record = match self.spool.pause_record() {
+            Ok(record) => {
+                self.pause_error = None;
+                record
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if self.pause_error.as_ref() != Some(&text) {
+                    tracing::error!("{text}; the pause stays as it was until the record is fixed");
+                    self.pause_error = Some(text);
+                }
+                return;
+            }
+        };
+        if record == self.pause_seen {
+            return;
+        }
+        let now = record.as_ref().and_then(PauseRecord::pause);
+        let was = self.paused.borrow().is_some();
+        match (&now, &record) {
+            (Some(p), _) if !was => tracing::warn!(
+                operator_uid = p.by_uid,
+                "paused by uid {}{}: no new job starts until `spoold resume`; jobs in flight go on",
+                p.by_uid,
+                reason_text(p.reason.as_deref())
+            ),
+            (None, Some(r)) if was => tracing::warn!(
+                operator_uid = r.uid,
+                "resumed by uid {}: jobs start again",
+                r.uid
+            ),
+            (None, None) if was => {
+                tracing::warn!("the pause record was removed: jobs start again")
+            }
+            _ => {}
+        }
+        self.paused.send_replace(now);
+        self.pause_seen = record;
     }
 
     fn beat(&mut self) {

@@ -23,6 +23,7 @@ use crate::clock::later;
 use crate::config::Config;
 use crate::daemon::stats::Stats;
 use crate::job::{History, Job, Report, Verdict, display_name};
+use crate::source::admin::Paused;
 use crate::source::{Lease, Source};
 
 /// The spool as the workers' source of jobs. Discovery (`super::discovery::Discovery`) sends
@@ -36,6 +37,9 @@ pub struct SpoolSource {
     stats: Arc<Stats>,
     /// For `done.keep`, read when a job is done.
     config: watch::Receiver<Arc<Config>>,
+    /// The operator's pause, as discovery reads it from the spool: while it is Some, no job is
+    /// claimed.
+    paused: watch::Receiver<Option<Paused>>,
 }
 
 impl SpoolSource {
@@ -46,6 +50,7 @@ impl SpoolSource {
         retries: mpsc::UnboundedSender<RetryScheduled>,
         stats: Arc<Stats>,
         config: watch::Receiver<Arc<Config>>,
+        paused: watch::Receiver<Option<Paused>>,
     ) -> SpoolSource {
         SpoolSource {
             spool,
@@ -53,6 +58,28 @@ impl SpoolSource {
             retries,
             stats,
             config,
+            paused,
+        }
+    }
+
+    /// Returns once the spool is not paused (at once when it is not), or false when `stop`
+    /// came first. A name a worker holds meanwhile is still in `new/`: nothing to undo.
+    async fn unpaused(&self, stop: &CancellationToken) -> bool {
+        if self.paused.borrow().is_none() {
+            return true;
+        }
+        let mut paused = self.paused.clone();
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => false,
+            changed = paused.wait_for(Option::is_none) => match changed {
+                Ok(_) => !stop.is_cancelled(),
+                // Discovery, which keeps the pause, ended: the daemon is stopping.
+                Err(_) => {
+                    stop.cancelled().await;
+                    false
+                }
+            },
         }
     }
 
@@ -116,8 +143,9 @@ impl Source for SpoolSource {
                     name = names.recv() => name?,
                 }
             };
-            // A name received just as the stop began is left in new/ rather than started.
-            if stop.is_cancelled() {
+            // A name received just as the stop began is left in new/ rather than started; so is
+            // one received while the spool is paused, until the pause ends.
+            if stop.is_cancelled() || !self.unpaused(stop).await {
                 return None;
             }
             if let Some(lease) = self.claim(name) {
@@ -334,6 +362,7 @@ mod tests {
             mpsc::unbounded_channel().0,
             stats.clone(),
             watch::channel(config(dir.path())).1,
+            watch::channel(None).1,
         );
         let stop = CancellationToken::new();
         let lease = source.next(&stop).await.expect("the job is claimed");
@@ -342,6 +371,45 @@ mod tests {
         assert!(source.next(&stop).await.is_none());
         assert_eq!(stats.done.load(Relaxed), 1);
         assert_eq!(stats.queued(), 0);
+    }
+
+    /// While paused, a worker that holds a name waits without claiming it, and a stop ends the
+    /// wait at once, leaving the job in new/.
+    #[tokio::test]
+    async fn a_paused_source_claims_nothing_and_a_stop_ends_its_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        std::fs::write(dir.path().join("new/job"), "x").unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(OsString::from("job")).await.unwrap();
+        let paused = Paused {
+            reason: None,
+            since: rfc3339(SystemTime::now()),
+            by_uid: 0,
+        };
+        let (_paused_tx, paused_rx) = watch::channel(Some(paused));
+        let source = SpoolSource::new(
+            spool,
+            rx,
+            mpsc::unbounded_channel().0,
+            Arc::new(Stats::default()),
+            watch::channel(config(dir.path())).1,
+            paused_rx,
+        );
+        let stop = CancellationToken::new();
+        let canceller = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            canceller.cancel();
+        });
+        let began = std::time::Instant::now();
+        let ended = tokio::time::timeout(Duration::from_secs(5), source.next(&stop)).await;
+        assert!(
+            matches!(ended, Ok(None)),
+            "claimed while paused, or the stop did not end the wait"
+        );
+        assert!(began.elapsed() >= Duration::from_millis(250));
+        assert!(dir.path().join("new/job").exists());
     }
 
     /// The contract a source keeps towards the runner, run here against the spool; a broker
@@ -358,6 +426,7 @@ mod tests {
             retries_tx,
             Arc::new(Stats::default()),
             watch::channel(config(dir.path())).1,
+            watch::channel(None).1,
         );
         let submit = |id: &str, body: &str| spool.enqueue(&mut body.as_bytes(), id).unwrap();
         // Discovery, by hand: what is due in retry/ goes to new/, and new/ is named to the

@@ -12,6 +12,8 @@
 //! | `failed/`     | jobs that ran out of attempts or exited with a permanent code          |
 //! | `state/NAME`  | JSON record of a live job that has failed at least once: attempts, next attempt time |
 //! | `reasons/NAME`| JSON record of why `failed/NAME` failed                                |
+//! | `hold/`       | jobs an operator set aside (`spoold hold`); they never start until released |
+//! | `control/pause` | JSON record of the operator's pause or resume (`spoold pause`/`resume`) |
 //! | `spoold.lock` | flock held by the one daemon that owns the spool                       |
 //!
 //! Every move is a `renameat2(RENAME_NOREPLACE)` inside one filesystem, so a job file is always
@@ -22,6 +24,7 @@
 //! No other module knows these names. Nothing here is async: the operations are single system
 //! calls on a local directory, and keeping them synchronous makes them testable without a runtime.
 
+mod control;
 pub mod discovery;
 mod lease;
 mod record;
@@ -40,7 +43,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::job::{Failure, History, JobId, display_name, escape_bytes};
-use crate::source::admin::{Admin, Counts, FailedJob, Partial, Place, Retried, SubmitError};
+use crate::source::admin::{
+    Admin, Counts, FailedJob, Moved, OperatorError, Partial, Paused, Place, Retried, SubmitError,
+};
 use crate::source::spool::schedule::RetrySchedule;
 use record::JobRecord;
 use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags, RenameFlags};
@@ -63,10 +68,12 @@ pub enum Dir {
     Failed,
     State,
     Reasons,
+    Hold,
+    Control,
 }
 
 impl Dir {
-    pub const ALL: [Dir; 8] = [
+    pub const ALL: [Dir; 10] = [
         Dir::Tmp,
         Dir::New,
         Dir::Active,
@@ -75,6 +82,8 @@ impl Dir {
         Dir::Failed,
         Dir::State,
         Dir::Reasons,
+        Dir::Hold,
+        Dir::Control,
     ];
 
     pub fn name(self) -> &'static str {
@@ -87,6 +96,8 @@ impl Dir {
             Dir::Failed => "failed",
             Dir::State => "state",
             Dir::Reasons => "reasons",
+            Dir::Hold => "hold",
+            Dir::Control => "control",
         }
     }
 
@@ -101,6 +112,8 @@ impl Dir {
             Dir::Failed => "failed/",
             Dir::State => "state/",
             Dir::Reasons => "reasons/",
+            Dir::Hold => "hold/",
+            Dir::Control => "control/",
         })
     }
 }
@@ -817,6 +830,7 @@ impl Spool {
                 oldest = Some(oldest.map_or(c.mtime_ns, |o| o.min(c.mtime_ns)));
             }
         }
+        let pause = self.paused()?;
         let now_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -829,6 +843,11 @@ impl Spool {
             failed: count(Dir::Failed)?,
             oldest_queued_age_s: oldest.map(|o| ((now_ns - o).max(0) as f64) / 1e9),
             daemon_pid: self.owner(),
+            paused: pause.is_some(),
+            paused_reason: pause.as_ref().and_then(|p| p.reason.clone()),
+            paused_since: pause.as_ref().map(|p| p.since.clone()),
+            paused_by_uid: pause.as_ref().map(|p| p.by_uid),
+            held: count(Dir::Hold)?,
         })
     }
 
@@ -1024,6 +1043,36 @@ impl Admin for Spool {
 
     fn retry(&self, id: &JobId) -> io::Result<Retried> {
         self.retry_failed(id)
+    }
+
+    fn paused(&self) -> io::Result<Option<Paused>> {
+        Spool::paused(self)
+    }
+
+    fn pause(&self, reason: Option<&str>) -> Result<(Paused, bool), OperatorError> {
+        Spool::pause(self, reason)
+    }
+
+    fn resume(&self) -> Result<bool, OperatorError> {
+        Spool::resume(self)
+    }
+
+    fn hold(&self, id: &JobId) -> Result<Moved, OperatorError> {
+        Spool::hold(self, id)
+    }
+
+    fn release(&self, id: &JobId) -> Result<Moved, OperatorError> {
+        Spool::release(self, id)
+    }
+
+    fn waiting(&self) -> io::Result<Vec<JobId>> {
+        let mut ids = self.ids_in(Dir::New)?;
+        ids.extend(self.ids_in(Dir::Retry)?);
+        Ok(ids)
+    }
+
+    fn held(&self) -> io::Result<Vec<JobId>> {
+        self.ids_in(Dir::Hold)
     }
 }
 

@@ -1,0 +1,225 @@
+//! The operator's commands on a running queue, as an operator runs them: `spoold pause` and
+//! `resume` (state of the spool: they work with or without a daemon, and survive restarts), and
+//! `spoold hold` and `release` (a waiting job is set aside, and comes back with its attempt
+//! count kept).
+
+use std::fs;
+use std::time::Duration;
+
+use crate::util::{Env, SOON, describe, wait_for};
+
+/// How long a paused daemon is watched for a job it must not start. A paused daemon acts within
+/// a second; three give a loaded machine room to show a bug.
+const QUIET: Duration = Duration::from_secs(3);
+
+/// A spool whose handler appends "ID ATTEMPT" to `runs`. A job whose body says `wait` runs
+/// until the file `go` exists; one whose body says `flaky` fails its first attempt, and its
+/// retry waits an hour.
+fn operator_env() -> Env {
+    let env = Env::new(&["/bin/true"], "");
+    let dir = env.dir.path().display().to_string();
+    let h = env.script(
+        "handler.sh",
+        &format!(
+            "printf '%s %s\\n' \"$SPOOLD_JOB_ID\" \"$SPOOLD_ATTEMPT\" >> {dir}/runs\n\
+             if grep -q wait \"$SPOOLD_JOB_PATH\"; then\n\
+               while [ ! -e {dir}/go ]; do sleep 0.05; done\n\
+             fi\n\
+             if grep -q flaky \"$SPOOLD_JOB_PATH\" && [ \"$SPOOLD_ATTEMPT\" = 1 ]; then exit 1; fi\n\
+             exit 0"
+        ),
+    );
+    env.write_config(
+        &[&h],
+        "[workers]\ncount = 2\n[retry]\nbackoff_initial = \"1h\"\nmax_attempts = 3\n",
+    );
+    env
+}
+
+/// Each "ID ATTEMPT" line the handler wrote.
+fn runs(env: &Env) -> Vec<String> {
+    fs::read_to_string(env.dir.path().join("runs"))
+        .map(|t| t.lines().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+fn ran(env: &Env, id: &str) -> bool {
+    runs(env).iter().any(|l| l.split(' ').next() == Some(id))
+}
+
+fn status_json(env: &Env) -> serde_json::Value {
+    let out = env.cli(&["status", "--json"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Waits QUIET and says whether `id` started meanwhile.
+fn starts_within_quiet(env: &Env, id: &str) -> bool {
+    wait_for(QUIET, || ran(env, id).then_some(())).is_some()
+}
+
+#[test]
+fn a_spool_paused_before_start_runs_nothing_until_resumed() {
+    let env = operator_env();
+    // No daemon has ever opened this spool: the pause sets it up, as enqueue does.
+    let out = env.cli(&["pause", "--reason", "migrating the database"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    env.submit("a", "1");
+    env.submit("b", "2");
+
+    let mut d = env.start();
+    d.wait_note(|n| n.contains("STATUS=") && n.contains("paused"), SOON)
+        .unwrap_or_else(|| panic!("no STATUS= saying paused: {:?}", d.notes()));
+    assert!(!starts_within_quiet(&env, "a"), "a job ran while paused");
+    assert_eq!(env.count("new"), 2);
+
+    let s = status_json(&env);
+    assert_eq!(s["paused"], true, "{s}");
+    assert_eq!(s["paused_reason"], "migrating the database", "{s}");
+    assert!(
+        s["paused_since"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{s}"
+    );
+    assert_eq!(
+        s["paused_by_uid"],
+        rustix::process::geteuid().as_raw(),
+        "{s}"
+    );
+    assert_eq!(s["queued"], 2, "{s}");
+    let out = env.cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("paused  yes") && text.contains("migrating the database"),
+        "{text}"
+    );
+
+    let out = env.cli(&["resume"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    d.wait_until_within(
+        Duration::from_secs(10),
+        "both jobs to run after the resume",
+        || env.count("done") == 2,
+    );
+    assert!(
+        d.wait_log(|l| l.contains("resumed by uid"), SOON),
+        "{}",
+        d.log()
+    );
+    assert_eq!(status_json(&env)["paused"], false);
+    d.stop();
+}
+
+#[test]
+fn a_pause_lets_the_job_in_flight_finish_starts_nothing_new_and_survives_a_restart() {
+    let env = operator_env();
+    let mut d = env.start();
+    env.submit("slow", "wait");
+    d.wait_until("the slow job to start", || ran(&env, "slow"));
+
+    let out = env.cli(&["pause"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    // The daemon logs who paused, with the uid the client recorded.
+    let uid = rustix::process::geteuid().as_raw();
+    assert!(
+        d.wait_log(|l| l.contains(&format!("paused by uid {uid}")), SOON),
+        "{}",
+        d.log()
+    );
+    env.submit("next", "x");
+    fs::write(env.dir.path().join("go"), "").unwrap();
+    d.wait_until("the job in flight to finish", || env.count("done") == 1);
+    assert!(
+        !starts_within_quiet(&env, "next"),
+        "a job started while paused"
+    );
+    assert_eq!(env.names("new"), ["next".to_owned()].into());
+
+    // A SIGTERM while paused stops at once, cleanly.
+    d.term();
+    let (status, took) = d.wait_exit(SOON);
+    assert_eq!(status.code(), Some(0), "{}", d.log());
+    assert!(took < Duration::from_secs(5), "the stop took {took:?}");
+
+    // The pause is the spool's: the next daemon starts paused.
+    let mut d = env.start();
+    assert!(
+        !starts_within_quiet(&env, "next"),
+        "a restart undid the pause"
+    );
+    assert!(
+        d.wait_log(|l| l.contains("the spool is paused"), SOON),
+        "{}",
+        d.log()
+    );
+    let out = env.cli(&["resume"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    d.wait_until_within(
+        Duration::from_secs(10),
+        "the waiting job to run after the resume",
+        || env.count("done") == 2,
+    );
+    d.stop();
+}
+
+#[test]
+fn held_jobs_never_start_and_release_keeps_their_attempts() {
+    let env = operator_env();
+    let mut d = env.start();
+    // A job waiting for its retry (an hour away), after one failed attempt.
+    env.submit("flaky", "flaky");
+    d.wait_until("the flaky job to wait for its retry", || {
+        env.count("retry") == 1
+    });
+    // A queued job: the pause keeps it queued until it is held.
+    let out = env.cli(&["pause"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    d.wait_log(|l| l.contains("paused by uid"), SOON);
+    env.submit("queued", "x");
+
+    let out = env.cli(&["hold", "queued", "flaky"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        env.names("hold"),
+        ["flaky".to_owned(), "queued".to_owned()].into()
+    );
+    assert_eq!(status_json(&env)["held"], 2);
+    let out = env.cli(&["resume"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    d.wait_log(|l| l.contains("resumed by uid"), SOON);
+    assert!(!starts_within_quiet(&env, "queued"), "a held job started");
+    assert_eq!(env.count("hold"), 2);
+
+    let out = env.cli(&["release", "--all"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    d.wait_until("both released jobs to run", || env.count("done") == 2);
+    let runs = runs(&env);
+    assert!(runs.contains(&"queued 1".to_owned()), "{runs:?}");
+    // Its second attempt: the first, before the hold, still counts.
+    assert!(runs.contains(&"flaky 2".to_owned()), "{runs:?}");
+    assert_eq!(status_json(&env)["held"], 0);
+    d.stop();
+}
+
+#[test]
+fn hold_and_release_refuse_a_path() {
+    let env = operator_env();
+    let mut d = env.start();
+    d.stop();
+    env.submit("job", "x");
+    for command in ["hold", "release"] {
+        for arg in ["/etc/passwd", "../new/job", ".."] {
+            let out = env.cli(&[command, arg]);
+            let shown = describe(&out);
+            assert_eq!(out.status.code(), Some(1), "{command} {arg}: {shown}");
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("not a job ID"),
+                "{command} {arg}: {shown}"
+            );
+        }
+    }
+    assert_eq!(env.names("new"), ["job".to_owned()].into());
+    assert_eq!(env.count("hold"), 0);
+    // And an ID that names no waiting job says so.
+    let out = env.cli(&["hold", "nosuch"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+}
