@@ -111,6 +111,10 @@ pub struct History {
     /// True when the failure was a permanent exit code rather than running out of attempts.
     pub permanent: bool,
     pub last_failure: Option<Failure>,
+    /// Every failed attempt, oldest first, as far back as the source keeps them (the spool
+    /// keeps the last 20), so that `spoold show` tells more than the last failure. Empty when
+    /// the record was written by a spoold that kept only the last failure.
+    pub failures: Vec<Failure>,
 }
 
 /// A job ID as an operator gives it on a command line: one name inside a spool directory,

@@ -39,7 +39,16 @@ pub(super) struct JobRecord {
     failed_at: Option<String>,
     permanent: bool,
     last_failure: Option<FailureRecord>,
+    /// Every failed attempt, oldest first, the last [`HISTORY_CAP`] of them. Records written
+    /// before it existed lack it (read as empty), and an empty one is not written, so that a
+    /// record without it reads and writes back as it was.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    history: Vec<FailureRecord>,
 }
+
+/// How many failed attempts a record keeps: enough to see a pattern across retries, while a
+/// job retried without end cannot grow its record without end.
+pub(super) const HISTORY_CAP: usize = 20;
 
 impl From<FailureRecord> for Failure {
     fn from(r: FailureRecord) -> Failure {
@@ -84,6 +93,7 @@ impl From<JobRecord> for History {
             failed_at: r.failed_at,
             permanent: r.permanent,
             last_failure: r.last_failure.map(Failure::from),
+            failures: r.history.into_iter().map(Failure::from).collect(),
         }
     }
 }
@@ -99,6 +109,7 @@ impl From<History> for JobRecord {
             failed_at: h.failed_at,
             permanent: h.permanent,
             last_failure: h.last_failure.map(FailureRecord::from),
+            history: h.failures.into_iter().map(FailureRecord::from).collect(),
         }
     }
 }
@@ -128,6 +139,15 @@ pub(super) fn after_failure(
     now: SystemTime,
 ) -> History {
     let failure = failure(attempt, report, now);
+    // A record from a spoold that kept only the last failure starts the list with that one.
+    let mut failures = match earlier {
+        Some(h) if h.failures.is_empty() => h.last_failure.iter().cloned().collect(),
+        Some(h) => h.failures.clone(),
+        None => Vec::new(),
+    };
+    failures.push(failure.clone());
+    let excess = failures.len().saturating_sub(HISTORY_CAP);
+    failures.drain(..excess);
     History {
         id: shown.to_owned(),
         attempts: attempt,
@@ -135,6 +155,7 @@ pub(super) fn after_failure(
             .and_then(|h| h.first_attempt_at.clone())
             .or_else(|| Some(failure.started_at.clone())),
         last_failure: Some(failure),
+        failures,
         ..History::default()
     }
 }
@@ -157,6 +178,50 @@ mod tests {
         let back = JobRecord::from(History::from(record.clone()));
         assert_eq!(back, record);
         assert_eq!(serde_json::to_string(&back).unwrap(), text);
+
+        // The same record with a history of two attempts also round-trips.
+        let with = text.replacen(
+            "]}}",
+            r#"]},"history":[{"attempt":1,"started_at":"c","ended_at":"d","duration_ms":4,"exit_code":null,"signal":9,"timed_out":true,"reason":"timeout","stderr_tail":[]},{"attempt":2,"started_at":"a","ended_at":"b","duration_ms":5,"exit_code":3,"signal":null,"timed_out":false,"reason":"exit status 3","stderr_tail":["x"]}]}"#,
+            1,
+        );
+        let record: JobRecord = serde_json::from_str(&with).unwrap();
+        let history = History::from(record.clone());
+        assert_eq!(history.failures.len(), 2);
+        assert_eq!(history.failures[0].signal, Some(9));
+        let back = JobRecord::from(history);
+        assert_eq!(back, record);
+        assert_eq!(serde_json::to_string(&back).unwrap(), with);
+    }
+
+    /// Each failure adds to the history, which an old record (only a last failure) seeds, and
+    /// which keeps only the last HISTORY_CAP attempts.
+    #[test]
+    fn the_history_grows_from_old_records_and_is_capped() {
+        let report = |reason: &str| Report {
+            outcome: crate::job::Outcome::Failed,
+            started: SystemTime::now(),
+            duration: std::time::Duration::ZERO,
+            exit_code: Some(1),
+            signal: None,
+            timed_out: false,
+            reason: reason.to_owned(),
+            stderr_tail: Vec::new(),
+        };
+        let old: JobRecord = serde_json::from_str(
+            r#"{"id":"j","attempts":1,"permanent":false,"last_failure":{"attempt":1,"started_at":"a","ended_at":"b","duration_ms":5,"exit_code":3,"signal":null,"timed_out":false,"reason":"first","stderr_tail":[]}}"#,
+        )
+        .unwrap();
+        let mut h = History::from(old);
+        h = after_failure("j", 2, Some(&h), report("second"), SystemTime::now());
+        let reasons: Vec<_> = h.failures.iter().map(|f| f.reason.as_str()).collect();
+        assert_eq!(reasons, ["first", "second"]);
+        for attempt in 3..=30 {
+            h = after_failure("j", attempt, Some(&h), report("again"), SystemTime::now());
+        }
+        assert_eq!(h.failures.len(), HISTORY_CAP);
+        assert_eq!(h.failures.last().unwrap().attempt, 30);
+        assert_eq!(h.failures[0].attempt, 30 - HISTORY_CAP as u32 + 1);
     }
 
     /// Optional fields may be missing from a file; the others may not.
