@@ -154,6 +154,25 @@ pub enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Show one job: where it is and since when, and every failed attempt.
+    ///
+    /// It prints the job's place (new/, active/, retry/, hold/, done/ or failed/) and since
+    /// when, its failed attempts and when the next may run, then each failed attempt (the last
+    /// 20): start, duration, exit status or signal, timeout, and its stderr tail; and the
+    /// journalctl command that shows the job's log. Exit status 1 when no job has that ID.
+    #[command(override_usage = "spoold show [-c|--config <PATH>] [--json] <ID>")]
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The job's ID, as `spoold enqueue` printed it (an ID, never a path).
+        #[arg(value_name = "ID")]
+        id: String,
+        /// Print one JSON object (id, place, since, attempts, first_attempt_at,
+        /// next_attempt_at, failed_at, permanent, history: one object per failed attempt,
+        /// journalctl) with the values as recorded, unescaped.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a config file: exit 0 when it is valid, else print the error and exit 78.
     ///
     /// It also warns, without failing, when the handler program cannot be run: it is looked up

@@ -1,5 +1,5 @@
 //! The client subcommands (enqueue, status, failed, retry, pause, resume, hold, release,
-//! check-config): short-lived, no runtime.
+//! show, check-config): short-lived, no runtime.
 //!
 //! The commands work through `source::Admin`, so they name no directory and no on-disk record:
 //! only `with_spool` knows that the queue is a spool, because the config says so.
@@ -56,6 +56,9 @@ pub fn run(command: Command) -> ExitCode {
             with_spool(&config.config, Layout::Existing, |s| {
                 hold_or_release(s, Action::Release, &ids, all)
             })
+        }
+        Command::Show { config, id, json } => {
+            with_spool(&config.config, Layout::Existing, |s| show(s, &id, json))
         }
     }
 }
@@ -583,4 +586,114 @@ fn hold_or_release(
         }
     }
     Ok(code)
+}
+
+/// The command that shows a job's log: spoold logs every line of a job with its JOB_ID field.
+/// The unit is the packaged one; an instance unit (`spoold@NAME`) is named the same way.
+fn journalctl_line(id: &str) -> String {
+    // Quoted for a shell when the ID holds anything but the characters a ULID is made of.
+    let plain = id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if plain {
+        format!("journalctl -u spoold JOB_ID={id}")
+    } else {
+        format!(
+            "journalctl -u spoold 'JOB_ID={}'",
+            id.replace('\'', "'\\''")
+        )
+    }
+}
+
+fn show(queue: &impl Admin, arg: &str, json: bool) -> io::Result<ExitCode> {
+    let id = match JobId::parse(arg) {
+        Ok(id) => id,
+        Err(e) => {
+            eprintln!("spoold: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let Some(job) = queue.show(&id)? else {
+        eprintln!(
+            "spoold: {id}: no job of that ID (not in new/, active/, retry/, hold/, done/ or failed/)"
+        );
+        return Ok(ExitCode::FAILURE);
+    };
+    let shown = display_name(&job.name);
+    let journal = journalctl_line(&shown);
+    let history = job.history.unwrap_or_default();
+    let failures = if history.failures.is_empty() {
+        // A record from a spoold that kept only the last failure.
+        history.last_failure.iter().cloned().collect()
+    } else {
+        history.failures.clone()
+    };
+    let mut out = io::stdout().lock();
+    if json {
+        let value = serde_json::json!({
+            "id": shown,
+            "place": job.place.to_string(),
+            "since": job.since,
+            "attempts": history.attempts,
+            "first_attempt_at": history.first_attempt_at,
+            "next_attempt_at": history.next_attempt_at,
+            "failed_at": history.failed_at,
+            "permanent": history.permanent,
+            "history": failures.iter().map(failure_json).collect::<Vec<_>>(),
+            "record_error": job.record_error,
+            "journalctl": journal,
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(out, "{shown}")?;
+    writeln!(
+        out,
+        "    place:    {} since {}",
+        job.place,
+        escape_text(&job.since)
+    )?;
+    writeln!(
+        out,
+        "    failed attempts: {}{}",
+        history.attempts,
+        if history.permanent {
+            " (permanent exit code)"
+        } else {
+            ""
+        }
+    )?;
+    if let Some(at) = &history.first_attempt_at {
+        writeln!(out, "    first:    {}", escape_text(at))?;
+    }
+    if let Some(at) = &history.next_attempt_at {
+        writeln!(out, "    next:     {}", escape_text(at))?;
+    }
+    if let Some(at) = &history.failed_at {
+        writeln!(out, "    failed:   {}", escape_text(at))?;
+    }
+    if let Some(e) = &job.record_error {
+        writeln!(out, "    record:   unreadable: {}", escape_text(e))?;
+    }
+    for f in &failures {
+        let status = match (f.exit_code, f.signal) {
+            (Some(code), _) => format!("exit {code}"),
+            (None, Some(sig)) => format!("signal {sig}"),
+            (None, None) => "no exit status".to_owned(),
+        };
+        writeln!(
+            out,
+            "    attempt {}: started {}, {} ms, {status}{}: {}",
+            f.attempt,
+            escape_text(&f.started_at),
+            f.duration_ms,
+            if f.timed_out { ", timed out" } else { "" },
+            escape_text(&f.reason)
+        )?;
+        for line in &f.stderr_tail {
+            writeln!(out, "        stderr| {}", escape_text(line))?;
+        }
+    }
+    writeln!(out, "    log:      {}", escape_text(&journal))?;
+    Ok(ExitCode::SUCCESS)
 }

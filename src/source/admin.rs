@@ -1,5 +1,5 @@
 //! The seam between the client commands (`enqueue`, `status`, `failed`, `retry`, `pause`,
-//! `resume`, `hold`, `release`) and a queue:
+//! `resume`, `hold`, `release`, `show`) and a queue:
 //! the [`Admin`] trait and the domain types its answers are made of. A source implements it
 //! (the spool does); the commands name no directory and no on-disk record, so that they can
 //! work the same against a broker.
@@ -54,6 +54,24 @@ pub trait Admin {
 
     /// The IDs of the held jobs, for `release --all`.
     fn held(&self) -> io::Result<Vec<JobId>>;
+
+    /// Where the job `id` is and its failed attempts, for `spoold show`; None when there is
+    /// no job of that ID.
+    fn show(&self, id: &JobId) -> io::Result<Option<ShownJob>>;
+}
+
+/// A job as `spoold show` shows it.
+#[derive(Debug)]
+pub struct ShownJob {
+    pub name: OsString,
+    /// Where it is now ...
+    pub place: Place,
+    /// ... and since when (RFC 3339, UTC).
+    pub since: String,
+    /// Its failed attempts; None when it has not failed (or nothing was recorded).
+    pub history: Option<History>,
+    /// Why its record could not be read, when it could not.
+    pub record_error: Option<String>,
 }
 
 /// A pause in force: who paused the queue, when, and why.

@@ -223,3 +223,127 @@ fn hold_and_release_refuse_a_path() {
     let out = env.cli(&["hold", "nosuch"]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
 }
+
+/// A spool whose handler fails a job's first two attempts (exit 3, then killed by SIGKILL),
+/// writing "oops N" to stderr each time, and succeeds on the third; a job whose body says
+/// `fatal` exits 9, a permanent failure. Retries wait 100 ms.
+fn show_env() -> Env {
+    let env = Env::new(&["/bin/true"], "");
+    let h = env.script(
+        "handler.sh",
+        "if grep -q fatal \"$SPOOLD_JOB_PATH\"; then echo 'not today' >&2; exit 9; fi\n\
+         echo \"oops $SPOOLD_ATTEMPT\" >&2\n\
+         case \"$SPOOLD_ATTEMPT\" in 1) exit 3 ;; 2) kill -9 $$ ;; esac\n\
+         exit 0",
+    );
+    env.write_config(
+        &[&h],
+        "[retry]\nbackoff_initial = \"100ms\"\nbackoff_max = \"100ms\"\nmax_attempts = 5\n\
+         permanent_exit_codes = [9]\n",
+    );
+    env
+}
+
+fn show(env: &Env, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["show"];
+    all.extend_from_slice(args);
+    env.cli(&all)
+}
+
+#[test]
+fn show_tells_every_failed_attempt_of_a_job_that_then_succeeded() {
+    let env = show_env();
+    env.submit("flaky", "x");
+    let mut d = env.start();
+    d.wait_until("flaky in done/", || env.count("done") == 1);
+
+    let out = show(&env, &["flaky", "--json"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["id"], "flaky", "{v}");
+    assert_eq!(v["place"], "done/", "{v}");
+    assert!(v["since"].as_str().is_some_and(|t| t.ends_with('Z')), "{v}");
+    assert_eq!(v["attempts"], 2, "{v}");
+    let history = v["history"].as_array().unwrap();
+    assert_eq!(history.len(), 2, "both failures, not only the last: {v}");
+    assert_eq!(history[0]["attempt"], 1, "{v}");
+    assert_eq!(history[0]["exit_code"], 3, "{v}");
+    assert_eq!(history[0]["stderr_tail"][0], "oops 1", "{v}");
+    assert_eq!(history[1]["attempt"], 2, "{v}");
+    assert_eq!(history[1]["signal"], 9, "{v}");
+    assert_eq!(history[1]["stderr_tail"][0], "oops 2", "{v}");
+    assert_eq!(v["journalctl"], "journalctl -u spoold JOB_ID=flaky", "{v}");
+
+    let out = show(&env, &["flaky"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("place:    done/ since "), "{text}");
+    assert!(text.contains("failed attempts: 2"), "{text}");
+    assert!(
+        text.contains("attempt 1: ") && text.contains("exit 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("attempt 2: ") && text.contains("signal 9"),
+        "{text}"
+    );
+    assert!(
+        text.contains("stderr| oops 1") && text.contains("stderr| oops 2"),
+        "{text}"
+    );
+    assert!(text.contains("journalctl -u spoold JOB_ID=flaky"), "{text}");
+    d.stop();
+}
+
+#[test]
+fn show_tells_why_a_job_failed_and_refuses_paths_and_unknown_ids() {
+    let env = show_env();
+    // A name with an escape sequence (ESC) and a newline in it, as a producer might write.
+    let odd = "odd\u{1b}]0;pwned\u{7}\nname";
+    env.submit("fatal", "fatal");
+    env.submit(odd, "fatal");
+    let mut d = env.start();
+    d.wait_until("both in failed/", || env.count("failed") == 2);
+
+    let out = show(&env, &["fatal"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("place:    failed/"), "{text}");
+    assert!(text.contains("(permanent exit code)"), "{text}");
+    assert!(
+        text.contains("exit 9") && text.contains("stderr| not today"),
+        "{text}"
+    );
+
+    // The odd name is given as `spoold failed` shows it, and shown escaped; --json is exact.
+    let escaped = r"odd\u{1b}]0;pwned\u{7}\nname";
+    let out = show(&env, &[escaped]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with(&format!("{escaped}\n")), "{text:?}");
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{7}'),
+        "{text:?}"
+    );
+    let out = show(&env, &[escaped, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["id"], escaped, "{v}");
+    assert_eq!(v["place"], "failed/", "{v}");
+
+    // A path is refused, naming the ID to give instead.
+    let path = env.path("failed/fatal").display().to_string();
+    let out = show(&env, &[&path]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not a job ID") && err.contains("the ID here is fatal"),
+        "{err}"
+    );
+
+    // An ID no directory holds says so, with exit 1.
+    let out = show(&env, &["01NOSUCHJOB"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("01NOSUCHJOB: no job of that ID"), "{err}");
+    d.stop();
+}

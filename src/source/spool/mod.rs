@@ -11,7 +11,7 @@
 //! | `done/`       | jobs whose handler exited 0 (unless `done.keep = false`)               |
 //! | `failed/`     | jobs that ran out of attempts or exited with a permanent code          |
 //! | `state/NAME`  | JSON record of a live job that has failed at least once: attempts, next attempt time |
-//! | `reasons/NAME`| JSON record of why `failed/NAME` failed                                |
+//! | `reasons/NAME`| JSON record of why `failed/NAME` failed, or of the failed attempts of `done/NAME` |
 //! | `hold/`       | jobs an operator set aside (`spoold hold`); they never start until released |
 //! | `control/pause` | JSON record of the operator's pause or resume (`spoold pause`/`resume`) |
 //! | `spoold.lock` | flock held by the one daemon that owns the spool                       |
@@ -43,6 +43,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::job::{Failure, History, JobId, display_name, escape_bytes};
+use crate::source::admin::ShownJob;
 use crate::source::admin::{
     Admin, Counts, FailedJob, Moved, OperatorError, Partial, Paused, Place, Retried, SubmitError,
 };
@@ -633,9 +634,16 @@ impl Spool {
             None
         };
         if job.history.is_some() {
-            // A move that met a name clash took the record along to the new name: remove it
-            // there, or it is left behind with no job.
-            self.remove_record(Dir::State, result.as_deref().unwrap_or(&job.name));
+            // A move that met a name clash took the record along to the new name. A kept job
+            // keeps its failed attempts beside it in reasons/, for `spoold show`; a deleted one
+            // leaves nothing behind. A reasons/ entry of that name already belongs to a failed
+            // job of the same name, which keeps it.
+            let name = result.as_deref().unwrap_or(&job.name);
+            let kept = result.is_some()
+                && rename_noreplace(self.fd(Dir::State), name, self.fd(Dir::Reasons), name).is_ok();
+            if !kept {
+                self.remove_record(Dir::State, name);
+            }
         }
         Ok(result)
     }
@@ -954,6 +962,50 @@ impl Spool {
         }
     }
 
+    /// Where the job `id` is, since when, and its record of failed attempts, for `spoold show`;
+    /// None when no directory holds it. Only entries of the spool's own directories are looked
+    /// at: `id` is one name, never a path, and a link is not followed.
+    pub fn show_job(&self, id: &JobId) -> io::Result<Option<ShownJob>> {
+        let name = id.as_os_str();
+        for dir in [
+            Dir::Active,
+            Dir::New,
+            Dir::Retry,
+            Dir::Hold,
+            Dir::Failed,
+            Dir::Done,
+        ] {
+            let stat = match rustix::fs::statat(self.fd(dir), name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(stat) => stat,
+                Err(Errno::NOENT) => continue,
+                Err(e) => return Err(annotate(e.into(), name, "cannot look it up")),
+            };
+            // A rename sets the ctime, so it says when the job came into this directory.
+            let since = UNIX_EPOCH
+                + Duration::new(
+                    u64::try_from(stat.st_ctime).unwrap_or(0),
+                    u32::try_from(stat.st_ctime_nsec).unwrap_or(0),
+                );
+            let records = if matches!(dir, Dir::Failed | Dir::Done) {
+                Dir::Reasons
+            } else {
+                Dir::State
+            };
+            let (history, record_error) = match self.read_record(records, name) {
+                Ok(r) => (r.map(History::from), None),
+                Err(e) => (None, Some(e.to_string())),
+            };
+            return Ok(Some(ShownJob {
+                name: name.to_owned(),
+                place: dir.place(),
+                since: rfc3339(since),
+                history,
+                record_error,
+            }));
+        }
+        Ok(None)
+    }
+
     fn read_record(&self, dir: Dir, name: &OsStr) -> io::Result<Option<JobRecord>> {
         let fd = match rustix::fs::openat(
             self.fd(dir),
@@ -1073,6 +1125,10 @@ impl Admin for Spool {
 
     fn held(&self) -> io::Result<Vec<JobId>> {
         self.ids_in(Dir::Hold)
+    }
+
+    fn show(&self, id: &JobId) -> io::Result<Option<ShownJob>> {
+        self.show_job(id)
     }
 }
 
