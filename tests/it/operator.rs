@@ -234,7 +234,7 @@ fn show_env() -> Env {
         "if grep -q fatal \"$SPOOLD_JOB_PATH\"; then echo 'not today' >&2; exit 9; fi\n\
          echo \"oops $SPOOLD_ATTEMPT\" >&2\n\
          case \"$SPOOLD_ATTEMPT\" in 1) exit 3 ;; 2) kill -9 $$ ;; esac\n\
-         exit 0",
+         exit 9",
     );
     env.write_config(
         &[&h],
@@ -251,34 +251,37 @@ fn show(env: &Env, args: &[&str]) -> std::process::Output {
 }
 
 #[test]
-fn show_tells_every_failed_attempt_of_a_job_that_then_succeeded() {
+fn show_tells_every_failed_attempt_not_only_the_last() {
+    // Attempt 1 exits 3, attempt 2 is killed by SIGKILL, attempt 3 exits 9 (permanent): the
+    // record of the failed job holds all three, each with its own stderr tail.
     let env = show_env();
     env.submit("flaky", "x");
     let mut d = env.start();
-    d.wait_until("flaky in done/", || env.count("done") == 1);
+    d.wait_until("flaky in failed/", || env.count("failed") == 1);
 
     let out = show(&env, &["flaky", "--json"]);
     assert!(out.status.success(), "{}", describe(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["id"], "flaky", "{v}");
-    assert_eq!(v["place"], "done/", "{v}");
+    assert_eq!(v["place"], "failed/", "{v}");
     assert!(v["since"].as_str().is_some_and(|t| t.ends_with('Z')), "{v}");
-    assert_eq!(v["attempts"], 2, "{v}");
+    assert_eq!(v["attempts"], 3, "{v}");
     let history = v["history"].as_array().unwrap();
-    assert_eq!(history.len(), 2, "both failures, not only the last: {v}");
+    assert_eq!(history.len(), 3, "every failure, not only the last: {v}");
     assert_eq!(history[0]["attempt"], 1, "{v}");
     assert_eq!(history[0]["exit_code"], 3, "{v}");
     assert_eq!(history[0]["stderr_tail"][0], "oops 1", "{v}");
     assert_eq!(history[1]["attempt"], 2, "{v}");
     assert_eq!(history[1]["signal"], 9, "{v}");
     assert_eq!(history[1]["stderr_tail"][0], "oops 2", "{v}");
+    assert_eq!(history[2]["exit_code"], 9, "{v}");
     assert_eq!(v["journalctl"], "journalctl -u spoold JOB_ID=flaky", "{v}");
 
     let out = show(&env, &["flaky"]);
     assert!(out.status.success(), "{}", describe(&out));
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("place:    done/ since "), "{text}");
-    assert!(text.contains("failed attempts: 2"), "{text}");
+    assert!(text.contains("place:    failed/ since "), "{text}");
+    assert!(text.contains("failed attempts: 3"), "{text}");
     assert!(
         text.contains("attempt 1: ") && text.contains("exit 3"),
         "{text}"

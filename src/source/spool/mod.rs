@@ -11,7 +11,7 @@
 //! | `done/`       | jobs whose handler exited 0 (unless `done.keep = false`)               |
 //! | `failed/`     | jobs that ran out of attempts or exited with a permanent code          |
 //! | `state/NAME`  | JSON record of a live job that has failed at least once: attempts, next attempt time |
-//! | `reasons/NAME`| JSON record of why `failed/NAME` failed, or of the failed attempts of `done/NAME` |
+//! | `reasons/NAME`| JSON record of why `failed/NAME` failed                                |
 //! | `hold/`       | jobs an operator set aside (`spoold hold`); they never start until released |
 //! | `control/pause` | JSON record of the operator's pause or resume (`spoold pause`/`resume`) |
 //! | `spoold.lock` | flock held by the one daemon that owns the spool                       |
@@ -634,16 +634,10 @@ impl Spool {
             None
         };
         if job.history.is_some() {
-            // A move that met a name clash took the record along to the new name. A kept job
-            // keeps its failed attempts beside it in reasons/, for `spoold show`; a deleted one
-            // leaves nothing behind. A reasons/ entry of that name already belongs to a failed
-            // job of the same name, which keeps it.
-            let name = result.as_deref().unwrap_or(&job.name);
-            let kept = result.is_some()
-                && rename_noreplace(self.fd(Dir::State), name, self.fd(Dir::Reasons), name).is_ok();
-            if !kept {
-                self.remove_record(Dir::State, name);
-            }
+            // A move that met a name clash took the record along to the new name: remove it
+            // there, or it is left behind with no job. reasons/ holds the records of failed
+            // jobs only, so a done job's failed attempts go with its record.
+            self.remove_record(Dir::State, result.as_deref().unwrap_or(&job.name));
         }
         Ok(result)
     }
