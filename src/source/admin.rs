@@ -1,5 +1,5 @@
 //! The seam between the client commands (`enqueue`, `status`, `failed`, `retry`, `pause`,
-//! `resume`, `hold`, `release`) and a queue:
+//! `resume`, `hold`, `release`, `cancel`) and a queue:
 //! the [`Admin`] trait and the domain types its answers are made of. A source implements it
 //! (the spool does); the commands name no directory and no on-disk record, so that they can
 //! work the same against a broker.
@@ -54,6 +54,11 @@ pub trait Admin {
 
     /// The IDs of the held jobs, for `release --all`.
     fn held(&self) -> io::Result<Vec<JobId>>;
+
+    /// Asks for job `id` to be cancelled: a waiting, held or running job fails for good with
+    /// the reason `cancelled`. The daemon acts on the request (within a second when one runs,
+    /// else when one starts). Returns false when no job of that ID is known to the queue.
+    fn cancel(&self, id: &JobId) -> Result<bool, OperatorError>;
 }
 
 /// A pause in force: who paused the queue, when, and why.
