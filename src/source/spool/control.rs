@@ -1,6 +1,13 @@
 //! The operator's hand on the spool: the pause record (`control/pause`) and the hold queue
 //! (`hold/`), as the client commands change them and as the daemon reads them.
 //!
+//! It also owns cancelling (`spoold cancel`): the client only writes a request,
+//! `control/cancel-ID`, and the daemon carries it out. That way members of the group, who may
+//! write in `control/` but may not move jobs in `retry/` or `hold/`, can cancel; and a running
+//! attempt, which only the daemon can reach, is stopped the same way: each attempt under way
+//! has an eventfd in [`Running`], which is its lease's `revoked` descriptor. The lease settles
+//! a cancelled attempt as failed for good, with the reason `cancelled`, not as a lost lease.
+//!
 //! A pause is state of the spool, not of a process: `spoold pause` writes the record whether
 //! or not a daemon runs, and a daemon that starts on a paused spool claims nothing. The record
 //! is rewritten, not removed, by `spoold resume` (with `paused: false`), so that the daemon can

@@ -24,7 +24,8 @@
 //! blocking pool, and keeps the operator's pause (`control/pause`): a watch on `control/` tells
 //! it at once when the record changes, a read every second is the fallback, and each change is
 //! published to the source (which claims nothing while paused) and logged with the uid of the
-//! operator who made it.
+//! operator who made it. The same look at `control/` carries out the operator's cancel
+//! requests (`control/cancel-ID`).
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
