@@ -173,6 +173,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Cancel jobs: a waiting, held or running job fails for good with the reason `cancelled`.
+    ///
+    /// A running job's handler gets SIGTERM, then SIGKILL after `handler.kill_grace`. The
+    /// daemon carries out the request, within a second when it runs, else when it starts;
+    /// members of the spool's group may cancel. `spoold retry` brings a cancelled job back.
+    #[command(override_usage = "spoold cancel [-c|--config <PATH>] <ID>...")]
+    Cancel {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// IDs of jobs, as `spoold enqueue` printed them.
+        #[arg(required = true, value_name = "ID")]
+        ids: Vec<String>,
+    },
     /// Check a config file: exit 0 when it is valid, else print the error and exit 78.
     ///
     /// It also warns, without failing, when the handler program cannot be run: it is looked up

@@ -1,5 +1,5 @@
 //! The client subcommands (enqueue, status, failed, retry, pause, resume, hold, release,
-//! show, check-config): short-lived, no runtime.
+//! show, cancel, check-config): short-lived, no runtime.
 //!
 //! The commands work through `source::Admin`, so they name no directory and no on-disk record:
 //! only `with_spool` knows that the queue is a spool, because the config says so.
@@ -52,6 +52,9 @@ pub fn run(command: Command) -> ExitCode {
         Command::Hold { config, ids, all } => with_spool(&config.config, Layout::Existing, |s| {
             hold_or_release(s, Action::Hold, &ids, all)
         }),
+        Command::Cancel { config, ids } => {
+            with_spool(&config.config, Layout::Existing, |s| cancel(s, &ids))
+        }
         Command::Release { config, ids, all } => {
             with_spool(&config.config, Layout::Existing, |s| {
                 hold_or_release(s, Action::Release, &ids, all)
@@ -696,4 +699,38 @@ fn show(queue: &impl Admin, arg: &str, json: bool) -> io::Result<ExitCode> {
     }
     writeln!(out, "    log:      {}", escape_text(&journal))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Asks for each job to be cancelled. As for retry, every argument is checked before any
+/// request is written.
+fn cancel(queue: &impl Admin, ids: &[String]) -> io::Result<ExitCode> {
+    let mut parsed = Vec::with_capacity(ids.len());
+    for arg in ids {
+        match JobId::parse(arg) {
+            Ok(id) => parsed.push(id),
+            Err(e) => eprintln!("spoold: {e}"),
+        }
+    }
+    if parsed.len() != ids.len() {
+        eprintln!("spoold: nothing was cancelled");
+        return Ok(ExitCode::FAILURE);
+    }
+    let mut code = ExitCode::SUCCESS;
+    for id in parsed {
+        match queue.cancel(&id) {
+            Ok(true) => println!(
+                "{id}: cancel requested; a running daemon acts on it within a second, else the \
+                 next to start"
+            ),
+            Ok(false) => {
+                eprintln!("spoold: {id}: no waiting, held or running job of that name");
+                code = ExitCode::FAILURE;
+            }
+            Err(e) => {
+                operator_error(&format!("{id}: not cancelled"), e);
+                code = ExitCode::FAILURE;
+            }
+        }
+    }
+    Ok(code)
 }

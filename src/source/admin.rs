@@ -1,5 +1,5 @@
 //! The seam between the client commands (`enqueue`, `status`, `failed`, `retry`, `pause`,
-//! `resume`, `hold`, `release`, `show`) and a queue:
+//! `resume`, `hold`, `release`, `show`, `cancel`) and a queue:
 //! the [`Admin`] trait and the domain types its answers are made of. A source implements it
 //! (the spool does); the commands name no directory and no on-disk record, so that they can
 //! work the same against a broker.
@@ -55,6 +55,10 @@ pub trait Admin {
     /// The IDs of the held jobs, for `release --all`.
     fn held(&self) -> io::Result<Vec<JobId>>;
 
+    /// Asks for job `id` to be cancelled: a waiting, held or running job fails for good with
+    /// the reason `cancelled`. The daemon acts on the request (within a second when one runs,
+    /// else when one starts). Returns false when no job of that ID is known to the queue.
+    fn cancel(&self, id: &JobId) -> Result<bool, OperatorError>;
     /// Where the job `id` is and its failed attempts, for `spoold show`; None when there is
     /// no job of that ID.
     fn show(&self, id: &JobId) -> io::Result<Option<ShownJob>>;

@@ -11,6 +11,7 @@ mod sysd;
 mod util;
 
 mod bad_inputs;
+mod cancel;
 mod client;
 mod core;
 mod handlers;

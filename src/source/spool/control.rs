@@ -1,6 +1,13 @@
 //! The operator's hand on the spool: the pause record (`control/pause`) and the hold queue
 //! (`hold/`), as the client commands change them and as the daemon reads them.
 //!
+//! It also owns cancelling (`spoold cancel`): the client only writes a request,
+//! `control/cancel-ID`, and the daemon carries it out. That way members of the group, who may
+//! write in `control/` but may not move jobs in `retry/` or `hold/`, can cancel; and a running
+//! attempt, which only the daemon can reach, is stopped the same way: each attempt under way
+//! has an eventfd in [`Running`], which is its lease's `revoked` descriptor. The lease settles
+//! a cancelled attempt as failed for good, with the reason `cancelled`, not as a lost lease.
+//!
 //! A pause is state of the spool, not of a process: `spoold pause` writes the record whether
 //! or not a daemon runs, and a daemon that starts on a paused spool claims nothing. The record
 //! is rewritten, not removed, by `spoold resume` (with `paused: false`), so that the daemon can
@@ -18,16 +25,20 @@
 //! members may not move jobs that are not theirs (a member could otherwise hold another
 //! member's job). The command says so when a member tries.
 
-use std::ffi::OsStr;
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::{Arc, OnceLock};
 
 use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
 use super::{Dir, Spool, rename_noreplace, rfc3339};
-use crate::job::{JobId, display_name};
+use crate::job::{Failure, History, JobId, display_name};
 use crate::source::admin::{Moved, OperatorError, Paused};
 
 /// The record's name in `control/`.
@@ -266,6 +277,235 @@ impl Spool {
         Ok(ids)
     }
 }
+
+/// The prefix of a cancel request's name in `control/`: `cancel-<ID>`.
+const CANCEL_PREFIX: &str = "cancel-";
+
+/// `control/cancel-<ID>`: who asked. The field names are the file format.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct CancelRecord {
+    /// The effective uid of the client that wrote the request.
+    uid: u32,
+}
+
+/// The attempts under way, by job name, each with the eventfd its handler's poll watches
+/// (`Lease::revoked`): the one way discovery, on another thread, can end a running handler.
+#[derive(Default)]
+pub(super) struct Running(std::sync::Mutex<HashMap<OsString, Arc<CancelFd>>>);
+
+/// The cancel switch of one attempt under way.
+pub(crate) struct CancelFd {
+    fd: OwnedFd,
+    /// The uid of the operator who cancelled the attempt, once one did.
+    by: OnceLock<u32>,
+}
+
+impl CancelFd {
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Who cancelled the attempt, if anyone did.
+    pub(crate) fn cancelled_by(&self) -> Option<u32> {
+        self.by.get().copied()
+    }
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Running({} attempts)", self.lock().len())
+    }
+}
+
+impl Running {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<OsString, Arc<CancelFd>>> {
+        // The map holds no invariant a panic elsewhere could leave half-made.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What a cancel request did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Cancelled {
+    /// The job was running: its handler is being stopped, and the lease fails it.
+    Running,
+    /// The job was waiting in `from`; it is in `failed/` now, under `name`.
+    Failed { from: Dir, name: OsString },
+    /// The job is in `active/` but not (or no longer) registered as running: it is being
+    /// claimed or settled right now, so the request is kept and looked at again.
+    Pending,
+    /// No job of that name is waiting, held or running.
+    NoSuchJob,
+}
+
+impl Spool {
+    /// Registers an attempt of `name` as under way; its cancel switch is for the lease's
+    /// `revoked`. None (and the job cannot be cancelled while it runs) when no eventfd can be made.
+    pub(super) fn start_running(&self, name: &OsStr) -> io::Result<Arc<CancelFd>> {
+        let fd = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )?;
+        let entry = Arc::new(CancelFd {
+            fd,
+            by: OnceLock::new(),
+        });
+        self.running.lock().insert(name.to_owned(), entry.clone());
+        Ok(entry)
+    }
+
+    /// The attempt of `name` is over (settled): a cancel can no longer reach it.
+    pub(super) fn stop_running(&self, name: &OsStr, entry: &Arc<CancelFd>) {
+        let mut running = self.running.lock();
+        if running.get(name).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            running.remove(name);
+        }
+    }
+
+    /// Asks the daemon to cancel job `id` by writing `control/cancel-<ID>`. Members of the
+    /// group may write in `control/`, so they may cancel; the daemon does the moves.
+    pub fn request_cancel(&self, id: &JobId) -> Result<bool, OperatorError> {
+        let name = id.as_os_str();
+        let mut seen = false;
+        let mut unsure = false;
+        for dir in [Dir::New, Dir::Retry, Dir::Hold, Dir::Active] {
+            match rustix::fs::statat(self.fd(dir), name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(_) => seen = true,
+                Err(Errno::NOENT) => {}
+                // A member may not look in every directory: the daemon decides then.
+                Err(_) => unsure = true,
+            }
+        }
+        if !seen && !unsure {
+            return Ok(false);
+        }
+        let mut request = OsString::from(CANCEL_PREFIX);
+        request.push(name);
+        let record = CancelRecord {
+            uid: rustix::process::geteuid().as_raw(),
+        };
+        self.write_control(
+            &request,
+            &serde_json::to_vec(&record).map_err(io::Error::from)?,
+        )?;
+        Ok(true)
+    }
+
+    /// The pending cancel requests: (job name, uid of the operator who asked), oldest first.
+    /// A request whose record cannot be read is still acted on, with the uid of its file's owner.
+    pub(super) fn cancel_requests(&self) -> io::Result<Vec<(OsString, u32)>> {
+        use std::os::unix::fs::MetadataExt;
+        let mut requests = Vec::new();
+        for entry in fs::read_dir(self.dir_path(Dir::Control))? {
+            let entry = entry?;
+            let file = entry.file_name();
+            let Some(name) = file.as_bytes().strip_prefix(CANCEL_PREFIX.as_bytes()) else {
+                continue;
+            };
+            if name.is_empty() || !entry.file_type()?.is_file() {
+                continue;
+            }
+            let uid = fs::read(entry.path())
+                .ok()
+                .and_then(|t| serde_json::from_slice::<CancelRecord>(&t).ok())
+                .map(|r| r.uid)
+                .or_else(|| entry.metadata().ok().map(|m| m.uid()))
+                .unwrap_or(u32::MAX);
+            requests.push((OsStr::from_bytes(name).to_owned(), uid));
+        }
+        Ok(requests)
+    }
+
+    /// Removes the request to cancel `name`: it was acted on.
+    pub(super) fn remove_cancel_request(&self, name: &OsStr) {
+        let mut request = OsString::from(CANCEL_PREFIX);
+        request.push(name);
+        let _ = rustix::fs::unlinkat(self.fd(Dir::Control), &request, AtFlags::empty());
+    }
+
+    /// Cancels job `name` for the operator `uid`: a running attempt gets its switch raised,
+    /// a waiting or held job goes to `failed/` with the reason `cancelled`, its attempt count
+    /// kept from `state/NAME`.
+    pub(super) fn cancel(&self, name: &OsStr, uid: u32) -> io::Result<Cancelled> {
+        if let Some(entry) = self.running.lock().get(name) {
+            if entry.by.set(uid).is_ok() {
+                rustix::io::write(&entry.fd, &1u64.to_ne_bytes())?;
+            }
+            return Ok(Cancelled::Running);
+        }
+        // Two rounds: a retry that falls due between the look in new/ and the one in retry/
+        // has moved to new/, where the second round finds it.
+        for _ in 0..2 {
+            for from in [Dir::New, Dir::Retry, Dir::Hold] {
+                match rustix::fs::statat(self.fd(from), name, AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(st) if rustix::fs::FileType::from_raw_mode(st.st_mode).is_file() => {}
+                    Ok(_) | Err(Errno::NOENT) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+                let earlier = self.read_record(Dir::State, name)?.map(History::from);
+                let now = std::time::SystemTime::now();
+                let history = History {
+                    id: display_name(name),
+                    attempts: earlier.as_ref().map_or(0, |h| h.attempts),
+                    first_attempt_at: earlier.and_then(|h| h.first_attempt_at),
+                    failed_at: Some(rfc3339(now)),
+                    permanent: true,
+                    last_failure: Some(Failure {
+                        reason: CANCELLED.to_owned(),
+                        ended_at: rfc3339(now),
+                        ..Failure::default()
+                    }),
+                    ..History::default()
+                };
+                match self.fail_from(from, name, history) {
+                    Ok(moved) => return Ok(Cancelled::Failed { from, name: moved }),
+                    // Claimed or promoted meanwhile: looked for again.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        match rustix::fs::statat(self.fd(Dir::Active), name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(_) => Ok(Cancelled::Pending),
+            Err(Errno::NOENT) => Ok(Cancelled::NoSuchJob),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes `control/<name>` atomically, readable by the daemon's group.
+    fn write_control(&self, name: &OsStr, text: &[u8]) -> Result<(), OperatorError> {
+        let dir = self.fd(Dir::Control);
+        let tmp = format!(".tmp-{}", ulid::Ulid::generate());
+        let fd = rustix::fs::openat(
+            dir,
+            tmp.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o640),
+        )
+        .map_err(|e| self.denied_or_io(Dir::Control, e, false))?;
+        let _ = rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o640));
+        let mut file = File::from(fd);
+        let written = file
+            .write_all(text)
+            .and_then(|()| file.sync_all())
+            .and_then(|()| rustix::fs::renameat(dir, tmp.as_str(), dir, name).map_err(Into::into));
+        if let Err(e) = written {
+            let _ = rustix::fs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
+            return Err(OperatorError::Io(io::Error::new(
+                e.kind(),
+                format!(
+                    "{}/{}: {e}",
+                    self.dir_path(Dir::Control).display(),
+                    display_name(name)
+                ),
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The reason a cancelled job's record gives.
+pub(crate) const CANCELLED: &str = "cancelled";
 
 #[cfg(test)]
 mod tests {

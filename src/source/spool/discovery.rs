@@ -24,7 +24,8 @@
 //! blocking pool, and keeps the operator's pause (`control/pause`): a watch on `control/` tells
 //! it at once when the record changes, a read every second is the fallback, and each change is
 //! published to the source (which claims nothing while paused) and logged with the uid of the
-//! operator who made it.
+//! operator who made it. The same look at `control/` carries out the operator's cancel
+//! requests (`control/cancel-ID`).
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -44,7 +45,7 @@ use crate::clock::later;
 use crate::daemon::stats::Stats;
 use crate::job::display_name;
 use crate::source::admin::Paused;
-use crate::source::spool::control::PauseRecord;
+use crate::source::spool::control::{Cancelled, PauseRecord};
 use crate::source::spool::schedule::{self, RetrySchedule};
 use crate::source::spool::{Dir, NewScan, Promotion, Spool, unix_ms};
 
@@ -256,7 +257,7 @@ impl Discovery {
                     turns.promote_due();
                 }
                 () = sleep_until(turns.beat_at) => turns.beat(),
-                () = sleep_until(turns.pause_check_at) => turns.check_pause(),
+                () = sleep_until(turns.pause_check_at) => turns.check_control(),
             }
         }
     }
@@ -366,14 +367,14 @@ impl Turns {
         if event.mask.contains(EventMask::Q_OVERFLOW) {
             tracing::warn!("inotify queue overflowed; rescanning new/");
             self.dirty = true;
-            self.check_pause();
+            self.check_control();
         } else if self
             .watcher
             .as_ref()
             .is_some_and(|w| w.control.as_ref() == Some(&event.wd))
         {
-            // Any change in control/ (a temporary file's too): the record is read again.
-            self.check_pause();
+            // Any change in control/ (a temporary file's too): the records are read again.
+            self.check_control();
         } else if self
             .watcher
             .as_ref()
@@ -434,6 +435,70 @@ impl Turns {
             Err(e) => tracing::error!("the read of retry/ ended abnormally: {e}"),
         }
         self.rescan_retries_at = Some(later(Instant::now(), interval));
+    }
+
+    /// Acts on what operators wrote in `control/`: the pause record and cancel requests.
+    fn check_control(&mut self) {
+        self.check_pause();
+        self.check_cancels();
+    }
+
+    /// Acts on each cancel request in `control/`, and removes it once acted on. A request for
+    /// a job that is being claimed or settled right now stays, for the next look.
+    fn check_cancels(&mut self) {
+        let requests = match self.spool.cancel_requests() {
+            Ok(requests) => requests,
+            Err(e) => {
+                tracing::error!(
+                    "cannot read the cancel requests in {}: {e}",
+                    self.spool.dir_path(Dir::Control).display()
+                );
+                return;
+            }
+        };
+        for (name, uid) in requests {
+            let id = display_name(&name);
+            match self.spool.cancel(&name, uid) {
+                Ok(Cancelled::Pending) => continue,
+                Ok(Cancelled::Running) => tracing::warn!(
+                    job_id = id,
+                    operator_uid = uid,
+                    "cancel by uid {uid}: stopping the running handler"
+                ),
+                Ok(Cancelled::Failed { from, name: moved }) => {
+                    self.stats
+                        .failed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // The queued count still holds a job taken out of new/: a pass sets it right.
+                    if from == Dir::New {
+                        self.dirty = true;
+                    }
+                    let renamed = if moved == name {
+                        String::new()
+                    } else {
+                        format!(" as {}", display_name(&moved))
+                    };
+                    tracing::warn!(
+                        job_id = id,
+                        operator_uid = uid,
+                        outcome = "failed",
+                        "cancelled by uid {uid}: moved from {} to failed/{renamed}",
+                        from.place()
+                    );
+                }
+                Ok(Cancelled::NoSuchJob) => tracing::warn!(
+                    job_id = id,
+                    operator_uid = uid,
+                    "cancel by uid {uid}: no waiting, held or running job of that name; request dropped"
+                ),
+                Err(e) => tracing::error!(
+                    job_id = id,
+                    operator_uid = uid,
+                    "cancel by uid {uid} failed: {e}; request dropped"
+                ),
+            }
+            self.spool.remove_cancel_request(&name);
+        }
     }
 
     /// Reads the pause record and, when it changed, publishes the pause and logs who changed it.

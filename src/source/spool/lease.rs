@@ -17,12 +17,13 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::control::{CANCELLED, CancelFd};
 use super::discovery::RetryScheduled;
 use super::{Claim, Claimed, Spool, record, rfc3339, unix_ms};
 use crate::clock::later;
 use crate::config::Config;
 use crate::daemon::stats::Stats;
-use crate::job::{History, Job, Report, Verdict, display_name};
+use crate::job::{History, Job, Outcome, Report, Verdict, display_name};
 use crate::source::admin::Paused;
 use crate::source::{Lease, Source};
 
@@ -116,10 +117,22 @@ impl SpoolSource {
         self.stats.took();
         // Shown from the claimed name: the claim may have renamed the job (a job of the same
         // name waits in retry/).
+        let shown = display_name(&claimed.name);
+        let cancel = match self.spool.start_running(&claimed.name) {
+            Ok(cancel) => Some(cancel),
+            Err(e) => {
+                tracing::error!(
+                    job_id = shown,
+                    "cannot make the cancel switch ({e}); `spoold cancel` cannot stop this attempt"
+                );
+                None
+            }
+        };
         Some(SpoolLease {
             source: self,
-            shown: display_name(&claimed.name),
+            shown,
             claimed,
+            cancel,
         })
     }
 }
@@ -161,6 +174,16 @@ pub struct SpoolLease<'a> {
     claimed: Box<Claimed>,
     /// The job's name escaped for logs.
     shown: String,
+    /// Raised by discovery when an operator cancels this attempt (`spoold cancel`).
+    cancel: Option<Arc<CancelFd>>,
+}
+
+impl Drop for SpoolLease<'_> {
+    fn drop(&mut self) {
+        if let Some(cancel) = &self.cancel {
+            self.source.spool.stop_running(&self.claimed.name, cancel);
+        }
+    }
 }
 
 impl Lease for SpoolLease<'_> {
@@ -173,12 +196,29 @@ impl Lease for SpoolLease<'_> {
         }
     }
 
-    /// A claim in `active/` is the spool's alone until it is settled: it is never lost.
+    /// A claim in `active/` is the spool's alone until it is settled, so it is never lost; the
+    /// descriptor is raised only by an operator's cancel, which ends the attempt the same way.
     fn revoked(&self) -> Option<BorrowedFd<'_>> {
-        None
+        self.cancel.as_ref().map(|c| c.fd())
     }
 
-    fn settle(self, verdict: Verdict, report: Report) {
+    fn settle(self, verdict: Verdict, mut report: Report) {
+        // The runner reports a raised `revoked` as a lost lease, to be released; here it can
+        // only be a cancel, which fails the job for good instead. An attempt that ended on its
+        // own before the cancel reached it keeps its own verdict.
+        let cancelled_by = self.cancel.as_ref().and_then(|c| c.cancelled_by());
+        if let Some(uid) = cancelled_by
+            && report.outcome == Outcome::LeaseLost
+        {
+            tracing::warn!(
+                job_id = self.shown.as_str(),
+                operator_uid = uid,
+                "cancelled by uid {uid} while running ({}); not retried",
+                report.reason
+            );
+            report.reason = CANCELLED.to_owned();
+            return self.fail(true, report);
+        }
         match verdict {
             Verdict::Done => self.done(&report),
             Verdict::Release => self.release(&report),
@@ -291,11 +331,14 @@ impl SpoolLease<'_> {
     fn fail(self, permanent: bool, report: Report) {
         let (exit_status, duration_ms) = (report.exit_status(), report.duration.as_millis() as u64);
         let reason = report.reason.clone();
+        let cancelled = report.outcome == Outcome::LeaseLost;
         let now = SystemTime::now();
         let mut history = self.history(report, now);
         history.permanent = permanent;
         history.failed_at = Some(rfc3339(now));
-        let why = if permanent {
+        let why = if cancelled {
+            "cancelled by the operator"
+        } else if permanent {
             "permanent exit code"
         } else {
             "out of attempts"
@@ -328,7 +371,6 @@ impl SpoolLease<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::Outcome;
     use crate::source::report;
     use crate::source::spool::Dir;
 

@@ -14,6 +14,7 @@
 //! | `reasons/NAME`| JSON record of why `failed/NAME` failed                                |
 //! | `hold/`       | jobs an operator set aside (`spoold hold`); they never start until released |
 //! | `control/pause` | JSON record of the operator's pause or resume (`spoold pause`/`resume`) |
+//! | `control/cancel-ID` | an operator's request to cancel job ID (`spoold cancel`), until the daemon acts on it |
 //! | `spoold.lock` | flock held by the one daemon that owns the spool                       |
 //!
 //! Every move is a `renameat2(RENAME_NOREPLACE)` inside one filesystem, so a job file is always
@@ -255,6 +256,8 @@ pub struct Spool {
     /// of a name win, and the others see it taken. Taken shared, the lock costs two workers'
     /// claims no futex wait or wake-up (they used to queue on a mutex about once per job).
     claim_or_promote: std::sync::RwLock<()>,
+    /// The attempts under way and their cancel switches, for `spoold cancel`.
+    running: control::Running,
 }
 
 impl Spool {
@@ -322,6 +325,7 @@ impl Spool {
             root,
             dirs,
             claim_or_promote: std::sync::RwLock::new(()),
+            running: control::Running::default(),
         })
     }
 
@@ -375,6 +379,7 @@ impl Spool {
             root,
             dirs,
             claim_or_promote: std::sync::RwLock::new(()),
+            running: control::Running::default(),
         })
     }
 
@@ -645,6 +650,13 @@ impl Spool {
     /// The job has failed for good: move it to `failed/` and record its history beside it.
     /// Returns the name it has in `failed/`.
     pub fn fail(&self, name: &OsStr, history: History) -> io::Result<OsString> {
+        self.fail_from(Dir::Active, name, history)
+    }
+
+    /// Moves job `name` from `from` (`active/`, or a waiting or held job an operator cancelled)
+    /// to `failed/`, with `history` as its reason record. A job no longer in `from` is an error
+    /// of kind NotFound, and leaves no record behind.
+    fn fail_from(&self, from: Dir, name: &OsStr, history: History) -> io::Result<OsString> {
         // The reason is written first, under the name the job will have in failed/, so that
         // whoever sees the job there finds its reason too. Only this daemon adds to failed/, so
         // a name free now is still free at the rename below.
@@ -657,12 +669,7 @@ impl Spool {
         // A reason that cannot be written (a full disk) must not keep the job out of failed/:
         // it is moved all the same, and the error is reported once it is safe there.
         let recorded = self.write_record(Dir::Reasons, &final_name, &history.into());
-        if let Err(e) = rename_noreplace(
-            self.fd(Dir::Active),
-            name,
-            self.fd(Dir::Failed),
-            &final_name,
-        ) {
+        if let Err(e) = rename_noreplace(self.fd(from), name, self.fd(Dir::Failed), &final_name) {
             self.remove_record(Dir::Reasons, &final_name);
             return Err(annotate(e.into(), name, "cannot move to failed/"));
         }
@@ -1115,6 +1122,10 @@ impl Admin for Spool {
         let mut ids = self.ids_in(Dir::New)?;
         ids.extend(self.ids_in(Dir::Retry)?);
         Ok(ids)
+    }
+
+    fn cancel(&self, id: &JobId) -> Result<bool, OperatorError> {
+        self.request_cancel(id)
     }
 
     fn held(&self) -> io::Result<Vec<JobId>> {

@@ -1,0 +1,181 @@
+//! `spoold cancel ID...` as an operator runs it: a waiting or held job goes to failed/ with the
+//! reason `cancelled`, a running handler (and everything it started) is stopped within
+//! kill_grace, nothing cancelled is retried, and `spoold retry` brings a cancelled job back.
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use crate::util::{Env, SOON, describe, failed_reasons, pids_in, process_alive, wait_for};
+
+/// A spool whose handler appends its job's ID to `runs` and its pid (and that of a child that
+/// also ignores SIGTERM) to `pids`; a job whose body says `wait` runs until the file `go`
+/// exists, ignoring SIGTERM meanwhile; a job whose body says `fail` exits 1, and waits an hour
+/// for its retry.
+fn cancel_env() -> Env {
+    let env = Env::new(&["/bin/true"], "");
+    let dir = env.dir.path().display().to_string();
+    let h = env.script(
+        "handler.sh",
+        &format!(
+            "printf '%s\\n' \"$SPOOLD_JOB_ID\" >> {dir}/runs\n\
+             if grep -q fail \"$SPOOLD_JOB_PATH\"; then exit 1; fi\n\
+             if grep -q wait \"$SPOOLD_JOB_PATH\"; then\n\
+               trap '' TERM\n\
+               sh -c 'trap \"\" TERM; echo $$ >> {dir}/pids; exec sleep 1000' &\n\
+               echo $$ >> {dir}/pids\n\
+               while [ ! -e {dir}/go ]; do sleep 0.05; done\n\
+             fi\n\
+             exit 0"
+        ),
+    );
+    env.write_config(
+        &[&h],
+        "kill_grace = \"500ms\"\n[workers]\ncount = 2\n[retry]\nbackoff_initial = \"1h\"\nmax_attempts = 3\n",
+    );
+    env
+}
+
+/// How many times job `id` started.
+fn starts(env: &Env, id: &str) -> usize {
+    fs::read_to_string(env.dir.path().join("runs"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| *l == id)
+        .count()
+}
+
+fn reason_of(env: &Env, id: &str) -> Option<String> {
+    failed_reasons(env)
+        .into_iter()
+        .find(|(name, _)| name == id)
+        .and_then(|(_, reason)| reason)
+}
+
+fn cancel(env: &Env, ids: &[&str]) {
+    let mut args = vec!["cancel"];
+    args.extend_from_slice(ids);
+    let out = env.cli(&args);
+    assert!(out.status.success(), "{}", describe(&out));
+}
+
+#[test]
+fn waiting_retrying_and_held_jobs_are_cancelled_and_not_retried() {
+    let env = cancel_env();
+    let mut d = env.start();
+    // A job waiting for its retry (an hour away).
+    env.submit("flaky", "fail");
+    d.wait_until("the failing job to wait in retry/", || {
+        env.names("retry").contains("flaky")
+    });
+    // A held job, and a queued one behind a pause (so that no worker takes it first).
+    assert!(env.cli(&["pause"]).status.success());
+    env.submit("held", "x");
+    env.submit("queued", "x");
+    let out = env.cli(&["hold", "held"]);
+    assert!(out.status.success(), "{}", describe(&out));
+
+    cancel(&env, &["flaky", "held", "queued"]);
+    d.wait_until("the three jobs to be in failed/", || {
+        env.count("failed") == 3
+    });
+    for id in ["flaky", "held", "queued"] {
+        assert_eq!(reason_of(&env, id).as_deref(), Some("cancelled"), "{id}");
+    }
+    assert!(env.names("retry").is_empty() && env.names("hold").is_empty());
+    // The journal names the operator and the job.
+    let uid = rustix::process::geteuid().as_raw();
+    assert!(
+        d.wait_log(
+            |l| l.contains("cancelled by uid")
+                && l.contains(&format!("{uid}"))
+                && l.contains("queued"),
+            SOON
+        ),
+        "{}",
+        d.log()
+    );
+    // Nothing cancelled runs after a resume.
+    assert!(env.cli(&["resume"]).status.success());
+    assert!(
+        wait_for(Duration::from_secs(3), || (starts(&env, "queued") > 0)
+            .then_some(()))
+        .is_none(),
+        "a cancelled job ran"
+    );
+    assert_eq!(starts(&env, "flaky"), 1);
+
+    // A cancelled job is retried like any failed one.
+    let out = env.cli(&["retry", "queued"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    d.wait_until("the retried job to run", || {
+        env.names("done").contains("queued")
+    });
+    d.stop();
+}
+
+#[test]
+fn a_running_handler_and_its_child_are_stopped_and_the_job_fails_for_good() {
+    let env = cancel_env();
+    let mut d = env.start();
+    env.submit("slow", "wait");
+    let pids_file = env.dir.path().join("pids");
+    d.wait_until("the handler and its child to start", || {
+        pids_in(&pids_file).len() == 2
+    });
+
+    let asked = Instant::now();
+    cancel(&env, &["slow"]);
+    d.wait_until("the cancelled job to be in failed/", || {
+        env.names("failed").contains("slow")
+    });
+    let took = asked.elapsed();
+    // A second to see the request, kill_grace (500ms) for the SIGKILL, and room for a loaded
+    // machine.
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    for pid in pids_in(&pids_file) {
+        assert!(
+            wait_for(Duration::from_secs(5), || (!process_alive(pid))
+                .then_some(()))
+            .is_some(),
+            "pid {pid} survived the cancel"
+        );
+    }
+    assert_eq!(reason_of(&env, "slow").as_deref(), Some("cancelled"));
+    assert!(env.names("active").is_empty() && env.names("retry").is_empty());
+    assert!(env.names("new").is_empty());
+    assert_eq!(starts(&env, "slow"), 1, "a cancelled job was retried");
+    d.stop();
+    assert_eq!(starts(&env, "slow"), 1);
+}
+
+#[test]
+fn a_path_or_an_unknown_id_is_refused_and_nothing_is_requested() {
+    let env = cancel_env();
+    env.submit("job", "x");
+    // Set the layout up without running anything: a pause does, as enqueue does.
+    assert!(env.cli(&["pause"]).status.success());
+    assert!(env.cli(&["resume"]).status.success());
+    for bad in ["../new/job", "/etc/passwd", "new/job", "..", ""] {
+        let out = env.cli(&["cancel", "job", bad]);
+        assert_eq!(out.status.code(), Some(1), "{bad:?}: {}", describe(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("nothing was cancelled"), "{bad:?}: {err}");
+    }
+    let out = env.cli(&["cancel", "nosuchjob"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nosuchjob"),
+        "{}",
+        describe(&out)
+    );
+    let requests: Vec<_> = fs::read_dir(env.path("control"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("cancel"))
+        .collect();
+    assert!(requests.is_empty(), "{requests:?}");
+    // The job is still there, to run.
+    let mut d = env.start();
+    d.wait_until("the job to run", || env.names("done").contains("job"));
+    d.stop();
+}
