@@ -291,7 +291,12 @@ struct CancelRecord {
 /// The attempts under way, by job name, each with the eventfd its handler's poll watches
 /// (`Lease::revoked`): the one way discovery, on another thread, can end a running handler.
 #[derive(Default)]
-pub(super) struct Running(std::sync::Mutex<HashMap<OsString, Arc<CancelFd>>>);
+pub(super) struct Running(
+    std::sync::Mutex<HashMap<OsString, Arc<CancelFd>>>,
+    /// Eventfds of attempts that ended without a cancel, for the next attempts: making and
+    /// closing one per job would cost two system calls on every job's path.
+    std::sync::Mutex<Vec<OwnedFd>>,
+);
 
 /// The cancel switch of one attempt under way.
 pub(crate) struct CancelFd {
@@ -342,10 +347,19 @@ impl Spool {
     /// Registers an attempt of `name` as under way; its cancel switch is for the lease's
     /// `revoked`. None (and the job cannot be cancelled while it runs) when no eventfd can be made.
     pub(super) fn start_running(&self, name: &OsStr) -> io::Result<Arc<CancelFd>> {
-        let fd = rustix::event::eventfd(
-            0,
-            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
-        )?;
+        let spare = self
+            .running
+            .1
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop();
+        let fd = match spare {
+            Some(fd) => fd,
+            None => rustix::event::eventfd(
+                0,
+                rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+            )?,
+        };
         let entry = Arc::new(CancelFd {
             fd,
             by: OnceLock::new(),
@@ -355,10 +369,25 @@ impl Spool {
     }
 
     /// The attempt of `name` is over (settled): a cancel can no longer reach it.
-    pub(super) fn stop_running(&self, name: &OsStr, entry: &Arc<CancelFd>) {
-        let mut running = self.running.lock();
-        if running.get(name).is_some_and(|e| Arc::ptr_eq(e, entry)) {
-            running.remove(name);
+    pub(super) fn stop_running(&self, name: &OsStr, entry: Arc<CancelFd>) {
+        {
+            let mut running = self.running.lock();
+            if running.get(name).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
+                running.remove(name);
+            }
+        }
+        // Kept for the next attempt only when nobody cancelled it: a cancel sets `by` and
+        // raises the counter while it holds the table's lock, so once the entry is out of the
+        // table an unset `by` means a counter still at zero. Anyone else still holding the
+        // entry makes `try_unwrap` fail, and the descriptor is closed instead.
+        if entry.by.get().is_none()
+            && let Ok(CancelFd { fd, .. }) = Arc::try_unwrap(entry)
+        {
+            self.running
+                .1
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(fd);
         }
     }
 

@@ -180,7 +180,7 @@ pub struct SpoolLease<'a> {
 
 impl Drop for SpoolLease<'_> {
     fn drop(&mut self) {
-        if let Some(cancel) = &self.cancel {
+        if let Some(cancel) = self.cancel.take() {
             self.source.spool.stop_running(&self.claimed.name, cancel);
         }
     }
