@@ -618,13 +618,13 @@ fn show(queue: &impl Admin, arg: &str, json: bool) -> io::Result<ExitCode> {
     };
     let Some(job) = queue.show(&id)? else {
         eprintln!(
-            "spoold: {id}: no job of that ID (not in new/, active/, retry/, hold/, done/ or failed/)"
+            "spoold: {id}: no job of that ID in the queue (waiting, running, held, done or failed)"
         );
         return Ok(ExitCode::FAILURE);
     };
     let shown = display_name(&job.name);
     let journal = journalctl_line(&shown);
-    let history = job.history.unwrap_or_default();
+    let history = job.history.clone().unwrap_or_default();
     let failures = if history.failures.is_empty() {
         // A record from a spoold that kept only the last failure.
         history.last_failure.iter().cloned().collect()
@@ -649,6 +649,19 @@ fn show(queue: &impl Admin, arg: &str, json: bool) -> io::Result<ExitCode> {
         writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(ExitCode::SUCCESS);
     }
+    print_shown(&mut out, &shown, &job, &history, &failures, &journal)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `spoold show`'s text: every value escaped for a terminal.
+fn print_shown(
+    out: &mut impl Write,
+    shown: &str,
+    job: &crate::source::admin::ShownJob,
+    history: &History,
+    failures: &[Failure],
+    journal: &str,
+) -> io::Result<()> {
     writeln!(out, "{shown}")?;
     writeln!(
         out,
@@ -678,7 +691,7 @@ fn show(queue: &impl Admin, arg: &str, json: bool) -> io::Result<ExitCode> {
     if let Some(e) = &job.record_error {
         writeln!(out, "    record:   unreadable: {}", escape_text(e))?;
     }
-    for f in &failures {
+    for f in failures {
         let status = match (f.exit_code, f.signal) {
             (Some(code), _) => format!("exit {code}"),
             (None, Some(sig)) => format!("signal {sig}"),
@@ -697,8 +710,8 @@ fn show(queue: &impl Admin, arg: &str, json: bool) -> io::Result<ExitCode> {
             writeln!(out, "        stderr| {}", escape_text(line))?;
         }
     }
-    writeln!(out, "    log:      {}", escape_text(&journal))?;
-    Ok(ExitCode::SUCCESS)
+    writeln!(out, "    log:      {}", escape_text(journal))?;
+    Ok(())
 }
 
 /// Asks for each job to be cancelled. As for retry, every argument is checked before any
