@@ -140,33 +140,12 @@ impl Spool {
         Ok(true)
     }
 
-    /// Writes the record atomically (a temporary file, fsync, rename over the old one): a
-    /// daemon reads either the old record or the new one, never half of one.
+    /// Writes the pause record: a daemon reads either the old record or the new one, never
+    /// half of one (`write_control`).
     fn write_pause(&self, record: &PauseRecord) -> Result<(), OperatorError> {
-        let dir = self.fd(Dir::Control);
-        let tmp = format!(".tmp-{}", ulid::Ulid::generate());
-        let fd = rustix::fs::openat(
-            dir,
-            tmp.as_str(),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o640),
-        )
-        .map_err(|e| self.denied_or_io(Dir::Control, e, false))?;
-        // The daemon's user reads it through the group: a umask of 077 must not take that away.
-        let _ = rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o640));
-        let mut file = File::from(fd);
-        let written = serde_json::to_vec_pretty(record)
-            .map_err(io::Error::from)
-            .and_then(|text| file.write_all(&text))
-            .and_then(|()| file.sync_all())
-            .and_then(|()| {
-                rustix::fs::renameat(dir, tmp.as_str(), dir, PAUSE).map_err(io::Error::from)
-            });
-        if let Err(e) = written {
-            let _ = rustix::fs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
-            return Err(OperatorError::Io(self.control_error(e)));
-        }
-        Ok(())
+        let text = serde_json::to_vec_pretty(record)
+            .map_err(|e| OperatorError::Io(self.control_error(e.into())))?;
+        self.write_control(OsStr::new(PAUSE), &text)
     }
 
     /// A permission error becomes `Denied` with the group of `dir`, which grants the right in
@@ -501,7 +480,8 @@ impl Spool {
         }
     }
 
-    /// Writes `control/<name>` atomically, readable by the daemon's group.
+    /// Writes `control/<name>` atomically (a temporary file, fsync, rename over the old one),
+    /// readable by the daemon's group whatever the writer's umask.
     fn write_control(&self, name: &OsStr, text: &[u8]) -> Result<(), OperatorError> {
         let dir = self.fd(Dir::Control);
         let tmp = format!(".tmp-{}", ulid::Ulid::generate());

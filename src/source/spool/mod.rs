@@ -321,12 +321,17 @@ impl Spool {
             }
             dirs.push(fd);
         }
-        Ok(Spool {
+        Ok(Spool::with_dirs(root, dirs))
+    }
+
+    /// The spool at `root`, whose directories are open as `dirs` (in `Dir::ALL`'s order).
+    fn with_dirs(root: PathBuf, dirs: Vec<OwnedFd>) -> Spool {
+        Spool {
             root,
             dirs,
             claim_or_promote: std::sync::RwLock::new(()),
             running: control::Running::default(),
-        })
+        }
     }
 
     /// Opens an existing spool for a client command (enqueue, status, failed, retry): nothing is
@@ -375,12 +380,7 @@ impl Spool {
             })?;
             dirs.push(fd);
         }
-        Ok(Spool {
-            root,
-            dirs,
-            claim_or_promote: std::sync::RwLock::new(()),
-            running: control::Running::default(),
-        })
+        Ok(Spool::with_dirs(root, dirs))
     }
 
     pub fn root(&self) -> &Path {
