@@ -506,8 +506,9 @@ fn enqueue_status_failed_and_retry() {
 
 #[test]
 fn usage_and_man_synopses_show_option_values_repeated_arguments_and_exit_status_2() {
-    // build.rs writes the man pages beside the binary, in the profile's directory.
-    let man = Path::new(util::BIN).parent().unwrap().join("man");
+    // build.rs writes the man pages plain into OUT_DIR; those beside the binary are gzipped
+    // for the package.
+    let man = Path::new(env!("OUT_DIR")).join("man");
     for (page, synopsis) in [
         ("spoold-retry.8", "<ID>..."),
         ("spoold-retry.8", "\\-\\-all"),
