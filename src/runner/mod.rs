@@ -271,6 +271,9 @@ mod tests {
     /// A lease lost while the handler runs ends that attempt as an abort would: SIGTERM to the
     /// group, SIGKILL after `kill_grace` (this handler ignores the SIGTERM, noting it), and the
     /// job is released, its attempt not counted, instead of being failed or retried.
+    ///
+    /// The trap writes its note with a shell builtin and the grace is a second, so that a loaded
+    /// machine (CI builds beside the test) cannot take the SIGKILL before the note is written.
     #[tokio::test]
     async fn a_lost_lease_ends_the_attempt_as_an_abort_does_and_releases_the_job() {
         let dir = tempfile::tempdir().unwrap();
@@ -282,9 +285,9 @@ mod tests {
             [spool]
             dir = "."
             [handler]
-            command = ["sh", "-c", "trap 'touch \"$1.termed\"' TERM; touch \"$1.started\"; while :; do sleep 1; done", "sh", "{path}"]
+            command = ["sh", "-c", "trap ': > \"$1.termed\"' TERM; : > \"$1.started\"; while :; do sleep 1; done", "sh", "{path}"]
             timeout = "30s"
-            kill_grace = "300ms"
+            kill_grace = "1s"
             "#,
         )
         .unwrap();
