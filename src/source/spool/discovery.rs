@@ -25,7 +25,9 @@
 //! it at once when the record changes, a read every second is the fallback, and each change is
 //! published to the source (which claims nothing while paused) and logged with the uid of the
 //! operator who made it. The same look at `control/` carries out the operator's cancel
-//! requests (`control/cancel-ID`).
+//! requests (`control/cancel-ID`) and logs (and, for a member, carries out) holds, releases
+//! and retries (`control/op-ULID`), once before the first job is handed out and then with the
+//! pause.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -227,6 +229,9 @@ impl Discovery {
         tokio::spawn(sweep_tmp(turns.spool.clone(), stop.clone()));
         // Never more than the channel holds, which reserve_many would refuse.
         let handoff = (names.max_capacity() / 2).max(1);
+        // Before any job is handed out: a hold or a cancel asked while no daemon ran must win
+        // over the claim of the job it names.
+        turns.check_control();
         loop {
             turns.scan_new()?;
             turns.read_retries_if_due();
@@ -437,10 +442,26 @@ impl Turns {
         self.rescan_retries_at = Some(later(Instant::now(), interval));
     }
 
-    /// Acts on what operators wrote in `control/`: the pause record and cancel requests.
+    /// Acts on what operators wrote in `control/`: the pause record, cancel requests, and the
+    /// records of holds, releases and retries.
     fn check_control(&mut self) {
         self.check_pause();
         self.check_cancels();
+        if self.check_operations() {
+            // More records wait: the next turn takes them, after a stop or a hand-out of jobs.
+            self.pause_check_at = Instant::now();
+        }
+    }
+
+    /// Acts on the operators' records of holds, releases and retries (`Spool::act_on_operations`).
+    /// Returns true when records are left for the next turn.
+    fn check_operations(&mut self) -> bool {
+        let turn = self.spool.act_on_operations();
+        if turn.queue_changed {
+            // new/ gained or lost a job: a pass sets the queued count right.
+            self.dirty = true;
+        }
+        turn.more
     }
 
     /// Acts on each cancel request in `control/`, and removes it once acted on. A request for
