@@ -179,15 +179,15 @@ fn a_member_pauses_holds_releases_cancels_and_retries_and_the_journal_names_them
     // What an operator searches: the unit's journal, by the member's uid.
     let lines = audit(&m, &uid);
     assert!(
-        lines
-            .iter()
-            .any(|(_, _, msg)| msg.contains(&format!("paused by uid {uid}: maintenance"))),
+        lines.iter().any(|(action, _, msg)| action == "pause"
+            && msg.contains(&format!("paused by uid {uid}: maintenance"))),
         "{lines:#?}"
     );
     assert!(
         lines
             .iter()
-            .any(|(_, _, msg)| msg.contains(&format!("resumed by uid {uid}"))),
+            .any(|(action, _, msg)| action == "resume"
+                && msg.contains(&format!("resumed by uid {uid}"))),
         "{lines:#?}"
     );
     logged(&lines, &a, &format!("held by uid {uid}"));
@@ -205,7 +205,11 @@ fn a_member_pauses_holds_releases_cancels_and_retries_and_the_journal_names_them
         .map(|(action, _, _)| action.as_str())
         .filter(|action| !action.is_empty())
         .collect();
-    assert_eq!(actions, ["hold", "release", "retry"], "{lines:#?}");
+    assert_eq!(
+        actions,
+        ["hold", "release", "cancel", "retry"],
+        "{lines:#?}"
+    );
     let root = audit(&m, "0");
     logged(&root, &b, "held by uid 0");
     logged(&root, &b, "released by uid 0");

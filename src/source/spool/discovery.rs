@@ -484,6 +484,7 @@ impl Turns {
                 Ok(Cancelled::Running) => tracing::warn!(
                     job_id = id,
                     operator_uid = uid,
+                    operator_action = "cancel",
                     "cancel by uid {uid}: stopping the running handler"
                 ),
                 Ok(Cancelled::Failed { from, name: moved }) => {
@@ -502,6 +503,7 @@ impl Turns {
                     tracing::warn!(
                         job_id = id,
                         operator_uid = uid,
+                        operator_action = "cancel",
                         outcome = "failed",
                         "cancelled by uid {uid}: moved from {} to failed/{renamed}",
                         from.place()
@@ -510,11 +512,13 @@ impl Turns {
                 Ok(Cancelled::NoSuchJob) => tracing::warn!(
                     job_id = id,
                     operator_uid = uid,
+                    operator_action = "cancel",
                     "cancel by uid {uid}: no waiting, held or running job of that name; request dropped"
                 ),
                 Err(e) => tracing::error!(
                     job_id = id,
                     operator_uid = uid,
+                    operator_action = "cancel",
                     "cancel by uid {uid} failed: {e}; request dropped"
                 ),
             }
@@ -547,12 +551,14 @@ impl Turns {
         match (&now, &record) {
             (Some(p), _) if !was => tracing::warn!(
                 operator_uid = p.by_uid,
+                operator_action = "pause",
                 "paused by uid {}{}: no new job starts until `spoold resume`; jobs in flight go on",
                 p.by_uid,
                 reason_text(p.reason.as_deref())
             ),
             (None, Some(r)) if was => tracing::warn!(
                 operator_uid = r.uid,
+                operator_action = "resume",
                 "resumed by uid {}: jobs start again",
                 r.uid
             ),
