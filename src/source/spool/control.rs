@@ -546,6 +546,33 @@ pub(super) struct OpRecord {
     pub(super) done: Vec<String>,
     #[serde(default)]
     pub(super) asked: Vec<String>,
+    /// When the client wrote it, RFC 3339: the journal's own time is when the daemon read it,
+    /// which is later when no daemon ran.
+    #[serde(default)]
+    pub(super) at: Option<String>,
+}
+
+/// How old a record may be before its line says when it was written: a running daemon reads it
+/// within a second, so an older one was written while no daemon ran.
+const LATE: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl OpRecord {
+    /// " (done at TIME)" for a record older than [`LATE`], else nothing: the journal's time of
+    /// the line tells when it was done.
+    fn late(&self) -> String {
+        let Some(at) = &self.at else {
+            return String::new();
+        };
+        let old = humantime::parse_rfc3339(at)
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > LATE);
+        if old {
+            format!(" (done at {at})")
+        } else {
+            String::new()
+        }
+    }
 }
 
 /// What the daemon did with one job of an operator's record.
@@ -586,6 +613,7 @@ impl Spool {
                 action: op,
                 done,
                 asked,
+                at: Some(rfc3339(std::time::SystemTime::now())),
             };
             let mut name = OsString::from(OP_PREFIX);
             name.push(crate::source::admin::new_job_id(&mut ulids));
@@ -732,7 +760,7 @@ impl Spool {
                 }
             };
             work += record.done.len() + record.asked.len();
-            let (uid, action) = (record.uid, record.action);
+            let (uid, action, late) = (record.uid, record.action, record.late());
             for (id, asked) in record
                 .done
                 .iter()
@@ -755,7 +783,7 @@ impl Spool {
                         job_id = id,
                         operator_uid = uid,
                         operator_action = action.name(),
-                        "{verb} by uid {uid}"
+                        "{verb} by uid {uid}{late}"
                     );
                     continue;
                 }
@@ -841,6 +869,25 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(left, [".bad-op-garbage"]);
+    }
+
+    /// A record read long after it was written (no daemon ran) says when it was done.
+    #[test]
+    fn a_late_record_says_when_it_was_done() {
+        let record = |at: std::time::SystemTime| OpRecord {
+            uid: 0,
+            action: Operation::Hold,
+            done: vec!["job".to_owned()],
+            asked: Vec::new(),
+            at: Some(rfc3339(at)),
+        };
+        let now = std::time::SystemTime::now();
+        assert_eq!(record(now).late(), "");
+        let hour_ago = now - std::time::Duration::from_secs(3600);
+        assert_eq!(
+            record(hour_ago).late(),
+            format!(" (done at {})", rfc3339(hour_ago))
+        );
     }
 
     /// `hold --all` on a large backlog is many records, and one turn takes about OP_CHUNK jobs.
