@@ -506,10 +506,24 @@ fn record_operation(
     if done.is_empty() && asked.is_empty() {
         return None;
     }
-    match queue.record_operation(op, done, asked) {
+    record_with_reason(queue, op, None, done, asked)
+}
+
+/// [`record_operation`], with the operator's reason (a pause's), and for an action that names
+/// no job.
+fn record_with_reason(
+    queue: &impl Admin,
+    op: Operation,
+    reason: Option<&str>,
+    done: &[JobId],
+    asked: &[JobId],
+) -> Option<ExitCode> {
+    match queue.record_operation(op, reason, done, asked) {
         Ok(()) => None,
         Err(e) => {
-            let what = if asked.is_empty() {
+            let what = if done.is_empty() && asked.is_empty() {
+                format!("{}, but the journal will not show it", op.done_verb())
+            } else if asked.is_empty() {
                 format!(
                     "{} {} job(s), but the journal will not show it",
                     op.done_verb(),
@@ -546,7 +560,13 @@ fn pause(queue: &impl Admin, reason: Option<&str>) -> io::Result<ExitCode> {
             escape_text(&p.since),
             p.by_uid
         ),
-        Ok((_, false)) => println!("paused: no new job starts until `spoold resume`"),
+        Ok((_, false)) => {
+            println!("paused: no new job starts until `spoold resume`");
+            return Ok(
+                record_with_reason(queue, Operation::Pause, reason, &[], &[])
+                    .unwrap_or(ExitCode::SUCCESS),
+            );
+        }
         Err(e) => {
             operator_error("not paused", e);
             return Ok(ExitCode::FAILURE);
@@ -557,7 +577,11 @@ fn pause(queue: &impl Admin, reason: Option<&str>) -> io::Result<ExitCode> {
 
 fn resume(queue: &impl Admin) -> io::Result<ExitCode> {
     match queue.resume() {
-        Ok(true) => println!("resumed: jobs start again"),
+        Ok(true) => {
+            println!("resumed: jobs start again");
+            return Ok(record_with_reason(queue, Operation::Resume, None, &[], &[])
+                .unwrap_or(ExitCode::SUCCESS));
+        }
         Ok(false) => println!("not paused; nothing to do"),
         Err(e) => {
             operator_error("not resumed", e);

@@ -63,10 +63,12 @@ pub trait Admin {
     /// Puts an operator's `op` in the daemon's journal, with the caller's uid and the job IDs:
     /// `done` are the jobs the caller acted on itself; `asked` are those it was not allowed to
     /// move (a member of the queue's group), which the daemon acts on for it (within a second
-    /// when one runs, else when one starts) and logs with the outcome.
+    /// when one runs, else when one starts) and logs with the outcome. `reason` is the
+    /// operator's, for a pause.
     fn record_operation(
         &self,
         op: Operation,
+        reason: Option<&str>,
         done: &[JobId],
         asked: &[JobId],
     ) -> Result<(), OperatorError>;
@@ -101,12 +103,16 @@ pub struct Paused {
 }
 
 /// An operator action that the client carries out itself when it may, and that is logged in
-/// the daemon's journal either way (see [`Admin::record_operation`]). Pause, resume and cancel
-/// are not among them: the daemon logs those as it acts on their records. The names are the
-/// on-disk format and the journal's `OPERATOR_ACTION=` values.
+/// the daemon's journal either way (see [`Admin::record_operation`]). Cancel is not among them:
+/// the daemon logs it as it acts on the request. The names are the on-disk format and the
+/// journal's `OPERATOR_ACTION=` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Operation {
+    /// Logged from its own record, not from the pause record's changes, so that a pause and a
+    /// resume made while no daemon ran (or within one look at `control/`) are both logged.
+    Pause,
+    Resume,
     Hold,
     Release,
     Retry,
@@ -119,6 +125,8 @@ impl Operation {
     /// The past participle the journal's messages use: "held by uid 1001".
     pub fn done_verb(self) -> &'static str {
         match self {
+            Operation::Pause => "paused",
+            Operation::Resume => "resumed",
             Operation::Hold => "held",
             Operation::Release => "released",
             Operation::Retry => "retried",
@@ -129,6 +137,8 @@ impl Operation {
     /// The name in the journal's `OPERATOR_ACTION=` field and in requests.
     pub fn name(self) -> &'static str {
         match self {
+            Operation::Pause => "pause",
+            Operation::Resume => "resume",
             Operation::Hold => "hold",
             Operation::Release => "release",
             Operation::Retry => "retry",

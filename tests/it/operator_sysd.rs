@@ -221,13 +221,25 @@ fn a_member_pauses_holds_releases_cancels_and_retries_and_the_journal_names_them
     let out = as_op(&m, &format!("hold {d}"));
     assert!(out.contains("hold requested"), "{out}");
     m.sh_ok(&format!("test -f {SPOOL}/new/{d}"));
+    // A pause and a resume while no daemon runs are logged too, when the next one starts.
+    as_op(&m, "pause --reason 'while stopped'");
+    as_op(&m, "resume");
     m.sh_ok("systemctl start spoold");
     wait_until(
         &m,
         "a job held at start",
         &format!("test -f {SPOOL}/hold/{d}"),
     );
-    logged(&audit(&m, &uid), &d, &format!("held by uid {uid}"));
+    let lines = audit(&m, &uid);
+    logged(&lines, &d, &format!("held by uid {uid}"));
+    let count = |action: &str| lines.iter().filter(|(a, _, _)| a == action).count();
+    assert_eq!((count("pause"), count("resume")), (2, 2), "{lines:#?}");
+    assert!(
+        lines
+            .iter()
+            .any(|(_, _, msg)| msg == &format!("paused by uid {uid}: while stopped")),
+        "{lines:#?}"
+    );
 
     // Someone outside the group is refused, with the file or directory that refused them.
     let out = m.sh(&format!("runuser -u outsider -- spoold hold {b}"));

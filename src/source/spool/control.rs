@@ -10,9 +10,11 @@
 //!
 //! A pause is state of the spool, not of a process: `spoold pause` writes the record whether
 //! or not a daemon runs, and a daemon that starts on a paused spool claims nothing. The record
-//! is rewritten, not removed, by `spoold resume` (with `paused: false`), so that the daemon can
-//! log who resumed as well as who paused: the uid it logs is the one the client wrote, since a
-//! daemon cannot otherwise learn who changed a file.
+//! is rewritten, not removed, by `spoold resume` (with `paused: false`), so that it always says
+//! who changed it last (the uid the client wrote, since a daemon cannot otherwise learn who
+//! changed a file). Who paused and who resumed is logged from the operator's records below,
+//! not from the pause record's changes: a daemon that was not running, or that read the record
+//! once after a pause and a resume, would see only the last of them.
 //!
 //! Why `control/` and not a file in the root: in the package the root is `2750 spoold:spoold`,
 //! and members of the group must be able to pause. `control/` is `2770` (setgid, group write,
@@ -22,8 +24,9 @@
 //! Held jobs move by rename from `new/` or `retry/` into `hold/`, and back into `new/`; their
 //! `state/NAME` stays where it is, so a released job keeps its attempt count.
 //!
-//! Holds, releases and retries are audited through `control/` too (`control/op-<ULID>`, an
-//! [`OpRecord`]): the client makes the move itself when it may (root, or the user spoold; with
+//! Pauses, resumes, holds, releases and retries are audited through `control/` too
+//! (`control/op-<ULID>`, an [`OpRecord`]): for a hold, a release or a retry the client makes
+//! the move itself when it may (root, or the user spoold; with
 //! or without a daemon) and writes a record of it, which the daemon logs with `OPERATOR_UID=`
 //! and `JOB_ID=`; a member of the group, who may not, writes the same record as a request,
 //! and the daemon makes the move for them and logs it. The directories stay as they were
@@ -546,6 +549,9 @@ pub(super) struct OpRecord {
     pub(super) done: Vec<String>,
     #[serde(default)]
     pub(super) asked: Vec<String>,
+    /// The operator's reason, for a pause.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) reason: Option<String>,
     /// When the client wrote it, RFC 3339: the journal's own time is when the daemon read it,
     /// which is later when no daemon ran.
     #[serde(default)]
@@ -591,6 +597,7 @@ impl Spool {
     pub(super) fn write_operation(
         &self,
         op: Operation,
+        reason: Option<&str>,
         done: &[JobId],
         asked: &[JobId],
     ) -> Result<(), OperatorError> {
@@ -607,12 +614,15 @@ impl Spool {
             .chunks(OP_CHUNK)
             .map(|c| (names(c), Vec::new()))
             .chain(asked.chunks(OP_CHUNK).map(|c| (Vec::new(), names(c))));
-        for (done, asked) in chunks {
+        // A pause or a resume names no job: one record all the same.
+        let lone = matches!(op, Operation::Pause | Operation::Resume).then(Default::default);
+        for (done, asked) in chunks.chain(lone) {
             let record = OpRecord {
                 uid,
                 action: op,
                 done,
                 asked,
+                reason: reason.map(str::to_owned),
                 at: Some(rfc3339(std::time::SystemTime::now())),
             };
             let mut name = OsString::from(OP_PREFIX);
@@ -708,6 +718,10 @@ impl Spool {
                     format!("it is {kind} in {place}, not a job file; left there"),
                 ),
             },
+            // A pause or a resume is a record a member may write: never asked of the daemon.
+            Operation::Pause | Operation::Resume => {
+                Outcome::NotDone(format!("a {} names no job", op.name()))
+            }
             Operation::Purge => Outcome::NotDone(
                 "spoold does not purge for members yet; ask root to run spoold purge".to_owned(),
             ),
@@ -759,8 +773,21 @@ impl Spool {
                     continue;
                 }
             };
-            work += record.done.len() + record.asked.len();
+            work += 1 + record.done.len() + record.asked.len();
             let (uid, action, late) = (record.uid, record.action, record.late());
+            if matches!(action, Operation::Pause | Operation::Resume) {
+                let reason = record
+                    .reason
+                    .as_deref()
+                    .map(|r| format!(": {}", crate::job::escape_text(r)))
+                    .unwrap_or_default();
+                tracing::warn!(
+                    operator_uid = uid,
+                    operator_action = action.name(),
+                    "{} by uid {uid}{reason}{late}",
+                    action.done_verb()
+                );
+            }
             for (id, asked) in record
                 .done
                 .iter()
@@ -853,10 +880,10 @@ mod tests {
         let id = JobId::parse("01JOB").unwrap();
         fs::write(dir.path().join("new/01JOB"), "x").unwrap();
         spool
-            .write_operation(Operation::Hold, &[], std::slice::from_ref(&id))
+            .write_operation(Operation::Hold, None, &[], std::slice::from_ref(&id))
             .unwrap();
         spool
-            .write_operation(Operation::Release, &[], std::slice::from_ref(&id))
+            .write_operation(Operation::Release, None, &[], std::slice::from_ref(&id))
             .unwrap();
         fs::write(dir.path().join("control/op-garbage"), "not json").unwrap();
         let turn = spool.act_on_operations();
@@ -879,6 +906,7 @@ mod tests {
             action: Operation::Hold,
             done: vec!["job".to_owned()],
             asked: Vec::new(),
+            reason: None,
             at: Some(rfc3339(at)),
         };
         let now = std::time::SystemTime::now();
@@ -898,7 +926,9 @@ mod tests {
         let ids: Vec<JobId> = (0..OP_CHUNK + 10)
             .map(|i| JobId::parse(&format!("job-{i}")).unwrap())
             .collect();
-        spool.write_operation(Operation::Retry, &ids, &[]).unwrap();
+        spool
+            .write_operation(Operation::Retry, None, &ids, &[])
+            .unwrap();
         assert!(spool.act_on_operations().more);
         assert!(!spool.act_on_operations().more);
         assert_eq!(fs::read_dir(dir.path().join("control")).unwrap().count(), 0);

@@ -23,10 +23,10 @@
 //! It also sweeps `tmp/` of files that producers abandoned (the Maildir rule), hourly and on the
 //! blocking pool, and keeps the operator's pause (`control/pause`): a watch on `control/` tells
 //! it at once when the record changes, a read every second is the fallback, and each change is
-//! published to the source (which claims nothing while paused) and logged with the uid of the
-//! operator who made it. The same look at `control/` carries out the operator's cancel
-//! requests (`control/cancel-ID`) and logs (and, for a member, carries out) holds, releases
-//! and retries (`control/op-ULID`), once before the first job is handed out and then with the
+//! published to the source (which claims nothing while paused) and logged. The same look at
+//! `control/` carries out the operator's cancel requests (`control/cancel-ID`) and logs with
+//! the operator's uid (and, for a member, carries out) pauses, resumes, holds, releases and
+//! retries (`control/op-ULID`), once before the first job is handed out and then with the
 //! pause.
 
 use std::collections::VecDeque;
@@ -549,19 +549,13 @@ impl Turns {
         let now = record.as_ref().and_then(PauseRecord::pause);
         let was = self.paused.borrow().is_some();
         match (&now, &record) {
-            (Some(p), _) if !was => tracing::warn!(
-                operator_uid = p.by_uid,
-                operator_action = "pause",
-                "paused by uid {}{}: no new job starts until `spoold resume`; jobs in flight go on",
-                p.by_uid,
-                reason_text(p.reason.as_deref())
+            // Who paused and resumed is logged from the operator's own record (`control/op-`),
+            // once per command, even for a pause and a resume this look did not tell apart or
+            // that were made while no daemon ran; these lines say what the daemon does now.
+            (Some(_), _) if !was => tracing::warn!(
+                "the spool is paused now: no new job starts until `spoold resume`; jobs in flight go on"
             ),
-            (None, Some(r)) if was => tracing::warn!(
-                operator_uid = r.uid,
-                operator_action = "resume",
-                "resumed by uid {}: jobs start again",
-                r.uid
-            ),
+            (None, Some(_)) if was => tracing::warn!("the pause is over: jobs start again"),
             (None, None) if was => {
                 tracing::warn!("the pause record was removed: jobs start again")
             }

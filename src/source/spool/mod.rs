@@ -1132,10 +1132,11 @@ impl Admin for Spool {
     fn record_operation(
         &self,
         op: Operation,
+        reason: Option<&str>,
         done: &[JobId],
         asked: &[JobId],
     ) -> Result<(), OperatorError> {
-        self.write_operation(op, done, asked)
+        self.write_operation(op, reason, done, asked)
     }
 
     fn held(&self) -> io::Result<Vec<JobId>> {
