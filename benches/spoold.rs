@@ -10,7 +10,8 @@
 //! `$CARGO_TARGET_DIR/bench/summary.json` (or `$SPOOLD_BENCH_JSON`).
 //!
 //! Environment: `SPOOLD_BENCH_QUICK=1` runs small counts (a smoke test of the suite itself, not
-//! figures to quote); `SPOOLD_BENCH_ONLY=throughput,stop,start,burst,retry` picks sections;
+//! figures to quote); `SPOOLD_BENCH_ONLY=throughput,stop,start,burst,retry` picks sections (`operator`, how soon a
+//! pause and a cancel take effect, runs only when named; `SPOOLD_BENCH_OPERATOR_RUNS=N` sets its runs);
 //! `SPOOLD_BENCH_ROUNDS=N` sets how many alternating rounds the throughput section runs;
 //! `SPOOLD_BENCH_DIR` is where the temporary spools go (it must be a local filesystem).
 
@@ -164,6 +165,13 @@ fn main() {
     }
     if wanted("retry") {
         rows.extend(bench.retry_backlog());
+    }
+    // Not in the default run: asked for by name (SPOOLD_BENCH_ONLY=operator).
+    if only
+        .as_ref()
+        .is_some_and(|o| o.iter().any(|s| s == "operator"))
+    {
+        rows.extend(bench.operator());
     }
     let load_after = load_average();
 
@@ -1251,6 +1259,209 @@ impl Bench {
                 samples: gaps,
             },
         ]
+    }
+}
+
+impl Bench {
+    // ---- 7: operator actions -------------------------------------------------------------
+
+    /// How soon a running daemon honours `spoold pause` and `spoold cancel ID`, each the median
+    /// of several runs, timed from the start of the command (as an operator types it) to:
+    /// for a pause, the last job claimed under a steady stream of short jobs (no job starts
+    /// after it); for a cancel, the moment the running handler's process group is gone.
+    fn operator(&self) -> Vec<Row> {
+        let quick = self.sizes.jobs < 20_000;
+        let runs: usize = std::env::var("SPOOLD_BENCH_OPERATOR_RUNS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if quick { 5 } else { 30 });
+        println!(
+            "== operator: {runs} pauses under a stream of /bin/true jobs, {runs} cancels of a running `sleep`"
+        );
+
+        // Pause: new/ always holds more short jobs than the quiet period can run.
+        let spool = self.spool("operator-pause");
+        spool.configure(2, &["/bin/true"], "");
+        let daemon = self.start(&spool);
+        daemon.wait_ready();
+        let claims = Claims::watch(&spool.dir("active"));
+        let mut pauses = Vec::new();
+        for run in 0..runs {
+            make_jobs(&spool.dir("new"), &format!("p{run:03}-"), 3_000);
+            spoold_client(&spool, &["resume"]);
+            // The stream flows again before the pause is asked for.
+            let flowing = claims.count();
+            wait_until(PATIENCE, || claims.count() > flowing + 20).expect("jobs start again");
+            let asked = Instant::now();
+            spoold_client(&spool, &["pause"]);
+            let returned = Instant::now();
+            // Honoured once no job has started for a second past the command's return (twice
+            // the target: a later start is then a miss, not an end of the quiet).
+            let last = loop {
+                thread::sleep(Duration::from_millis(100));
+                let last = claims.last().unwrap_or(asked);
+                if last.max(returned).elapsed() > Duration::from_secs(2) {
+                    break last;
+                }
+            };
+            let took = if last > asked {
+                last - asked
+            } else {
+                returned - asked
+            };
+            println!(
+                "  pause {run}: command took {:.1} ms; last job started {:.1} ms after it began",
+                ms(returned - asked),
+                ms(took)
+            );
+            pauses.push(ms(took));
+        }
+        claims.stop();
+        let (_, status) = daemon.stop();
+        assert!(status.success(), "spoold exited with {status}");
+        self.remove(spool);
+
+        // Cancel: one job at a time, a shell that records its pid (its process group's id:
+        // spoold makes each handler a group leader) and becomes `sleep 300`.
+        let spool = self.spool("operator-cancel");
+        let pids = self.work.join("operator-pids");
+        fs::create_dir_all(&pids).expect("create the pid directory");
+        let script = format!("echo $$ > {}/$0; exec sleep 300", pids.display());
+        spool.configure(
+            1,
+            &["/bin/sh", "-c", &script, "{id}"],
+            "kill_grace = \"5s\"",
+        );
+        let daemon = self.start(&spool);
+        daemon.wait_ready();
+        let mut cancels = Vec::new();
+        for run in 0..runs {
+            let id = format!("cancel{run:03}");
+            File::create(spool.dir("new").join(&id)).expect("create a job");
+            let pid_file = pids.join(&id);
+            let mut pgid = None;
+            wait_until(PATIENCE, || {
+                pgid = fs::read_to_string(&pid_file)
+                    .ok()
+                    .and_then(|t| t.trim().parse::<i32>().ok());
+                pgid.is_some()
+            })
+            .expect("the handler started");
+            let pgid = Pid::from_raw(pgid.expect("a pid")).expect("a pid above 0");
+            let asked = Instant::now();
+            spoold_client(&spool, &["cancel", &id]);
+            let returned = Instant::now();
+            wait_until(PATIENCE, || {
+                rustix::process::test_kill_process_group(pgid).is_err()
+            })
+            .expect("the handler's group ended");
+            let took = asked.elapsed();
+            wait_until(PATIENCE, || spool.dir("failed").join(&id).exists())
+                .expect("the job failed");
+            println!(
+                "  cancel {run}: command took {:.1} ms; group gone {:.1} ms after it began",
+                ms(returned - asked),
+                ms(took)
+            );
+            cancels.push(ms(took));
+        }
+        let (_, status) = daemon.stop();
+        assert!(status.success(), "spoold exited with {status}");
+        self.remove(spool);
+        let _ = fs::remove_dir_all(&pids);
+
+        let pause = median(&pauses);
+        let cancel = median(&cancels);
+        vec![
+            Row {
+                section: "operator",
+                what: "`spoold pause` to the last job start, /bin/true stream (median)".into(),
+                spoold: pause,
+                unit: "ms",
+                peer: None,
+                target: Some(("<= 1000 ms".into(), pause <= 1000.0)),
+                samples: pauses,
+            },
+            Row {
+                section: "operator",
+                what: "`spoold cancel ID` to the running handler's group gone (median)".into(),
+                spoold: cancel,
+                unit: "ms",
+                peer: None,
+                target: Some(("<= 1000 ms".into(), cancel <= 1000.0)),
+                samples: cancels,
+            },
+        ]
+    }
+}
+
+/// Runs a client command (`spoold ARGS --config ...`) on `spool` and checks that it succeeded.
+fn spoold_client(spool: &SpoolDir, args: &[&str]) {
+    let out = Command::new(SPOOLD)
+        .args(args)
+        .arg("--config")
+        .arg(&spool.config)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run a spoold command");
+    assert!(
+        out.status.success(),
+        "spoold {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The jobs claimed in a spool: inotify on `active/`, where a claim renames a job, read every
+/// 2 ms by a thread of its own, which notes when it saw each claim.
+struct Claims {
+    seen: Arc<std::sync::Mutex<(usize, Option<Instant>)>>,
+    done: Arc<AtomicBool>,
+    handle: thread::JoinHandle<()>,
+}
+
+impl Claims {
+    fn watch(active: &Path) -> Claims {
+        let mut inotify = Inotify::init().expect("inotify");
+        inotify
+            .watches()
+            .add(active, WatchMask::MOVED_TO)
+            .expect("watch active/");
+        let seen = Arc::new(std::sync::Mutex::new((0, None)));
+        let done = Arc::new(AtomicBool::new(false));
+        let handle = {
+            let (seen, done) = (seen.clone(), done.clone());
+            thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                while !done.load(Ordering::Relaxed) {
+                    match inotify.read_events(&mut buf) {
+                        Ok(events) => {
+                            let n = events.count();
+                            let mut seen = seen.lock().expect("claims");
+                            seen.0 += n;
+                            seen.1 = Some(Instant::now());
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            thread::sleep(Duration::from_millis(2));
+                        }
+                        Err(e) => panic!("inotify: {e}"),
+                    }
+                }
+            })
+        };
+        Claims { seen, done, handle }
+    }
+
+    fn count(&self) -> usize {
+        self.seen.lock().expect("claims").0
+    }
+
+    fn last(&self) -> Option<Instant> {
+        self.seen.lock().expect("claims").1
+    }
+
+    fn stop(self) {
+        self.done.store(true, Ordering::Relaxed);
+        self.handle.join().expect("claims thread");
     }
 }
 

@@ -117,8 +117,9 @@ pub enum Command {
     },
     /// Set waiting jobs aside (queued, or waiting for a retry): they never start until released.
     ///
-    /// Held jobs keep their attempt count. Like Postfix's hold queue. Only root (or the user
-    /// spoold) may hold jobs in the packaged spool.
+    /// Held jobs keep their attempt count. Like Postfix's hold queue. Members of the spool's
+    /// group may hold and release: the daemon moves the jobs for them. The journal records who
+    /// held each job (OPERATOR_UID=, JOB_ID=).
     #[command(override_usage = "spoold hold [-c|--config <PATH>] <ID>...\n       \
                                 spoold hold [-c|--config <PATH>] --all")]
     Hold {

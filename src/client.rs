@@ -17,7 +17,9 @@ use nix::unistd::{Group, User};
 
 use crate::job::{Failure, History, JobId, display_name, escape_bytes, escape_text};
 use crate::source::Admin;
-use crate::source::admin::{Moved, OperatorError, Partial, Retried, SubmitError, new_job_id};
+use crate::source::admin::{
+    Moved, Operation, OperatorError, Partial, Retried, SubmitError, new_job_id,
+};
 use crate::source::spool::{Spool, SpoolError};
 
 /// Runs a client subcommand and returns the process exit status.
@@ -447,15 +449,25 @@ fn retry(queue: &impl Admin, ids: &[String], all: bool) -> io::Result<ExitCode> 
         }
         parsed
     };
+    let (mut done, mut asked) = (Vec::new(), Vec::new());
     for id in ids {
         match queue.retry(&id) {
             Ok(Retried::Queued { name, place }) if name == id.as_os_str() => {
-                println!("{id}: back in {place}")
+                println!("{id}: back in {place}");
+                done.push(id);
             }
-            Ok(Retried::Queued { name, place }) => println!(
-                "{id}: back in {place} as {} ({place} already held a job of that name)",
-                display_name(&name)
-            ),
+            Ok(Retried::Queued { name, place }) => {
+                println!(
+                    "{id}: back in {place} as {} ({place} already held a job of that name)",
+                    display_name(&name)
+                );
+                done.push(id);
+            }
+            // A member of the group may not move failed jobs: the daemon does it for them.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                println!("{id}: retry requested; {ASKED}");
+                asked.push(id);
+            }
             Ok(Retried::NoSuchJob) => {
                 eprintln!("spoold: {id}: no failed job of that name");
                 code = ExitCode::FAILURE;
@@ -473,7 +485,57 @@ fn retry(queue: &impl Admin, ids: &[String], all: bool) -> io::Result<ExitCode> 
             }
         }
     }
-    Ok(code)
+    Ok(record_operation(queue, Operation::Retry, &done, &asked).unwrap_or(code))
+}
+
+/// What the client says of a job it asked the daemon to move.
+const ASKED: &str = "a running daemon does it within a second, else the next to start";
+
+/// Hands the daemon the record of an operator's action, for its journal (`done`), and the jobs
+/// it is asked to act on (`asked`). The daemon writes the journal, not the client: its lines
+/// belong to the unit, so `journalctl -u spoold OPERATOR_UID=...` shows every operator's
+/// actions, and the moves a member may not make reach the daemon the same way. Returns the
+/// failure status when the record could not be written: an action that goes unrecorded, or a
+/// request that never reaches the daemon, must not look like a success.
+fn record_operation(
+    queue: &impl Admin,
+    op: Operation,
+    done: &[JobId],
+    asked: &[JobId],
+) -> Option<ExitCode> {
+    if done.is_empty() && asked.is_empty() {
+        return None;
+    }
+    record_with_reason(queue, op, None, done, asked)
+}
+
+/// [`record_operation`], with the operator's reason (a pause's), and for an action that names
+/// no job.
+fn record_with_reason(
+    queue: &impl Admin,
+    op: Operation,
+    reason: Option<&str>,
+    done: &[JobId],
+    asked: &[JobId],
+) -> Option<ExitCode> {
+    match queue.record_operation(op, reason, done, asked) {
+        Ok(()) => None,
+        Err(e) => {
+            let what = if done.is_empty() && asked.is_empty() {
+                format!("{}, but the journal will not show it", op.done_verb())
+            } else if asked.is_empty() {
+                format!(
+                    "{} {} job(s), but the journal will not show it",
+                    op.done_verb(),
+                    done.len()
+                )
+            } else {
+                format!("{} of {} job(s) not requested", op.name(), asked.len())
+            };
+            operator_error(&what, e);
+            Some(ExitCode::FAILURE)
+        }
+    }
 }
 
 /// Says why an operator action was refused, with what to do about it.
@@ -498,7 +560,13 @@ fn pause(queue: &impl Admin, reason: Option<&str>) -> io::Result<ExitCode> {
             escape_text(&p.since),
             p.by_uid
         ),
-        Ok((_, false)) => println!("paused: no new job starts until `spoold resume`"),
+        Ok((_, false)) => {
+            println!("paused: no new job starts until `spoold resume`");
+            return Ok(
+                record_with_reason(queue, Operation::Pause, reason, &[], &[])
+                    .unwrap_or(ExitCode::SUCCESS),
+            );
+        }
         Err(e) => {
             operator_error("not paused", e);
             return Ok(ExitCode::FAILURE);
@@ -509,7 +577,11 @@ fn pause(queue: &impl Admin, reason: Option<&str>) -> io::Result<ExitCode> {
 
 fn resume(queue: &impl Admin) -> io::Result<ExitCode> {
     match queue.resume() {
-        Ok(true) => println!("resumed: jobs start again"),
+        Ok(true) => {
+            println!("resumed: jobs start again");
+            return Ok(record_with_reason(queue, Operation::Resume, None, &[], &[])
+                .unwrap_or(ExitCode::SUCCESS));
+        }
         Ok(false) => println!("not paused; nothing to do"),
         Err(e) => {
             operator_error("not resumed", e);
@@ -531,9 +603,9 @@ fn hold_or_release(
     ids: &[String],
     all: bool,
 ) -> io::Result<ExitCode> {
-    let (verb, none) = match action {
-        Action::Hold => ("held", "no waiting job"),
-        Action::Release => ("released", "no held job"),
+    let (verb, none, op) = match action {
+        Action::Hold => ("held", "no waiting job", Operation::Hold),
+        Action::Release => ("released", "no held job", Operation::Release),
     };
     // As for retry: every argument is checked before anything moves.
     let ids: Vec<JobId> = if all {
@@ -565,6 +637,7 @@ fn hold_or_release(
         parsed
     };
     let mut code = ExitCode::SUCCESS;
+    let (mut done, mut asked) = (Vec::new(), Vec::new());
     for id in ids {
         let result = match action {
             Action::Hold => queue.hold(&id),
@@ -572,12 +645,22 @@ fn hold_or_release(
         };
         match result {
             Ok(Moved::To { name, place }) if name == id.as_os_str() => {
-                println!("{id}: {verb}, in {place}")
+                println!("{id}: {verb}, in {place}");
+                done.push(id);
             }
-            Ok(Moved::To { name, place }) => println!(
-                "{id}: {verb}, in {place} as {} ({place} already held a job of that name)",
-                display_name(&name)
-            ),
+            Ok(Moved::To { name, place }) => {
+                println!(
+                    "{id}: {verb}, in {place} as {} ({place} already held a job of that name)",
+                    display_name(&name)
+                );
+                done.push(id);
+            }
+            // A member of the group may not move other members' jobs, nor any that waits for
+            // a retry or is held: the daemon does it for them, and logs it.
+            Err(OperatorError::Denied { .. }) => {
+                println!("{id}: {} requested; {ASKED}", op.name());
+                asked.push(id);
+            }
             Ok(Moved::NoSuchJob) => {
                 eprintln!("spoold: {id}: {none} of that name");
                 code = ExitCode::FAILURE;
@@ -588,7 +671,7 @@ fn hold_or_release(
             }
         }
     }
-    Ok(code)
+    Ok(record_operation(queue, op, &done, &asked).unwrap_or(code))
 }
 
 /// The command that shows a job's log: spoold logs every line of a job with its JOB_ID field.

@@ -9,7 +9,7 @@ use std::fmt;
 use std::io::{self, Read};
 use std::sync::{Mutex, MutexGuard};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::job::{History, JobId};
 
@@ -59,6 +59,20 @@ pub trait Admin {
     /// the reason `cancelled`. The daemon acts on the request (within a second when one runs,
     /// else when one starts). Returns false when no job of that ID is known to the queue.
     fn cancel(&self, id: &JobId) -> Result<bool, OperatorError>;
+
+    /// Puts an operator's `op` in the daemon's journal, with the caller's uid and the job IDs:
+    /// `done` are the jobs the caller acted on itself; `asked` are those it was not allowed to
+    /// move (a member of the queue's group), which the daemon acts on for it (within a second
+    /// when one runs, else when one starts) and logs with the outcome. `reason` is the
+    /// operator's, for a pause.
+    fn record_operation(
+        &self,
+        op: Operation,
+        reason: Option<&str>,
+        done: &[JobId],
+        asked: &[JobId],
+    ) -> Result<(), OperatorError>;
+
     /// Where the job `id` is and its failed attempts, for `spoold show`; None when there is
     /// no job of that ID.
     fn show(&self, id: &JobId) -> io::Result<Option<ShownJob>>;
@@ -86,6 +100,51 @@ pub struct Paused {
     pub since: String,
     /// The effective uid of whoever paused it.
     pub by_uid: u32,
+}
+
+/// An operator action that the client carries out itself when it may, and that is logged in
+/// the daemon's journal either way (see [`Admin::record_operation`]). Cancel is not among them:
+/// the daemon logs it as it acts on the request. The names are the on-disk format and the
+/// journal's `OPERATOR_ACTION=` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Operation {
+    /// Logged from its own record, not from the pause record's changes, so that a pause and a
+    /// resume made while no daemon ran (or within one look at `control/`) are both logged.
+    Pause,
+    Resume,
+    Hold,
+    Release,
+    Retry,
+    /// For `spoold purge`: logged when the client removed the jobs; the daemon does not carry
+    /// out a purge for a member yet, and says so in the journal.
+    Purge,
+}
+
+impl Operation {
+    /// The past participle the journal's messages use: "held by uid 1001".
+    pub fn done_verb(self) -> &'static str {
+        match self {
+            Operation::Pause => "paused",
+            Operation::Resume => "resumed",
+            Operation::Hold => "held",
+            Operation::Release => "released",
+            Operation::Retry => "retried",
+            Operation::Purge => "purged",
+        }
+    }
+
+    /// The name in the journal's `OPERATOR_ACTION=` field and in requests.
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::Pause => "pause",
+            Operation::Resume => "resume",
+            Operation::Hold => "hold",
+            Operation::Release => "release",
+            Operation::Retry => "retry",
+            Operation::Purge => "purge",
+        }
+    }
 }
 
 /// Why an operator action failed.

@@ -17,6 +17,7 @@ mod core;
 mod handlers;
 mod jetstream_cluster;
 mod operator;
+mod operator_sysd;
 mod packaging;
 mod reliability;
 mod shutdown;

@@ -580,8 +580,11 @@ fn debian_package_installs_and_runs_under_systemd() {
         "systemctl start spoold@q1 || { journalctl -u spoold@q1 --no-pager -o cat -n 30; exit 1; }",
     );
     assert_eq!(
-        m.sh_ok("stat -c '%a %U %G' /var/spool/spoold/q1/tmp /var/spool/spoold/q1/done"),
-        "3770 spoold spoold\n2750 spoold spoold\n"
+        m.sh_ok(
+            "stat -c '%a %U %G' /var/spool/spoold/q1/tmp /var/spool/spoold/q1/done \
+             /var/spool/spoold/q1/hold /var/spool/spoold/q1/control"
+        ),
+        "3770 spoold spoold\n2750 spoold spoold\n2750 spoold spoold\n2770 spoold spoold\n"
     );
     let id3 = m
         .sh_ok("echo queue one | runuser -u alice -- spoold enqueue --config /etc/spoold/q1.toml -")

@@ -10,9 +10,11 @@
 //!
 //! A pause is state of the spool, not of a process: `spoold pause` writes the record whether
 //! or not a daemon runs, and a daemon that starts on a paused spool claims nothing. The record
-//! is rewritten, not removed, by `spoold resume` (with `paused: false`), so that the daemon can
-//! log who resumed as well as who paused: the uid it logs is the one the client wrote, since a
-//! daemon cannot otherwise learn who changed a file.
+//! is rewritten, not removed, by `spoold resume` (with `paused: false`), so that it always says
+//! who changed it last (the uid the client wrote, since a daemon cannot otherwise learn who
+//! changed a file). Who paused and who resumed is logged from the operator's records below,
+//! not from the pause record's changes: a daemon that was not running, or that read the record
+//! once after a pause and a resume, would see only the last of them.
 //!
 //! Why `control/` and not a file in the root: in the package the root is `2750 spoold:spoold`,
 //! and members of the group must be able to pause. `control/` is `2770` (setgid, group write,
@@ -20,10 +22,22 @@
 //! (one operator resumes what another paused), and nothing else in the spool opens up to them.
 //!
 //! Held jobs move by rename from `new/` or `retry/` into `hold/`, and back into `new/`; their
-//! `state/NAME` stays where it is, so a released job keeps its attempt count. In the package
-//! `hold/` is `2750` like `retry/`: only root (and the user spoold) may hold and release, since
-//! members may not move jobs that are not theirs (a member could otherwise hold another
-//! member's job). The command says so when a member tries.
+//! `state/NAME` stays where it is, so a released job keeps its attempt count.
+//!
+//! Pauses, resumes, holds, releases and retries are audited through `control/` too
+//! (`control/op-<ULID>`, an [`OpRecord`]): for a hold, a release or a retry the client makes
+//! the move itself when it may (root, or the user spoold; with
+//! or without a daemon) and writes a record of it, which the daemon logs with `OPERATOR_UID=`
+//! and `JOB_ID=`; a member of the group, who may not, writes the same record as a request,
+//! and the daemon makes the move for them and logs it. The directories stay as they were
+//! (`hold/` is `2750` like `retry/`), so that a member's every action on another's job goes
+//! through the daemon and its journal: were `hold/`, `retry/` and `failed/` group-writable, a
+//! member could move or delete jobs with `mv` and `rm` and no line would say so. The daemon
+//! writes the journal, not the client, because only the daemon's lines belong to the unit
+//! (`journalctl -u spoold`); a client's lines would carry the caller's session instead. The
+//! uid in a record is the one its writer put there: under the unit's `PrivateUsers=yes` the
+//! daemon sees every member's file as owned by `nobody`, so it cannot check it (a member who
+//! forges a record by hand can lie about who they are, not about what was done).
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -39,7 +53,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Dir, Spool, rename_noreplace, rfc3339};
 use crate::job::{Failure, History, JobId, display_name};
-use crate::source::admin::{Moved, OperatorError, Paused};
+use crate::source::admin::{Moved, Operation, OperatorError, Paused};
 
 /// The record's name in `control/`.
 const PAUSE: &str = "pause";
@@ -513,6 +527,325 @@ impl Spool {
     }
 }
 
+/// The prefix of an operator's record in `control/`: `op-<ULID>`. ULIDs sort by the time they
+/// were made, so the daemon takes records in the order they were written (a hold, then a
+/// release of the same job, ends released).
+const OP_PREFIX: &str = "op-";
+/// The most job IDs one record holds, and about the most the daemon acts on in one look at
+/// `control/`: `hold --all` on a large backlog becomes many records, and the daemon's loop,
+/// which also hands out jobs and answers a stop, comes round between them.
+pub(super) const OP_CHUNK: usize = 256;
+
+/// `control/op-<ULID>`: an operator's hold, release, retry or purge. `done` are the jobs the
+/// client moved itself (root, or the user spoold), which the daemon only logs; `asked` are
+/// those it was not allowed to move (a member of the group), which the daemon moves and logs.
+/// The field names are the file format.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct OpRecord {
+    /// The effective uid of the client that wrote the record.
+    pub(super) uid: u32,
+    pub(super) action: Operation,
+    #[serde(default)]
+    pub(super) done: Vec<String>,
+    #[serde(default)]
+    pub(super) asked: Vec<String>,
+    /// The operator's reason, for a pause.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) reason: Option<String>,
+    /// When the client wrote it, RFC 3339: the journal's own time is when the daemon read it,
+    /// which is later when no daemon ran.
+    #[serde(default)]
+    pub(super) at: Option<String>,
+}
+
+/// How old a record may be before its line says when it was written: a running daemon reads it
+/// within a second, so an older one was written while no daemon ran.
+const LATE: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl OpRecord {
+    /// " (done at TIME)" for a record older than [`LATE`], else nothing: the journal's time of
+    /// the line tells when it was done.
+    fn late(&self) -> String {
+        let Some(at) = &self.at else {
+            return String::new();
+        };
+        let old = humantime::parse_rfc3339(at)
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > LATE);
+        if old {
+            format!(" (done at {at})")
+        } else {
+            String::new()
+        }
+    }
+}
+
+/// What the daemon did with one job of an operator's record.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Carried out: where the job is now, for the journal ("moved from new/ to hold/").
+    Done(String),
+    /// Not carried out, and why ("no waiting job of that name").
+    NotDone(String),
+}
+
+impl Spool {
+    /// Writes the records of an operator's `op` for the daemon (see [`OpRecord`]), at most
+    /// [`OP_CHUNK`] IDs in each. Members of the group may write in `control/`, so a member's
+    /// request reaches the daemon as root's log line does.
+    pub(super) fn write_operation(
+        &self,
+        op: Operation,
+        reason: Option<&str>,
+        done: &[JobId],
+        asked: &[JobId],
+    ) -> Result<(), OperatorError> {
+        let uid = rustix::process::geteuid().as_raw();
+        let names = |ids: &[JobId]| -> Vec<String> {
+            ids.iter()
+                .map(|id| id.as_os_str().to_string_lossy().into_owned())
+                .collect()
+        };
+        // One generator: the records of one command sort in the order they are written even
+        // within a millisecond.
+        let mut ulids = ulid::Generator::new();
+        let chunks = done
+            .chunks(OP_CHUNK)
+            .map(|c| (names(c), Vec::new()))
+            .chain(asked.chunks(OP_CHUNK).map(|c| (Vec::new(), names(c))));
+        // A pause or a resume names no job: one record all the same.
+        let lone = matches!(op, Operation::Pause | Operation::Resume).then(Default::default);
+        for (done, asked) in chunks.chain(lone) {
+            let record = OpRecord {
+                uid,
+                action: op,
+                done,
+                asked,
+                reason: reason.map(str::to_owned),
+                at: Some(rfc3339(std::time::SystemTime::now())),
+            };
+            let mut name = OsString::from(OP_PREFIX);
+            name.push(crate::source::admin::new_job_id(&mut ulids));
+            self.write_control(
+                &name,
+                &serde_json::to_vec(&record).map_err(io::Error::from)?,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The operators' records in `control/`, oldest first: the file's name, and the record or
+    /// why it cannot be read (naming the file).
+    pub(super) fn operation_records(
+        &self,
+    ) -> io::Result<Vec<(OsString, Result<OpRecord, String>)>> {
+        let mut records = Vec::new();
+        for entry in fs::read_dir(self.dir_path(Dir::Control))? {
+            let entry = entry?;
+            let file = entry.file_name();
+            if !file.as_bytes().starts_with(OP_PREFIX.as_bytes()) || !entry.file_type()?.is_file() {
+                continue;
+            }
+            let record = fs::File::open(entry.path())
+                .and_then(|f| {
+                    let mut text = Vec::new();
+                    f.take(MAX_RECORD).read_to_end(&mut text)?;
+                    Ok(text)
+                })
+                .map_err(|e| e.to_string())
+                .and_then(|text| {
+                    serde_json::from_slice::<OpRecord>(&text)
+                        .map_err(|e| format!("not an operator's record: {e}"))
+                })
+                .map_err(|e| format!("{}: {e}", entry.path().display()));
+            records.push((file, record));
+        }
+        records.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(records)
+    }
+
+    /// Removes an operator's record once the daemon has acted on it.
+    pub(super) fn remove_operation(&self, file: &OsStr) {
+        let _ = rustix::fs::unlinkat(self.fd(Dir::Control), file, AtFlags::empty());
+    }
+
+    /// Sets aside a record that cannot be read, as `.bad-<name>`: kept for the operator to look
+    /// at, and not read again every second.
+    pub(super) fn set_aside_operation(&self, file: &OsStr) {
+        let mut bad = OsString::from(".bad-");
+        bad.push(file);
+        let dir = self.fd(Dir::Control);
+        if rustix::fs::renameat(dir, file, dir, &bad).is_err() {
+            self.remove_operation(file);
+        }
+    }
+
+    /// Carries out `op` on job `id` for an operator who was not allowed to do it (a member of
+    /// the group): the daemon owns every directory, so it may move any job.
+    pub(super) fn carry_out(&self, op: Operation, id: &JobId) -> io::Result<Outcome> {
+        let moved = |m: Moved| match m {
+            Moved::To { name, place } if name == id.as_os_str() => {
+                Outcome::Done(format!("now in {place}"))
+            }
+            Moved::To { name, place } => Outcome::Done(format!(
+                "now in {place} as {} ({place} already held a job of that name)",
+                display_name(&name)
+            )),
+            Moved::NoSuchJob => Outcome::NotDone(match op {
+                Operation::Hold => "no waiting job of that name".to_owned(),
+                _ => "no held job of that name".to_owned(),
+            }),
+        };
+        let as_io = |e: OperatorError| match e {
+            OperatorError::Denied { err, .. } | OperatorError::Io(err) => err,
+        };
+        Ok(match op {
+            Operation::Hold => moved(self.hold(id).map_err(as_io)?),
+            Operation::Release => moved(self.release(id).map_err(as_io)?),
+            Operation::Retry => match self.retry_failed(id)? {
+                crate::source::admin::Retried::Queued { name, place } if name == id.as_os_str() => {
+                    Outcome::Done(format!("now in {place}"))
+                }
+                crate::source::admin::Retried::Queued { name, place } => Outcome::Done(format!(
+                    "now in {place} as {} ({place} already held a job of that name)",
+                    display_name(&name)
+                )),
+                crate::source::admin::Retried::NoSuchJob => {
+                    Outcome::NotDone("no failed job of that name".to_owned())
+                }
+                crate::source::admin::Retried::NotAJob { kind, place } => Outcome::NotDone(
+                    format!("it is {kind} in {place}, not a job file; left there"),
+                ),
+            },
+            // A pause or a resume is a record a member may write: never asked of the daemon.
+            Operation::Pause | Operation::Resume => {
+                Outcome::NotDone(format!("a {} names no job", op.name()))
+            }
+            Operation::Purge => Outcome::NotDone(
+                "spoold does not purge for members yet; ask root to run spoold purge".to_owned(),
+            ),
+        })
+    }
+}
+
+/// What one turn of [`Spool::act_on_operations`] did.
+#[derive(Debug, Default)]
+pub(super) struct OpsTurn {
+    /// Records are left for the next turn.
+    pub(super) more: bool,
+    /// A job entered or left `new/`.
+    pub(super) queue_changed: bool,
+}
+
+impl Spool {
+    /// Logs each operator's record in `control/` with the operator's uid and each job's ID,
+    /// carries out what a member asked of the daemon, and removes the record; about
+    /// [`OP_CHUNK`] jobs' worth in one turn.
+    ///
+    /// Logged here, by the daemon, rather than by the client: the daemon's lines are the
+    /// unit's (`journalctl -u spoold OPERATOR_UID=...` finds them), while a client's own
+    /// journal lines carry its session, not the unit, and a member could not have them
+    /// attributed to the unit at all.
+    pub(super) fn act_on_operations(&self) -> OpsTurn {
+        let records = match self.operation_records() {
+            Ok(records) => records,
+            Err(e) => {
+                tracing::error!(
+                    "cannot read the operators' records in {}: {e}",
+                    self.dir_path(Dir::Control).display()
+                );
+                return OpsTurn::default();
+            }
+        };
+        let mut work = 0;
+        let mut turn = OpsTurn::default();
+        for (file, record) in records {
+            if work >= OP_CHUNK {
+                turn.more = true;
+                return turn;
+            }
+            let record = match record {
+                Ok(record) => record,
+                Err(e) => {
+                    tracing::error!("{e}; set aside as .bad-{}", display_name(&file));
+                    self.set_aside_operation(&file);
+                    continue;
+                }
+            };
+            work += 1 + record.done.len() + record.asked.len();
+            let (uid, action, late) = (record.uid, record.action, record.late());
+            if matches!(action, Operation::Pause | Operation::Resume) {
+                let reason = record
+                    .reason
+                    .as_deref()
+                    .map(|r| format!(": {}", crate::job::escape_text(r)))
+                    .unwrap_or_default();
+                tracing::warn!(
+                    operator_uid = uid,
+                    operator_action = action.name(),
+                    "{} by uid {uid}{reason}{late}",
+                    action.done_verb()
+                );
+            }
+            for (id, asked) in record
+                .done
+                .iter()
+                .map(|id| (id, false))
+                .chain(record.asked.iter().map(|id| (id, true)))
+            {
+                let Ok(job) = JobId::parse(id) else {
+                    tracing::error!(
+                        operator_uid = uid,
+                        "{}/{}: {:?} is not a job ID; ignored",
+                        self.dir_path(Dir::Control).display(),
+                        display_name(&file),
+                        id
+                    );
+                    continue;
+                };
+                let verb = action.done_verb();
+                if !asked {
+                    tracing::warn!(
+                        job_id = id,
+                        operator_uid = uid,
+                        operator_action = action.name(),
+                        "{verb} by uid {uid}{late}"
+                    );
+                    continue;
+                }
+                match self.carry_out(action, &job) {
+                    Ok(Outcome::Done(place)) => {
+                        turn.queue_changed = true;
+                        tracing::warn!(
+                            job_id = id,
+                            operator_uid = uid,
+                            operator_action = action.name(),
+                            "{verb} by uid {uid}: {place}"
+                        )
+                    }
+                    Ok(Outcome::NotDone(why)) => tracing::warn!(
+                        job_id = id,
+                        operator_uid = uid,
+                        operator_action = action.name(),
+                        "{} by uid {uid}: {why}; request dropped",
+                        action.name()
+                    ),
+                    Err(e) => tracing::error!(
+                        job_id = id,
+                        operator_uid = uid,
+                        operator_action = action.name(),
+                        "{} by uid {uid} failed: {e}; request dropped",
+                        action.name()
+                    ),
+                }
+            }
+            self.remove_operation(&file);
+        }
+        turn
+    }
+}
+
 /// The reason a cancelled job's record gives.
 pub(crate) const CANCELLED: &str = "cancelled";
 
@@ -536,5 +869,68 @@ mod tests {
         let record = spool.pause_record().unwrap().unwrap();
         assert!(!record.paused);
         assert_eq!(record.uid, rustix::process::geteuid().as_raw());
+    }
+
+    /// What a member's client writes (asked) is carried out by the daemon, in the order written,
+    /// and the record goes; a record that is not JSON is set aside, not read every second.
+    #[test]
+    fn asked_operations_are_carried_out_in_order_and_bad_records_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let id = JobId::parse("01JOB").unwrap();
+        fs::write(dir.path().join("new/01JOB"), "x").unwrap();
+        spool
+            .write_operation(Operation::Hold, None, &[], std::slice::from_ref(&id))
+            .unwrap();
+        spool
+            .write_operation(Operation::Release, None, &[], std::slice::from_ref(&id))
+            .unwrap();
+        fs::write(dir.path().join("control/op-garbage"), "not json").unwrap();
+        let turn = spool.act_on_operations();
+        assert!(turn.queue_changed && !turn.more);
+        // Held, then released: taken the other way round, the release would find nothing held.
+        assert!(dir.path().join("new/01JOB").exists());
+        assert_eq!(fs::read_dir(dir.path().join("hold")).unwrap().count(), 0);
+        let left: Vec<_> = fs::read_dir(dir.path().join("control"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left, [".bad-op-garbage"]);
+    }
+
+    /// A record read long after it was written (no daemon ran) says when it was done.
+    #[test]
+    fn a_late_record_says_when_it_was_done() {
+        let record = |at: std::time::SystemTime| OpRecord {
+            uid: 0,
+            action: Operation::Hold,
+            done: vec!["job".to_owned()],
+            asked: Vec::new(),
+            reason: None,
+            at: Some(rfc3339(at)),
+        };
+        let now = std::time::SystemTime::now();
+        assert_eq!(record(now).late(), "");
+        let hour_ago = now - std::time::Duration::from_secs(3600);
+        assert_eq!(
+            record(hour_ago).late(),
+            format!(" (done at {})", rfc3339(hour_ago))
+        );
+    }
+
+    /// `hold --all` on a large backlog is many records, and one turn takes about OP_CHUNK jobs.
+    #[test]
+    fn a_large_operation_is_split_across_turns() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let ids: Vec<JobId> = (0..OP_CHUNK + 10)
+            .map(|i| JobId::parse(&format!("job-{i}")).unwrap())
+            .collect();
+        spool
+            .write_operation(Operation::Retry, None, &ids, &[])
+            .unwrap();
+        assert!(spool.act_on_operations().more);
+        assert!(!spool.act_on_operations().more);
+        assert_eq!(fs::read_dir(dir.path().join("control")).unwrap().count(), 0);
     }
 }

@@ -23,9 +23,11 @@
 //! It also sweeps `tmp/` of files that producers abandoned (the Maildir rule), hourly and on the
 //! blocking pool, and keeps the operator's pause (`control/pause`): a watch on `control/` tells
 //! it at once when the record changes, a read every second is the fallback, and each change is
-//! published to the source (which claims nothing while paused) and logged with the uid of the
-//! operator who made it. The same look at `control/` carries out the operator's cancel
-//! requests (`control/cancel-ID`).
+//! published to the source (which claims nothing while paused) and logged. The same look at
+//! `control/` carries out the operator's cancel requests (`control/cancel-ID`) and logs with
+//! the operator's uid (and, for a member, carries out) pauses, resumes, holds, releases and
+//! retries (`control/op-ULID`), once before the first job is handed out and then with the
+//! pause.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -227,6 +229,9 @@ impl Discovery {
         tokio::spawn(sweep_tmp(turns.spool.clone(), stop.clone()));
         // Never more than the channel holds, which reserve_many would refuse.
         let handoff = (names.max_capacity() / 2).max(1);
+        // Before any job is handed out: a hold or a cancel asked while no daemon ran must win
+        // over the claim of the job it names.
+        turns.check_control();
         loop {
             turns.scan_new()?;
             turns.read_retries_if_due();
@@ -437,10 +442,26 @@ impl Turns {
         self.rescan_retries_at = Some(later(Instant::now(), interval));
     }
 
-    /// Acts on what operators wrote in `control/`: the pause record and cancel requests.
+    /// Acts on what operators wrote in `control/`: the pause record, cancel requests, and the
+    /// records of holds, releases and retries.
     fn check_control(&mut self) {
         self.check_pause();
         self.check_cancels();
+        if self.check_operations() {
+            // More records wait: the next turn takes them, after a stop or a hand-out of jobs.
+            self.pause_check_at = Instant::now();
+        }
+    }
+
+    /// Acts on the operators' records of holds, releases and retries (`Spool::act_on_operations`).
+    /// Returns true when records are left for the next turn.
+    fn check_operations(&mut self) -> bool {
+        let turn = self.spool.act_on_operations();
+        if turn.queue_changed {
+            // new/ gained or lost a job: a pass sets the queued count right.
+            self.dirty = true;
+        }
+        turn.more
     }
 
     /// Acts on each cancel request in `control/`, and removes it once acted on. A request for
@@ -463,6 +484,7 @@ impl Turns {
                 Ok(Cancelled::Running) => tracing::warn!(
                     job_id = id,
                     operator_uid = uid,
+                    operator_action = "cancel",
                     "cancel by uid {uid}: stopping the running handler"
                 ),
                 Ok(Cancelled::Failed { from, name: moved }) => {
@@ -481,6 +503,7 @@ impl Turns {
                     tracing::warn!(
                         job_id = id,
                         operator_uid = uid,
+                        operator_action = "cancel",
                         outcome = "failed",
                         "cancelled by uid {uid}: moved from {} to failed/{renamed}",
                         from.place()
@@ -489,11 +512,13 @@ impl Turns {
                 Ok(Cancelled::NoSuchJob) => tracing::warn!(
                     job_id = id,
                     operator_uid = uid,
+                    operator_action = "cancel",
                     "cancel by uid {uid}: no waiting, held or running job of that name; request dropped"
                 ),
                 Err(e) => tracing::error!(
                     job_id = id,
                     operator_uid = uid,
+                    operator_action = "cancel",
                     "cancel by uid {uid} failed: {e}; request dropped"
                 ),
             }
@@ -524,17 +549,13 @@ impl Turns {
         let now = record.as_ref().and_then(PauseRecord::pause);
         let was = self.paused.borrow().is_some();
         match (&now, &record) {
-            (Some(p), _) if !was => tracing::warn!(
-                operator_uid = p.by_uid,
-                "paused by uid {}{}: no new job starts until `spoold resume`; jobs in flight go on",
-                p.by_uid,
-                reason_text(p.reason.as_deref())
+            // Who paused and resumed is logged from the operator's own record (`control/op-`),
+            // once per command, even for a pause and a resume this look did not tell apart or
+            // that were made while no daemon ran; these lines say what the daemon does now.
+            (Some(_), _) if !was => tracing::warn!(
+                "the spool is paused now: no new job starts until `spoold resume`; jobs in flight go on"
             ),
-            (None, Some(r)) if was => tracing::warn!(
-                operator_uid = r.uid,
-                "resumed by uid {}: jobs start again",
-                r.uid
-            ),
+            (None, Some(_)) if was => tracing::warn!("the pause is over: jobs start again"),
             (None, None) if was => {
                 tracing::warn!("the pause record was removed: jobs start again")
             }

@@ -46,7 +46,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::job::{Failure, History, JobId, display_name, escape_bytes};
 use crate::source::admin::ShownJob;
 use crate::source::admin::{
-    Admin, Counts, FailedJob, Moved, OperatorError, Partial, Paused, Place, Retried, SubmitError,
+    Admin, Counts, FailedJob, Moved, Operation, OperatorError, Partial, Paused, Place, Retried,
+    SubmitError,
 };
 use crate::source::spool::schedule::RetrySchedule;
 use record::JobRecord;
@@ -1126,6 +1127,16 @@ impl Admin for Spool {
 
     fn cancel(&self, id: &JobId) -> Result<bool, OperatorError> {
         self.request_cancel(id)
+    }
+
+    fn record_operation(
+        &self,
+        op: Operation,
+        reason: Option<&str>,
+        done: &[JobId],
+        asked: &[JobId],
+    ) -> Result<(), OperatorError> {
+        self.write_operation(op, reason, done, asked)
     }
 
     fn held(&self) -> io::Result<Vec<JobId>> {
