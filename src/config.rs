@@ -648,7 +648,10 @@ impl Config {
         let (key, span, message) = if let Some((i, p)) = placeholder {
             (
                 "handler.command",
-                spans.as_ref().and_then(|s| s.command.as_ref()).map(|v| v.span()),
+                spans
+                    .as_ref()
+                    .and_then(|s| s.command.as_ref())
+                    .map(|v| v.span()),
                 format!(
                     "element {} holds the placeholder {p}, but with mode = \"persistent\" the \
                      command starts once for many jobs and each job arrives as a JSON line on \
@@ -659,7 +662,10 @@ impl Config {
         } else if handler.stdin == StdinMode::Job {
             (
                 "handler.stdin",
-                spans.as_ref().and_then(|s| s.stdin.as_ref()).map(|v| v.span()),
+                spans
+                    .as_ref()
+                    .and_then(|s| s.stdin.as_ref())
+                    .map(|v| v.span()),
                 "must be \"null\" (the default) with mode = \"persistent\": a persistent \
                  handler's stdin carries the jobs as JSON lines"
                     .to_owned(),
@@ -950,7 +956,8 @@ mod tests {
 
     #[test]
     fn persistent_mode_refuses_placeholders_and_stdin_job_with_their_place() {
-        let c = parse(&MINIMAL.replace("[handler]\n", "[handler]\nmode = \"persistent\"\n")).unwrap();
+        let c =
+            parse(&MINIMAL.replace("[handler]\n", "[handler]\nmode = \"persistent\"\n")).unwrap();
         assert_eq!(c.handler.mode, HandlerMode::Persistent);
         assert_eq!(parse(MINIMAL).unwrap().handler.mode, HandlerMode::Exec);
         let err = parse(
@@ -959,7 +966,10 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.key.as_deref(), Some("handler.command"));
         assert_eq!(err.position, Some((5, 11)), "{err}");
-        assert!(err.message.contains("element 2 holds the placeholder {id}"), "{err}");
+        assert!(
+            err.message.contains("element 2 holds the placeholder {id}"),
+            "{err}"
+        );
         let err = parse(&format!(
             "{MINIMAL}mode = \"persistent\"\nstdin = \"job\"\n"
         ))

@@ -224,13 +224,9 @@ fn run_job<S: Source>(
             persistent.shutdown(&config.handler, &crew.abort);
             handler::run(&config.handler, &job, &crew.abort, lease.revoked(), scratch)
         }
-        HandlerMode::Persistent => persistent.run(
-            &config.handler,
-            &job,
-            &crew.abort,
-            lease.revoked(),
-            scratch,
-        ),
+        HandlerMode::Persistent => {
+            persistent.run(&config.handler, &job, &crew.abort, lease.revoked(), scratch)
+        }
     };
     let verdict = policy::decide(&report, job.attempt, &config.retry, fastrand::f64());
     lease.settle(verdict, report);

@@ -31,8 +31,8 @@ use rustix::process::{PidfdFlags, Signal};
 use serde::{Deserialize, Serialize};
 
 use super::handler::{
-    Abort, CHUNK, GROUP_CHECK, HandlerProcess, MAX_LINE, MAX_LOGGED_LINES, STDERR_TAIL, Scratch,
-    describe_status, emit_line, group_alive, signal_group, slot, spawn_persistent,
+    Abort, CHUNK, GROUP_CHECK, HandlerProcess, MAX_LINE, MAX_LOGGED_LINES, PIPE_GRACE, STDERR_TAIL,
+    Scratch, describe_status, emit_line, group_alive, signal_group, slot, spawn_persistent,
 };
 use crate::clock::later;
 use crate::config::HandlerConfig;
@@ -538,7 +538,10 @@ impl Persistent {
 
     /// Writes the job's line and waits for its answer, reading stderr meanwhile; the time
     /// limit, the abort and the lost lease end the wait.
-    #[expect(clippy::too_many_arguments, reason = "one attempt's inputs, each distinct")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one attempt's inputs, each distinct"
+    )]
     fn exchange(
         &mut self,
         cfg: &HandlerConfig,
@@ -552,11 +555,20 @@ impl Persistent {
         let live = self.live.as_mut().expect("prepare started it");
         let deadline = later(clock, cfg.timeout);
         let mut written = 0;
+        // When stdout closed: the handler is usually exiting, and its exit, the more useful
+        // reason, is awaited for a moment before the closed pipe is blamed.
+        let mut closed_at: Option<Instant> = None;
         loop {
             let now = Instant::now();
             if now >= deadline {
                 return Err(Ended::Timeout);
             }
+            if closed_at.is_some_and(|at| now >= later(at, PIPE_GRACE)) {
+                return Err(Ended::Broken(
+                    "the handler closed its stdout without answering".into(),
+                ));
+            }
+            let until = closed_at.map_or(deadline, |at| deadline.min(later(at, PIPE_GRACE)));
             let writing = written < line.len();
             let mut fds = Vec::with_capacity(6);
             let in_at = live.stdin.as_ref().filter(|_| writing).map(|fd| {
@@ -568,7 +580,7 @@ impl Persistent {
             let exit_at = slot(&mut fds, Some(live.pidfd.as_fd()));
             let abort_at = slot(&mut fds, Some(abort.fd.as_fd()));
             let revoked_at = slot(&mut fds, revoked);
-            match rustix::event::poll(&mut fds, Some(&timespec(now, deadline))) {
+            match rustix::event::poll(&mut fds, Some(&timespec(now, until))) {
                 Ok(_) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => return Err(Ended::Broken(format!("poll failed: {e}"))),
             }
@@ -588,10 +600,12 @@ impl Persistent {
             // An answer written just before an exit, an abort or a lost lease still counts.
             if out {
                 match live.read_answer(&mut self.chunk[..], expected) {
-                    Ok(Some(answer)) => return Ok(answer),
+                    Ok(Some(answer)) => {
+                        live.drain_stderr(&mut self.chunk[..], sink);
+                        return Ok(answer);
+                    }
                     Ok(None) => {}
-                    // A closed stdout is reported as the exit it usually is.
-                    Err(_) if exit => {}
+                    Err(Ended::Exited) => closed_at = Some(now),
                     Err(broken) => return Err(broken),
                 }
             }
@@ -680,8 +694,12 @@ impl Persistent {
                 break;
             }
             let ready = |at: Option<usize>| at.is_some_and(|i| !fds[i].revents().is_empty());
-            let (out, err, exit, aborted) =
-                (ready(out_at), ready(err_at), ready(exit_at), ready(abort_at));
+            let (out, err, exit, aborted) = (
+                ready(out_at),
+                ready(err_at),
+                ready(exit_at),
+                ready(abort_at),
+            );
             drop(fds);
             if out {
                 live.read_output(&mut self.chunk[..], sink);
@@ -773,6 +791,24 @@ impl Live {
         }
     }
 
+    /// Reads what stderr holds now, without waiting: what the handler wrote before its answer
+    /// is the job's, and is logged with its ID. A pipe holds at most a few reads' worth, but a
+    /// handler writing on is cut off after 64 reads, so that an answer is never held up.
+    fn drain_stderr(&mut self, chunk: &mut [u8], sink: &mut Sink<'_>) {
+        for _ in 0..64 {
+            let Some(fd) = &self.stderr else { return };
+            let mut fds = [PollFd::from_borrowed_fd(fd.as_fd(), PollFlags::IN)];
+            let zero = Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            if rustix::event::poll(&mut fds, Some(&zero)).unwrap_or(0) == 0 {
+                return;
+            }
+            self.read_stderr(chunk, sink);
+        }
+    }
+
     /// Reads stdout outside a job's wait (a teardown): logged, not parsed.
     fn read_output(&mut self, chunk: &mut [u8], sink: &mut Sink<'_>) {
         let Some(fd) = &self.stdout else { return };
@@ -813,23 +849,23 @@ impl Live {
             return Ok(None);
         };
         let n = match read_some(fd, chunk) {
+            // Its end: reported as `Exited`, which the caller checks.
             Ok(0) | Err(_) => {
                 self.stdout = None;
-                return Err(Ended::Broken(
-                    "the handler closed its stdout without answering".into(),
-                ));
+                return Err(Ended::Exited);
             }
             Ok(n) => n,
         };
         let mut result: Option<Result<Answer, String>> = None;
         let stray = &mut self.stray;
-        self.out.feed(&chunk[..n], &mut |line: &mut Vec<u8>, dropped| {
-            if result.is_some() {
-                stray.get_or_insert_with(|| String::from_utf8_lossy(line).into_owned());
-                return;
-            }
-            result = Some(parse_answer(line, dropped, expected));
-        });
+        self.out
+            .feed(&chunk[..n], &mut |line: &mut Vec<u8>, dropped| {
+                if result.is_some() {
+                    stray.get_or_insert_with(|| String::from_utf8_lossy(line).into_owned());
+                    return;
+                }
+                result = Some(parse_answer(line, dropped, expected));
+            });
         match result {
             None => Ok(None),
             Some(Ok(answer)) => Ok(Some(answer)),
@@ -922,11 +958,15 @@ mod tests {
                 .status,
             3
         );
-        let err = parse_answer(br#"{"id":"j2","status":0}"#, 0, "j1").err().unwrap();
+        let err = parse_answer(br#"{"id":"j2","status":0}"#, 0, "j1")
+            .err()
+            .unwrap();
         assert!(err.contains("answered for job \"j2\""), "{err}");
         let err = parse_answer(b"hello", 0, "j1").err().unwrap();
         assert!(err.contains("not a JSON answer"), "{err}");
-        let err = parse_answer(br#"{"id":"j1","status":300}"#, 0, "j1").err().unwrap();
+        let err = parse_answer(br#"{"id":"j1","status":300}"#, 0, "j1")
+            .err()
+            .unwrap();
         assert!(err.contains("no exit status"), "{err}");
         assert!(parse_answer(b"{}", 1, "j1").is_err());
     }

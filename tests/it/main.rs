@@ -18,6 +18,7 @@ mod handlers;
 mod jetstream_cluster;
 mod operator;
 mod packaging;
+mod persistent;
 mod reliability;
 mod shutdown;
 mod spool_props;
