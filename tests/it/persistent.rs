@@ -52,7 +52,9 @@ for line in sys.stdin:
         os.write(2, b"\nflooded\n")
         answer(job["id"])
     elif body == "child":
-        record(subprocess.Popen(["sleep", "3600"]).pid)
+        # A child in the handler's group that ignores SIGTERM: only SIGKILL ends it.
+        child = subprocess.Popen(["sh", "-c", "trap '' TERM; exec sleep 3600"])
+        record(child.pid)
         answer(job["id"])
     elif body == "deaf":
         answer(job["id"])
@@ -178,12 +180,13 @@ fn the_documented_python_example_serves_many_jobs_with_one_process_per_worker() 
 
 #[test]
 fn a_handler_that_never_answers_times_out_and_a_fresh_process_serves_the_next_job() {
-    let c = case("timeout = \"1s\"\nkill_grace = \"300ms\"\n[retry]\nmax_attempts = 1\n");
+    // Long enough for Python to start and read the job on a loaded machine.
+    let c = case("timeout = \"3s\"\nkill_grace = \"300ms\"\n[retry]\nmax_attempts = 1\n");
     let mut d = c.env.start();
     c.env.submit("a-hang", "hang");
     assert!(wait_path(&c.env.path("failed/a-hang")), "{}", d.log());
     let reason = reason_of(&c.env, "a-hang");
-    assert!(reason.starts_with("timed out after 1s"), "{reason}");
+    assert!(reason.starts_with("timed out after 3s"), "{reason}");
     c.env.submit("b-next", "plain");
     assert!(wait_path(&c.env.path("done/b-next")), "{}", d.log());
     assert_ne!(
