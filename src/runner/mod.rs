@@ -163,13 +163,17 @@ async fn worker<S: Source>(crew: Arc<Crew<S>>, mut target: watch::Receiver<usize
     let mut scratch = handler::Scratch::new();
     let mut persistent = persistent::Persistent::new();
     let mut config = crew.config.clone();
+    // Whether this worker counts in `Stats::handlers_restarting`.
+    let mut restarting = false;
     loop {
+        note_restarting(&crew.stats, &persistent, &mut restarting);
         if crew.stop.is_cancelled() {
             break;
         }
         if retire_if_surplus(&crew.stats, &target) {
             let current = config.borrow().clone();
             persistent.shutdown(&current.handler, &crew.abort);
+            note_restarting(&crew.stats, &persistent, &mut restarting);
             return;
         }
         // A persistent handler is started before a job is claimed, so that a handler that
@@ -178,6 +182,7 @@ async fn worker<S: Source>(crew: Arc<Crew<S>>, mut target: watch::Receiver<usize
         let current = config.borrow_and_update().clone();
         if current.handler.mode == HandlerMode::Persistent {
             if let Some(at) = persistent.prepare(&current.handler, &crew.abort, &mut scratch) {
+                note_restarting(&crew.stats, &persistent, &mut restarting);
                 tokio::select! {
                     biased;
                     () = crew.stop.cancelled() => break,
@@ -202,7 +207,22 @@ async fn worker<S: Source>(crew: Arc<Crew<S>>, mut target: watch::Receiver<usize
     }
     let current = config.borrow().clone();
     persistent.shutdown(&current.handler, &crew.abort);
+    note_restarting(&crew.stats, &persistent, &mut restarting);
     crew.stats.workers.fetch_sub(1, Relaxed);
+}
+
+/// Keeps `Stats::handlers_restarting` (shown in STATUS=) in step with whether this worker's
+/// persistent handler waits for a restart after failures; `counted` is what the worker added.
+fn note_restarting(stats: &Stats, persistent: &persistent::Persistent, counted: &mut bool) {
+    let now = persistent.restarting();
+    if now != *counted {
+        if now {
+            stats.handlers_restarting.fetch_add(1, Relaxed);
+        } else {
+            stats.handlers_restarting.fetch_sub(1, Relaxed);
+        }
+        *counted = now;
+    }
 }
 
 /// Takes a claimed job through one attempt and hands the verdict to its lease.

@@ -387,6 +387,14 @@ fn a_handler_that_cannot_start_is_restarted_with_a_growing_delay() {
         "{count} starts in {elapsed:?}:\n{log}"
     );
     assert!(log.contains("restarting it in 800ms"), "{log}");
+    // `systemctl status` says so too (STATUS=).
+    assert!(
+        d.notes()
+            .iter()
+            .any(|n| n.contains("persistent handler(s) failing, restarting with a growing delay")),
+        "{:?}",
+        d.notes()
+    );
     assert_eq!(env.count("failed"), 0, "{log}");
     d.stop();
 }
