@@ -442,3 +442,22 @@ fn a_reload_that_changes_the_handler_restarts_it_between_jobs() {
     d.stop();
     assert_no_survivors(&c.pids);
 }
+
+#[test]
+fn a_cancel_ends_the_job_in_flight_and_a_fresh_process_serves_the_next() {
+    let c = case("kill_grace = \"500ms\"\n[workers]\ncount = 1\n");
+    let mut d = c.env.start();
+    c.env.submit("a-hang", "hang");
+    assert!(wait_path(&c.out.join("a-hang")), "{}", d.log());
+    let asked = Instant::now();
+    let out = c.env.cli(&["cancel", "a-hang"]);
+    assert!(out.status.success(), "{}", crate::util::describe(&out));
+    assert!(wait_path(&c.env.path("failed/a-hang")), "{}", d.log());
+    assert!(asked.elapsed() < Duration::from_secs(5), "{:?}", asked.elapsed());
+    assert_eq!(reason_of(&c.env, "a-hang"), "cancelled");
+    c.env.submit("b-next", "plain");
+    assert!(wait_path(&c.env.path("done/b-next")), "{}", d.log());
+    assert_ne!(c.served_by("a-hang"), c.served_by("b-next"));
+    d.stop();
+    assert_no_survivors(&c.pids);
+}
