@@ -10,6 +10,10 @@
 //! Two tokens drive a stop, both given to [`Pool::new`]: `stop` (no new job is taken; the
 //! current one runs on) and `abort` (the current handler is signalled and its job released).
 //! A lease the source loses (`Lease::revoked`) ends its one attempt as `abort` does.
+//!
+//! A job runs in one of two ways, per `handler.mode`: a process per attempt (`handler`), or a
+//! long-lived process per worker that takes one job after the other (`persistent`), which the
+//! worker starts before it claims a job and ends when it leaves.
 
 pub mod handler;
 pub mod persistent;

@@ -453,7 +453,11 @@ fn a_cancel_ends_the_job_in_flight_and_a_fresh_process_serves_the_next() {
     let out = c.env.cli(&["cancel", "a-hang"]);
     assert!(out.status.success(), "{}", crate::util::describe(&out));
     assert!(wait_path(&c.env.path("failed/a-hang")), "{}", d.log());
-    assert!(asked.elapsed() < Duration::from_secs(5), "{:?}", asked.elapsed());
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
     assert_eq!(reason_of(&c.env, "a-hang"), "cancelled");
     c.env.submit("b-next", "plain");
     assert!(wait_path(&c.env.path("done/b-next")), "{}", d.log());
