@@ -450,6 +450,11 @@ impl Persistent {
         };
         if self.prepare(cfg, abort, scratch).is_some() || self.live.is_none() {
             // The job never reached a handler: it goes back, and the attempt does not count.
+            tracing::warn!(
+                job_id = job.shown,
+                attempt = job.attempt,
+                "no persistent handler is running (see above why); the job goes back to wait for it"
+            );
             report.outcome = Outcome::Aborted;
             report.reason = "the persistent handler is not running (see the log for why); the \
                              job goes back to the queue"
