@@ -10,8 +10,11 @@
 //! `$CARGO_TARGET_DIR/bench/summary.json` (or `$SPOOLD_BENCH_JSON`).
 //!
 //! Environment: `SPOOLD_BENCH_QUICK=1` runs small counts (a smoke test of the suite itself, not
-//! figures to quote); `SPOOLD_BENCH_ONLY=throughput,stop,start,burst,retry` picks sections (`operator`, how soon a
-//! pause and a cancel take effect, runs only when named; `SPOOLD_BENCH_OPERATOR_RUNS=N` sets its runs);
+//! figures to quote); `SPOOLD_BENCH_ONLY=throughput,stop,start,burst,retry,persistent` picks
+//! sections (`operator`, how soon a pause and a cancel take effect, runs only when named;
+//! `SPOOLD_BENCH_OPERATOR_RUNS=N` sets its runs); `SPOOLD_BENCH_PERSISTENT_JOBS=N` sets the
+//! persistent section's job count, and `SPOOLD_BENCH_INSTALL=1` lets it install its peers
+//! (Sidekiq, Redis, Celery);
 //! `SPOOLD_BENCH_ROUNDS=N` sets how many alternating rounds the throughput section runs;
 //! `SPOOLD_BENCH_DIR` is where the temporary spools go (it must be a local filesystem).
 
@@ -29,6 +32,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use inotify::{EventMask, Inotify, WatchMask};
 use rustix::process::{Pid, Signal};
 use serde_json::json;
+
+mod peers;
 
 /// The daemon under test: cargo builds it (in the bench profile, which is the release profile)
 /// before it builds this program, and tells us where it put it.
@@ -53,6 +58,8 @@ struct Sizes {
     burst: usize,
     retry_backlog: usize,
     retry_rounds: usize,
+    persistent_jobs: usize,
+    persistent_rounds: usize,
 }
 
 impl Sizes {
@@ -70,6 +77,8 @@ impl Sizes {
                 burst: 10_000,
                 retry_backlog: 20_000,
                 retry_rounds: 2,
+                persistent_jobs: 5_000,
+                persistent_rounds: 1,
             }
         } else {
             Sizes {
@@ -84,6 +93,8 @@ impl Sizes {
                 burst: 100_000,
                 retry_backlog: 100_000,
                 retry_rounds: 3,
+                persistent_jobs: 100_000,
+                persistent_rounds: 3,
             }
         };
         if let Some(rounds) = std::env::var("SPOOLD_BENCH_ROUNDS")
@@ -92,6 +103,13 @@ impl Sizes {
         {
             sizes.rounds = rounds;
             sizes.parallel_rounds = sizes.parallel_rounds.min(rounds);
+            sizes.persistent_rounds = rounds;
+        }
+        if let Some(jobs) = std::env::var("SPOOLD_BENCH_PERSISTENT_JOBS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            sizes.persistent_jobs = jobs;
         }
         sizes
     }
@@ -120,6 +138,11 @@ fn main() {
     // The burst section uses this program itself as the handler, to record every run of a job.
     if args.get(1).map(String::as_str) == Some("record-job") {
         record_job(&args[2], &args[3]);
+        return;
+    }
+    // The persistent section's minimal handler is this program too.
+    if args.get(1).map(String::as_str) == Some("persistent-handler") {
+        peers::persistent_handler_main();
         return;
     }
     let sizes = Sizes::from_env();
@@ -166,6 +189,9 @@ fn main() {
     if wanted("retry") {
         rows.extend(bench.retry_backlog());
     }
+    if wanted("persistent") {
+        rows.extend(bench.persistent());
+    }
     // Not in the default run: asked for by name (SPOOLD_BENCH_ONLY=operator).
     if only
         .as_ref()
@@ -200,6 +226,7 @@ fn main() {
             "backlog_rounds": sizes.backlog_rounds,
             "burst": sizes.burst,
             "retry_backlog": sizes.retry_backlog,
+            "persistent_jobs": sizes.persistent_jobs,
         },
         "rows": rows.iter().map(|r| json!({
             "section": r.section,
@@ -742,6 +769,172 @@ impl Bench {
             peer: Some(("spawn + 2 renames, measured alone".into(), floor)),
             target: None,
             samples: renames_cpu,
+        });
+        rows
+    }
+
+    // ---- persistent handlers (issue 16) ------------------------------------------------
+
+    /// spoold in persistent mode (the benchmark's minimal handler, and the documented Python
+    /// example) against exec mode with `/bin/true`, Sidekiq and Celery, and the floors, in
+    /// alternating rounds; 2 workers everywhere.
+    fn persistent(&self) -> Vec<Row> {
+        let n = self.sizes.persistent_jobs;
+        let me = std::env::current_exe().expect("this benchmark's path");
+        let me = me.display().to_string();
+        let example = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("config/example-persistent-handler.py")
+            .display()
+            .to_string();
+        let python_child = self.work.join("child.py");
+        fs::write(&python_child, peers::PYTHON_CHILD).expect("write the Python child");
+        let python_child = python_child.display().to_string();
+        let persistent = "mode = \"persistent\"\n";
+        type Samples = Vec<f64>;
+        let (mut minimal, mut minimal_cpu, mut python, mut python_cpu): (
+            Samples,
+            Samples,
+            Samples,
+            Samples,
+        ) = Default::default();
+        let (mut exec, mut exec_cpu, mut sidekiq, mut celery): (
+            Samples,
+            Samples,
+            Samples,
+            Samples,
+        ) = Default::default();
+        let (mut floor_json, mut floor_py, mut floor_renames, mut floor_spawn): (
+            Samples,
+            Samples,
+            Samples,
+            Samples,
+        ) = Default::default();
+        println!("== persistent handlers: {n} no-op jobs, 2 workers");
+        for round in 0..self.sizes.persistent_rounds {
+            let spoold = |label: &str, command: &[&str], extra: &str| {
+                let spool = self.spool(label);
+                spool.configure(2, command, extra);
+                make_jobs(&spool.dir("new"), "job", n);
+                let (rate, cpu, _, _) = self.run_until_done(&spool, n);
+                self.remove(spool);
+                println!(
+                    "  round {round}: spoold {label} {rate:.0} jobs/s, {:.1} us CPU/job",
+                    cpu * 1e6
+                );
+                (rate, cpu * 1e6)
+            };
+            let (r, c) = spoold(
+                "persistent-minimal",
+                &[&me, "persistent-handler"],
+                persistent,
+            );
+            minimal.push(r);
+            minimal_cpu.push(c);
+            let (r, c) = spoold("persistent-python", &["python3", &example], persistent);
+            python.push(r);
+            python_cpu.push(c);
+            let (r, c) = spoold("exec-true", &["/bin/true"], "");
+            exec.push(r);
+            exec_cpu.push(c);
+
+            let floor = |label: &str, run: &dyn Fn(&Path) -> f64| {
+                let spool = self.spool(label);
+                make_jobs(&spool.dir("new"), "job", n);
+                let rate = run(&spool.root);
+                self.remove(spool);
+                println!("  round {round}: floor {label} {rate:.0} jobs/s");
+                rate
+            };
+            floor_json.push(floor("renames+json-rust-child", &|root| {
+                peers::json_floor(root, &[me.clone(), "persistent-handler".into()]).0
+            }));
+            floor_py.push(floor("renames+json-python-child", &|root| {
+                peers::json_floor(root, &["python3".into(), python_child.clone()]).0
+            }));
+            floor_renames.push(floor("renames", &|root| peers::renames_floor(root)));
+            floor_spawn.push(floor("renames+posix_spawn", &|root| {
+                peers::posix_spawn_floor(root).0
+            }));
+
+            if let Some(rate) = peers::sidekiq(&self.work.join(format!("sidekiq-{round}")), n) {
+                println!("  round {round}: Sidekiq 2x5 {rate:.0} jobs/s");
+                sidekiq.push(rate);
+            }
+            if let Some(rate) =
+                peers::celery(&self.work.join(format!("celery-{round}")), &target_dir(), n)
+            {
+                println!("  round {round}: Celery prefork -c2 {rate:.0} jobs/s");
+                celery.push(rate);
+            }
+        }
+        let what = format!("{n} no-op jobs, 2 workers");
+        let row = |spoold: &Samples, peer: &str, samples: &Samples, target: Option<f64>| {
+            let (s, p) = (median(spoold), median(samples));
+            Row {
+                section: "persistent",
+                what: what.clone(),
+                spoold: s,
+                unit: "jobs/s",
+                peer: Some((peer.to_owned(), p)),
+                target: target.map(|t| (format!("ratio >= {t}"), s / p >= t)),
+                samples: spoold.clone(),
+            }
+        };
+        let mut rows = vec![
+            row(&minimal, "spoold exec /bin/true", &exec, Some(10.0)),
+            row(
+                &minimal,
+                "floor: renames + JSON round trip (Rust child)",
+                &floor_json,
+                Some(0.5),
+            ),
+            row(
+                &python,
+                "floor: renames + JSON round trip (Python child)",
+                &floor_py,
+                Some(0.5),
+            ),
+            row(&minimal, "floor: the renames alone", &floor_renames, None),
+            row(
+                &exec,
+                "floor: renames + posix_spawn /bin/true",
+                &floor_spawn,
+                Some(0.9),
+            ),
+        ];
+        if !sidekiq.is_empty() {
+            rows.push(row(
+                &minimal,
+                "Sidekiq 6, 2 processes x 5 threads",
+                &sidekiq,
+                Some(1.0),
+            ));
+        }
+        if !celery.is_empty() {
+            rows.push(row(
+                &minimal,
+                "Celery, prefork -c2, acks_late",
+                &celery,
+                Some(3.0),
+            ));
+        }
+        rows.push(Row {
+            section: "persistent",
+            what: "spoold CPU per job, persistent (minimal handler)".into(),
+            spoold: median(&minimal_cpu),
+            unit: "us",
+            peer: Some(("the same in exec mode".into(), median(&exec_cpu))),
+            target: None,
+            samples: minimal_cpu,
+        });
+        rows.push(Row {
+            section: "persistent",
+            what: "spoold CPU per job, persistent (Python example)".into(),
+            spoold: median(&python_cpu),
+            unit: "us",
+            peer: None,
+            target: None,
+            samples: python_cpu,
         });
         rows
     }

@@ -66,9 +66,23 @@ pub enum StdinMode {
     Job,
 }
 
+/// How a handler serves jobs (`handler.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HandlerMode {
+    /// One process per attempt, with the job in its argv and environment.
+    #[default]
+    Exec,
+    /// One long-lived process per worker, given each job as a JSON line on its stdin
+    /// (`runner::persistent`).
+    Persistent,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HandlerConfig {
+    #[serde(default)]
+    pub mode: HandlerMode,
     #[serde(deserialize_with = "non_empty_argv")]
     pub command: Vec<String>,
     #[serde(default = "default_timeout", deserialize_with = "handler_timeout")]
@@ -534,6 +548,7 @@ impl Config {
             }
         })?;
         config.check_backoff_order(path, text)?;
+        config.check_persistent(path, text)?;
         let base = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -595,6 +610,68 @@ impl Config {
                     show(retry.backoff_initial)
                 ),
             ),
+        };
+        Err(ConfigError {
+            path: path.to_owned(),
+            position: span.map(|s| line_column(text, s.start)),
+            key: Some(key.to_owned()),
+            message,
+            unreadable: None,
+        })
+    }
+
+    /// A persistent handler is started once for many jobs, so nothing in its argv can name one
+    /// job, and its stdin carries the protocol rather than a job file. Checked after
+    /// deserializing because it needs `handler.mode` and the other key together; the position
+    /// is that of the offending value.
+    fn check_persistent(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let handler = &self.handler;
+        if handler.mode != HandlerMode::Persistent {
+            return Ok(());
+        }
+        #[derive(Deserialize)]
+        struct Spans {
+            handler: Option<HandlerSpans>,
+        }
+        #[derive(Deserialize)]
+        struct HandlerSpans {
+            command: Option<toml::Spanned<toml::Value>>,
+            stdin: Option<toml::Spanned<toml::Value>>,
+        }
+        let spans = toml::from_str::<Spans>(text).ok().and_then(|s| s.handler);
+        let placeholder = handler.command.iter().enumerate().find_map(|(i, arg)| {
+            ["{path}", "{id}", "{attempt}"]
+                .into_iter()
+                .find(|p| arg.contains(p))
+                .map(|p| (i, p))
+        });
+        let (key, span, message) = if let Some((i, p)) = placeholder {
+            (
+                "handler.command",
+                spans
+                    .as_ref()
+                    .and_then(|s| s.command.as_ref())
+                    .map(|v| v.span()),
+                format!(
+                    "element {} holds the placeholder {p}, but with mode = \"persistent\" the \
+                     command starts once for many jobs and each job arrives as a JSON line on \
+                     its stdin; remove the placeholder",
+                    i + 1
+                ),
+            )
+        } else if handler.stdin == StdinMode::Job {
+            (
+                "handler.stdin",
+                spans
+                    .as_ref()
+                    .and_then(|s| s.stdin.as_ref())
+                    .map(|v| v.span()),
+                "must be \"null\" (the default) with mode = \"persistent\": a persistent \
+                 handler's stdin carries the jobs as JSON lines"
+                    .to_owned(),
+            )
+        } else {
+            return Ok(());
         };
         Err(ConfigError {
             path: path.to_owned(),
@@ -875,5 +952,31 @@ mod tests {
     fn bad_log_level_is_refused() {
         let err = parse(&format!("{MINIMAL}[log]\nlevel = \"loud\"\n")).unwrap_err();
         assert_eq!(err.key.as_deref(), Some("log.level"));
+    }
+
+    #[test]
+    fn persistent_mode_refuses_placeholders_and_stdin_job_with_their_place() {
+        let c =
+            parse(&MINIMAL.replace("[handler]\n", "[handler]\nmode = \"persistent\"\n")).unwrap();
+        assert_eq!(c.handler.mode, HandlerMode::Persistent);
+        assert_eq!(parse(MINIMAL).unwrap().handler.mode, HandlerMode::Exec);
+        let err = parse(
+            "[spool]\ndir = \"/x\"\n[handler]\nmode = \"persistent\"\ncommand = [\"h\", \"--job={id}\"]\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("handler.command"));
+        assert_eq!(err.position, Some((5, 11)), "{err}");
+        assert!(
+            err.message.contains("element 2 holds the placeholder {id}"),
+            "{err}"
+        );
+        let err = parse(&format!(
+            "{MINIMAL}mode = \"persistent\"\nstdin = \"job\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("handler.stdin"));
+        assert_eq!(err.position.map(|p| p.0), Some(6), "{err}");
+        let err = parse(&format!("{MINIMAL}mode = \"forking\"\n")).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("handler.mode"), "{err}");
     }
 }

@@ -21,6 +21,8 @@ pub struct Stats {
     pub done: AtomicU64,
     pub failed: AtomicU64,
     pub requeued: AtomicU64,
+    /// Workers whose persistent handler failed and waits for its restart delay.
+    pub handlers_restarting: AtomicUsize,
     /// Milliseconds since the process started at discovery's last heartbeat; the watchdog
     /// reads it to tell a live discovery loop from a hung one.
     discovery_beat_ms: AtomicU64,
@@ -37,6 +39,7 @@ impl Default for Stats {
             done: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             requeued: AtomicU64::new(0),
+            handlers_restarting: AtomicUsize::new(0),
             discovery_beat_ms: AtomicU64::new(0),
         }
     }

@@ -591,6 +591,12 @@ fn status_line(
         stats.done.load(Relaxed),
         stats.failed.load(Relaxed),
     );
+    let restarting = stats.handlers_restarting.load(Relaxed);
+    if restarting > 0 {
+        line.push_str(&format!(
+            "; {restarting} persistent handler(s) failing, restarting with a growing delay (see the log)"
+        ));
+    }
     if let Some(e) = reload_error {
         line.push_str("; reload failed, running on the previous config: ");
         line.push_str(e);

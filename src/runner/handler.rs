@@ -39,23 +39,23 @@ use crate::job::{Job, Outcome, Report};
 
 /// A line longer than this is cut, and the rest of it dropped, so one endless line cannot grow
 /// memory.
-const MAX_LINE: usize = 4096;
+pub(super) const MAX_LINE: usize = 4096;
 /// Lines of stderr kept for the failure record.
-const STDERR_TAIL: usize = 10;
+pub(super) const STDERR_TAIL: usize = 10;
 /// Lines logged per attempt; past this the output is read and counted but not logged, so a
 /// handler that prints gigabytes cannot flood the journal.
-const MAX_LOGGED_LINES: u64 = 10_000;
+pub(super) const MAX_LOGGED_LINES: u64 = 10_000;
 /// How long to wait for the output pipes to close once the handler's group is gone. Only a
 /// process that left the group (setsid) can hold them open that long.
-const PIPE_GRACE: Duration = Duration::from_millis(200);
+pub(super) const PIPE_GRACE: Duration = Duration::from_millis(200);
 
 /// How often to look whether the rest of a handler's group has gone, between its SIGTERM and
 /// SIGKILL, once the handler itself has exited. Each look may read /proc (`group_alive`), so
 /// not much more often than this.
-const GROUP_CHECK: Duration = Duration::from_millis(50);
+pub(super) const GROUP_CHECK: Duration = Duration::from_millis(50);
 
 /// How much of a pipe one read takes.
-const CHUNK: usize = 8192;
+pub(super) const CHUNK: usize = 8192;
 
 /// What a worker keeps from one attempt to the next, so that an attempt neither allocates its
 /// output buffers nor opens `/dev/null` anew, nor rebuilds the handler's environment: at
@@ -180,7 +180,7 @@ fn var(key: &[u8], value: &[u8]) -> Option<CString> {
 /// an abort as soon as a waker would have.
 #[derive(Clone)]
 pub struct Abort {
-    fd: Arc<OwnedFd>,
+    pub(super) fd: Arc<OwnedFd>,
 }
 
 impl Abort {
@@ -202,17 +202,17 @@ impl Abort {
 /// The handler's process. Were `run` left without having waited for it (a handler it cannot
 /// watch, or a panic), dropping this kills its group and reaps it: no handler runs on
 /// unobserved.
-struct HandlerProcess {
+pub(super) struct HandlerProcess {
     /// The handler's PID, which is also its process group's ID.
-    pgid: Pid,
+    pub(super) pgid: Pid,
     /// What reaping it gave, once it has been reaped. A second `waitpid` must never run: the
     /// PID may by then belong to another worker's handler, whose exit it would steal.
-    reaped: Option<Result<ExitStatus, rustix::io::Errno>>,
+    pub(super) reaped: Option<Result<ExitStatus, rustix::io::Errno>>,
 }
 
 impl HandlerProcess {
     /// Reaps the handler, waiting for its exit, or gives what reaping it gave before.
-    fn wait(&mut self) -> io::Result<ExitStatus> {
+    pub(super) fn wait(&mut self) -> io::Result<ExitStatus> {
         let reaped = *self.reaped.get_or_insert_with(|| {
             loop {
                 match rustix::process::waitpid(
@@ -625,7 +625,7 @@ impl Attempt<'_, '_> {
     }
 }
 
-fn describe_status(status: ExitStatus) -> String {
+pub(super) fn describe_status(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exit status {code}"),
         (None, Some(sig)) => format!(
@@ -711,6 +711,48 @@ fn spawn(
         .map_err(|e| cannot_run(&io::Error::from(e)))?;
     let pgid = Pid::from_raw(pid.as_raw()).expect("a child that was just spawned has a pid");
     Ok((HandlerProcess { pgid, reaped: None }, out_r, err_r))
+}
+
+/// Starts a persistent handler (`runner::persistent`): the argv as it is (the config refuses
+/// placeholders in this mode), the same environment and process group as an exec-mode handler
+/// but no job variables, and pipes on all three standard streams. Returns the process and
+/// spoold's ends: stdin's write end, stdout's and stderr's read ends.
+pub(super) fn spawn_persistent(
+    cfg: &HandlerConfig,
+    scratch: &mut Scratch,
+) -> Result<(HandlerProcess, OwnedFd, OwnedFd, OwnedFd), String> {
+    scratch.refresh_env(cfg);
+    let scratch = &*scratch;
+    let argv = cfg
+        .command
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<Vec<CString>, _>>()
+        .map_err(|_| "the handler command holds a NUL byte".to_owned())?;
+    let cannot_run =
+        |e: &dyn std::fmt::Display| format!("cannot run handler {}: {e}", cfg.command[0]);
+    // Close-on-exec for the same reason as in `spawn`: only the dup2 below hands the child
+    // its ends, so no other worker's handler inherits them and holds a pipe open.
+    let pipe = || {
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+            .map_err(|e| format!("cannot create a pipe for the handler: {e}"))
+    };
+    let (in_r, in_w) = pipe()?;
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let mut actions = PosixSpawnFileActions::init().map_err(|e| cannot_run(&e))?;
+    for (fd, to) in [(in_r.as_fd(), 0), (out_w.as_fd(), 1), (err_w.as_fd(), 2)] {
+        actions
+            .add_dup2(fd.as_raw_fd(), to)
+            .map_err(|e| cannot_run(&e))?;
+    }
+    let attr = scratch.attr.as_ref().map_err(|e| cannot_run(e))?;
+    let env = scratch.env.as_ref().expect("refreshed above");
+    let envp: Vec<&CStr> = env.vars.iter().map(CString::as_c_str).collect();
+    let pid = spawn_program(&argv, env, &actions, attr, &envp)
+        .map_err(|e| cannot_run(&io::Error::from(e)))?;
+    let pgid = Pid::from_raw(pid.as_raw()).expect("a child that was just spawned has a pid");
+    Ok((HandlerProcess { pgid, reaped: None }, in_w, out_r, err_r))
 }
 
 /// One argument of the handler's argv: `template` with `{path}`, `{id}` and `{attempt}` filled
@@ -848,7 +890,7 @@ fn spawn_in_path<T>(
 }
 
 /// Adds `fd`, if any, to the poll set; returns its index there.
-fn slot<'a>(fds: &mut Vec<PollFd<'a>>, fd: Option<BorrowedFd<'a>>) -> Option<usize> {
+pub(super) fn slot<'a>(fds: &mut Vec<PollFd<'a>>, fd: Option<BorrowedFd<'a>>) -> Option<usize> {
     fd.map(|fd| {
         fds.push(PollFd::from_borrowed_fd(fd, PollFlags::IN));
         fds.len() - 1
@@ -860,7 +902,7 @@ fn slot<'a>(fds: &mut Vec<PollFd<'a>>, fd: Option<BorrowedFd<'a>>) -> Option<usi
 /// long: so a group that answers it is looked up in /proc for a member that is not a zombie,
 /// provided /proc numbers processes as spoold does (`proc_is_ours`). The common case, an empty
 /// group, costs the one `kill`.
-fn group_alive(pgid: Pid) -> bool {
+pub(super) fn group_alive(pgid: Pid) -> bool {
     if rustix::process::test_kill_process_group(pgid).is_err() {
         return false;
     }
@@ -938,7 +980,7 @@ fn state_and_group(pid: &str) -> Option<(char, i32)> {
     Some((state, pgrp))
 }
 
-fn signal_group(pgid: Pid, sig: Signal) {
+pub(super) fn signal_group(pgid: Pid, sig: Signal) {
     // ESRCH (the group is already gone) is the normal end of the race, not an error.
     let _ = rustix::process::kill_process_group(pgid, sig);
 }
@@ -1046,7 +1088,7 @@ impl<R: AsFd> LineReader<'_, R> {
     }
 }
 
-fn emit_line(line: &mut Vec<u8>, dropped: &mut usize, emit: &mut impl FnMut(&[u8])) {
+pub(super) fn emit_line(line: &mut Vec<u8>, dropped: &mut usize, emit: &mut impl FnMut(&[u8])) {
     if line.last() == Some(&b'\r') {
         line.pop();
     }

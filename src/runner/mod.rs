@@ -10,8 +10,13 @@
 //! Two tokens drive a stop, both given to [`Pool::new`]: `stop` (no new job is taken; the
 //! current one runs on) and `abort` (the current handler is signalled and its job released).
 //! A lease the source loses (`Lease::revoked`) ends its one attempt as `abort` does.
+//!
+//! A job runs in one of two ways, per `handler.mode`: a process per attempt (`handler`), or a
+//! long-lived process per worker that takes one job after the other (`persistent`), which the
+//! worker starts before it claims a job and ends when it leaves.
 
 pub mod handler;
+pub mod persistent;
 
 use std::io;
 use std::sync::Arc;
@@ -21,7 +26,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{Config, HandlerMode};
 use crate::daemon::stats::Stats;
 use crate::policy;
 use crate::source::{Lease, Source};
@@ -100,8 +105,9 @@ impl<S: Source> Pool<S> {
     /// thread, each worker waited for the others' bookkeeping while a core stood idle; on a
     /// thread each, the workers' bookkeeping runs side by side, as each handler does. The
     /// tokens and channels the worker awaits are not tied to any runtime, so cancellation
-    /// reaches it the same way. The runtime needs no
-    /// I/O or timer driver: a handler is waited for by `handler::run`'s own poll.
+    /// reaches it the same way. The runtime needs no I/O driver: a handler is waited for by
+    /// `handler::run`'s own poll. Its timer serves one wait only: a persistent handler's
+    /// restart delay, which must also give way to a stop.
     /// Returns false when no runtime or thread could be had.
     fn start_worker(&self) -> bool {
         let crew = self.crew.clone();
@@ -109,6 +115,7 @@ impl<S: Source> Pool<S> {
         // The tracker counts the thread until it ends, so `wait` waits for it like a task.
         let token = self.tracker.token();
         let started = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .and_then(|runtime| {
                 std::thread::Builder::new()
@@ -158,12 +165,38 @@ fn retire_if_surplus(stats: &Stats, target: &watch::Receiver<usize>) -> bool {
 
 async fn worker<S: Source>(crew: Arc<Crew<S>>, mut target: watch::Receiver<usize>) {
     let mut scratch = handler::Scratch::new();
+    let mut persistent = persistent::Persistent::new();
+    let mut config = crew.config.clone();
+    // Whether this worker counts in `Stats::handlers_restarting`.
+    let mut restarting = false;
     loop {
+        note_restarting(&crew.stats, &persistent, &mut restarting);
         if crew.stop.is_cancelled() {
             break;
         }
         if retire_if_surplus(&crew.stats, &target) {
+            let current = config.borrow().clone();
+            persistent.shutdown(&current.handler, &crew.abort);
+            note_restarting(&crew.stats, &persistent, &mut restarting);
             return;
+        }
+        // A persistent handler is started before a job is claimed, so that a handler that
+        // cannot start leaves the jobs waiting, rather than failing them, while its restart
+        // delay runs. A reload ends the delay, since it may have fixed the handler.
+        let current = config.borrow_and_update().clone();
+        if current.handler.mode == HandlerMode::Persistent {
+            if let Some(at) = persistent.prepare(&current.handler, &crew.abort, &mut scratch) {
+                note_restarting(&crew.stats, &persistent, &mut restarting);
+                tokio::select! {
+                    biased;
+                    () = crew.stop.cancelled() => break,
+                    _ = target.changed() => continue,
+                    _ = config.changed() => continue,
+                    () = tokio::time::sleep_until(at.into()) => continue,
+                }
+            }
+        } else {
+            persistent.shutdown(&current.handler, &crew.abort);
         }
         let lease = tokio::select! {
             biased;
@@ -174,13 +207,35 @@ async fn worker<S: Source>(crew: Arc<Crew<S>>, mut target: watch::Receiver<usize
                 None => break,
             },
         };
-        run_job(&crew, lease, &mut scratch);
+        run_job(&crew, lease, &mut scratch, &mut persistent);
     }
+    let current = config.borrow().clone();
+    persistent.shutdown(&current.handler, &crew.abort);
+    note_restarting(&crew.stats, &persistent, &mut restarting);
     crew.stats.workers.fetch_sub(1, Relaxed);
 }
 
+/// Keeps `Stats::handlers_restarting` (shown in STATUS=) in step with whether this worker's
+/// persistent handler waits for a restart after failures; `counted` is what the worker added.
+fn note_restarting(stats: &Stats, persistent: &persistent::Persistent, counted: &mut bool) {
+    let now = persistent.restarting();
+    if now != *counted {
+        if now {
+            stats.handlers_restarting.fetch_add(1, Relaxed);
+        } else {
+            stats.handlers_restarting.fetch_sub(1, Relaxed);
+        }
+        *counted = now;
+    }
+}
+
 /// Takes a claimed job through one attempt and hands the verdict to its lease.
-fn run_job<S: Source>(crew: &Crew<S>, lease: S::Lease<'_>, scratch: &mut handler::Scratch) {
+fn run_job<S: Source>(
+    crew: &Crew<S>,
+    lease: S::Lease<'_>,
+    scratch: &mut handler::Scratch,
+    persistent: &mut persistent::Persistent,
+) {
     let config = crew.config.borrow().clone();
     let _busy = BusyGuard::new(&crew.stats);
     let job = lease.job();
@@ -188,7 +243,15 @@ fn run_job<S: Source>(crew: &Crew<S>, lease: S::Lease<'_>, scratch: &mut handler
     crate::fault::hit(crate::fault::Point::Worker);
     // The attempt blocks this worker's thread, which has nothing else to run meanwhile: its
     // runtime only serves this worker's waits between jobs.
-    let report = handler::run(&config.handler, &job, &crew.abort, lease.revoked(), scratch);
+    let report = match config.handler.mode {
+        HandlerMode::Exec => {
+            persistent.shutdown(&config.handler, &crew.abort);
+            handler::run(&config.handler, &job, &crew.abort, lease.revoked(), scratch)
+        }
+        HandlerMode::Persistent => {
+            persistent.run(&config.handler, &job, &crew.abort, lease.revoked(), scratch)
+        }
+    };
     let verdict = policy::decide(&report, job.attempt, &config.retry, fastrand::f64());
     lease.settle(verdict, report);
 }
@@ -313,7 +376,12 @@ mod tests {
             seen
         });
         let lease = crew.source.next(&crew.stop).await.unwrap();
-        run_job(&crew, lease, &mut handler::Scratch::new());
+        run_job(
+            &crew,
+            lease,
+            &mut handler::Scratch::new(),
+            &mut persistent::Persistent::new(),
+        );
         assert!(loser.join().unwrap(), "the handler started");
 
         let (verdict, report) = crew.source.settled.lock().unwrap().take().expect("settled");

@@ -19,6 +19,7 @@ mod jetstream_cluster;
 mod operator;
 mod operator_sysd;
 mod packaging;
+mod persistent;
 mod reliability;
 mod shutdown;
 mod spool_props;

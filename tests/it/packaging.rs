@@ -174,6 +174,7 @@ fn config_man_page_describes_every_key_with_its_default() {
         ("spool.rescan_interval", human(c.spool.rescan_interval)),
         ("workers.count", "the number of CPUs".to_owned()),
         ("handler.command", "(required)".to_owned()),
+        ("handler.mode", "\"exec\"".to_owned()),
         ("handler.timeout", human(c.handler.timeout)),
         ("handler.kill_grace", human(c.handler.kill_grace)),
         (
