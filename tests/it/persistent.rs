@@ -200,7 +200,9 @@ fn a_handler_that_never_answers_times_out_and_a_fresh_process_serves_the_next_jo
 
 #[test]
 fn a_handler_that_dies_or_breaks_the_protocol_fails_that_job_and_is_restarted() {
-    let c = case("[retry]\nmax_attempts = 1\npermanent_exit_codes = [7]\n");
+    // One worker, so that "the same process served the next job" does not depend on which of
+    // two idle workers claimed it.
+    let c = case("[retry]\nmax_attempts = 1\npermanent_exit_codes = [7]\n[workers]\ncount = 1\n");
     let mut d = c.env.start();
     let cases = [
         (
