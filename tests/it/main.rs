@@ -19,6 +19,7 @@ mod jetstream_cluster;
 mod operator;
 mod packaging;
 mod reliability;
+mod schedule;
 mod shutdown;
 mod spool_props;
 mod systemd;

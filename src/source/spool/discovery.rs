@@ -25,7 +25,10 @@
 //! it at once when the record changes, a read every second is the fallback, and each change is
 //! published to the source (which claims nothing while paused) and logged with the uid of the
 //! operator who made it. The same look at `control/` carries out the operator's cancel
-//! requests (`control/cancel-ID`).
+//! requests (`control/cancel-ID`) and files the jobs submitted with a delay or a time to live
+//! (`control/submit-ID`). Every second or so it looks, on the blocking pool, for waiting jobs
+//! past their time (`spool::expiry`), and once a minute purges `done/` when `done.max_age`
+//! says so.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -42,11 +45,15 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::later;
+use crate::config::Config;
 use crate::daemon::stats::Stats;
 use crate::job::display_name;
 use crate::source::admin::Paused;
-use crate::source::spool::control::{Cancelled, PauseRecord};
+use crate::source::admin::{Finished, OperatorError, Purged};
+use crate::source::spool::control::{Cancelled, EXPIRED, PauseRecord};
+use crate::source::spool::expiry::Expired;
 use crate::source::spool::schedule::{self, RetrySchedule};
+use crate::source::spool::submit::Filed;
 use crate::source::spool::{Dir, NewScan, Promotion, Spool, unix_ms};
 
 /// Names read from a scan per batch, sorted oldest first within the batch.
@@ -63,6 +70,13 @@ const PROMOTE_RETRY: Duration = Duration::from_secs(1);
 /// acts on a pause within a second even without the watch. One small read a second costs
 /// nothing next to a job.
 const PAUSE_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// How often discovery looks for waiting jobs past their time (`--ttl`, `retry.max_age`), at
+/// the most: a job expires within about a second of its deadline.
+const EXPIRY_EVERY: Duration = Duration::from_secs(1);
+/// How often `done/` is purged when `done.max_age` is set (or every `max_age`, when shorter):
+/// old finished jobs cost only space, so once a minute is plenty.
+const DONE_PURGE_EVERY: Duration = Duration::from_secs(60);
 
 /// A file in `tmp/` untouched (not modified) for this long was abandoned by its producer, and
 /// is removed: the Maildir rule. A producer still writing it would have touched it since.
@@ -146,6 +160,9 @@ pub struct Discovery {
     pub heartbeat: Option<Duration>,
     /// Where the operator's pause is published (see [`pause_channel`]).
     pub paused: watch::Sender<Option<Paused>>,
+    /// The config in force, for `retry.max_age` and `done.max_age` (a reload applies to the
+    /// next look).
+    pub config: watch::Receiver<Arc<Config>>,
 }
 
 /// The channel of the operator's pause, holding the pause in force at start: a daemon that
@@ -216,6 +233,20 @@ struct Turns {
     /// The last error reading it, to log each distinct error once rather than every second.
     pause_error: Option<String>,
     pause_check_at: Instant,
+    config: watch::Receiver<Arc<Config>>,
+    /// The look for expired jobs (and the purge of old done/ jobs) under way, on the blocking
+    /// pool, and when the next one starts.
+    expiry: Option<JoinHandle<Sweep>>,
+    expiry_at: Instant,
+    done_purge_at: Instant,
+}
+
+/// What a look for expired jobs found.
+struct Sweep {
+    expired: io::Result<Vec<Expired>>,
+    /// The jobs removed from done/, when `done.max_age` is set and a purge was due.
+    purged: Option<Result<Vec<Purged>, OperatorError>>,
+    took: Duration,
 }
 
 impl Discovery {
@@ -258,6 +289,10 @@ impl Discovery {
                 }
                 () = sleep_until(turns.beat_at) => turns.beat(),
                 () = sleep_until(turns.pause_check_at) => turns.check_control(),
+                () = sleep_until(turns.expiry_at), if turns.expiry.is_none() => turns.start_expiry(&stop),
+                swept = async { turns.expiry.as_mut().expect("guarded").await }, if turns.expiry.is_some() => {
+                    turns.expiry_done(swept);
+                }
             }
         }
     }
@@ -274,6 +309,7 @@ impl Turns {
             watcher,
             heartbeat,
             paused,
+            config,
         } = discovery;
         if watcher.is_none() {
             tracing::warn!(
@@ -304,6 +340,10 @@ impl Turns {
             pause_seen: None,
             pause_error: None,
             pause_check_at: Instant::now(),
+            config,
+            expiry: None,
+            expiry_at: Instant::now(),
+            done_purge_at: Instant::now(),
         };
         (turns, names)
     }
@@ -437,10 +477,155 @@ impl Turns {
         self.rescan_retries_at = Some(later(Instant::now(), interval));
     }
 
-    /// Acts on what operators wrote in `control/`: the pause record and cancel requests.
+    /// Acts on what operators wrote in `control/`: the pause record, cancel requests, and
+    /// the submissions of delayed jobs and jobs with a time to live.
     fn check_control(&mut self) {
         self.check_pause();
         self.check_cancels();
+        self.file_submissions();
+    }
+
+    /// Files each job submitted with `--in`, `--at` or `--ttl` (see `submit`): into retry/,
+    /// and into the schedule, when it is not due yet; else into new/.
+    fn file_submissions(&mut self) {
+        let requests = match self.spool.submit_requests() {
+            Ok(requests) => requests,
+            Err(e) => {
+                tracing::error!(
+                    "cannot read the submissions in {}: {e}",
+                    self.spool.dir_path(Dir::Control).display()
+                );
+                return;
+            }
+        };
+        let now = SystemTime::now();
+        for (name, request) in requests {
+            let id = display_name(&name);
+            let uid = request.uid;
+            let expires = request
+                .expires_unix_ms
+                .map(|ms| format!("; expires at {}", rfc3339_ms(ms)))
+                .unwrap_or_default();
+            match self.spool.file_submission(&name, &request, now) {
+                Ok(Filed::Scheduled { name: filed, due }) => {
+                    tracing::info!(
+                        job_id = display_name(&filed),
+                        operator_uid = uid,
+                        "scheduled by uid {uid}: waits in retry/ until {}{expires}",
+                        rfc3339_ms(due)
+                    );
+                    self.schedule.insert(filed, due);
+                }
+                Ok(Filed::Queued { name: filed }) => tracing::info!(
+                    job_id = display_name(&filed),
+                    operator_uid = uid,
+                    "submitted by uid {uid}: queued in new/{expires}"
+                ),
+                Ok(Filed::NoJob) => tracing::warn!(
+                    job_id = id,
+                    operator_uid = uid,
+                    "submission by uid {uid} has no job in tmp/; request dropped"
+                ),
+                // Left in place: tried again at the next look.
+                Err(e) => tracing::error!(
+                    job_id = id,
+                    operator_uid = uid,
+                    "cannot file the job submitted by uid {uid}: {e}; trying again"
+                ),
+            }
+        }
+    }
+
+    /// Starts a look for expired jobs on the blocking pool, with a purge of done/ when one is due.
+    fn start_expiry(&mut self, stop: &CancellationToken) {
+        let config = self.config.borrow().clone();
+        let max_age = config.retry.max_age;
+        let done_age = config
+            .done
+            .max_age
+            .filter(|_| self.done_purge_at <= Instant::now());
+        if let Some(age) = done_age {
+            self.done_purge_at = later(Instant::now(), DONE_PURGE_EVERY.min(age));
+        }
+        let (spool, token) = (self.spool.clone(), stop.clone());
+        self.expiry = Some(tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let now = SystemTime::now();
+            let expired =
+                spool.expire_waiting(now, max_age, &|| token.is_cancelled(), &mut |name, e| {
+                    tracing::error!(
+                        job_id = display_name(name),
+                        "cannot fail the expired job: {e}; trying again at the next look"
+                    )
+                });
+            let purged = done_age.map(|age| {
+                let before = now.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH);
+                spool.purge_finished(Finished::Done, before, false)
+            });
+            Sweep {
+                expired,
+                purged,
+                took: started.elapsed(),
+            }
+        }));
+    }
+
+    /// Logs what a look for expired jobs did, and sets the next look: every second, or less
+    /// often when a look takes long (a huge backlog), so that looking never takes more than a
+    /// fifth of the blocking pool's time.
+    fn expiry_done(&mut self, swept: Result<Sweep, JoinError>) {
+        self.expiry = None;
+        let sweep = match swept {
+            Ok(sweep) => sweep,
+            Err(e) => {
+                tracing::error!("the look for expired jobs ended abnormally: {e}");
+                self.expiry_at = later(Instant::now(), EXPIRY_EVERY);
+                return;
+            }
+        };
+        self.expiry_at = later(Instant::now(), EXPIRY_EVERY.max(sweep.took * 4));
+        match sweep.expired {
+            Ok(expired) => {
+                for job in expired {
+                    self.stats
+                        .failed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // The queued count still holds a job taken out of new/: a pass sets it right.
+                    if job.from == Dir::New {
+                        self.dirty = true;
+                    }
+                    let renamed = if job.moved == job.name {
+                        String::new()
+                    } else {
+                        format!(" as {}", display_name(&job.moved))
+                    };
+                    tracing::warn!(
+                        job_id = display_name(&job.name),
+                        outcome = "failed",
+                        reason = EXPIRED,
+                        "expired (not done within {}): moved from {} to failed/{renamed}",
+                        job.why,
+                        job.from.place()
+                    );
+                }
+            }
+            Err(e) => tracing::error!("cannot look for expired jobs: {e}"),
+        }
+        match sweep.purged {
+            Some(Ok(purged)) => {
+                for job in purged {
+                    tracing::info!(
+                        job_id = display_name(&job.name),
+                        "removed from done/ (there since {}): older than done.max_age",
+                        job.finished
+                    );
+                }
+            }
+            Some(Err(OperatorError::Io(e) | OperatorError::Denied { err: e, .. })) => {
+                tracing::error!("cannot purge done/: {e}");
+            }
+            None => {}
+        }
     }
 
     /// Acts on each cancel request in `control/`, and removes it once acted on. A request for
@@ -661,6 +846,11 @@ fn instant_of(unix_ms_due: u64) -> Instant {
     let now_ms = unix_ms(SystemTime::now());
     let wait = Duration::from_millis(unix_ms_due.saturating_sub(now_ms));
     later(Instant::now(), wait)
+}
+
+/// A time in ms since the epoch as RFC 3339, for log lines.
+fn rfc3339_ms(ms: u64) -> String {
+    super::rfc3339(SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
 }
 
 /// "36 hours" rather than humantime's "1day 12h": the Maildir rule is stated in hours.
