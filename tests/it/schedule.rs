@@ -268,6 +268,9 @@ fn concurrent_enqueues_never_pass_max_queued() {
                 .args(["enqueue", "--config"])
                 .arg(&env.config)
                 .args(&files)
+                // Each holds its count this long before it publishes: without the lock, they
+                // would all count the same few jobs and pass the limit together.
+                .env("SPOOLD_TEST_PUBLISH_PAUSE", "200ms")
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()

@@ -144,6 +144,7 @@ impl Spool {
                     return Err(io_err(e, 0));
                 }
             };
+            crate::fault::publish_pause();
             if waiting.saturating_add(adding) > limit {
                 if let Some(undo) = current.take() {
                     undo();
