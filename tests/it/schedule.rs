@@ -125,6 +125,11 @@ fn a_delayed_job_starts_when_due_not_before_and_survives_a_restart() {
     let b_submitted = now_ms();
     let b = enqueue(&env, &["--in", "2s"], "b");
     assert_eq!(status_json(&env)["scheduled"].as_u64(), Some(2));
+    let text = String::from_utf8(env.cli(&["show", &b]).stdout).unwrap();
+    assert!(
+        text.contains("tmp/") && text.contains("scheduled: not before"),
+        "{text}"
+    );
 
     let d = env.start();
     d.wait_until("both delayed jobs to run", || {

@@ -1036,7 +1036,7 @@ impl Spool {
                 scheduled,
             }));
         }
-        Ok(None)
+        self.show_submitted(name)
     }
 
     fn read_record(&self, dir: Dir, name: &OsStr) -> io::Result<Option<JobRecord>> {

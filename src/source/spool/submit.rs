@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Dir, Spool, dup_name, record, rename_noreplace, unix_ms};
 use crate::job::{History, display_name};
-use crate::source::admin::{OperatorError, Partial, PublishError, Submission};
+use crate::source::admin::{OperatorError, Partial, PublishError, ShownJob, Submission};
 
 /// The prefix of a submission request's name in `control/`: `submit-<ID>`.
 const SUBMIT_PREFIX: &str = "submit-";
@@ -368,6 +368,47 @@ impl Spool {
             Some(due) => Filed::Scheduled { name: filed, due },
             None => Filed::Queued { name: filed },
         })
+    }
+
+    /// A job submitted with a delay or a time to live that the daemon has not filed yet, as
+    /// `spoold show` shows it: in `tmp/`, with its times from the request.
+    pub(super) fn show_submitted(&self, name: &OsStr) -> io::Result<Option<ShownJob>> {
+        let Some((_, request)) = self
+            .submit_requests()?
+            .into_iter()
+            .find(|(n, _)| n.as_os_str() == name)
+        else {
+            return Ok(None);
+        };
+        let stat = match rustix::fs::statat(self.fd(Dir::Tmp), name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => stat,
+            Err(Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let mut history = History {
+            id: display_name(name),
+            expires_unix_ms: request.expires_unix_ms,
+            ..History::default()
+        };
+        let now = unix_ms(SystemTime::now());
+        let due = request.not_before_unix_ms.filter(|&due| due > now);
+        if let Some(due) = due {
+            record::set_next_attempt(&mut history, UNIX_EPOCH + Duration::from_millis(due));
+        }
+        Ok(Some(ShownJob {
+            name: name.to_owned(),
+            place: Dir::Tmp.place(),
+            since: super::rfc3339(
+                UNIX_EPOCH
+                    + Duration::new(
+                        u64::try_from(stat.st_ctime).unwrap_or(0),
+                        u32::try_from(stat.st_ctime_nsec).unwrap_or(0),
+                    ),
+            ),
+            history: Some(history),
+            record_error: None,
+            scheduled: due.is_some(),
+        }))
     }
 
     fn remove_control(&self, name: &OsStr) {
