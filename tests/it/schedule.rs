@@ -246,6 +246,21 @@ fn a_job_waiting_for_its_retry_expires_at_max_age() {
     let shown: serde_json::Value =
         serde_json::from_slice(&env.cli(&["show", &id, "--json"]).stdout).unwrap();
     assert_eq!(shown["attempts"], 1, "{shown}");
+
+    // `spoold retry` gives it a new life: paused, so that it waits in new/, it expires again
+    // only max_age after the retry, not at the next look.
+    assert!(env.cli(&["pause"]).status.success());
+    let retried = std::time::Instant::now();
+    let out = env.cli(&["retry", &id]);
+    assert!(out.status.success(), "{}", describe(&out));
+    d.wait_until("the retried job to expire again", || {
+        env.names("failed").contains(&id)
+    });
+    assert!(
+        retried.elapsed() >= Duration::from_millis(2500),
+        "the retried job expired {:?} after its retry, before max_age",
+        retried.elapsed()
+    );
 }
 
 /// Eight `spoold enqueue`s of two files each race for a queue of five: never more than five

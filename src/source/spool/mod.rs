@@ -947,6 +947,25 @@ impl Spool {
         if !live {
             self.remove_record(Dir::State, name);
         }
+        // The job starts its life again: its modification time, which `retry.max_age` counts
+        // from, becomes now, or a job that expired would expire again at once. Best effort:
+        // the move below is what matters, and only root and the owner may set the time.
+        let now_only = rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_OMIT,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_NOW,
+            },
+        };
+        let _ = rustix::fs::utimensat(
+            self.fd(Dir::Failed),
+            name,
+            &now_only,
+            AtFlags::SYMLINK_NOFOLLOW,
+        );
         let Some(moved) = self.move_job(Dir::Failed, Dir::New, name)? else {
             return Ok(Retried::NoSuchJob);
         };
