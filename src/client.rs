@@ -480,7 +480,10 @@ fn journal(fields: &[(&str, &str)]) {
         entry.push('\n');
     }
     if let Ok(socket) = std::os::unix::net::UnixDatagram::unbound() {
-        let _ = socket.send_to(entry.as_bytes(), "/run/systemd/journal/socket");
+        let _ = socket.send_to(
+            entry.as_bytes(),
+            crate::fault::journal_socket("/run/systemd/journal/socket"),
+        );
     }
 }
 

@@ -1,6 +1,7 @@
 //! Test-only switches, in debug builds only: deliberate panics (`SPOOLD_TEST_PANIC=worker|dispatcher|stop`),
-//! a shorter age for the sweep of `tmp/` (`SPOOLD_TEST_TMP_MAX_AGE`), and a pause inside
-//! `spoold enqueue`'s limited publication (`SPOOLD_TEST_PUBLISH_PAUSE`).
+//! a shorter age for the sweep of `tmp/` (`SPOOLD_TEST_TMP_MAX_AGE`), a pause inside
+//! `spoold enqueue`'s limited publication (`SPOOLD_TEST_PUBLISH_PAUSE`), and the journal socket
+//! of the client commands (`SPOOLD_TEST_JOURNAL_SOCKET`).
 //!
 //! Once the time arithmetic could no longer overflow, no known panic was left, yet the path a
 //! panic takes (logged with its thread, the abort path, exit status 70, crash recovery at the
@@ -84,4 +85,15 @@ pub fn publish_pause() {
     {
         std::thread::sleep(pause);
     }
+}
+
+/// Where the client commands send their journal entries: `default`, or in debug builds
+/// `SPOOLD_TEST_JOURNAL_SOCKET`, so that a test can read what an operator action logs without
+/// a journal.
+pub fn journal_socket(default: &str) -> std::path::PathBuf {
+    #[cfg(debug_assertions)]
+    if let Some(path) = std::env::var_os("SPOOLD_TEST_JOURNAL_SOCKET") {
+        return path.into();
+    }
+    default.into()
 }

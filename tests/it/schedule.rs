@@ -403,9 +403,39 @@ fn purge_dry_run_changes_nothing_and_purge_removes_with_records() {
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(spool_listing(&env.spool), before);
 
-    let out = env.cli(&["purge", "--state", "failed", "--older-than", "1s"]);
+    // The removal is logged to the journal (a socket of the test's here) with the operator's
+    // uid and the job's ID.
+    let journal_path = env.dir.path().join("journal.sock");
+    let journal = std::os::unix::net::UnixDatagram::bind(&journal_path).unwrap();
+    journal.set_read_timeout(Some(SOON)).unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "purge",
+            "--state",
+            "failed",
+            "--older-than",
+            "1s",
+            "--config",
+        ])
+        .arg(&env.config)
+        .env("SPOOLD_TEST_JOURNAL_SOCKET", &journal_path)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains(&failed));
+    let mut buf = vec![0u8; 4096];
+    let n = journal
+        .recv(&mut buf)
+        .expect("no journal entry for the purge");
+    let entry = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let uid = rustix::process::geteuid().as_raw();
+    for field in [
+        format!("OPERATOR_UID={uid}\n"),
+        format!("JOB_ID={failed}\n"),
+        "SYSLOG_IDENTIFIER=spoold\n".to_owned(),
+    ] {
+        assert!(entry.contains(&field), "{field:?} missing from {entry:?}");
+    }
     assert!(!env.names("failed").contains(&failed));
     assert!(
         !env.names("reasons").contains(&failed),
