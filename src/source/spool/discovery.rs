@@ -53,7 +53,7 @@ use crate::source::admin::{Finished, OperatorError, Purged};
 use crate::source::spool::control::{Cancelled, EXPIRED, PauseRecord};
 use crate::source::spool::expiry::Expired;
 use crate::source::spool::schedule::{self, RetrySchedule};
-use crate::source::spool::submit::Filed;
+use crate::source::spool::submit::{Filed, SubmitRecord};
 use crate::source::spool::{Dir, NewScan, Promotion, Spool, unix_ms};
 
 /// Names read from a scan per batch, sorted oldest first within the batch.
@@ -239,7 +239,14 @@ struct Turns {
     expiry: Option<JoinHandle<Sweep>>,
     expiry_at: Instant,
     done_purge_at: Instant,
+    /// The filing of submissions under way, on the blocking pool, and whether another look
+    /// was asked for meanwhile.
+    filing: Option<JoinHandle<io::Result<Filings>>>,
+    file_again: bool,
 }
+
+/// What the filing of submissions did: each request and its outcome.
+type Filings = Vec<(OsString, SubmitRecord, io::Result<Filed>)>;
 
 /// What a look for expired jobs found.
 struct Sweep {
@@ -293,6 +300,9 @@ impl Discovery {
                 swept = async { turns.expiry.as_mut().expect("guarded").await }, if turns.expiry.is_some() => {
                     turns.expiry_done(swept);
                 }
+                filed = async { turns.filing.as_mut().expect("guarded").await }, if turns.filing.is_some() => {
+                    turns.submissions_filed(filed);
+                }
             }
         }
     }
@@ -344,6 +354,8 @@ impl Turns {
             expiry: None,
             expiry_at: Instant::now(),
             done_purge_at: Instant::now(),
+            filing: None,
+            file_again: false,
         };
         (turns, names)
     }
@@ -486,27 +498,52 @@ impl Turns {
     }
 
     /// Files each job submitted with `--in`, `--at` or `--ttl` (see `submit`): into retry/,
-    /// and into the schedule, when it is not due yet; else into new/.
+    /// and into the schedule, when it is not due yet; else into new/. The filing writes and
+    /// flushes a record per job, so it runs on the blocking pool; a look asked for while one
+    /// runs follows it.
     fn file_submissions(&mut self) {
-        let requests = match self.spool.submit_requests() {
-            Ok(requests) => requests,
-            Err(e) => {
+        if self.filing.is_some() {
+            self.file_again = true;
+            return;
+        }
+        self.file_again = false;
+        let spool = self.spool.clone();
+        self.filing = Some(tokio::task::spawn_blocking(move || {
+            let now = SystemTime::now();
+            let mut filings = Vec::new();
+            for (name, request) in spool.submit_requests()? {
+                let result = spool.file_submission(&name, &request, now);
+                filings.push((name, request, result));
+            }
+            Ok(filings)
+        }));
+    }
+
+    /// Logs what the filing did and puts the delayed jobs in the schedule.
+    fn submissions_filed(&mut self, filed: Result<io::Result<Filings>, JoinError>) {
+        self.filing = None;
+        let filings = match filed {
+            Ok(Ok(filings)) => filings,
+            Ok(Err(e)) => {
                 tracing::error!(
                     "cannot read the submissions in {}: {e}",
                     self.spool.dir_path(Dir::Control).display()
                 );
-                return;
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::error!("the filing of submissions ended abnormally: {e}");
+                Vec::new()
             }
         };
-        let now = SystemTime::now();
-        for (name, request) in requests {
+        for (name, request, result) in filings {
             let id = display_name(&name);
             let uid = request.uid;
             let expires = request
                 .expires_unix_ms
                 .map(|ms| format!("; expires at {}", rfc3339_ms(ms)))
                 .unwrap_or_default();
-            match self.spool.file_submission(&name, &request, now) {
+            match result {
                 Ok(Filed::Scheduled { name: filed, due }) => {
                     tracing::info!(
                         job_id = display_name(&filed),
@@ -533,6 +570,9 @@ impl Turns {
                     "cannot file the job submitted by uid {uid}: {e}; trying again"
                 ),
             }
+        }
+        if self.file_again {
+            self.file_submissions();
         }
     }
 

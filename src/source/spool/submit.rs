@@ -7,7 +7,8 @@
 //! live, needs a record in `state/` and (when delayed) a place in `retry/`, which members of the
 //! group may not write in the package: so the client publishes it by writing a request,
 //! `control/submit-ID` (the due time, the expiry and the uid), and the daemon files it (writes
-//! `state/ID`, renames `tmp/ID` into `retry/` or `new/`) within a second, or when it starts.
+//! `state/ID`, renames `tmp/ID` into `retry/` or `new/`) within a second, or when it starts; it
+//! does so on its blocking pool, since each filing flushes a record to disk.
 //! Until then the job waits in `tmp/`, whose sweep of abandoned files spares a file with a
 //! request. The client also sets a delayed job's modification time to its due time: the daemon
 //! promotes it by its record, but `spoold status` can then tell a scheduled job in `retry/`
