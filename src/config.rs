@@ -728,6 +728,33 @@ mod tests {
         assert_eq!(c.log.level, "info");
     }
 
+    /// The limits on waiting and on age are off by default, read when set, and refuse zero.
+    #[test]
+    fn queue_limits_and_ages_are_optional_and_positive() {
+        let base =
+            "[spool]\ndir = \"/x\"\nmax_queued = 100\n[handler]\ncommand = [\"/bin/true\"]\n";
+        let c = parse(&format!(
+            "{base}[retry]\nmax_age = \"1d\"\n[done]\nmax_age = \"30d\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.spool.max_queued, Some(100));
+        assert_eq!(c.retry.max_age, Some(Duration::from_secs(86_400)));
+        assert_eq!(c.done.max_age, Some(Duration::from_secs(30 * 86_400)));
+        let err = parse(&base.replace("100", "0")).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("spool.max_queued"), "{err}");
+        assert!(err.message.contains("at least 1"), "{err}");
+        let err = parse(&format!("{base}[retry]\nmax_age = \"0s\"\n")).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("retry.max_age"), "{err}");
+        assert!(err.message.contains("greater than zero"), "{err}");
+        assert!(
+            parse_cli_duration("10")
+                .unwrap_err()
+                .contains("has no unit")
+        );
+        assert!(parse_cli_duration("0s").is_err());
+        assert_eq!(parse_cli_duration("10m"), Ok(Duration::from_secs(600)));
+    }
+
     #[test]
     fn durations_are_human_friendly() {
         let c = parse(&format!(
