@@ -484,6 +484,28 @@ mod tests {
         assert_eq!((c.scheduled, c.retry), (1, 0));
     }
 
+    /// The sweep of abandoned files in tmp/ spares a submitted job waiting to be filed,
+    /// however old it looks, and still removes a file nobody submitted.
+    #[test]
+    fn the_tmp_sweep_spares_a_job_waiting_to_be_filed() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let partial = Partial::default();
+        let sub = submission(None, Some(60));
+        spool
+            .stage_job(&mut &b"x"[..], "KEEP", &partial, &sub)
+            .unwrap();
+        spool
+            .publish_jobs(&["KEEP".into()], &partial, &sub)
+            .unwrap();
+        fs::write(spool.dir_path(Dir::Tmp).join("LEFT"), "y").unwrap();
+        let future = SystemTime::now() + Duration::from_secs(3600);
+        let removed = spool.sweep_tmp(future, &|| false, &mut |_, _| {}).unwrap();
+        assert_eq!(removed, 1);
+        assert!(spool.dir_path(Dir::Tmp).join("KEEP").exists());
+        assert!(!spool.dir_path(Dir::Tmp).join("LEFT").exists());
+    }
+
     /// Under a limit, a publication that would pass it publishes nothing and leaves nothing
     /// in tmp/.
     #[test]
