@@ -243,6 +243,11 @@ struct Turns {
     /// was asked for meanwhile.
     filing: Option<JoinHandle<io::Result<Filings>>>,
     file_again: bool,
+    /// Whether a job with a time to live may wait: the look reads `state/` only then. True
+    /// at start (the first look finds out), and whenever one is filed.
+    ttl_jobs: bool,
+    /// Whether a job with a time to live was filed since the look under way began.
+    ttl_filed: bool,
 }
 
 /// What the filing of submissions did: each request and its outcome.
@@ -251,6 +256,8 @@ type Filings = Vec<(OsString, SubmitRecord, io::Result<Filed>)>;
 /// What a look for expired jobs found.
 struct Sweep {
     expired: io::Result<Vec<Expired>>,
+    /// Whether a job with a time to live still waits.
+    ttl_jobs: bool,
     /// The jobs removed from done/, when `done.max_age` is set and a purge was due.
     purged: Option<Result<Vec<Purged>, OperatorError>>,
     took: Duration,
@@ -356,6 +363,8 @@ impl Turns {
             done_purge_at: Instant::now(),
             filing: None,
             file_again: false,
+            ttl_jobs: true,
+            ttl_filed: false,
         };
         (turns, names)
     }
@@ -539,6 +548,10 @@ impl Turns {
         for (name, request, result) in filings {
             let id = display_name(&name);
             let uid = request.uid;
+            if request.expires_unix_ms.is_some() && result.is_ok() {
+                self.ttl_jobs = true;
+                self.ttl_filed = true;
+            }
             let expires = request
                 .expires_unix_ms
                 .map(|ms| format!("; expires at {}", rfc3339_ms(ms)))
@@ -588,22 +601,29 @@ impl Turns {
             self.done_purge_at = later(Instant::now(), DONE_PURGE_EVERY.min(age));
         }
         let (spool, token) = (self.spool.clone(), stop.clone());
+        let mut ttl_jobs = self.ttl_jobs;
         self.expiry = Some(tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
             let now = SystemTime::now();
-            let expired =
-                spool.expire_waiting(now, max_age, &|| token.is_cancelled(), &mut |name, e| {
+            let expired = spool.expire_waiting(
+                now,
+                max_age,
+                &mut ttl_jobs,
+                &|| token.is_cancelled(),
+                &mut |name, e| {
                     tracing::error!(
                         job_id = display_name(name),
                         "cannot fail the expired job: {e}; trying again at the next look"
                     )
-                });
+                },
+            );
             let purged = done_age.map(|age| {
                 let before = now.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH);
                 spool.purge_finished(Finished::Done, before, false)
             });
             Sweep {
                 expired,
+                ttl_jobs,
                 purged,
                 took: started.elapsed(),
             }
@@ -624,6 +644,9 @@ impl Turns {
             }
         };
         self.expiry_at = later(Instant::now(), EXPIRY_EVERY.max(sweep.took * 4));
+        // A job filed with a time to live while the look ran keeps it true.
+        self.ttl_jobs = sweep.ttl_jobs || self.ttl_filed;
+        self.ttl_filed = false;
         match sweep.expired {
             Ok(expired) => {
                 for job in expired {

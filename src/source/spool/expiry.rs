@@ -50,17 +50,28 @@ impl Spool {
     /// Fails every waiting job whose deadline is at or before `now` with the reason `expired`,
     /// and returns them. Stops early when `cancelled` says so. A job that cannot be moved is
     /// reported to `report` and tried again at the next look.
+    ///
+    /// `ttl` says whether any job may have a time to live: only then is `state/` read (a record
+    /// per job that failed once, so a downstream outage makes it large). It comes back saying
+    /// whether one still waits; the caller sets it again when a job with one is filed.
     pub(crate) fn expire_waiting(
         &self,
         now: SystemTime,
         max_age: Option<Duration>,
+        ttl: &mut bool,
         cancelled: &dyn Fn() -> bool,
         report: &mut dyn FnMut(&OsString, io::Error),
     ) -> io::Result<Vec<Expired>> {
         let mut expired = Vec::new();
         let now_ms = unix_ms(now);
+        let mut ttl_left = false;
         // Time to live: only jobs with a record can have one, so state/ is the list to read.
-        for entry in fs::read_dir(self.dir_path(Dir::State))? {
+        let records = if *ttl {
+            Some(fs::read_dir(self.dir_path(Dir::State))?)
+        } else {
+            None
+        };
+        for entry in records.into_iter().flatten() {
             if cancelled() {
                 return Ok(expired);
             }
@@ -72,11 +83,20 @@ impl Spool {
                 Ok(Some(r)) => r.expires_unix_ms,
                 Ok(None) | Err(_) => None,
             };
-            if due.is_none_or(|due| due > now_ms) {
-                continue;
+            match due {
+                None => continue,
+                Some(due) if due > now_ms => {
+                    ttl_left = true;
+                    continue;
+                }
+                Some(_) => {}
             }
+            let before = expired.len();
             self.expire_one(&name, "its time to live", &mut expired, report);
+            // Not moved (an error, or it was running): still to expire at a later look.
+            ttl_left |= expired.len() == before;
         }
+        *ttl = ttl_left;
         let Some(max_age) = max_age else {
             return Ok(expired);
         };
@@ -242,7 +262,9 @@ mod tests {
         }
         let later = now + Duration::from_secs(2);
         let expired = spool
-            .expire_waiting(later, None, &|| false, &mut |n, e| panic!("{n:?}: {e}"))
+            .expire_waiting(later, None, &mut true, &|| false, &mut |n, e| {
+                panic!("{n:?}: {e}")
+            })
             .unwrap();
         assert_eq!(expired.len(), 1, "{expired:?}");
         assert_eq!(expired[0].name, "OLD");
@@ -251,6 +273,12 @@ mod tests {
         let h: &History = failed[0].history.as_ref().unwrap();
         assert_eq!(h.last_failure.as_ref().unwrap().reason, EXPIRED);
         assert!(spool.dir_path(Dir::Hold).join("YOUNG").exists());
+        // YOUNG still has a time to live: the next look must read state/ again.
+        let mut ttl = true;
+        spool
+            .expire_waiting(later, None, &mut ttl, &|| false, &mut |_, _| {})
+            .unwrap();
+        assert!(ttl);
     }
 
     /// A dry run lists and removes nothing; a purge removes the job and its reason.
