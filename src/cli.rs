@@ -188,7 +188,9 @@ pub enum Command {
     /// It prints the job's place (new/, active/, retry/, hold/, done/ or failed/) and since
     /// when, its failed attempts and when the next may run, then each failed attempt (the last
     /// 20): start, duration, exit status or signal, timeout, and its stderr tail; and the
-    /// journalctl command that shows the job's log. Exit status 1 when no job has that ID.
+    /// journalctl command that shows the job's log. A delayed job says "scheduled: not before
+    /// TIME" (in tmp/ until the daemon files it, then in retry/). Exit status 1 when no job has
+    /// that ID.
     #[command(override_usage = "spoold show [-c|--config <PATH>] [--json] <ID>")]
     Show {
         #[command(flatten)]
@@ -198,7 +200,8 @@ pub enum Command {
         id: String,
         /// Print one JSON object (id, place, since, attempts, first_attempt_at,
         /// next_attempt_at, failed_at, permanent, history: one object per failed attempt,
-        /// journalctl) with the values as recorded, unescaped.
+        /// record_error, scheduled: true for a delayed job not yet due, expires_at: its time to
+        /// live's end or null, journalctl) with the values as recorded, unescaped.
         #[arg(long)]
         json: bool,
     },
