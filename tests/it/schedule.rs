@@ -130,6 +130,10 @@ fn a_delayed_job_starts_when_due_not_before_and_survives_a_restart() {
         text.contains("tmp/") && text.contains("scheduled: not before"),
         "{text}"
     );
+    // A third, cancelled before any daemon filed it, never runs.
+    let c = enqueue(&env, &["--in", "1s"], "c");
+    let out = env.cli(&["cancel", &c]);
+    assert!(out.status.success(), "{}", describe(&out));
 
     let d = env.start();
     d.wait_until("both delayed jobs to run", || {
@@ -147,6 +151,11 @@ fn a_delayed_job_starts_when_due_not_before_and_survives_a_restart() {
     }
     let s = status_json(&env);
     assert_eq!(s["scheduled"].as_u64(), Some(0), "{s}");
+    d.wait_until("the cancelled delayed job to fail", || {
+        reason_of(&env, &c).as_deref() == Some("cancelled")
+    });
+    assert!(runs_of(&env, &c).is_empty(), "a cancelled delayed job ran");
+    assert_eq!(env.count("control"), 0, "{}", spool_listing(&env.spool));
 }
 
 /// `--at` takes RFC 3339 with a zone; a time in the past, a time without a zone or garbage,

@@ -376,6 +376,10 @@ impl Spool {
         let name = id.as_os_str();
         let mut seen = false;
         let mut unsure = false;
+        // A delayed job not yet filed by the daemon is in tmp/, with its request.
+        if self.is_submitted(name) {
+            seen = true;
+        }
         for dir in [Dir::New, Dir::Retry, Dir::Hold, Dir::Active] {
             match rustix::fs::statat(self.fd(dir), name, AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(_) => seen = true,
@@ -440,6 +444,17 @@ impl Spool {
                 rustix::io::write(&entry.fd, &1u64.to_ne_bytes())?;
             }
             return Ok(Cancelled::Running);
+        }
+        // A delayed job not filed yet waits in tmp/ with its request. Looked at first: a filing
+        // that moves it meanwhile puts it where the rounds below find it.
+        if self.is_submitted(name)
+            && let Some(moved) = self.fail_waiting(Dir::Tmp, name, CANCELLED)?
+        {
+            self.withdraw_submission(name);
+            return Ok(Cancelled::Failed {
+                from: Dir::Tmp,
+                name: moved,
+            });
         }
         // Two rounds: a retry that falls due between the look in new/ and the one in retry/
         // has moved to new/, where the second round finds it.

@@ -412,6 +412,11 @@ impl Spool {
         }))
     }
 
+    /// Drops the submission request of `name`: its job was cancelled before it was filed.
+    pub(super) fn withdraw_submission(&self, name: &OsStr) {
+        self.remove_control(&request_name(name));
+    }
+
     fn remove_control(&self, name: &OsStr) {
         let _ = rustix::fs::unlinkat(self.fd(Dir::Control), name, AtFlags::empty());
     }
