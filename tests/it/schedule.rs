@@ -480,3 +480,86 @@ fn the_daemon_purges_done_at_max_age() {
         d.log()
     );
 }
+
+/// A member of the spool's group, in a spool with the packaged modes (tmp/ and new/ `3770`,
+/// control/ `2770`, the rest `2750`: no write in retry/ or state/), submits a delayed job with a
+/// time to live and a job under the limit: the daemon files the delayed one and runs both.
+#[test]
+fn a_member_submits_delayed_jobs_and_jobs_under_the_limit() {
+    use std::os::unix::fs::PermissionsExt;
+    if !crate::util::is_root() || Command::new("setpriv").arg("--version").output().is_err() {
+        return crate::util::skip(
+            "a_member_submits_delayed_jobs_and_jobs_under_the_limit",
+            "needs root and setpriv to run as a member of the spool's group",
+        );
+    }
+    let env = timed_env("");
+    let cfg = fs::read_to_string(&env.config).unwrap();
+    fs::write(
+        &env.config,
+        cfg.replacen("[spool]\n", "[spool]\nmax_queued = 10\n", 1),
+    )
+    .unwrap();
+    let d = env.start();
+    d.wait_until("the spool's layout", || env.path("control").is_dir());
+    // The member is nobody, in the group nogroup (65534), which owns the spool as the group
+    // spoold owns the packaged one.
+    let modes = [
+        ("", 0o2750),
+        ("tmp", 0o3770),
+        ("new", 0o3770),
+        ("active", 0o2750),
+        ("retry", 0o2750),
+        ("done", 0o2750),
+        ("failed", 0o2750),
+        ("state", 0o2750),
+        ("reasons", 0o2750),
+        ("hold", 0o2750),
+        ("control", 0o2770),
+    ];
+    for (dir, mode) in modes {
+        let path = env.spool.join(dir);
+        std::os::unix::fs::chown(&path, Some(0), Some(65534)).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&env.config, fs::Permissions::from_mode(0o644)).unwrap();
+    let as_member = |args: &[&str]| {
+        use std::io::Write;
+        let mut child = Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--",
+                BIN,
+            ])
+            .args(args)
+            .arg("--config")
+            .arg(&env.config)
+            .arg("-")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let _ = child.stdin.take().unwrap().write_all(b"member job");
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", describe(&out));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let submitted = now_ms();
+    let delayed = as_member(&["enqueue", "--in", "2s", "--ttl", "1h"]);
+    let plain = as_member(&["enqueue"]);
+    d.wait_until("the member's jobs to run", || {
+        !runs_of(&env, &delayed).is_empty() && !runs_of(&env, &plain).is_empty()
+    });
+    let runs = runs_of(&env, &delayed);
+    assert!(
+        runs[0].1 >= submitted + 2000,
+        "the member's delayed job started {} ms after its submission",
+        runs[0].1 - submitted
+    );
+    assert_eq!(env.count("tmp"), 0, "{}", spool_listing(&env.spool));
+    assert_eq!(env.count("control"), 0, "{}", spool_listing(&env.spool));
+}
