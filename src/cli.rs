@@ -32,6 +32,13 @@ pub struct ConfigArg {
     pub config: PathBuf,
 }
 
+/// The states of a finished job, for `spoold purge --state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FinishedState {
+    Done,
+    Failed,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon until SIGTERM or SIGINT; SIGHUP reloads the config.
@@ -47,9 +54,18 @@ pub enum Command {
     /// SIGTERM, SIGHUP) or failing, it leaves nothing behind in tmp/. When the spool's
     /// subdirectories are missing (no daemon opened it yet), it creates them if this user owns
     /// the spool root, and otherwise says so.
+    ///
+    /// Every file is written first, then all are published together. With `spool.max_queued`
+    /// set, they are published all or none: when the jobs waiting (queued, waiting for a retry
+    /// or their time, held) and these would pass the limit, nothing is submitted and the exit
+    /// status is 75 (EX_TEMPFAIL): try again later.
+    ///
+    /// A job given --in, --at or --ttl is handed to the daemon, which files it within a second
+    /// (or when it starts): a delayed job counts as `scheduled` in `spoold status` until its
+    /// time comes.
     #[command(
-        override_usage = "spoold enqueue [-c|--config <PATH>] <FILE>...\n       \
-                                spoold enqueue [-c|--config <PATH>] -"
+        override_usage = "spoold enqueue [-c|--config <PATH>] [--in <DURATION> | --at <TIME>] [--ttl <DURATION>] <FILE>...\n       \
+                                spoold enqueue [-c|--config <PATH>] [--in <DURATION> | --at <TIME>] [--ttl <DURATION>] -"
     )]
     Enqueue {
         #[command(flatten)]
@@ -57,6 +73,18 @@ pub enum Command {
         /// Files to submit; `-` reads one job from standard input.
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
+        /// Do not start the jobs before this much time has passed, for example `10m` or `2h 30m`.
+        #[arg(long = "in", value_name = "DURATION", conflicts_with = "at")]
+        delay: Option<String>,
+        /// Do not start the jobs before this time: RFC 3339, such as `2026-01-31T18:00:00Z` or
+        /// `2026-01-31T19:00:00+01:00`.
+        #[arg(long, value_name = "TIME")]
+        at: Option<String>,
+        /// A job not done within this time of its submission (of its due time when delayed)
+        /// fails with the reason `expired`, whether it waits, waits for a retry or is held. A
+        /// running job is not stopped.
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
     },
     /// Show how many jobs are in each state, read from the spool.
     #[command(override_usage = "spoold status [-c|--config <PATH>] [--json]")]
@@ -65,7 +93,8 @@ pub enum Command {
         config: ConfigArg,
         /// Print one JSON object (queued, active, retry, done, failed, oldest_queued_age_s,
         /// daemon_pid: the pid of the daemon that owns the spool, or null; paused,
-        /// paused_reason, paused_since, paused_by_uid; held).
+        /// paused_reason, paused_since, paused_by_uid; held; scheduled: delayed jobs not yet
+        /// due, which `retry` does not count).
         #[arg(long)]
         json: bool,
     },
@@ -160,7 +189,9 @@ pub enum Command {
     /// It prints the job's place (new/, active/, retry/, hold/, done/ or failed/) and since
     /// when, its failed attempts and when the next may run, then each failed attempt (the last
     /// 20): start, duration, exit status or signal, timeout, and its stderr tail; and the
-    /// journalctl command that shows the job's log. Exit status 1 when no job has that ID.
+    /// journalctl command that shows the job's log. A delayed job says "scheduled: not before
+    /// TIME" (in tmp/ until the daemon files it, then in retry/). Exit status 1 when no job has
+    /// that ID.
     #[command(override_usage = "spoold show [-c|--config <PATH>] [--json] <ID>")]
     Show {
         #[command(flatten)]
@@ -170,7 +201,8 @@ pub enum Command {
         id: String,
         /// Print one JSON object (id, place, since, attempts, first_attempt_at,
         /// next_attempt_at, failed_at, permanent, history: one object per failed attempt,
-        /// journalctl) with the values as recorded, unescaped.
+        /// record_error, scheduled: true for a delayed job not yet due, expires_at: its time to
+        /// live's end or null, journalctl) with the values as recorded, unescaped.
         #[arg(long)]
         json: bool,
     },
@@ -186,6 +218,27 @@ pub enum Command {
         /// IDs of jobs, as `spoold enqueue` printed them.
         #[arg(required = true, value_name = "ID")]
         ids: Vec<String>,
+    },
+    /// Remove finished jobs (done or failed) older than a duration, with their records.
+    ///
+    /// A job's age is the time since it went to done/ or failed/. Each removal is logged to
+    /// the journal with the caller's uid (OPERATOR_UID=) and the job's ID (JOB_ID=). Only root
+    /// (or the user spoold) may purge the packaged spool.
+    #[command(
+        override_usage = "spoold purge [-c|--config <PATH>] --state <done|failed> --older-than <DURATION> [--dry-run]"
+    )]
+    Purge {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Which finished jobs.
+        #[arg(long, value_enum, value_name = "STATE")]
+        state: FinishedState,
+        /// Only jobs finished at least this long ago, for example `7d`.
+        #[arg(long, value_name = "DURATION")]
+        older_than: String,
+        /// List what would be removed, and remove nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Check a config file: exit 0 when it is valid, else print the error and exit 78.
     ///

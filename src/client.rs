@@ -1,5 +1,5 @@
 //! The client subcommands (enqueue, status, failed, retry, pause, resume, hold, release,
-//! show, cancel, check-config): short-lived, no runtime.
+//! show, cancel, purge, check-config): short-lived, no runtime.
 //!
 //! The commands work through `source::Admin`, so they name no directory and no on-disk record:
 //! only `with_spool` knows that the queue is a spool, because the config says so.
@@ -11,14 +11,16 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use crate::cli::Command;
+use crate::cli::{Command, FinishedState};
 use crate::config::{Config, EX_CONFIG};
 use nix::unistd::{Group, User};
+use std::time::SystemTime;
 
 use crate::job::{Failure, History, JobId, display_name, escape_bytes, escape_text};
 use crate::source::Admin;
 use crate::source::admin::{
-    Moved, Operation, OperatorError, Partial, Retried, SubmitError, new_job_id,
+    Finished, Moved, Operation, OperatorError, Partial, PublishError, Retried, Submission,
+    SubmitError, new_job_id,
 };
 use crate::source::spool::{Spool, SpoolError};
 
@@ -29,9 +31,47 @@ pub fn run(command: Command) -> ExitCode {
         Command::CheckConfig { config, path } => {
             check_config(&Command::check_config_path(config, path))
         }
-        Command::Enqueue { config, files } => {
-            with_spool(&config.config, Layout::CreateIfOwner, |s| {
-                enqueue(s, &files)
+        Command::Enqueue {
+            config,
+            files,
+            delay,
+            at,
+            ttl,
+        } => {
+            let timing = match timing(delay.as_deref(), at.as_deref(), ttl.as_deref()) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("spoold: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            with_spool_config(&config.config, Layout::CreateIfOwner, |s, c| {
+                let submission = Submission {
+                    max_queued: c.spool.max_queued,
+                    ..timing
+                };
+                enqueue(s, &files, &submission)
+            })
+        }
+        Command::Purge {
+            config,
+            state,
+            older_than,
+            dry_run,
+        } => {
+            let age = match crate::config::parse_cli_duration(&older_than) {
+                Ok(age) => age,
+                Err(e) => {
+                    eprintln!("spoold: --older-than: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let state = match state {
+                FinishedState::Done => Finished::Done,
+                FinishedState::Failed => Finished::Failed,
+            };
+            with_spool(&config.config, Layout::Existing, |s| {
+                purge(s, state, age, dry_run)
             })
         }
         Command::Status { config, json } => {
@@ -122,6 +162,15 @@ fn with_spool(
     layout: Layout,
     f: impl FnOnce(&Spool) -> io::Result<ExitCode>,
 ) -> ExitCode {
+    with_spool_config(config_path, layout, |s, _| f(s))
+}
+
+/// [`with_spool`] for a command that also needs the config.
+fn with_spool_config(
+    config_path: &Path,
+    layout: Layout,
+    f: impl FnOnce(&Spool, &Config) -> io::Result<ExitCode>,
+) -> ExitCode {
     let config = match load_config(config_path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -148,7 +197,7 @@ fn with_spool(
             return ExitCode::FAILURE;
         }
     };
-    match f(&spool) {
+    match f(&spool, &config) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("spoold: {e}");
@@ -196,23 +245,109 @@ fn membership_hint(gid: u32) -> String {
     }
 }
 
-fn enqueue(queue: &impl Admin, files: &[PathBuf]) -> io::Result<ExitCode> {
+/// The exit status of `spoold enqueue` when the queue is full (`spool.max_queued`):
+/// EX_TEMPFAIL, "try again later".
+const EX_TEMPFAIL: u8 = 75;
+
+/// When the jobs of `spoold enqueue` may start and expire, from `--in`, `--at` and `--ttl`.
+fn timing(delay: Option<&str>, at: Option<&str>, ttl: Option<&str>) -> Result<Submission, String> {
+    let now = SystemTime::now();
+    let not_before = match (delay, at) {
+        (Some(d), _) => {
+            let d = crate::config::parse_cli_duration(d).map_err(|e| format!("--in: {e}"))?;
+            Some(now + d)
+        }
+        (None, Some(t)) => {
+            let when = parse_time(t).map_err(|e| format!("--at {}: {e}", escape_text(t)))?;
+            if when <= now {
+                return Err(format!(
+                    "--at {}: that time is in the past (it is {} now, UTC); give a later one, or \
+                     submit without --at to run the job at once",
+                    escape_text(t),
+                    humantime::format_rfc3339_seconds(now)
+                ));
+            }
+            if when.duration_since(now).unwrap_or_default() > crate::config::MAX_AGE.max {
+                return Err(format!(
+                    "--at {}: that is more than {} from now",
+                    escape_text(t),
+                    crate::config::MAX_AGE.text
+                ));
+            }
+            Some(when)
+        }
+        (None, None) => None,
+    };
+    let expires = match ttl {
+        Some(d) => {
+            let d = crate::config::parse_cli_duration(d).map_err(|e| format!("--ttl: {e}"))?;
+            Some(not_before.unwrap_or(now) + d)
+        }
+        None => None,
+    };
+    Ok(Submission {
+        not_before,
+        expires,
+        max_queued: None,
+    })
+}
+
+/// An RFC 3339 time: `2026-01-31T18:00:00Z`, with fractions of a second or an offset
+/// (`+01:00`) if wanted. A time without a zone is refused: it would be read as UTC, which is
+/// not what someone who wrote their local time meant.
+fn parse_time(text: &str) -> Result<SystemTime, String> {
+    let bad = || {
+        "not an RFC 3339 time; write for example 2026-01-31T18:00:00Z or \
+         2026-01-31T19:00:00+01:00"
+            .to_owned()
+    };
+    let t = text.trim();
+    let (local, offset_s): (&str, i64) = if let Some(rest) = t.strip_suffix(['Z', 'z']) {
+        (rest, 0)
+    } else if t.len() > 6 && matches!(t.as_bytes()[t.len() - 6], b'+' | b'-') {
+        let (rest, zone) = t.split_at(t.len() - 6);
+        let sign = if zone.starts_with('-') { -1 } else { 1 };
+        let (h, m) = zone[1..].split_once(':').ok_or_else(bad)?;
+        let h: i64 = h.parse().map_err(|_| bad())?;
+        let m: i64 = m.parse().map_err(|_| bad())?;
+        if h > 23 || m > 59 {
+            return Err(bad());
+        }
+        (rest, sign * (h * 3600 + m * 60))
+    } else {
+        return Err(format!("{}; it needs a zone (Z or +HH:MM)", bad()));
+    };
+    if !local.contains(['T', 't']) {
+        return Err(bad());
+    }
+    let utc = humantime::parse_rfc3339_weak(local).map_err(|_| bad())?;
+    let shift = std::time::Duration::from_secs(offset_s.unsigned_abs());
+    let when = if offset_s >= 0 {
+        utc.checked_sub(shift)
+    } else {
+        utc.checked_add(shift)
+    };
+    when.ok_or_else(bad)
+}
+
+fn enqueue(queue: &impl Admin, files: &[PathBuf], submission: &Submission) -> io::Result<ExitCode> {
     let partial = Arc::new(Partial::default());
     remove_partial_on_signal(&partial)?;
     let mut generator = ulid::Generator::new();
     let mut code = ExitCode::SUCCESS;
-    let mut out = io::stdout().lock();
+    // Every file is written first; then all are published together (see `Admin::publish`).
+    let mut staged: Vec<(String, &PathBuf)> = Vec::with_capacity(files.len());
     for file in files {
         let id = new_job_id(&mut generator);
         let result = if file.as_os_str() == "-" {
-            queue.submit(&mut io::stdin().lock(), &id, &partial)
+            queue.stage(&mut io::stdin().lock(), &id, &partial, submission)
         } else {
             open_regular(file)
                 .map_err(SubmitError::Io)
-                .and_then(|mut f| queue.submit(&mut f, &id, &partial))
+                .and_then(|mut f| queue.stage(&mut f, &id, &partial, submission))
         };
         match result {
-            Ok(()) => writeln!(out, "{id}")?,
+            Ok(()) => staged.push((id, file)),
             // Refused by the queue itself, rather than by the file being submitted: say why.
             Err(SubmitError::Denied { err, group }) => {
                 eprintln!(
@@ -228,7 +363,103 @@ fn enqueue(queue: &impl Admin, files: &[PathBuf]) -> io::Result<ExitCode> {
             }
         }
     }
+    if staged.is_empty() {
+        return Ok(code);
+    }
+    let ids: Vec<String> = staged.iter().map(|(id, _)| id.clone()).collect();
+    let mut out = io::stdout().lock();
+    match queue.publish(&ids, &partial, submission) {
+        Ok(()) => {
+            for id in &ids {
+                writeln!(out, "{id}")?;
+            }
+        }
+        Err(PublishError::Full {
+            waiting,
+            adding,
+            limit,
+        }) => {
+            eprintln!(
+                "spoold: the queue is full: {waiting} jobs wait, and spool.max_queued is \
+                 {limit}; nothing was submitted ({adding} job{}); try again later",
+                if adding == 1 { "" } else { "s" }
+            );
+            return Ok(ExitCode::from(EX_TEMPFAIL));
+        }
+        Err(PublishError::Denied { err, group }) => {
+            eprintln!(
+                "spoold: nothing was submitted: {err}; {}",
+                membership_hint(group)
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(PublishError::Io { err, published }) => {
+            for id in &ids[..published] {
+                writeln!(out, "{id}")?;
+            }
+            for (_, file) in &staged[published..] {
+                eprintln!("spoold: {}: not submitted: {err}", file.display());
+            }
+            return Ok(ExitCode::FAILURE);
+        }
+    }
     Ok(code)
+}
+
+/// Removes (or lists, in a dry run) finished jobs, and logs each removal to the journal with
+/// the caller's uid.
+fn purge(
+    queue: &impl Admin,
+    state: Finished,
+    age: std::time::Duration,
+    dry_run: bool,
+) -> io::Result<ExitCode> {
+    let before = SystemTime::now()
+        .checked_sub(age)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let what = match state {
+        Finished::Done => "done",
+        Finished::Failed => "failed",
+    };
+    let purged = match queue.purge(state, before, dry_run) {
+        Ok(purged) => purged,
+        Err(e) => {
+            operator_error("nothing purged", e);
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let mut out = io::stdout().lock();
+    for job in &purged {
+        let id = display_name(&job.name);
+        let verb = if dry_run {
+            "would be removed"
+        } else {
+            "removed"
+        };
+        writeln!(out, "{id}: {verb} ({what} since {})", job.finished)?;
+    }
+    let verb = if dry_run {
+        "would be removed"
+    } else {
+        "removed"
+    };
+    writeln!(
+        out,
+        "{} {what} job{} {verb}",
+        purged.len(),
+        if purged.len() == 1 { "" } else { "s" }
+    )?;
+    if dry_run {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Each removal goes to the journal through the daemon, like every operator's action, so
+    // that `journalctl -u spoold OPERATOR_UID=...` finds it; root's purge works without a
+    // daemon, which logs the record when it next starts.
+    let removed: Vec<JobId> = purged
+        .iter()
+        .filter_map(|job| JobId::parse(&display_name(&job.name)).ok())
+        .collect();
+    Ok(record_operation(queue, Operation::Purge, &removed, &[]).unwrap_or(ExitCode::SUCCESS))
 }
 
 /// Opens a file to submit, refusing anything but a regular file (or a link to one): a FIFO
@@ -332,6 +563,7 @@ fn status(queue: &impl Admin, json: bool) -> io::Result<ExitCode> {
         println!("done    {}", counts.done);
         println!("failed  {}", counts.failed);
         println!("held    {}", counts.held);
+        println!("scheduled {}", counts.scheduled);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -727,6 +959,8 @@ fn show(queue: &impl Admin, arg: &str, json: bool) -> io::Result<ExitCode> {
             "permanent": history.permanent,
             "history": failures.iter().map(failure_json).collect::<Vec<_>>(),
             "record_error": job.record_error,
+            "scheduled": job.scheduled,
+            "expires_at": history.expires_unix_ms.map(time_of_ms),
             "journalctl": journal,
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
@@ -734,6 +968,12 @@ fn show(queue: &impl Admin, arg: &str, json: bool) -> io::Result<ExitCode> {
     }
     print_shown(&mut out, &shown, &job, &history, &failures, &journal)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A time in ms since the epoch as RFC 3339, UTC.
+fn time_of_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
 }
 
 /// `spoold show`'s text: every value escaped for a terminal.
@@ -765,8 +1005,14 @@ fn print_shown(
     if let Some(at) = &history.first_attempt_at {
         writeln!(out, "    first:    {}", escape_text(at))?;
     }
-    if let Some(at) = &history.next_attempt_at {
+    if job.scheduled {
+        let at = history.next_attempt_at.as_deref().unwrap_or("?");
+        writeln!(out, "    scheduled: not before {}", escape_text(at))?;
+    } else if let Some(at) = &history.next_attempt_at {
         writeln!(out, "    next:     {}", escape_text(at))?;
+    }
+    if let Some(ms) = history.expires_unix_ms {
+        writeln!(out, "    expires:  {}", time_of_ms(ms))?;
     }
     if let Some(at) = &history.failed_at {
         writeln!(out, "    failed:   {}", escape_text(at))?;

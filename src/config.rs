@@ -40,6 +40,9 @@ pub struct SpoolConfig {
     pub dir: PathBuf,
     #[serde(default = "default_rescan", deserialize_with = "rescan_interval")]
     pub rescan_interval: Duration,
+    /// `spoold enqueue` refuses (exit 75) when this many jobs wait; None: no limit.
+    #[serde(default, deserialize_with = "max_queued")]
+    pub max_queued: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -106,6 +109,10 @@ pub struct RetryConfig {
     pub backoff_max: Duration,
     #[serde(default, deserialize_with = "exit_codes")]
     pub permanent_exit_codes: Vec<i32>,
+    /// A job not done this long after its submission (or its due time, when delayed) fails
+    /// with the reason `expired`; None: jobs never expire.
+    #[serde(default, deserialize_with = "max_age")]
+    pub max_age: Option<Duration>,
 }
 
 /// The number of attempts a job gets, at least one.
@@ -118,6 +125,7 @@ impl Default for RetryConfig {
             backoff_initial: default_backoff_initial(),
             backoff_max: default_backoff_max(),
             permanent_exit_codes: Vec::new(),
+            max_age: None,
         }
     }
 }
@@ -127,11 +135,17 @@ impl Default for RetryConfig {
 pub struct DoneConfig {
     #[serde(default = "default_true")]
     pub keep: bool,
+    /// The daemon removes jobs from `done/` this long after they got there; None: kept.
+    #[serde(default, deserialize_with = "max_age")]
+    pub max_age: Option<Duration>,
 }
 
 impl Default for DoneConfig {
     fn default() -> Self {
-        Self { keep: true }
+        Self {
+            keep: true,
+            max_age: None,
+        }
     }
 }
 
@@ -230,6 +244,13 @@ pub const MAX_BACKOFF: Limit = Limit {
     max: Duration::from_secs(30 * DAY),
     text: "30 days (\"30d\")",
 };
+/// `retry.max_age`, `done.max_age`, and the times `spoold enqueue` takes (`--in`, `--at`,
+/// `--ttl`): ten years is beyond any job's useful life, and keeps every deadline far from the
+/// clock's end.
+pub const MAX_AGE: Limit = Limit {
+    max: Duration::from_secs(3650 * DAY),
+    text: "10 years (\"3650d\")",
+};
 pub const MAX_DRAIN_TIMEOUT: Limit = Limit {
     max: Duration::from_secs(6 * 3600),
     text: "6 hours (\"6h\")",
@@ -251,6 +272,31 @@ fn kill_grace<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 fn backoff<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     duration(d, false, &MAX_BACKOFF)
 }
+fn max_age<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d, false, &MAX_AGE).map(Some)
+}
+
+/// `spool.max_queued`: how many waiting jobs make `spoold enqueue` refuse more.
+fn max_queued<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    positive_integer(d, "jobs that may wait", "10000").map(Some)
+}
+
+/// A duration given on the command line (`spoold enqueue --in`, `--ttl`, `spoold purge
+/// --older-than`), with the messages and the maximum of the config's durations.
+pub fn parse_cli_duration(text: &str) -> Result<Duration, String> {
+    let value = parse_duration(text, &MAX_AGE)?;
+    if value.is_zero() {
+        return Err("must be greater than zero, for example \"10m\"".to_owned());
+    }
+    if value > MAX_AGE.max {
+        return Err(format!(
+            "{text:?} is longer than the maximum of {}",
+            MAX_AGE.text
+        ));
+    }
+    Ok(value)
+}
+
 /// A drain timeout of zero is allowed: it means "abort at once".
 fn drain_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     duration(d, true, &MAX_DRAIN_TIMEOUT)
@@ -759,6 +805,33 @@ mod tests {
         assert_eq!(c.log.level, "info");
     }
 
+    /// The limits on waiting and on age are off by default, read when set, and refuse zero.
+    #[test]
+    fn queue_limits_and_ages_are_optional_and_positive() {
+        let base =
+            "[spool]\ndir = \"/x\"\nmax_queued = 100\n[handler]\ncommand = [\"/bin/true\"]\n";
+        let c = parse(&format!(
+            "{base}[retry]\nmax_age = \"1d\"\n[done]\nmax_age = \"30d\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.spool.max_queued, Some(100));
+        assert_eq!(c.retry.max_age, Some(Duration::from_secs(86_400)));
+        assert_eq!(c.done.max_age, Some(Duration::from_secs(30 * 86_400)));
+        let err = parse(&base.replace("100", "0")).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("spool.max_queued"), "{err}");
+        assert!(err.message.contains("at least 1"), "{err}");
+        let err = parse(&format!("{base}[retry]\nmax_age = \"0s\"\n")).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("retry.max_age"), "{err}");
+        assert!(err.message.contains("greater than zero"), "{err}");
+        assert!(
+            parse_cli_duration("10")
+                .unwrap_err()
+                .contains("has no unit")
+        );
+        assert!(parse_cli_duration("0s").is_err());
+        assert_eq!(parse_cli_duration("10m"), Ok(Duration::from_secs(600)));
+    }
+
     #[test]
     fn durations_are_human_friendly() {
         let c = parse(&format!(
@@ -852,6 +925,8 @@ mod tests {
             ("retry", "backoff_initial", &MAX_BACKOFF),
             ("retry", "backoff_max", &MAX_BACKOFF),
             ("shutdown", "drain_timeout", &MAX_DRAIN_TIMEOUT),
+            ("retry", "max_age", &MAX_AGE),
+            ("done", "max_age", &MAX_AGE),
         ];
         let file = |table: &str, line: String| {
             let spool = "[spool]\ndir = \"/x\"\n";

@@ -1,5 +1,6 @@
-//! Test-only switches, in debug builds only: deliberate panics (`SPOOLD_TEST_PANIC=worker|dispatcher|stop`)
-//! and a shorter age for the sweep of `tmp/` (`SPOOLD_TEST_TMP_MAX_AGE`).
+//! Test-only switches, in debug builds only: deliberate panics (`SPOOLD_TEST_PANIC=worker|dispatcher|stop`),
+//! a shorter age for the sweep of `tmp/` (`SPOOLD_TEST_TMP_MAX_AGE`), a pause inside
+//! `spoold enqueue`'s limited publication (`SPOOLD_TEST_PUBLISH_PAUSE`).
 //!
 //! Once the time arithmetic could no longer overflow, no known panic was left, yet the path a
 //! panic takes (logged with its thread, the abort path, exit status 70, crash recovery at the
@@ -69,4 +70,18 @@ pub fn tmp_max_age(default: std::time::Duration) -> std::time::Duration {
         return age;
     }
     default
+}
+
+/// How long `spoold enqueue` waits between counting the waiting jobs and publishing its own,
+/// under `spool.max_queued`: nothing, or in debug builds `SPOOLD_TEST_PUBLISH_PAUSE` (a duration
+/// such as "200ms"). Concurrent enqueues start a few milliseconds apart, which hides a missing
+/// lock around the count and the publication; the pause widens that window until a test sees it.
+pub fn publish_pause() {
+    #[cfg(debug_assertions)]
+    if let Some(pause) = std::env::var("SPOOLD_TEST_PUBLISH_PAUSE")
+        .ok()
+        .and_then(|v| humantime::parse_duration(&v).ok())
+    {
+        std::thread::sleep(pause);
+    }
 }

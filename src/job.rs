@@ -115,6 +115,9 @@ pub struct History {
     /// keeps the last 20), so that `spoold show` tells more than the last failure. Empty when
     /// the record was written by a spoold that kept only the last failure.
     pub failures: Vec<Failure>,
+    /// When the job expires unless done (`spoold enqueue --ttl`), as milliseconds since the
+    /// epoch; None when it was submitted without a time to live.
+    pub expires_unix_ms: Option<u64>,
 }
 
 /// A job ID as an operator gives it on a command line: one name inside a spool directory,

@@ -54,6 +54,7 @@ mod tests {
             backoff_initial: Duration::from_secs(10),
             backoff_max: Duration::from_secs(60),
             permanent_exit_codes: vec![64],
+            ..RetryConfig::default()
         }
     }
 

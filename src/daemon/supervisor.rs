@@ -272,6 +272,7 @@ impl Running {
             watcher,
             heartbeat: watchdog.map(|w| w / 4),
             paused: paused_tx,
+            config: config_rx.clone(),
         };
         stats.beat();
         let discovery = tokio::spawn(discovery.run(shutdown.stop.clone()));

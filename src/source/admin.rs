@@ -1,5 +1,5 @@
 //! The seam between the client commands (`enqueue`, `status`, `failed`, `retry`, `pause`,
-//! `resume`, `hold`, `release`, `show`, `cancel`) and a queue:
+//! `resume`, `hold`, `release`, `show`, `cancel`, `purge`) and a queue:
 //! the [`Admin`] trait and the domain types its answers are made of. A source implements it
 //! (the spool does); the commands name no directory and no on-disk record, so that they can
 //! work the same against a broker.
@@ -8,6 +8,7 @@ use std::ffi::OsString;
 use std::fmt;
 use std::io::{self, Read};
 use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
@@ -76,6 +77,92 @@ pub trait Admin {
     /// Where the job `id` is and its failed attempts, for `spoold show`; None when there is
     /// no job of that ID.
     fn show(&self, id: &JobId) -> io::Result<Option<ShownJob>>;
+
+    /// Writes the bytes of `src` as the job `id`, whole, where no worker sees it yet; it is
+    /// published by [`Admin::publish`]. While it is not published, `partial` holds how to undo
+    /// it together with every other job staged before it, so that a signal undoes them all.
+    fn stage(
+        &self,
+        src: &mut dyn Read,
+        id: &str,
+        partial: &Partial,
+        submission: &Submission,
+    ) -> Result<(), SubmitError> {
+        let _ = (src, id, partial, submission);
+        Err(SubmitError::Io(io::Error::from(io::ErrorKind::Unsupported)))
+    }
+
+    /// Publishes the staged jobs `ids` together. With `submission.max_queued`, all or none:
+    /// when the jobs waiting and these would pass the limit, every staged job is removed and
+    /// the answer is [`PublishError::Full`]. Concurrent publishers never pass the limit together.
+    fn publish(
+        &self,
+        ids: &[String],
+        partial: &Partial,
+        submission: &Submission,
+    ) -> Result<(), PublishError> {
+        let _ = (ids, partial, submission);
+        Err(PublishError::Io {
+            err: io::Error::from(io::ErrorKind::Unsupported),
+            published: 0,
+        })
+    }
+
+    /// Removes the finished jobs in `state` that finished before `before`, with their records;
+    /// with `dry_run`, only lists them. Returns the jobs (to be) removed, oldest ID first.
+    fn purge(
+        &self,
+        state: Finished,
+        before: SystemTime,
+        dry_run: bool,
+    ) -> Result<Vec<Purged>, OperatorError> {
+        let _ = (state, before, dry_run);
+        Err(OperatorError::Io(io::Error::from(
+            io::ErrorKind::Unsupported,
+        )))
+    }
+}
+
+/// How `spoold enqueue` submits its jobs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Submission {
+    /// No job starts before this time.
+    pub not_before: Option<SystemTime>,
+    /// A job not done by this time fails with the reason `expired`.
+    pub expires: Option<SystemTime>,
+    /// Refuse when this many jobs wait (`spool.max_queued`).
+    pub max_queued: Option<u64>,
+}
+
+/// Why [`Admin::publish`] published nothing.
+#[derive(Debug)]
+pub enum PublishError {
+    /// `waiting` jobs wait, and `adding` more would pass `limit`.
+    Full {
+        waiting: u64,
+        adding: u64,
+        limit: u64,
+    },
+    /// The queue refused this user; membership of `group` grants access.
+    Denied { err: io::Error, group: u32 },
+    /// The first `published` jobs were published before `err` stopped the rest, which were
+    /// removed.
+    Io { err: io::Error, published: usize },
+}
+
+/// The states of a finished job, for [`Admin::purge`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    Done,
+    Failed,
+}
+
+/// A job [`Admin::purge`] removed (or, in a dry run, would remove).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Purged {
+    pub name: OsString,
+    /// When it finished (came into done/ or failed/), RFC 3339, UTC.
+    pub finished: String,
 }
 
 /// A job as `spoold show` shows it.
@@ -90,6 +177,8 @@ pub struct ShownJob {
     pub history: Option<History>,
     /// Why its record could not be read, when it could not.
     pub record_error: Option<String>,
+    /// True when it waits for the time `spoold enqueue --in`/`--at` gave it, and has not run yet.
+    pub scheduled: bool,
 }
 
 /// A pause in force: who paused the queue, when, and why.
@@ -248,6 +337,9 @@ pub struct Counts {
     pub paused_by_uid: Option<u32>,
     /// Jobs set aside by `spoold hold`.
     pub held: u64,
+    /// Delayed jobs (`spoold enqueue --in`/`--at`) whose time has not come; `retry` does not
+    /// count them.
+    pub scheduled: u64,
 }
 
 /// How to undo a submission that is not whole yet.

@@ -21,6 +21,7 @@ mod operator_sysd;
 mod packaging;
 mod persistent;
 mod reliability;
+mod schedule;
 mod shutdown;
 mod spool_props;
 mod systemd;

@@ -172,6 +172,7 @@ fn config_man_page_describes_every_key_with_its_default() {
     let defaults: BTreeMap<&str, String> = [
         ("spool.dir", "(required)".to_owned()),
         ("spool.rescan_interval", human(c.spool.rescan_interval)),
+        ("spool.max_queued", "none".to_owned()),
         ("workers.count", "the number of CPUs".to_owned()),
         ("handler.command", "(required)".to_owned()),
         ("handler.mode", "\"exec\"".to_owned()),
@@ -189,7 +190,9 @@ fn config_man_page_describes_every_key_with_its_default() {
         ("retry.backoff_initial", human(c.retry.backoff_initial)),
         ("retry.backoff_max", human(c.retry.backoff_max)),
         ("retry.permanent_exit_codes", "[]".to_owned()),
+        ("retry.max_age", "none".to_owned()),
         ("done.keep", c.done.keep.to_string()),
+        ("done.max_age", "none".to_owned()),
         ("shutdown.drain_timeout", human(c.shutdown.drain_timeout)),
         ("log.level", format!("\"{}\"", c.log.level)),
     ]
@@ -201,6 +204,7 @@ fn config_man_page_describes_every_key_with_its_default() {
         "the man page says workers.count defaults to the number of CPUs"
     );
     assert!(c.handler.env.is_empty() && c.retry.permanent_exit_codes.is_empty());
+    assert!(c.spool.max_queued.is_none() && c.retry.max_age.is_none() && c.done.max_age.is_none());
 
     // Every key the two shipped configs use is in the table above (so a new key cannot be
     // added to the examples without it).

@@ -164,7 +164,7 @@ impl Spool {
 
     /// A permission error becomes `Denied` with the group of `dir`, which grants the right in
     /// the package (or none, when `root_only`).
-    fn denied_or_io(&self, dir: Dir, e: Errno, root_only: bool) -> OperatorError {
+    pub(super) fn denied_or_io(&self, dir: Dir, e: Errno, root_only: bool) -> OperatorError {
         let path = self.dir_path(dir);
         let err = io::Error::new(
             io::Error::from(e).kind(),
@@ -390,6 +390,10 @@ impl Spool {
         let name = id.as_os_str();
         let mut seen = false;
         let mut unsure = false;
+        // A delayed job not yet filed by the daemon is in tmp/, with its request.
+        if self.is_submitted(name) {
+            seen = true;
+        }
         for dir in [Dir::New, Dir::Retry, Dir::Hold, Dir::Active] {
             match rustix::fs::statat(self.fd(dir), name, AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(_) => seen = true,
@@ -455,6 +459,17 @@ impl Spool {
             }
             return Ok(Cancelled::Running);
         }
+        // A delayed job not filed yet waits in tmp/ with its request. Looked at first: a filing
+        // that moves it meanwhile puts it where the rounds below find it.
+        if self.is_submitted(name)
+            && let Some(moved) = self.fail_waiting(Dir::Tmp, name, CANCELLED)?
+        {
+            self.withdraw_submission(name);
+            return Ok(Cancelled::Failed {
+                from: Dir::Tmp,
+                name: moved,
+            });
+        }
         // Two rounds: a retry that falls due between the look in new/ and the one in retry/
         // has moved to new/, where the second round finds it.
         for _ in 0..2 {
@@ -464,26 +479,10 @@ impl Spool {
                     Ok(_) | Err(Errno::NOENT) => continue,
                     Err(e) => return Err(e.into()),
                 }
-                let earlier = self.read_record(Dir::State, name)?.map(History::from);
-                let now = std::time::SystemTime::now();
-                let history = History {
-                    id: display_name(name),
-                    attempts: earlier.as_ref().map_or(0, |h| h.attempts),
-                    first_attempt_at: earlier.and_then(|h| h.first_attempt_at),
-                    failed_at: Some(rfc3339(now)),
-                    permanent: true,
-                    last_failure: Some(Failure {
-                        reason: CANCELLED.to_owned(),
-                        ended_at: rfc3339(now),
-                        ..Failure::default()
-                    }),
-                    ..History::default()
-                };
-                match self.fail_from(from, name, history) {
-                    Ok(moved) => return Ok(Cancelled::Failed { from, name: moved }),
+                match self.fail_waiting(from, name, CANCELLED)? {
+                    Some(moved) => return Ok(Cancelled::Failed { from, name: moved }),
                     // Claimed or promoted meanwhile: looked for again.
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
+                    None => continue,
                 }
             }
         }
@@ -494,9 +493,46 @@ impl Spool {
         }
     }
 
+    /// Fails the waiting or held job `name` in `from` for good, with `reason` (`cancelled`,
+    /// `expired`), its attempt count and earlier failures kept from `state/NAME`. Returns the
+    /// name it has in `failed/`, or None when it is no longer in `from` (claimed, promoted or
+    /// moved by someone else meanwhile).
+    pub(super) fn fail_waiting(
+        &self,
+        from: Dir,
+        name: &OsStr,
+        reason: &str,
+    ) -> io::Result<Option<OsString>> {
+        let earlier = self.read_record(Dir::State, name)?.map(History::from);
+        let now = std::time::SystemTime::now();
+        let history = History {
+            id: display_name(name),
+            attempts: earlier.as_ref().map_or(0, |h| h.attempts),
+            first_attempt_at: earlier.as_ref().and_then(|h| h.first_attempt_at.clone()),
+            failed_at: Some(rfc3339(now)),
+            permanent: true,
+            last_failure: Some(Failure {
+                reason: reason.to_owned(),
+                ended_at: rfc3339(now),
+                ..Failure::default()
+            }),
+            failures: earlier
+                .as_ref()
+                .map(|h| h.failures.clone())
+                .unwrap_or_default(),
+            expires_unix_ms: earlier.and_then(|h| h.expires_unix_ms),
+            ..History::default()
+        };
+        match self.fail_from(from, name, history) {
+            Ok(moved) => Ok(Some(moved)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Writes `control/<name>` atomically (a temporary file, fsync, rename over the old one),
     /// readable by the daemon's group whatever the writer's umask.
-    fn write_control(&self, name: &OsStr, text: &[u8]) -> Result<(), OperatorError> {
+    pub(super) fn write_control(&self, name: &OsStr, text: &[u8]) -> Result<(), OperatorError> {
         let dir = self.fd(Dir::Control);
         let tmp = format!(".tmp-{}", ulid::Ulid::generate());
         let fd = rustix::fs::openat(
@@ -848,6 +884,8 @@ impl Spool {
 
 /// The reason a cancelled job's record gives.
 pub(crate) const CANCELLED: &str = "cancelled";
+/// The reason a job's record gives when it was not done within its time (`--ttl`, `max_age`).
+pub(crate) const EXPIRED: &str = "expired";
 
 #[cfg(test)]
 mod tests {

@@ -24,10 +24,12 @@
 //! blocking pool, and keeps the operator's pause (`control/pause`): a watch on `control/` tells
 //! it at once when the record changes, a read every second is the fallback, and each change is
 //! published to the source (which claims nothing while paused) and logged. The same look at
-//! `control/` carries out the operator's cancel requests (`control/cancel-ID`) and logs with
-//! the operator's uid (and, for a member, carries out) pauses, resumes, holds, releases and
-//! retries (`control/op-ULID`), once before the first job is handed out and then with the
-//! pause.
+//! `control/` carries out the operator's cancel requests (`control/cancel-ID`), logs with the
+//! operator's uid (and, for a member, carries out) pauses, resumes, holds, releases and retries
+//! (`control/op-ULID`), once before the first job is handed out and then with the pause, and
+//! files the jobs submitted with a delay or a time to live (`control/submit-ID`). Every second
+//! or so it looks, on the blocking pool, for waiting jobs past their time (`spool::expiry`), and
+//! once a minute purges `done/` when `done.max_age` says so.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -44,11 +46,15 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::later;
+use crate::config::Config;
 use crate::daemon::stats::Stats;
 use crate::job::display_name;
 use crate::source::admin::Paused;
-use crate::source::spool::control::{Cancelled, PauseRecord};
+use crate::source::admin::{Finished, OperatorError, Purged};
+use crate::source::spool::control::{Cancelled, EXPIRED, PauseRecord};
+use crate::source::spool::expiry::Expired;
 use crate::source::spool::schedule::{self, RetrySchedule};
+use crate::source::spool::submit::{Filed, SubmitRecord};
 use crate::source::spool::{Dir, NewScan, Promotion, Spool, unix_ms};
 
 /// Names read from a scan per batch, sorted oldest first within the batch.
@@ -65,6 +71,13 @@ const PROMOTE_RETRY: Duration = Duration::from_secs(1);
 /// acts on a pause within a second even without the watch. One small read a second costs
 /// nothing next to a job.
 const PAUSE_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// How often discovery looks for waiting jobs past their time (`--ttl`, `retry.max_age`), at
+/// the most: a job expires within about a second of its deadline.
+const EXPIRY_EVERY: Duration = Duration::from_secs(1);
+/// How often `done/` is purged when `done.max_age` is set (or every `max_age`, when shorter):
+/// old finished jobs cost only space, so once a minute is plenty.
+const DONE_PURGE_EVERY: Duration = Duration::from_secs(60);
 
 /// A file in `tmp/` untouched (not modified) for this long was abandoned by its producer, and
 /// is removed: the Maildir rule. A producer still writing it would have touched it since.
@@ -148,6 +161,9 @@ pub struct Discovery {
     pub heartbeat: Option<Duration>,
     /// Where the operator's pause is published (see [`pause_channel`]).
     pub paused: watch::Sender<Option<Paused>>,
+    /// The config in force, for `retry.max_age` and `done.max_age` (a reload applies to the
+    /// next look).
+    pub config: watch::Receiver<Arc<Config>>,
 }
 
 /// The channel of the operator's pause, holding the pause in force at start: a daemon that
@@ -218,6 +234,34 @@ struct Turns {
     /// The last error reading it, to log each distinct error once rather than every second.
     pause_error: Option<String>,
     pause_check_at: Instant,
+    config: watch::Receiver<Arc<Config>>,
+    /// The look for expired jobs (and the purge of old done/ jobs) under way, on the blocking
+    /// pool, and when the next one starts.
+    expiry: Option<JoinHandle<Sweep>>,
+    expiry_at: Instant,
+    done_purge_at: Instant,
+    /// The filing of submissions under way, on the blocking pool, and whether another look
+    /// was asked for meanwhile.
+    filing: Option<JoinHandle<io::Result<Filings>>>,
+    file_again: bool,
+    /// Whether a job with a time to live may wait: the look reads `state/` only then. True
+    /// at start (the first look finds out), and whenever one is filed.
+    ttl_jobs: bool,
+    /// Whether a job with a time to live was filed since the look under way began.
+    ttl_filed: bool,
+}
+
+/// What the filing of submissions did: each request and its outcome.
+type Filings = Vec<(OsString, SubmitRecord, io::Result<Filed>)>;
+
+/// What a look for expired jobs found.
+struct Sweep {
+    expired: io::Result<Vec<Expired>>,
+    /// Whether a job with a time to live still waits.
+    ttl_jobs: bool,
+    /// The jobs removed from done/, when `done.max_age` is set and a purge was due.
+    purged: Option<Result<Vec<Purged>, OperatorError>>,
+    took: Duration,
 }
 
 impl Discovery {
@@ -263,6 +307,13 @@ impl Discovery {
                 }
                 () = sleep_until(turns.beat_at) => turns.beat(),
                 () = sleep_until(turns.pause_check_at) => turns.check_control(),
+                () = sleep_until(turns.expiry_at), if turns.expiry.is_none() => turns.start_expiry(&stop),
+                swept = async { turns.expiry.as_mut().expect("guarded").await }, if turns.expiry.is_some() => {
+                    turns.expiry_done(swept);
+                }
+                filed = async { turns.filing.as_mut().expect("guarded").await }, if turns.filing.is_some() => {
+                    turns.submissions_filed(filed);
+                }
             }
         }
     }
@@ -279,6 +330,7 @@ impl Turns {
             watcher,
             heartbeat,
             paused,
+            config,
         } = discovery;
         if watcher.is_none() {
             tracing::warn!(
@@ -309,6 +361,14 @@ impl Turns {
             pause_seen: None,
             pause_error: None,
             pause_check_at: Instant::now(),
+            config,
+            expiry: None,
+            expiry_at: Instant::now(),
+            done_purge_at: Instant::now(),
+            filing: None,
+            file_again: false,
+            ttl_jobs: true,
+            ttl_filed: false,
         };
         (turns, names)
     }
@@ -442,8 +502,9 @@ impl Turns {
         self.rescan_retries_at = Some(later(Instant::now(), interval));
     }
 
-    /// Acts on what operators wrote in `control/`: the pause record, cancel requests, and the
-    /// records of holds, releases and retries.
+    /// Acts on what operators wrote in `control/`: the pause record, cancel requests, the
+    /// records of holds, releases and retries, and the submissions of delayed jobs and jobs with
+    /// a time to live.
     fn check_control(&mut self) {
         self.check_pause();
         self.check_cancels();
@@ -451,6 +512,7 @@ impl Turns {
             // More records wait: the next turn takes them, after a stop or a hand-out of jobs.
             self.pause_check_at = Instant::now();
         }
+        self.file_submissions();
     }
 
     /// Acts on the operators' records of holds, releases and retries (`Spool::act_on_operations`).
@@ -462,6 +524,191 @@ impl Turns {
             self.dirty = true;
         }
         turn.more
+    }
+
+    /// Files each job submitted with `--in`, `--at` or `--ttl` (see `submit`): into retry/,
+    /// and into the schedule, when it is not due yet; else into new/. The filing writes and
+    /// flushes a record per job, so it runs on the blocking pool; a look asked for while one
+    /// runs follows it.
+    fn file_submissions(&mut self) {
+        if self.filing.is_some() {
+            self.file_again = true;
+            return;
+        }
+        self.file_again = false;
+        let spool = self.spool.clone();
+        self.filing = Some(tokio::task::spawn_blocking(move || {
+            let now = SystemTime::now();
+            let mut filings = Vec::new();
+            for (name, request) in spool.submit_requests()? {
+                let result = spool.file_submission(&name, &request, now);
+                filings.push((name, request, result));
+            }
+            Ok(filings)
+        }));
+    }
+
+    /// Logs what the filing did and puts the delayed jobs in the schedule.
+    fn submissions_filed(&mut self, filed: Result<io::Result<Filings>, JoinError>) {
+        self.filing = None;
+        let filings = match filed {
+            Ok(Ok(filings)) => filings,
+            Ok(Err(e)) => {
+                tracing::error!(
+                    "cannot read the submissions in {}: {e}",
+                    self.spool.dir_path(Dir::Control).display()
+                );
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::error!("the filing of submissions ended abnormally: {e}");
+                Vec::new()
+            }
+        };
+        for (name, request, result) in filings {
+            let id = display_name(&name);
+            let uid = request.uid;
+            if request.expires_unix_ms.is_some() && result.is_ok() {
+                self.ttl_jobs = true;
+                self.ttl_filed = true;
+            }
+            let expires = request
+                .expires_unix_ms
+                .map(|ms| format!("; expires at {}", rfc3339_ms(ms)))
+                .unwrap_or_default();
+            match result {
+                Ok(Filed::Scheduled { name: filed, due }) => {
+                    tracing::info!(
+                        job_id = display_name(&filed),
+                        operator_uid = uid,
+                        "scheduled by uid {uid}: waits in retry/ until {}{expires}",
+                        rfc3339_ms(due)
+                    );
+                    self.schedule.insert(filed, due);
+                }
+                Ok(Filed::Queued { name: filed }) => tracing::info!(
+                    job_id = display_name(&filed),
+                    operator_uid = uid,
+                    "submitted by uid {uid}: queued in new/{expires}"
+                ),
+                Ok(Filed::NoJob) => tracing::warn!(
+                    job_id = id,
+                    operator_uid = uid,
+                    "submission by uid {uid} has no job in tmp/; request dropped"
+                ),
+                // Left in place: tried again at the next look.
+                Err(e) => tracing::error!(
+                    job_id = id,
+                    operator_uid = uid,
+                    "cannot file the job submitted by uid {uid}: {e}; trying again"
+                ),
+            }
+        }
+        if self.file_again {
+            self.file_submissions();
+        }
+    }
+
+    /// Starts a look for expired jobs on the blocking pool, with a purge of done/ when one is due.
+    fn start_expiry(&mut self, stop: &CancellationToken) {
+        let config = self.config.borrow().clone();
+        let max_age = config.retry.max_age;
+        let done_age = config
+            .done
+            .max_age
+            .filter(|_| self.done_purge_at <= Instant::now());
+        if let Some(age) = done_age {
+            self.done_purge_at = later(Instant::now(), DONE_PURGE_EVERY.min(age));
+        }
+        let (spool, token) = (self.spool.clone(), stop.clone());
+        let mut ttl_jobs = self.ttl_jobs;
+        self.expiry = Some(tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let now = SystemTime::now();
+            let expired = spool.expire_waiting(
+                now,
+                max_age,
+                &mut ttl_jobs,
+                &|| token.is_cancelled(),
+                &mut |name, e| {
+                    tracing::error!(
+                        job_id = display_name(name),
+                        "cannot fail the expired job: {e}; trying again at the next look"
+                    )
+                },
+            );
+            let purged = done_age.map(|age| {
+                let before = now.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH);
+                spool.purge_finished(Finished::Done, before, false)
+            });
+            Sweep {
+                expired,
+                ttl_jobs,
+                purged,
+                took: started.elapsed(),
+            }
+        }));
+    }
+
+    /// Logs what a look for expired jobs did, and sets the next look: every second, or less
+    /// often when a look takes long (a huge backlog), so that looking never takes more than a
+    /// fifth of the blocking pool's time.
+    fn expiry_done(&mut self, swept: Result<Sweep, JoinError>) {
+        self.expiry = None;
+        let sweep = match swept {
+            Ok(sweep) => sweep,
+            Err(e) => {
+                tracing::error!("the look for expired jobs ended abnormally: {e}");
+                self.expiry_at = later(Instant::now(), EXPIRY_EVERY);
+                return;
+            }
+        };
+        self.expiry_at = later(Instant::now(), EXPIRY_EVERY.max(sweep.took * 4));
+        // A job filed with a time to live while the look ran keeps it true.
+        self.ttl_jobs = sweep.ttl_jobs || self.ttl_filed;
+        self.ttl_filed = false;
+        match sweep.expired {
+            Ok(expired) => {
+                for job in expired {
+                    self.stats
+                        .failed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // The queued count still holds a job taken out of new/: a pass sets it right.
+                    if job.from == Dir::New {
+                        self.dirty = true;
+                    }
+                    let renamed = if job.moved == job.name {
+                        String::new()
+                    } else {
+                        format!(" as {}", display_name(&job.moved))
+                    };
+                    tracing::warn!(
+                        job_id = display_name(&job.name),
+                        outcome = "failed",
+                        reason = EXPIRED,
+                        "expired (not done within {}): moved from {} to failed/{renamed}",
+                        job.why,
+                        job.from.place()
+                    );
+                }
+            }
+            Err(e) => tracing::error!("cannot look for expired jobs: {e}"),
+        }
+        match sweep.purged {
+            Some(Ok(purged)) => {
+                for job in purged {
+                    tracing::info!(
+                        job_id = display_name(&job.name),
+                        "removed from done/ (there since {}): older than done.max_age",
+                        job.finished
+                    );
+                }
+            }
+            Some(Err(OperatorError::Io(e) | OperatorError::Denied { err: e, .. })) => {
+                tracing::error!("cannot purge done/: {e}");
+            }
+            None => {}
+        }
     }
 
     /// Acts on each cancel request in `control/`, and removes it once acted on. A request for
@@ -682,6 +929,11 @@ fn instant_of(unix_ms_due: u64) -> Instant {
     let now_ms = unix_ms(SystemTime::now());
     let wait = Duration::from_millis(unix_ms_due.saturating_sub(now_ms));
     later(Instant::now(), wait)
+}
+
+/// A time in ms since the epoch as RFC 3339, for log lines.
+fn rfc3339_ms(ms: u64) -> String {
+    super::rfc3339(SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
 }
 
 /// "36 hours" rather than humantime's "1day 12h": the Maildir rule is stated in hours.

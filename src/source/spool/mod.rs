@@ -15,6 +15,7 @@
 //! | `hold/`       | jobs an operator set aside (`spoold hold`); they never start until released |
 //! | `control/pause` | JSON record of the operator's pause or resume (`spoold pause`/`resume`) |
 //! | `control/cancel-ID` | an operator's request to cancel job ID (`spoold cancel`), until the daemon acts on it |
+//! | `control/submit-ID` | a delayed job's or a job with a time to live (`spoold enqueue --in/--at/--ttl`), waiting in `tmp/` until the daemon files it |
 //! | `spoold.lock` | flock held by the one daemon that owns the spool                       |
 //!
 //! Every move is a `renameat2(RENAME_NOREPLACE)` inside one filesystem, so a job file is always
@@ -27,9 +28,11 @@
 
 mod control;
 pub mod discovery;
+mod expiry;
 mod lease;
 mod record;
 pub mod schedule;
+mod submit;
 
 pub use lease::{SpoolLease, SpoolSource};
 
@@ -46,8 +49,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::job::{Failure, History, JobId, display_name, escape_bytes};
 use crate::source::admin::ShownJob;
 use crate::source::admin::{
-    Admin, Counts, FailedJob, Moved, Operation, OperatorError, Partial, Paused, Place, Retried,
-    SubmitError,
+    Admin, Counts, FailedJob, Finished, Moved, Operation, OperatorError, Partial, Paused, Place,
+    PublishError, Purged, Retried, Submission, SubmitError,
 };
 use crate::source::spool::schedule::RetrySchedule;
 use record::JobRecord;
@@ -538,8 +541,10 @@ impl Spool {
             };
             let touched = at(st.st_mtime, st.st_mtime_nsec as u64)
                 .max(at(st.st_ctime, st.st_ctime_nsec as u64));
+            // A delayed job waits here, whatever its age, until the daemon files it.
             if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
                 || touched >= before
+                || self.is_submitted(&name)
             {
                 continue;
             }
@@ -841,14 +846,34 @@ impl Spool {
             }
         }
         let pause = self.paused()?;
-        let now_ns = SystemTime::now()
+        let now = SystemTime::now();
+        let now_ns = now
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_nanos() as i128;
+        // A delayed job in retry/ has its due time as its modification time (see `submit`):
+        // one stat tells it from a retry, without reading its record.
+        let (mut retry, mut scheduled) = (0, 0);
+        for entry in fs::read_dir(self.dir_path(Dir::Retry))? {
+            let name = entry?.file_name();
+            match rustix::fs::statat(self.fd(Dir::Retry), &name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st)
+                    if i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec)
+                        > now_ns =>
+                {
+                    scheduled += 1
+                }
+                Ok(_) => retry += 1,
+                Err(Errno::NOENT) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let (pending_scheduled, pending_queued) = self.pending_submissions(now)?;
         Ok(Counts {
-            queued,
+            queued: queued + pending_queued,
             active: count(Dir::Active)?,
-            retry: count(Dir::Retry)?,
+            retry,
+            scheduled: scheduled + pending_scheduled,
             done: count(Dir::Done)?,
             failed: count(Dir::Failed)?,
             oldest_queued_age_s: oldest.map(|o| ((now_ns - o).max(0) as f64) / 1e9),
@@ -922,6 +947,25 @@ impl Spool {
         if !live {
             self.remove_record(Dir::State, name);
         }
+        // The job starts its life again: its modification time, which `retry.max_age` counts
+        // from, becomes now, or a job that expired would expire again at once. Best effort:
+        // the move below is what matters, and only root and the owner may set the time.
+        let now_only = rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_OMIT,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_NOW,
+            },
+        };
+        let _ = rustix::fs::utimensat(
+            self.fd(Dir::Failed),
+            name,
+            &now_only,
+            AtFlags::SYMLINK_NOFOLLOW,
+        );
         let Some(moved) = self.move_job(Dir::Failed, Dir::New, name)? else {
             return Ok(Retried::NoSuchJob);
         };
@@ -997,15 +1041,21 @@ impl Spool {
                 Ok(r) => (r.map(History::from), None),
                 Err(e) => (None, Some(e.to_string())),
             };
+            // Delayed by `spoold enqueue --in`/`--at`: in retry/ without a failed attempt.
+            let scheduled = dir == Dir::Retry
+                && history
+                    .as_ref()
+                    .is_some_and(|h| h.attempts == 0 && h.next_attempt_unix_ms.is_some());
             return Ok(Some(ShownJob {
                 name: name.to_owned(),
                 place: dir.place(),
                 since: rfc3339(since),
                 history,
                 record_error,
+                scheduled,
             }));
         }
-        Ok(None)
+        self.show_submitted(name)
     }
 
     fn read_record(&self, dir: Dir, name: &OsStr) -> io::Result<Option<JobRecord>> {
@@ -1062,6 +1112,22 @@ impl Spool {
     }
 }
 
+impl Spool {
+    /// A submission's error; one refused by tmp/ itself, rather than by the file being
+    /// submitted, is `Denied`, with tmp/'s group, which grants access.
+    fn submit_error(&self, e: io::Error) -> SubmitError {
+        let tmp = self.dir_path(Dir::Tmp);
+        if e.kind() == io::ErrorKind::PermissionDenied
+            && e.to_string().contains(&*tmp.to_string_lossy())
+        {
+            let group = fs::metadata(&tmp).map_or(u32::MAX, |m| m.gid());
+            SubmitError::Denied { err: e, group }
+        } else {
+            SubmitError::Io(e)
+        }
+    }
+}
+
 /// The spool as the client commands see it.
 impl Admin for Spool {
     fn address(&self) -> (&'static str, String) {
@@ -1072,19 +1138,8 @@ impl Admin for Spool {
     }
 
     fn submit(&self, src: &mut dyn Read, id: &str, partial: &Partial) -> Result<(), SubmitError> {
-        self.enqueue_tracked(src, id, partial).map_err(|e| {
-            // Refused by tmp/ itself, rather than by the file being submitted: the group that
-            // grants access is tmp/'s.
-            let tmp = self.dir_path(Dir::Tmp);
-            if e.kind() == io::ErrorKind::PermissionDenied
-                && e.to_string().contains(&*tmp.to_string_lossy())
-            {
-                let group = fs::metadata(&tmp).map_or(u32::MAX, |m| m.gid());
-                SubmitError::Denied { err: e, group }
-            } else {
-                SubmitError::Io(e)
-            }
-        })
+        self.enqueue_tracked(src, id, partial)
+            .map_err(|e| self.submit_error(e))
     }
 
     fn counts(&self) -> io::Result<Counts> {
@@ -1145,6 +1200,35 @@ impl Admin for Spool {
 
     fn show(&self, id: &JobId) -> io::Result<Option<ShownJob>> {
         self.show_job(id)
+    }
+
+    fn stage(
+        &self,
+        src: &mut dyn Read,
+        id: &str,
+        partial: &Partial,
+        submission: &Submission,
+    ) -> Result<(), SubmitError> {
+        self.stage_job(src, id, partial, submission)
+            .map_err(|e| self.submit_error(e))
+    }
+
+    fn publish(
+        &self,
+        ids: &[String],
+        partial: &Partial,
+        submission: &Submission,
+    ) -> Result<(), PublishError> {
+        self.publish_jobs(ids, partial, submission)
+    }
+
+    fn purge(
+        &self,
+        state: Finished,
+        before: SystemTime,
+        dry_run: bool,
+    ) -> Result<Vec<Purged>, OperatorError> {
+        self.purge_finished(state, before, dry_run)
     }
 }
 

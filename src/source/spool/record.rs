@@ -3,7 +3,7 @@
 //! spoold uses. Nothing outside the spool source sees these types, so the file format can only
 //! change here.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -44,6 +44,13 @@ pub(super) struct JobRecord {
     /// record without it reads and writes back as it was.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     history: Vec<FailureRecord>,
+    /// When the job expires unless done (`spoold enqueue --ttl`), in ms since the epoch (for
+    /// spoold) and as RFC 3339 (for people). Absent from records of jobs without a time to
+    /// live, so that those read and write back as they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) expires_unix_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_at: Option<String>,
 }
 
 /// How many failed attempts a record keeps: enough to see a pattern across retries, while a
@@ -94,6 +101,7 @@ impl From<JobRecord> for History {
             permanent: r.permanent,
             last_failure: r.last_failure.map(Failure::from),
             failures: r.history.into_iter().map(Failure::from).collect(),
+            expires_unix_ms: r.expires_unix_ms,
         }
     }
 }
@@ -110,6 +118,10 @@ impl From<History> for JobRecord {
             permanent: h.permanent,
             last_failure: h.last_failure.map(FailureRecord::from),
             history: h.failures.into_iter().map(FailureRecord::from).collect(),
+            expires_at: h
+                .expires_unix_ms
+                .map(|ms| rfc3339(UNIX_EPOCH + Duration::from_millis(ms))),
+            expires_unix_ms: h.expires_unix_ms,
         }
     }
 }
@@ -156,6 +168,8 @@ pub(super) fn after_failure(
             .or_else(|| Some(failure.started_at.clone())),
         last_failure: Some(failure),
         failures,
+        // A time to live holds for the whole life of the job, across its retries.
+        expires_unix_ms: earlier.and_then(|h| h.expires_unix_ms),
         ..History::default()
     }
 }
