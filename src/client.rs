@@ -423,6 +423,11 @@ fn purge(
     };
     let purged = match queue.purge(state, before, dry_run) {
         Ok(purged) => purged,
+        // A member of the group may read done/ and failed/ but not remove from them: the
+        // daemon removes the jobs a dry run lists, for them, and logs it.
+        Err(OperatorError::Denied { .. }) if !dry_run => {
+            return purge_through_daemon(queue, state, before, what);
+        }
         Err(e) => {
             operator_error("nothing purged", e);
             return Ok(ExitCode::FAILURE);
@@ -460,6 +465,36 @@ fn purge(
         .filter_map(|job| JobId::parse(&display_name(&job.name)).ok())
         .collect();
     Ok(record_operation(queue, Operation::Purge, &removed, &[]).unwrap_or(ExitCode::SUCCESS))
+}
+
+/// A member's purge: lists what is old enough, and asks the daemon to remove those jobs. The
+/// daemon removes each only if it is still in `done/` or `failed/` when it acts.
+fn purge_through_daemon(
+    queue: &impl Admin,
+    state: Finished,
+    before: SystemTime,
+    what: &str,
+) -> io::Result<ExitCode> {
+    let listed = match queue.purge(state, before, true) {
+        Ok(listed) => listed,
+        Err(e) => {
+            operator_error("nothing purged", e);
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let asked: Vec<JobId> = listed
+        .iter()
+        .filter_map(|job| JobId::parse(&display_name(&job.name)).ok())
+        .collect();
+    for id in &asked {
+        println!("{id}: purge requested; {ASKED}");
+    }
+    println!(
+        "{} {what} job{} to be removed by the daemon",
+        asked.len(),
+        if asked.len() == 1 { "" } else { "s" }
+    );
+    Ok(record_operation(queue, Operation::Purge, &[], &asked).unwrap_or(ExitCode::SUCCESS))
 }
 
 /// Opens a file to submit, refusing anything but a regular file (or a link to one): a FIFO

@@ -419,7 +419,7 @@ fn purge_dry_run_changes_nothing_and_purge_removes_with_records() {
     assert!(String::from_utf8_lossy(&out.stdout).contains(&failed));
     let uid = rustix::process::geteuid().as_raw();
     // The daemon was stopped for the listings above: it logs the record when it starts.
-    let mut d = env.start();
+    let d = env.start();
     d.wait_until(
         "the purge in the daemon's log, with the uid and the job",
         || {
@@ -547,4 +547,45 @@ fn a_member_submits_delayed_jobs_and_jobs_under_the_limit() {
     );
     assert_eq!(env.count("tmp"), 0, "{}", spool_listing(&env.spool));
     assert_eq!(env.count("control"), 0, "{}", spool_listing(&env.spool));
+
+    // The member may not remove from done/, so the daemon purges for them, and logs it with
+    // their uid.
+    d.wait_until("both jobs in done/", || {
+        let names = env.names("done");
+        names.contains(&delayed) && names.contains(&plain)
+    });
+    let purge = |extra: &[&str]| {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(BIN)
+            .args(["purge", "--state", "done", "--older-than", "1s", "--config"])
+            .arg(&env.config)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "purge: {}", describe(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // The two finished seconds apart: a dry run (which a member may make) waits until both are
+    // old enough, so that one purge names both.
+    let mut last = String::new();
+    wait_for(SOON, || {
+        last = purge(&["--dry-run"]);
+        (last.contains(&delayed) && last.contains(&plain)).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the member's dry run never listed both jobs:\n{last}"));
+    let asked = purge(&[]);
+    assert!(
+        asked.contains(&delayed) && asked.contains(&plain),
+        "{asked}"
+    );
+    assert!(asked.contains("purge requested"), "{asked}");
+    d.wait_until("the daemon to purge done/ for the member", || {
+        env.count("done") == 0
+    });
+    d.wait_until("the member's purge in the log", || {
+        d.log().lines().any(|l| {
+            l.contains("purged by uid 65534") && l.contains(&plain) && l.contains("removed from")
+        })
+    });
 }

@@ -758,9 +758,10 @@ impl Spool {
             Operation::Pause | Operation::Resume => {
                 Outcome::NotDone(format!("a {} names no job", op.name()))
             }
-            Operation::Purge => Outcome::NotDone(
-                "spoold does not purge for members yet; ask root to run spoold purge".to_owned(),
-            ),
+            Operation::Purge => match self.purge_job(id)? {
+                Some(place) => Outcome::Done(format!("removed from {place}")),
+                None => Outcome::NotDone("no finished job of that name".to_owned()),
+            },
         })
     }
 }

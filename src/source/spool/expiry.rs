@@ -26,7 +26,7 @@ use rustix::io::Errno;
 
 use super::control::EXPIRED;
 use super::{Dir, Spool, rfc3339, unix_ms};
-use crate::source::admin::{Finished, OperatorError, Purged};
+use crate::source::admin::{Finished, OperatorError, Place, Purged};
 
 /// A job that expired.
 #[derive(Debug)]
@@ -218,6 +218,35 @@ impl Spool {
             });
         }
         Ok(purged)
+    }
+
+    /// Removes one finished job, asked for by a member's purge: from `failed/` with its reason
+    /// record, or from `done/`. Returns the place it was removed from, or None when neither
+    /// holds it any more (retried, or already purged). Only a regular file is removed.
+    pub(super) fn purge_job(&self, id: &crate::job::JobId) -> io::Result<Option<Place>> {
+        for dir in [Dir::Failed, Dir::Done] {
+            match rustix::fs::statat(self.fd(dir), id.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st)
+                    if rustix::fs::FileType::from_raw_mode(st.st_mode)
+                        == rustix::fs::FileType::RegularFile => {}
+                Ok(_) | Err(Errno::NOENT) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            match rustix::fs::unlinkat(self.fd(dir), id.as_os_str(), AtFlags::empty()) {
+                Ok(()) => {}
+                Err(Errno::NOENT) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            if dir == Dir::Failed {
+                match rustix::fs::unlinkat(self.fd(Dir::Reasons), id.as_os_str(), AtFlags::empty())
+                {
+                    Ok(()) | Err(Errno::NOENT) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            return Ok(Some(dir.place()));
+        }
+        Ok(None)
     }
 
     fn io_in(&self, dir: Dir, e: io::Error) -> OperatorError {
