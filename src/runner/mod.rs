@@ -189,6 +189,7 @@ fn run_job<S: Source>(crew: &Crew<S>, lease: S::Lease<'_>, scratch: &mut handler
     // The attempt blocks this worker's thread, which has nothing else to run meanwhile: its
     // runtime only serves this worker's waits between jobs.
     let report = handler::run(&config.handler, &job, &crew.abort, lease.revoked(), scratch);
+    crew.stats.run_seconds.observe(report.duration);
     let verdict = policy::decide(&report, job.attempt, &config.retry, fastrand::f64());
     lease.settle(verdict, report);
 }

@@ -42,7 +42,7 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::later;
-use crate::daemon::stats::Stats;
+use crate::daemon::stats::{Finished, Stats};
 use crate::job::display_name;
 use crate::source::admin::Paused;
 use crate::source::spool::control::{Cancelled, PauseRecord};
@@ -466,9 +466,7 @@ impl Turns {
                     "cancel by uid {uid}: stopping the running handler"
                 ),
                 Ok(Cancelled::Failed { from, name: moved }) => {
-                    self.stats
-                        .failed
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.stats.finished(Finished::Cancelled);
                     // The queued count still holds a job taken out of new/: a pass sets it right.
                     if from == Dir::New {
                         self.dirty = true;

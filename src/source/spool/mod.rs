@@ -207,6 +207,8 @@ pub struct Claimed {
     pub attempt: u32,
     /// The job's earlier failed attempts, if any.
     pub history: Option<History>,
+    /// When it was submitted, as its file's modification time says: the start of its wait.
+    pub submitted: SystemTime,
 }
 
 /// The outcome of trying to claim a name seen in `new/`.
@@ -613,6 +615,8 @@ impl Spool {
             name,
             attempt,
             history,
+            submitted: UNIX_EPOCH
+                + Duration::new(stat.st_mtime.max(0) as u64, stat.st_mtime_nsec as u32),
         })))
     }
 
