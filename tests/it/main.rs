@@ -16,6 +16,7 @@ mod client;
 mod core;
 mod handlers;
 mod jetstream_cluster;
+mod metrics;
 mod operator;
 mod packaging;
 mod reliability;

@@ -1,0 +1,272 @@
+//! The Prometheus endpoint (`[metrics] listen`), as an operator meets it: the text at
+//! `/metrics` after jobs ran, a real Prometheus scraping it and answering a query, an address in
+//! use or malformed refused at start with the address named, and a stop that the endpoint does
+//! not delay.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::util::{self, BIN, Env, SOON, describe, run_to_exit, wait_for};
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP/1.1 GET: (status code, body), or None when nothing answered.
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+    stream.set_read_timeout(Some(SOON)).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+/// The value of the sample named exactly `series` (name and labels) in the exposition text.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
+}
+
+/// A spool with 2 workers whose handler exits 65 (a permanent failure) for a job that says
+/// `bad`, and 0 otherwise; metrics on `port`.
+fn metrics_env(port: u16) -> Env {
+    let env = Env::new(&["/bin/true"], "");
+    let h = env.script(
+        "handler.sh",
+        "if grep -q bad \"$SPOOLD_JOB_PATH\"; then exit 65; fi\nexit 0",
+    );
+    env.write_config(
+        &[&h],
+        &format!(
+            "[workers]\ncount = 2\n[retry]\npermanent_exit_codes = [65]\n\
+             [metrics]\nlisten = \"127.0.0.1:{port}\"\n"
+        ),
+    );
+    env
+}
+
+/// Jobs run, then `/metrics` says how they ended, how many are in each state, the workers,
+/// the pause, and the histograms' counts; another path is a 404. A stop is not held up by a
+/// client that keeps a connection open.
+#[test]
+fn metrics_endpoint_reports_jobs_states_workers_and_pause() {
+    let port = free_port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let env = metrics_env(port);
+    let mut daemon = env.start();
+    for i in 0..3 {
+        env.submit(&format!("ok-{i}"), "fine");
+    }
+    env.submit("bad-1", "bad");
+    daemon.wait_until("3 done and 1 failed", || {
+        env.names("done").len() == 3 && env.names("failed").len() == 1
+    });
+
+    let (status, text) = http_get(addr, "/metrics").expect("an answer from /metrics");
+    assert_eq!(status, 200, "{text}");
+    for (series, want) in [
+        ("spoold_jobs_finished_total{outcome=\"done\"}", 3.0),
+        ("spoold_jobs_finished_total{outcome=\"failed\"}", 1.0),
+        ("spoold_jobs_finished_total{outcome=\"retried\"}", 0.0),
+        ("spoold_jobs_finished_total{outcome=\"cancelled\"}", 0.0),
+        ("spoold_jobs_finished_total{outcome=\"aborted\"}", 0.0),
+        ("spoold_jobs{state=\"done\"}", 3.0),
+        ("spoold_jobs{state=\"failed\"}", 1.0),
+        ("spoold_jobs{state=\"queued\"}", 0.0),
+        ("spoold_jobs{state=\"held\"}", 0.0),
+        ("spoold_workers", 2.0),
+        ("spoold_workers_busy", 0.0),
+        ("spoold_paused", 0.0),
+        ("spoold_oldest_queued_age_seconds", 0.0),
+        ("spoold_job_run_seconds_count", 4.0),
+        ("spoold_job_run_seconds_bucket{le=\"+Inf\"}", 4.0),
+        ("spoold_job_queue_wait_seconds_count", 4.0),
+    ] {
+        assert_eq!(sample(&text, series), Some(want), "{series} in:\n{text}");
+    }
+    assert!(
+        text.contains("# TYPE spoold_job_run_seconds histogram"),
+        "{text}"
+    );
+    let (status, _) = http_get(addr, "/").expect("an answer from /");
+    assert_eq!(status, 404);
+
+    // A pause shows within a second or so; a queued job's age with it.
+    let out = env.cli(&["pause", "--reason", "metrics test"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    env.submit("waiting", "fine");
+    let text = wait_for(SOON, || {
+        let (_, text) = http_get(addr, "/metrics")?;
+        (sample(&text, "spoold_paused") == Some(1.0)
+            && sample(&text, "spoold_jobs{state=\"queued\"}") == Some(1.0))
+        .then_some(text)
+    })
+    .unwrap_or_else(|| panic!("no paused=1 with one queued job; log:\n{}", daemon.log()));
+    assert!(
+        sample(&text, "spoold_oldest_queued_age_seconds").is_some_and(|age| age >= 0.0),
+        "{text}"
+    );
+
+    // An idle connection, left open, does not hold the stop.
+    let idle = TcpStream::connect(addr).unwrap();
+    let took = daemon.stop();
+    assert!(took < Duration::from_secs(2), "stop took {took:?}");
+    drop(idle);
+    assert!(
+        TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err(),
+        "the endpoint outlived the daemon"
+    );
+}
+
+/// An address already in use is a start-up error that names the address and the key; no job
+/// starts. A malformed one is a config error with the file, line and key.
+#[test]
+fn metrics_address_in_use_or_malformed_is_refused_at_start() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let env = metrics_env(port);
+    env.submit("job", "fine");
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run").arg("--config").arg(&env.config);
+    let out = run_to_exit(cmd, SOON);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(74), "{}", describe(&out));
+    assert!(
+        err.contains(&format!("127.0.0.1:{port}")) && err.contains("[metrics] listen"),
+        "{err}"
+    );
+    assert!(err.contains("in use"), "{err}");
+    assert_eq!(env.names("new").len(), 1, "a job ran: {err}");
+    drop(taken);
+
+    let text = std::fs::read_to_string(&env.config)
+        .unwrap()
+        .replace(&format!("\"127.0.0.1:{port}\""), "\"localhost:9465\"");
+    std::fs::write(&env.config, &text).unwrap();
+    let line = text.lines().position(|l| l.starts_with("listen")).unwrap() + 1;
+    let out = env.cli(&["check-config"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{}", describe(&out));
+    let at = format!("{}:{line}:", env.config.display());
+    assert!(err.contains(&at), "expected {at:?}: {err}");
+    assert!(err.contains("key `metrics.listen`"), "{err}");
+    assert!(err.contains("is not an address and port"), "{err}");
+}
+
+/// Ends the Prometheus the test started, whatever happens to the test.
+struct Prometheus(Child);
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The Prometheus server binary: Debian's package, or the one `SPOOLD_PROMETHEUS` names.
+fn prometheus_binary() -> Option<String> {
+    if let Ok(path) = std::env::var("SPOOLD_PROMETHEUS") {
+        return Some(path);
+    }
+    Path::new("/usr/bin/prometheus")
+        .exists()
+        .then(|| "/usr/bin/prometheus".to_owned())
+}
+
+/// Prometheus's HTTP API answer to `path`, parsed; None until it answers 200.
+fn prometheus_api(addr: SocketAddr, path: &str) -> Option<serde_json::Value> {
+    let (status, body) = http_get(addr, path)?;
+    (status == 200).then(|| serde_json::from_str(&body).ok())?
+}
+
+/// A real Prometheus scrapes spoold: the target is up, and a query returns the number of jobs
+/// that ran.
+#[test]
+fn a_real_prometheus_scrapes_the_number_of_jobs_run() {
+    let test = "metrics::a_real_prometheus_scrapes_the_number_of_jobs_run";
+    let Some(binary) = prometheus_binary() else {
+        return util::skip(
+            test,
+            "no Prometheus server (apt-get install prometheus, or set SPOOLD_PROMETHEUS)",
+        );
+    };
+    let port = free_port();
+    let env = metrics_env(port);
+    let mut daemon = env.start();
+    for i in 0..5 {
+        env.submit(&format!("ok-{i}"), "fine");
+    }
+    daemon.wait_until("5 done", || env.names("done").len() == 5);
+
+    let dir = env.dir.path();
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
+             scrape_configs:\n  - job_name: spoold\n    static_configs:\n      \
+             - targets: [\"127.0.0.1:{port}\"]\n"
+        ),
+    )
+    .unwrap();
+    let web: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+    let child = Command::new(&binary)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address={web}"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
+    let _prometheus = Prometheus(child);
+    let prometheus_log = || std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default();
+
+    let up = wait_for(SOON, || {
+        let targets = prometheus_api(web, "/api/v1/targets")?;
+        let target = targets["data"]["activeTargets"]
+            .as_array()?
+            .first()?
+            .clone();
+        (target["health"] == "up").then_some(target)
+    });
+    assert!(
+        up.is_some(),
+        "the spoold target is not up in Prometheus; its log:\n{}",
+        prometheus_log()
+    );
+    let query = "/api/v1/query?query=spoold_jobs_finished_total%7Boutcome%3D%22done%22%7D";
+    let value = wait_for(SOON, || {
+        let answer = prometheus_api(web, query)?;
+        let result = answer["data"]["result"].as_array()?.first()?.clone();
+        result["value"][1].as_str().map(str::to_owned)
+    });
+    assert_eq!(
+        value.as_deref(),
+        Some("5"),
+        "the query's answer; Prometheus log:\n{}",
+        prometheus_log()
+    );
+    daemon.stop();
+}
