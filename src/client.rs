@@ -60,6 +60,9 @@ pub fn run(command: Command) -> ExitCode {
                 hold_or_release(s, Action::Release, &ids, all)
             })
         }
+        Command::Top(config) => with_spool(&config.config, Layout::Existing, |s| {
+            crate::top::run(s, std::time::Duration::from_secs(1))
+        }),
         Command::Show { config, id, json } => {
             with_spool(&config.config, Layout::Existing, |s| show(s, &id, json))
         }

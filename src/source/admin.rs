@@ -8,6 +8,7 @@ use std::ffi::OsString;
 use std::fmt;
 use std::io::{self, Read};
 use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
 
 use serde::Serialize;
 
@@ -25,6 +26,12 @@ pub trait Admin {
 
     /// The jobs in each state, the age of the oldest queued job, and the daemon's pid.
     fn counts(&self) -> io::Result<Counts>;
+
+    /// The jobs running now, the longest-running first (for `spoold top`).
+    fn running(&self) -> io::Result<Vec<RunningJob>>;
+
+    /// The job that has waited longest to run, if any (for `spoold top`).
+    fn oldest_queued(&self) -> io::Result<Option<Queued>>;
 
     /// The jobs that failed for good, in the order of their IDs, with their histories.
     fn failed(&self) -> io::Result<Vec<FailedJob>>;
@@ -62,6 +69,23 @@ pub trait Admin {
     /// Where the job `id` is and its failed attempts, for `spoold show`; None when there is
     /// no job of that ID.
     fn show(&self, id: &JobId) -> io::Result<Option<ShownJob>>;
+}
+
+/// A job being run, as `spoold top` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningJob {
+    pub name: OsString,
+    /// The attempt under way, 1-based; None when its record could not be read.
+    pub attempt: Option<u32>,
+    /// When the attempt began.
+    pub since: SystemTime,
+}
+
+/// A job waiting to run, and since when (its submission).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    pub name: OsString,
+    pub since: SystemTime,
 }
 
 /// A job as `spoold show` shows it.

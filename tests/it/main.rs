@@ -23,3 +23,4 @@ mod reliability;
 mod shutdown;
 mod spool_props;
 mod systemd;
+mod top;

@@ -171,8 +171,7 @@ fn units_with_the_metrics_drop_in_stay_within_the_exposure_bound() {
         return util::skip(test, &why);
     }
     let (dir, _man) = staged_units();
-    let drop_in =
-        fs::read_to_string(Path::new(MANIFEST_DIR).join("config/metrics.conf")).unwrap();
+    let drop_in = fs::read_to_string(Path::new(MANIFEST_DIR).join("config/metrics.conf")).unwrap();
     assert!(drop_in.contains("IPAddressAllow=localhost"), "{drop_in}");
     for unit in ["spoold.service", "spoold@q1.service"] {
         let path = dir.path().join(unit);
@@ -195,9 +194,9 @@ fn units_with_the_metrics_drop_in_stay_within_the_exposure_bound() {
             out.status
         );
         assert!(
-            report
-                .lines()
-                .any(|l| l.contains("IPAddressDeny=") && l.contains("defines IP address allow list")),
+            report.lines().any(
+                |l| l.contains("IPAddressDeny=") && l.contains("defines IP address allow list")
+            ),
             "{unit}: the drop-in's IP filter is not in effect:\n{report}"
         );
     }

@@ -28,6 +28,7 @@
 mod control;
 pub mod discovery;
 mod lease;
+mod listing;
 mod record;
 pub mod schedule;
 
@@ -44,10 +45,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::job::{Failure, History, JobId, display_name, escape_bytes};
-use crate::source::admin::ShownJob;
 use crate::source::admin::{
     Admin, Counts, FailedJob, Moved, OperatorError, Partial, Paused, Place, Retried, SubmitError,
 };
+use crate::source::admin::{Queued, RunningJob, ShownJob};
 use crate::source::spool::schedule::RetrySchedule;
 use record::JobRecord;
 use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags, RenameFlags};
@@ -1092,6 +1093,14 @@ impl Admin for Spool {
 
     fn counts(&self) -> io::Result<Counts> {
         Spool::counts(self, true)
+    }
+
+    fn running(&self) -> io::Result<Vec<RunningJob>> {
+        self.running_jobs()
+    }
+
+    fn oldest_queued(&self) -> io::Result<Option<Queued>> {
+        Spool::oldest_queued(self)
     }
 
     fn failed(&self) -> io::Result<Vec<FailedJob>> {
