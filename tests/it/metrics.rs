@@ -270,3 +270,79 @@ fn a_real_prometheus_scrapes_the_number_of_jobs_run() {
     );
     daemon.stop();
 }
+
+/// Under a real systemd, the packaged unit with the README's drop-in (config/metrics.conf)
+/// serves `/metrics` to a scraper on loopback, and refuses one from another address of the
+/// machine: the drop-in's IP filter is in force, and the endpoint works through it.
+#[test]
+fn packaged_unit_with_the_metrics_drop_in_serves_loopback_only() {
+    use crate::sysd::{self, Machine};
+    let test = "metrics::packaged_unit_with_the_metrics_drop_in_serves_loopback_only";
+    if sysd::skipped(test) {
+        return;
+    }
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |p: &str| std::fs::read_to_string(source.join(p)).unwrap();
+    let m = Machine::boot(&[(Path::new(BIN), "/usr/local/bin/spoold")]);
+    m.write(
+        "/etc/systemd/system/spoold.service",
+        &read("packaging/spoold.service").replace("/usr/bin/spoold", "/usr/local/bin/spoold"),
+    );
+    m.write(
+        "/etc/systemd/system/spoold.service.d/metrics.conf",
+        &read("config/metrics.conf"),
+    );
+    m.write(
+        "/usr/lib/sysusers.d/spoold.conf",
+        &read("packaging/spoold.sysusers"),
+    );
+    m.write(
+        "/usr/lib/tmpfiles.d/spoold.conf",
+        &read("packaging/spoold.tmpfile"),
+    );
+    // Listening on every address, so that the filter, not the socket, decides who gets in. A
+    // second address on lo, outside 127.0.0.0/8, is one the drop-in does not allow.
+    m.write(
+        "/etc/spoold/spoold.toml",
+        "[spool]\ndir = \"/var/spool/spoold\"\n[workers]\ncount = 2\n\
+         [handler]\ncommand = [\"/bin/true\"]\n[metrics]\nlisten = \"0.0.0.0:9465\"\n",
+    );
+    m.sh_ok(
+        "systemd-sysusers && systemd-tmpfiles --create && chgrp spoold /etc/spoold/spoold.toml \
+         && chmod 0640 /etc/spoold/spoold.toml && ip addr add 10.9.9.1/32 dev lo \
+         && systemctl daemon-reload && systemctl start spoold",
+    );
+    m.sh_ok("for i in 1 2 3; do echo job | spoold enqueue -c /etc/spoold/spoold.toml -; done");
+    // bash's /dev/tcp: the guest has no HTTP client of its own.
+    m.write_exec(
+        "/usr/local/bin/scrape",
+        "#!/bin/bash\ntimeout 10 bash -c 'exec 3<>\"/dev/tcp/$0/9465\" && printf \
+         \"GET /metrics HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n\" >&3 && \
+         cat <&3' \"$1\"\n",
+    );
+    let scrape = |host: &str| m.sh_within(&format!("scrape {host}"), Duration::from_secs(60));
+    let text = wait_for(SOON, || {
+        let out = scrape("127.0.0.1");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .any(|l| l == "spoold_jobs_finished_total{outcome=\"done\"} 3")
+            .then_some(text)
+    });
+    assert!(
+        text.is_some(),
+        "no scrape counted 3 done jobs; the last: {}\nstatus:\n{}",
+        describe(&scrape("127.0.0.1")),
+        String::from_utf8_lossy(
+            &m.sh("systemctl status --no-pager spoold; journalctl --no-pager -u spoold | tail -20")
+                .stdout
+        )
+    );
+    // From 10.9.9.1, which IPAddressAllow=localhost does not name: no answer comes back.
+    let out = scrape("10.9.9.1");
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !answer.contains("spoold_jobs"),
+        "a scraper outside the allow list got the metrics:\n{answer}"
+    );
+    m.sh_ok("systemctl stop spoold");
+}

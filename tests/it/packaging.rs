@@ -242,7 +242,10 @@ fn config_man_page_describes_every_key_with_its_default() {
         "the man page says workers.count defaults to the number of CPUs"
     );
     assert!(c.handler.env.is_empty() && c.retry.permanent_exit_codes.is_empty());
-    assert_eq!(c.metrics.listen, None, "the man page says metrics are off by default");
+    assert_eq!(
+        c.metrics.listen, None,
+        "the man page says metrics are off by default"
+    );
 
     // Every key the two shipped configs use is in the table above (so a new key cannot be
     // added to the examples without it).
