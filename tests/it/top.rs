@@ -66,7 +66,9 @@ fn top_env() -> Env {
 
 /// top shows the counts per state, the running job with its attempt (its name escaped: it
 /// holds an escape sequence), the oldest queued job and the pause; `q` ends it with status 0
-/// and gives back the main screen in cooked mode.
+/// and gives back the main screen in cooked mode. As root, the test runs top as a user who is
+/// only a member of the spool's group (nobody, in group nogroup, the spool's group), as the
+/// packaged spool's readers are: it needs no root and only reads.
 #[test]
 fn top_shows_states_running_job_and_pause_and_q_quits() {
     let test = "top::top_shows_states_running_job_and_pause_and_q_quits";
@@ -82,12 +84,18 @@ fn top_shows_states_running_job_and_pause_and_q_quits() {
     env.submit("queued-1", "x");
     env.submit("queued-2", "x");
 
+    let as_member = if util::is_root() {
+        member_of_the_spool_group(&env);
+        "setpriv --reuid=65534 --regid=65534 --clear-groups "
+    } else {
+        ""
+    };
     // The wrapper prints how top ended and the terminal's mode after it, then stays, so that
     // the pane can be read once top is gone.
     let wrapper = env.script(
         "top.sh",
         &format!(
-            "{BIN} top --config {}\necho \"top exited $?\"\nstty -a\nsleep 600",
+            "{as_member}{BIN} top --config {}\necho \"top exited $?\"\nstty -a\nsleep 600",
             env.config.display()
         ),
     );
@@ -154,4 +162,32 @@ fn top_shows_states_running_job_and_pause_and_q_quits() {
     );
     std::fs::write(env.dir.path().join("go"), "").unwrap();
     daemon.stop();
+}
+
+/// Gives the spool to group nogroup (65534) the way the package gives it to group spoold: the
+/// directories group-readable and setgid, so that what the daemon (root here) creates stays in
+/// the group, and nothing for others. The test's directory and config become reachable.
+fn member_of_the_spool_group(env: &Env) {
+    use std::os::unix::fs::PermissionsExt;
+    let chmod = |p: &Path, mode| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode));
+    chmod(env.dir.path(), 0o755).unwrap();
+    chmod(&env.config, 0o644).unwrap();
+    let out = Command::new("chgrp")
+        .args(["-R", "65534"])
+        .arg(&env.spool)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "chgrp: {}", describe(&out));
+    let out = Command::new("chmod")
+        .args(["-R", "g+rX,o-rwx"])
+        .arg(&env.spool)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "chmod: {}", describe(&out));
+    let out = Command::new("find")
+        .arg(&env.spool)
+        .args(["-type", "d", "-exec", "chmod", "g+s", "{}", "+"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "chmod g+s: {}", describe(&out));
 }
