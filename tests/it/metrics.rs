@@ -45,17 +45,19 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 }
 
 /// A spool with 2 workers whose handler exits 65 (a permanent failure) for a job that says
-/// `bad`, and 0 otherwise; metrics on `port`.
+/// `bad`, 1 for one that says `flaky` (its retry waits an hour), and 0 otherwise; metrics on
+/// `port`.
 fn metrics_env(port: u16) -> Env {
     let env = Env::new(&["/bin/true"], "");
     let h = env.script(
         "handler.sh",
-        "if grep -q bad \"$SPOOLD_JOB_PATH\"; then exit 65; fi\nexit 0",
+        "if grep -q bad \"$SPOOLD_JOB_PATH\"; then exit 65; fi\n\
+         if grep -q flaky \"$SPOOLD_JOB_PATH\"; then exit 1; fi\nexit 0",
     );
     env.write_config(
         &[&h],
         &format!(
-            "[workers]\ncount = 2\n[retry]\npermanent_exit_codes = [65]\n\
+            "[workers]\ncount = 2\n[retry]\npermanent_exit_codes = [65]\nbackoff_initial = \"1h\"\n\
              [metrics]\nlisten = \"127.0.0.1:{port}\"\n"
         ),
     );
@@ -123,6 +125,36 @@ fn metrics_endpoint_reports_jobs_states_workers_and_pause() {
         sample(&text, "spoold_oldest_queued_age_seconds").is_some_and(|age| age >= 0.0),
         "{text}"
     );
+
+    // A cancel of the waiting job, and a failed attempt that waits for its retry, each count
+    // under their own outcome.
+    let out = env.cli(&["cancel", "waiting"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = env.cli(&["resume"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    env.submit("flaky-1", "flaky");
+    let text = wait_for(SOON, || {
+        let (_, text) = http_get(addr, "/metrics")?;
+        (sample(&text, "spoold_jobs_finished_total{outcome=\"cancelled\"}") == Some(1.0)
+            && sample(&text, "spoold_jobs_finished_total{outcome=\"retried\"}") == Some(1.0)
+            // The directories are counted before the counters are read: a scrape may see the
+            // counter of a move that its count of the directories missed.
+            && sample(&text, "spoold_jobs{state=\"retry\"}") == Some(1.0))
+        .then_some(text)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no cancelled 1, retried 1, 1 in retry; log:\n{}",
+            daemon.log()
+        )
+    });
+    for (series, want) in [
+        ("spoold_jobs{state=\"failed\"}", 2.0),
+        ("spoold_jobs_finished_total{outcome=\"failed\"}", 1.0),
+        ("spoold_paused", 0.0),
+    ] {
+        assert_eq!(sample(&text, series), Some(want), "{series} in:\n{text}");
+    }
 
     // An idle connection, left open, does not hold the stop.
     let idle = TcpStream::connect(addr).unwrap();
