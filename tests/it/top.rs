@@ -52,7 +52,8 @@ impl Drop for Tmux {
     }
 }
 
-/// A spool with one worker whose handler runs until the file `go` exists.
+/// A spool with one worker whose handler runs until the file `go` exists; metrics on a free
+/// loopback port.
 fn top_env() -> Env {
     let env = Env::new(&["/bin/true"], "");
     let dir = env.dir.path().display().to_string();
@@ -60,13 +61,22 @@ fn top_env() -> Env {
         "handler.sh",
         &format!("while [ ! -e {dir}/go ]; do sleep 0.05; done"),
     );
-    env.write_config(&[&h], "[workers]\ncount = 1\n");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    env.write_config(
+        &[&h],
+        &format!("[workers]\ncount = 1\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
     env
 }
 
 /// top shows the counts per state, the running job with its attempt (its name escaped: it
 /// holds an escape sequence), the oldest queued job and the pause; `q` ends it with status 0
-/// and gives back the main screen in cooked mode. As root, the test runs top as a user who is
+/// and gives back the main screen in cooked mode. Its rates come from the daemon's counters
+/// while the daemon runs, and from the spool once it is gone. As root, the test runs top as a user who is
 /// only a member of the spool's group (nobody, in group nogroup, the spool's group), as the
 /// packaged spool's readers are: it needs no root and only reads.
 #[test]
@@ -127,7 +137,8 @@ fn top_shows_states_running_job_and_pause_and_q_quits() {
             "oldest queued: queued-",
             "PAUSED since",
             "top test",
-            "Last minute",
+            "Last minute (daemon)",
+            "cancelled",
         ],
     );
     let row = screen
@@ -147,6 +158,29 @@ fn top_shows_states_running_job_and_pause_and_q_quits() {
     assert!(out.status.success(), "{}", describe(&out));
     tmux.wait_screen("the end of the pause", &["running: not paused"]);
 
+    // The jobs finish: the daemon's done counter rises, and so does its rate.
+    std::fs::write(env.dir.path().join("go"), "").unwrap();
+    let mut last = String::new();
+    let rising = wait_for(SOON, || {
+        last = tmux.screen();
+        // The rate's row reads "done      0.05/s"; the counts' row "done 3".
+        let words: Vec<&str> = last
+            .split(|c: char| c.is_whitespace() || c == '│')
+            .filter(|w| !w.is_empty())
+            .collect();
+        words
+            .windows(2)
+            .any(|w| w[0] == "done" && w[1].ends_with("/s") && w[1] != "0.00/s")
+            .then_some(())
+    });
+    assert!(rising.is_some(), "no done rate above zero:\n{last}");
+    // Without a daemon, the rates come from the spool's counts.
+    daemon.stop();
+    tmux.wait_screen(
+        "the spool's rates once the daemon is gone",
+        &["Last minute (spool)", "no daemon running", "done 3"],
+    );
+
     let out = tmux.run(&["send-keys", "-t", "top", "q"]);
     assert!(out.status.success(), "{}", describe(&out));
     let screen = tmux.wait_screen("top's exit", &["top exited 0"]);
@@ -160,8 +194,6 @@ fn top_shows_states_running_job_and_pause_and_q_quits() {
         words.contains(&"icanon") && words.contains(&"echo"),
         "the terminal was left raw:\n{screen}"
     );
-    std::fs::write(env.dir.path().join("go"), "").unwrap();
-    daemon.stop();
 }
 
 /// Gives the spool to group nogroup (65534) the way the package gives it to group spoold: the
