@@ -183,7 +183,8 @@ fn top_shows_states_running_job_and_pause_and_q_quits() {
 
     let out = tmux.run(&["send-keys", "-t", "top", "q"]);
     assert!(out.status.success(), "{}", describe(&out));
-    let screen = tmux.wait_screen("top's exit", &["top exited 0"]);
+    // "echoke" is on the last line `stty -a` prints ("-echoke" too): the whole listing is there.
+    let screen = tmux.wait_screen("top's exit", &["top exited 0", "echoke"]);
     assert!(
         !screen.contains("spoold top") && !screen.contains("Running ("),
         "the main screen is not back:\n{screen}"
