@@ -10,13 +10,13 @@
 //! `$CARGO_TARGET_DIR/bench/summary.json` (or `$SPOOLD_BENCH_JSON`).
 //!
 //! Environment: `SPOOLD_BENCH_QUICK=1` runs small counts (a smoke test of the suite itself, not
-//! figures to quote); `SPOOLD_BENCH_ONLY=throughput,stop,start,burst,retry,persistent` picks
-//! sections (`operator`, how soon a pause and a cancel take effect, runs only when named;
+//! figures to quote); `SPOOLD_BENCH_ONLY=throughput,stop,start,burst,retry,persistent,metrics`
+//! picks sections (`operator`, how soon a pause and a cancel take effect, runs only when named;
 //! `SPOOLD_BENCH_OPERATOR_RUNS=N` sets its runs); `SPOOLD_BENCH_PERSISTENT_JOBS=N` sets the
 //! persistent section's job count, and `SPOOLD_BENCH_INSTALL=1` lets it install its peers
-//! (Sidekiq, Redis, Celery);
-//! `SPOOLD_BENCH_ROUNDS=N` sets how many alternating rounds the throughput section runs;
-//! `SPOOLD_BENCH_DIR` is where the temporary spools go (it must be a local filesystem).
+//! (Sidekiq, Redis, Celery); `SPOOLD_BENCH_ROUNDS=N` sets how many alternating rounds the
+//! throughput and metrics sections run; `SPOOLD_BENCH_DIR` is where the temporary spools go (it
+//! must be a local filesystem).
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -188,6 +188,9 @@ fn main() {
     }
     if wanted("retry") {
         rows.extend(bench.retry_backlog());
+    }
+    if wanted("metrics") {
+        rows.extend(bench.metrics_overhead());
     }
     if wanted("persistent") {
         rows.extend(bench.persistent());
@@ -493,6 +496,29 @@ impl Daemon {
     fn wait_exit(&mut self) -> ExitStatus {
         self.child.wait().expect("wait")
     }
+}
+
+/// GETs `/metrics` on loopback `port` every second until `done`; returns how many scrapes got
+/// an answer (the first ones may come before the daemon listens).
+fn scrape_every_second(port: u16, done: &AtomicBool) -> usize {
+    use std::net::TcpStream;
+    let mut answered = 0;
+    while !done.load(Ordering::Relaxed) {
+        if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut body = String::new();
+            if stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .and_then(|()| stream.read_to_string(&mut body))
+                .is_ok()
+                && body.contains("spoold_jobs_finished_total")
+            {
+                answered += 1;
+            }
+        }
+        thread::sleep(Duration::from_secs(1));
+    }
+    answered
 }
 
 /// Sends SIGTERM and waits for the exit; returns the time between the two.
@@ -973,6 +999,60 @@ impl Bench {
 
     /// One spoold run: `n` jobs waiting in `new/` at exec; the clock runs from exec to the
     /// arrival of the last job in `done/`. Returns jobs/s and the daemon's CPU seconds per job.
+    /// Throughput with the metrics endpoint off and on, in alternating runs: on, it listens on
+    /// loopback and a scraper reads `/metrics` every second (Prometheus's default is every 15 s,
+    /// so this is the harsher case). The counters themselves are always kept; what is compared
+    /// is the endpoint and its scrapes.
+    fn metrics_overhead(&self) -> Vec<Row> {
+        let n = self.sizes.jobs;
+        let (mut off, mut on) = (Vec::new(), Vec::new());
+        println!(
+            "== metrics: {n} jobs, /bin/true, 2 workers, metrics off vs on (scraped every second)"
+        );
+        for round in 0..self.sizes.rounds {
+            let spool = self.spool("metrics-off");
+            spool.configure(2, &["/bin/true"], "");
+            make_jobs(&spool.dir("new"), "job", n);
+            let (rate, _, _, _) = self.run_until_done(&spool, n);
+            self.remove(spool);
+            println!("  round {round}: metrics off {rate:.0} jobs/s");
+            off.push(rate);
+
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free loopback port")
+                .port();
+            let spool = self.spool("metrics-on");
+            spool.configure(
+                2,
+                &["/bin/true"],
+                &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+            );
+            make_jobs(&spool.dir("new"), "job", n);
+            let done = Arc::new(AtomicBool::new(false));
+            let scraper = {
+                let done = done.clone();
+                thread::spawn(move || scrape_every_second(port, &done))
+            };
+            let (rate, _, _, _) = self.run_until_done(&spool, n);
+            done.store(true, Ordering::Relaxed);
+            let scrapes = scraper.join().expect("the scraper");
+            self.remove(spool);
+            println!("  round {round}: metrics on {rate:.0} jobs/s ({scrapes} scrapes)");
+            on.push(rate);
+        }
+        let (on_median, off_median) = (median(&on), median(&off));
+        vec![Row {
+            section: "metrics",
+            what: format!("{n} jobs, /bin/true, 2 workers, scraped every 1 s"),
+            spoold: on_median,
+            unit: "jobs/s",
+            peer: Some(("spoold, metrics off".into(), off_median)),
+            target: Some(("ratio >= 0.97".into(), on_median / off_median >= 0.97)),
+            samples: on,
+        }]
+    }
+
     fn spoold_throughput(&self, n: usize) -> (f64, f64) {
         let spool = self.spool("tp-spoold");
         spool.configure(2, &["/bin/true"], "");

@@ -184,6 +184,15 @@ pub enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// A live view of the queue in the terminal; q quits.
+    ///
+    /// Jobs per state, the rates of done and failed jobs over the last minute, the running
+    /// jobs with their attempt and how long they have run, the oldest queued job, and the
+    /// pause. Refreshed every second (less often when reading a large spool takes long). It
+    /// only reads the spool: members of the spool's group may run it. It needs a terminal;
+    /// scripts use `spoold status --json`.
+    #[command(override_usage = "spoold top [-c|--config <PATH>]")]
+    Top(ConfigArg),
     /// Show one job: where it is and since when, and every failed attempt.
     ///
     /// It prints the job's place (new/, active/, retry/, hold/, done/ or failed/) and since

@@ -102,6 +102,16 @@ pub fn run(command: Command) -> ExitCode {
                 hold_or_release(s, Action::Release, &ids, all)
             })
         }
+        Command::Top(config) => {
+            // The daemon's metrics endpoint, when its config turns it on: top's rates then come
+            // from the daemon's counters. with_spool reports a config that cannot be loaded.
+            let metrics = Config::load(&config.config)
+                .ok()
+                .and_then(|c| c.metrics.listen);
+            with_spool(&config.config, Layout::Existing, |s| {
+                crate::top::run(s, metrics, std::time::Duration::from_secs(1))
+            })
+        }
         Command::Show { config, id, json } => {
             with_spool(&config.config, Layout::Existing, |s| show(s, &id, json))
         }

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,6 +33,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -177,6 +180,14 @@ impl Default for LogConfig {
             level: default_level(),
         }
     }
+}
+
+/// `[metrics]`: the Prometheus endpoint, off unless `listen` names an address.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    #[serde(default, deserialize_with = "listen_address")]
+    pub listen: Option<SocketAddr>,
 }
 
 fn default_rescan() -> Duration {
@@ -513,6 +524,19 @@ fn environment<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Strin
     Ok(env)
 }
 
+/// `[metrics] listen`: an IP address and a port, such as "127.0.0.1:9465" or "[::1]:9465". A
+/// host name is refused rather than resolved: what a name resolves to can change between the
+/// check and the start, and the unit's sandbox allows addresses, not names.
+fn listen_address<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse::<SocketAddr>().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not an address and port; write for example \"127.0.0.1:9465\" or \
+             \"[::1]:9465\""
+        ))
+    })
+}
+
 fn log_level<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let level = String::deserialize(d)?;
     match level.as_str() {
@@ -803,6 +827,25 @@ mod tests {
         assert!(c.done.keep);
         assert_eq!(c.shutdown.drain_timeout, Duration::from_secs(20));
         assert_eq!(c.log.level, "info");
+        assert_eq!(c.metrics.listen, None);
+    }
+
+    #[test]
+    fn metrics_listen_is_an_address_and_port() {
+        let c = parse(&format!(
+            "{MINIMAL}[metrics]\nlisten = \"127.0.0.1:9465\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9465".parse().unwrap()));
+        for bad in ["localhost:9465", "127.0.0.1", "127.0.0.1:99999", ""] {
+            let err = parse(&format!("{MINIMAL}[metrics]\nlisten = {bad:?}\n")).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains("test.toml:6:") && text.contains("metrics.listen"),
+                "{bad}: {text}"
+            );
+            assert!(text.contains("is not an address and port"), "{bad}: {text}");
+        }
     }
 
     /// The limits on waiting and on age are off by default, read when set, and refuse zero.

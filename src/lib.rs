@@ -17,3 +17,4 @@ pub mod job;
 pub mod policy;
 pub mod runner;
 pub mod source;
+pub mod top;

@@ -26,6 +26,7 @@ use tokio_util::task::AbortOnDropHandle;
 use crate::clock::later;
 use crate::config::{Config, ConfigError, EX_CONFIG};
 use crate::daemon::logging::LogControl;
+use crate::daemon::metrics;
 use crate::daemon::notify::Notifier;
 use crate::daemon::signals::Shutdown;
 use crate::daemon::stats::Stats;
@@ -71,6 +72,8 @@ pub enum RunError {
     DiscoveryCrashed(String),
     /// A thread panicked (a bug); the description names the thread and the place.
     Panic(String),
+    /// The metrics endpoint could not listen on its address (in use, or not this host's).
+    Metrics(metrics::BindError),
 }
 
 /// EX_SOFTWARE from sysexits(3): the exit status after a panic. It is non-zero, so the packaged
@@ -95,6 +98,7 @@ impl fmt::Display for RunError {
             RunError::DiscoveryFailed(e) => write!(f, "job discovery failed: {e}"),
             RunError::DiscoveryEnded => f.write_str("job discovery ended unexpectedly"),
             RunError::DiscoveryCrashed(e) => write!(f, "job discovery crashed: {e}"),
+            RunError::Metrics(e) => write!(f, "{e}"),
             RunError::Panic(e) => write!(
                 f,
                 "stopped after a panic ({e}); exiting with status {EX_SOFTWARE} so that the \
@@ -116,7 +120,8 @@ impl RunError {
             | RunError::AbortEventfd(_)
             | RunError::DiscoveryFailed(_)
             | RunError::DiscoveryEnded
-            | RunError::DiscoveryCrashed(_) => EX_IOERR,
+            | RunError::DiscoveryCrashed(_)
+            | RunError::Metrics(_) => EX_IOERR,
             RunError::Panic(_) => EX_SOFTWARE,
         }
     }
@@ -218,6 +223,9 @@ struct Running {
     watchdog: Option<AbortOnDropHandle<()>>,
     /// The operator's pause, for STATUS=.
     paused: watch::Receiver<Option<Paused>>,
+    /// The metrics endpoint's task, when `[metrics] listen` is set, and what ends it: it
+    /// serves through the drain, so that a stop can be watched, and ends with the daemon.
+    metrics: Option<(CancellationToken, AbortOnDropHandle<()>)>,
 }
 
 impl Running {
@@ -229,6 +237,10 @@ impl Running {
         notifier: Notifier,
     ) -> Result<Running, RunError> {
         let (spool, lock) = open_spool(&config).await?;
+        let listener = match config.metrics.listen {
+            Some(addr) => Some(metrics::bind(addr).map_err(RunError::Metrics)?),
+            None => None,
+        };
         // Only a warning: the program may be installed after spoold starts, and each attempt
         // reports the spawn's own error anyway. It is looked up as the spawn will look it up.
         if let Err(problem) = crate::runner::handler::check_program(&config.handler) {
@@ -286,6 +298,20 @@ impl Running {
                 shutdown.stop.clone(),
             )))
         });
+        let metrics = listener.map(|listener| {
+            tracing::info!(
+                "serving metrics on http://{}/metrics",
+                config_rx.borrow().metrics.listen.expect("bound above")
+            );
+            let sources = metrics::Sources {
+                stats: stats.clone(),
+                spool: spool.clone(),
+                paused: paused_rx.clone(),
+            };
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(metrics::serve(listener, sources, stop.clone()));
+            (stop, AbortOnDropHandle::new(task))
+        });
         Ok(Running {
             spool,
             _lock: lock,
@@ -297,6 +323,7 @@ impl Running {
             rescan_tx,
             watchdog,
             paused: paused_rx,
+            metrics,
         })
     }
 
@@ -377,6 +404,13 @@ impl Running {
             );
             new.spool.dir = old.spool.dir.clone();
         }
+        if new.metrics.listen != old.metrics.listen {
+            tracing::warn!(
+                "metrics.listen changed; that takes a restart, so the metrics endpoint stays as \
+                 it was"
+            );
+            new.metrics.listen = old.metrics.listen;
+        }
         log.set_level(&new.log.level);
         self.rescan_tx.send_replace(new.spool.rescan_interval);
         self.pool.resize(new.workers.count.get());
@@ -414,6 +448,10 @@ impl Running {
         .catch_unwind()
         .await;
         drop(self.watchdog);
+        if let Some((stop, task)) = self.metrics {
+            stop.cancel();
+            drop(task);
+        }
         let Ok(summary) = summary else {
             // The stop sequence itself panicked. The hook cancelled `abort`, so the handlers
             // are being signalled: wait for their workers as an aborted stop would, and for no

@@ -252,6 +252,7 @@ fn run_job<S: Source>(
             persistent.run(&config.handler, &job, &crew.abort, lease.revoked(), scratch)
         }
     };
+    crew.stats.run_seconds.observe(report.duration);
     let verdict = policy::decide(&report, job.attempt, &config.retry, fastrand::f64());
     lease.settle(verdict, report);
 }

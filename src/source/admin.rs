@@ -27,6 +27,12 @@ pub trait Admin {
     /// The jobs in each state, the age of the oldest queued job, and the daemon's pid.
     fn counts(&self) -> io::Result<Counts>;
 
+    /// The jobs running now, the longest-running first (for `spoold top`).
+    fn running(&self) -> io::Result<Vec<RunningJob>>;
+
+    /// The job that has waited longest to run, if any (for `spoold top`).
+    fn oldest_queued(&self) -> io::Result<Option<Queued>>;
+
     /// The jobs that failed for good, in the order of their IDs, with their histories.
     fn failed(&self) -> io::Result<Vec<FailedJob>>;
 
@@ -163,6 +169,23 @@ pub struct Purged {
     pub name: OsString,
     /// When it finished (came into done/ or failed/), RFC 3339, UTC.
     pub finished: String,
+}
+
+/// A job being run, as `spoold top` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningJob {
+    pub name: OsString,
+    /// The attempt under way, 1-based; None when its record could not be read.
+    pub attempt: Option<u32>,
+    /// When the attempt began.
+    pub since: SystemTime,
+}
+
+/// A job waiting to run, and since when (its submission).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    pub name: OsString,
+    pub since: SystemTime,
 }
 
 /// A job as `spoold show` shows it.

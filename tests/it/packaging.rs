@@ -161,6 +161,47 @@ fn units_stay_within_the_security_exposure_bound_and_keep_the_network() {
     }
 }
 
+/// The drop-in the README gives for metrics (config/metrics.conf), applied to both units,
+/// keeps them within the bound; it is what confines their IP traffic to the scraper. A drop-in
+/// is the unit's text with its lines added, which is how the staged copies get it.
+#[test]
+fn units_with_the_metrics_drop_in_stay_within_the_exposure_bound() {
+    let test = "packaging::units_with_the_metrics_drop_in_stay_within_the_exposure_bound";
+    if let Err(why) = systemd_analyze() {
+        return util::skip(test, &why);
+    }
+    let (dir, _man) = staged_units();
+    let drop_in = fs::read_to_string(Path::new(MANIFEST_DIR).join("config/metrics.conf")).unwrap();
+    assert!(drop_in.contains("IPAddressAllow=localhost"), "{drop_in}");
+    for unit in ["spoold.service", "spoold@q1.service"] {
+        let path = dir.path().join(unit);
+        let mut with_drop_in = fs::read_to_string(&path).unwrap();
+        with_drop_in.push('\n');
+        with_drop_in.push_str(&drop_in);
+        fs::write(&path, with_drop_in).unwrap();
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=true", "--no-pager"])
+            .arg(format!("--threshold={}", (MAX_EXPOSURE * 10.0).round()))
+            .arg(&path)
+            .output()
+            .unwrap();
+        let report = text(&out);
+        let level = exposure(&report);
+        eprintln!("systemd-analyze security {unit} with the metrics drop-in: exposure {level}");
+        assert!(
+            out.status.success() && level <= MAX_EXPOSURE,
+            "{unit} with config/metrics.conf: exposure {level} is above {MAX_EXPOSURE} ({}):\n{report}",
+            out.status
+        );
+        assert!(
+            report.lines().any(
+                |l| l.contains("IPAddressDeny=") && l.contains("defines IP address allow list")
+            ),
+            "{unit}: the drop-in's IP filter is not in effect:\n{report}"
+        );
+    }
+}
+
 /// Every key of the config schema with the default spoold.toml(5) must show, checked against
 /// what the crate itself does with a minimal file.
 #[test]
@@ -195,6 +236,7 @@ fn config_man_page_describes_every_key_with_its_default() {
         ("done.max_age", "none".to_owned()),
         ("shutdown.drain_timeout", human(c.shutdown.drain_timeout)),
         ("log.level", format!("\"{}\"", c.log.level)),
+        ("metrics.listen", "none".to_owned()),
     ]
     .into_iter()
     .collect();
@@ -205,6 +247,10 @@ fn config_man_page_describes_every_key_with_its_default() {
     );
     assert!(c.handler.env.is_empty() && c.retry.permanent_exit_codes.is_empty());
     assert!(c.spool.max_queued.is_none() && c.retry.max_age.is_none() && c.done.max_age.is_none());
+    assert_eq!(
+        c.metrics.listen, None,
+        "the man page says metrics are off by default"
+    );
 
     // Every key the two shipped configs use is in the table above (so a new key cannot be
     // added to the examples without it).

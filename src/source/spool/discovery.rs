@@ -47,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::later;
 use crate::config::Config;
-use crate::daemon::stats::Stats;
+use crate::daemon::stats::{Finished as Counted, Stats};
 use crate::job::display_name;
 use crate::source::admin::Paused;
 use crate::source::admin::{Finished, OperatorError, Purged};
@@ -670,9 +670,7 @@ impl Turns {
         match sweep.expired {
             Ok(expired) => {
                 for job in expired {
-                    self.stats
-                        .failed
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.stats.finished(Counted::Expired);
                     // The queued count still holds a job taken out of new/: a pass sets it right.
                     if job.from == Dir::New {
                         self.dirty = true;
@@ -735,9 +733,7 @@ impl Turns {
                     "cancel by uid {uid}: stopping the running handler"
                 ),
                 Ok(Cancelled::Failed { from, name: moved }) => {
-                    self.stats
-                        .failed
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.stats.finished(Counted::Cancelled);
                     // The queued count still holds a job taken out of new/: a pass sets it right.
                     if from == Dir::New {
                         self.dirty = true;

@@ -11,7 +11,6 @@
 use std::ffi::OsString;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Mutex, mpsc, watch};
@@ -22,7 +21,7 @@ use super::discovery::RetryScheduled;
 use super::{Claim, Claimed, Spool, record, rfc3339, unix_ms};
 use crate::clock::later;
 use crate::config::Config;
-use crate::daemon::stats::Stats;
+use crate::daemon::stats::{Finished, Stats};
 use crate::job::{History, Job, Outcome, Report, Verdict, display_name};
 use crate::source::admin::Paused;
 use crate::source::{Lease, Source};
@@ -101,7 +100,7 @@ impl SpoolSource {
             }
             Ok(Claim::Rejected { reason, .. }) => {
                 self.stats.took();
-                self.stats.failed.fetch_add(1, Relaxed);
+                self.stats.finished(Finished::Failed);
                 tracing::warn!(
                     job_id = display_name(&name),
                     outcome = "failed",
@@ -115,6 +114,12 @@ impl SpoolSource {
             }
         };
         self.stats.took();
+        if claimed.attempt == 1 {
+            let waited = SystemTime::now().duration_since(claimed.submitted);
+            self.stats
+                .queue_wait_seconds
+                .observe(waited.unwrap_or_default());
+        }
         // Shown from the claimed name: the claim may have renamed the job (a job of the same
         // name waits in retry/).
         let shown = display_name(&claimed.name);
@@ -236,7 +241,7 @@ impl SpoolLease<'_> {
         let keep = self.source.config.borrow().done.keep;
         match self.source.spool.finish_done(job, keep) {
             Ok(to) => {
-                stats.done.fetch_add(1, Relaxed);
+                stats.finished(Finished::Done);
                 if let Some(to) = to.filter(|to| *to != job.name) {
                     tracing::warn!(
                         job_id = id,
@@ -270,7 +275,7 @@ impl SpoolLease<'_> {
             Ok(_) => {
                 // Not counted as queued here: the rename's inotify hint counts it, as it
                 // does any file that arrives in new/.
-                stats.requeued.fetch_add(1, Relaxed);
+                stats.finished(Finished::Aborted);
                 tracing::info!(
                     job_id = id,
                     attempt = job.attempt,
@@ -307,6 +312,7 @@ impl SpoolLease<'_> {
             Ok(name) => {
                 // Gone only once the daemon stops; the next start reads retry/ anyway.
                 let _ = self.source.retries.send((name, unix_ms(due)));
+                self.source.stats.finished(Finished::Retried);
                 tracing::warn!(
                     job_id = id,
                     attempt = job.attempt,
@@ -346,7 +352,11 @@ impl SpoolLease<'_> {
         let (job, id) = (&*self.claimed, self.shown.as_str());
         match self.source.spool.fail(&job.name, history) {
             Ok(_) => {
-                self.source.stats.failed.fetch_add(1, Relaxed);
+                self.source.stats.finished(if cancelled {
+                    Finished::Cancelled
+                } else {
+                    Finished::Failed
+                });
                 tracing::warn!(
                     job_id = id,
                     attempt = job.attempt,
@@ -373,6 +383,7 @@ mod tests {
     use super::*;
     use crate::source::report;
     use crate::source::spool::Dir;
+    use std::sync::atomic::Ordering::Relaxed;
 
     fn config(dir: &std::path::Path) -> Arc<Config> {
         Arc::new(

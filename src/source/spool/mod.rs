@@ -30,6 +30,7 @@ mod control;
 pub mod discovery;
 mod expiry;
 mod lease;
+mod listing;
 mod record;
 pub mod schedule;
 mod submit;
@@ -47,11 +48,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::job::{Failure, History, JobId, display_name, escape_bytes};
-use crate::source::admin::ShownJob;
 use crate::source::admin::{
     Admin, Counts, FailedJob, Finished, Moved, Operation, OperatorError, Partial, Paused, Place,
     PublishError, Purged, Retried, Submission, SubmitError,
 };
+use crate::source::admin::{Queued, RunningJob, ShownJob};
 use crate::source::spool::schedule::RetrySchedule;
 use record::JobRecord;
 use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags, RenameFlags};
@@ -211,6 +212,8 @@ pub struct Claimed {
     pub attempt: u32,
     /// The job's earlier failed attempts, if any.
     pub history: Option<History>,
+    /// When it was submitted, as its file's modification time says: the start of its wait.
+    pub submitted: SystemTime,
 }
 
 /// The outcome of trying to claim a name seen in `new/`.
@@ -619,6 +622,8 @@ impl Spool {
             name,
             attempt,
             history,
+            submitted: UNIX_EPOCH
+                + Duration::new(stat.st_mtime.max(0) as u64, stat.st_mtime_nsec as u32),
         })))
     }
 
@@ -1144,6 +1149,14 @@ impl Admin for Spool {
 
     fn counts(&self) -> io::Result<Counts> {
         Spool::counts(self, true)
+    }
+
+    fn running(&self) -> io::Result<Vec<RunningJob>> {
+        self.running_jobs()
+    }
+
+    fn oldest_queued(&self) -> io::Result<Option<Queued>> {
+        Spool::oldest_queued(self)
     }
 
     fn failed(&self) -> io::Result<Vec<FailedJob>> {
