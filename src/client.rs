@@ -22,6 +22,9 @@ use crate::source::spool::{Spool, SpoolError};
 
 /// Runs a client subcommand and returns the process exit status.
 pub fn run(command: Command) -> ExitCode {
+    if let Some(code) = broker_command(&command) {
+        return code;
+    }
     match command {
         Command::Run(_) => unreachable!("`run` is the daemon, handled in main"),
         Command::CheckConfig { config, path } => {
@@ -64,6 +67,56 @@ pub fn run(command: Command) -> ExitCode {
             with_spool(&config.config, Layout::Existing, |s| show(s, &id, json))
         }
     }
+}
+
+/// A command against a JetStream queue (`backend.kind = "jetstream"`); None when the config
+/// names a spool (or cannot be read: the spool path reports that).
+fn broker_command(command: &Command) -> Option<ExitCode> {
+    use crate::config::BackendKind;
+    use crate::source::jetstream::admin::BrokerAdmin;
+    let (config_path, name) = match command {
+        Command::Enqueue { config, .. } => (&config.config, "enqueue"),
+        Command::Status { config, .. } => (&config.config, "status"),
+        Command::Failed { config, .. } => (&config.config, "failed"),
+        Command::Retry { config, .. } => (&config.config, "retry"),
+        Command::Pause { config, .. } => (&config.config, "pause"),
+        Command::Resume { config } => (&config.config, "resume"),
+        Command::Hold { config, .. } => (&config.config, "hold"),
+        Command::Release { config, .. } => (&config.config, "release"),
+        Command::Cancel { config, .. } => (&config.config, "cancel"),
+        Command::Show { config, .. } => (&config.config, "show"),
+        _ => return None,
+    };
+    let config = Config::load(config_path).ok()?;
+    if config.backend.kind != BackendKind::Jetstream {
+        return None;
+    }
+    if !matches!(name, "enqueue" | "status" | "failed" | "retry") {
+        eprintln!(
+            "spoold: `{name}` works on a spool; it is not available with backend.kind = \
+             \"jetstream\" ({})",
+            config_path.display()
+        );
+        return Some(ExitCode::FAILURE);
+    }
+    let admin = match BrokerAdmin::connect(&config) {
+        Ok(admin) => admin,
+        Err(e) => {
+            eprintln!("spoold: {e}");
+            return Some(ExitCode::from(e.exit_code()));
+        }
+    };
+    let result = match command {
+        Command::Enqueue { files, .. } => enqueue(&admin, files),
+        Command::Status { json, .. } => admin.print_status(*json).map(|()| ExitCode::SUCCESS),
+        Command::Failed { json, .. } => failed(&admin, *json),
+        Command::Retry { ids, all, .. } => retry(&admin, ids, *all),
+        _ => unreachable!("only the commands above reach here"),
+    };
+    Some(result.unwrap_or_else(|e| {
+        eprintln!("spoold: {e}");
+        ExitCode::FAILURE
+    }))
 }
 
 fn check_config(path: &Path) -> ExitCode {
