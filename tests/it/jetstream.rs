@@ -59,9 +59,24 @@ exit 0"#;
 /// A host named `name` (A, B, ...) on `cluster`'s queue; `extra` is more config (tables after
 /// `[jetstream]`, or keys of it).
 fn host(dir: &Path, cluster: &nats::Cluster, name: &str, extra: &str) -> Env {
+    host_with(dir, cluster, name, extra, HANDLER, LEASE)
+}
+
+/// The lease of the tests: short, so that a lost host's jobs come back soon.
+const LEASE: &str = "ack_wait = \"6s\"\nprogress_interval = \"1s\"\n";
+
+/// [`host`] with a handler script and a lease of the caller's.
+fn host_with(
+    dir: &Path,
+    cluster: &nats::Cluster,
+    name: &str,
+    extra: &str,
+    handler: &str,
+    lease: &str,
+) -> Env {
     let runs = dir.join("runs");
     let env = Env::new(&["/bin/true"], "");
-    let handler = env.script("handler.sh", HANDLER);
+    let handler = env.script("handler.sh", handler);
     let servers: Vec<String> = cluster.urls().iter().map(|u| format!("{u:?}")).collect();
     env.write_config(
         &[&handler],
@@ -72,8 +87,7 @@ fn host(dir: &Path, cluster: &nats::Cluster, name: &str, extra: &str) -> Env {
              permanent_exit_codes = [65]\n\
              [shutdown]\ndrain_timeout = \"0s\"\n\
              [backend]\nkind = \"jetstream\"\n\
-             [jetstream]\nservers = [{}]\nack_wait = \"6s\"\nprogress_interval = \"1s\"\n\
-             connect_timeout = \"20s\"\n{extra}",
+             [jetstream]\nservers = [{}]\n{lease}connect_timeout = \"20s\"\n{extra}",
             runs.display().to_string(),
             servers.join(", ")
         ),
@@ -425,4 +439,238 @@ fn start_up_refuses_an_unreachable_or_contradicting_cluster() {
     // Unchanged: host A's config still starts.
     let da = a.start();
     drop(da);
+}
+
+/// The lease rule: while the whole cluster is down no heartbeat is confirmed, so after
+/// `ack_wait - progress_interval` (5 s here) the host ends the handler and sends nothing for
+/// that delivery; once the cluster is back the job runs again, as the same attempt, and the
+/// daemon kept running throughout.
+#[test]
+fn a_lease_that_cannot_be_renewed_ends_the_handler_and_the_job_runs_again() {
+    let test = "a_lease_that_cannot_be_renewed_ends_the_handler_and_the_job_runs_again";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    let mut cluster = nats::Cluster::start(&server);
+    let shared = tempfile::tempdir().unwrap();
+    let runs = Runs(shared.path().join("runs"));
+    let a = host(shared.path(), &cluster, "A", "");
+    let da = a.start();
+    let job = enqueue(&a, "hang");
+    wait(SOON, "the job running", &[&da], || runs.of(&job).len() == 1);
+    let down = Instant::now();
+    for n in 1..=3 {
+        cluster.kill(n);
+    }
+    wait(SOON, "the lease given up", &[&da], || {
+        da.log().contains("lease lost")
+    });
+    let lost_after = down.elapsed();
+    assert!(
+        lost_after < Duration::from_secs(6),
+        "the lease must be given up before the ack wait (6 s) ends, not after {lost_after:?}"
+    );
+    wait(SOON, "the handler ended", &[&da], || {
+        da.log().contains("ended because the source lost its lease")
+            || da
+                .log()
+                .contains("lease lost: the job was not acknowledged")
+    });
+    for n in 1..=3 {
+        cluster.restart(n);
+    }
+    cluster.wait_ready(nats::READY_WITHIN);
+    wait(
+        Duration::from_secs(90),
+        "the job run again after the outage",
+        &[&da],
+        || runs.of(&job).len() >= 2,
+    );
+    assert_eq!(
+        runs.of(&job)[1].1,
+        1,
+        "a lost lease does not use up an attempt"
+    );
+}
+
+/// The stream leader's node number, from the stream's info.
+fn stream_leader(cluster: &nats::Cluster) -> usize {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let name = runtime.block_on(async {
+        let client = async_nats::ConnectOptions::new()
+            .connect(cluster.urls().as_slice())
+            .await
+            .unwrap();
+        let js = async_nats::jetstream::new(client);
+        let give_up = Instant::now() + SOON;
+        loop {
+            if let Ok(mut stream) = js.get_stream("SPOOLD_default").await
+                && let Ok(info) = stream.info().await
+                && let Some(leader) = info.cluster.as_ref().and_then(|c| c.leader.clone())
+            {
+                return leader;
+            }
+            assert!(Instant::now() < give_up, "no stream leader within {SOON:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    cluster.number(&name)
+}
+
+/// Issue 14 test 1: three hosts consume 5,000 jobs while one host is SIGKILLed, the stream
+/// leader's node is SIGKILLed and restarted, and another host is stopped (SIGTERM) and started
+/// again. Every job ends with a successful run; the only jobs run twice are jobs that were in
+/// flight on the SIGKILLed host (at most its worker count); nothing is dead-lettered; every
+/// SIGTERM exit is 0.
+#[test]
+fn three_hosts_lose_no_job_through_host_and_node_crashes() {
+    const JOBS: usize = 5_000;
+    let test = "three_hosts_lose_no_job_through_host_and_node_crashes";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    let mut cluster = nats::Cluster::start(&server);
+    let shared = tempfile::tempdir().unwrap();
+    let log = shared.path().join("chaos");
+    let lease = "ack_wait = \"15s\"\nprogress_interval = \"2s\"\n";
+    let hosts: Vec<Env> = ["A", "B", "C"]
+        .iter()
+        .map(|name| {
+            let handler = format!(
+                "printf 'start %s %s %s\\n' \"$SPOOLD_JOB_ID\" \"$HOST\" \"$SPOOLD_ATTEMPT\" >> {log:?}\n\
+                 sleep 0.02\n\
+                 printf 'end %s %s\\n' \"$SPOOLD_JOB_ID\" \"$HOST\" >> {log:?}\n",
+                log = log.display().to_string()
+            );
+            let env = host_with(shared.path(), &cluster, name, "", &handler, lease);
+            // A SIGTERM drains here: the jobs in flight finish and are acknowledged.
+            let text = fs::read_to_string(&env.config)
+                .unwrap()
+                .replace("drain_timeout = \"0s\"", "drain_timeout = \"10s\"");
+            fs::write(&env.config, text).unwrap();
+            env
+        })
+        .collect();
+    let (a, b, c) = (&hosts[0], &hosts[1], &hosts[2]);
+    let mut da = a.start();
+    let mut db = b.start();
+    let mut dc = c.start();
+
+    let jobs = shared.path().join("jobs");
+    fs::create_dir(&jobs).unwrap();
+    let files: Vec<String> = (0..JOBS)
+        .map(|i| {
+            let f = jobs.join(format!("{i}"));
+            fs::write(&f, format!("job {i}")).unwrap();
+            f.display().to_string()
+        })
+        .collect();
+    let mut args = vec!["enqueue"];
+    args.extend(files.iter().map(String::as_str));
+    let began = Instant::now();
+    // In the background: the faults come while jobs are still being submitted. Its IDs go to
+    // a file, which (unlike a pipe nobody reads yet) never blocks it.
+    let printed = shared.path().join("ids");
+    let enqueue = std::process::Command::new(util::BIN)
+        .args(&args)
+        .arg("--config")
+        .arg(&a.config)
+        .stdin(std::process::Stdio::null())
+        .stdout(fs::File::create(&printed).unwrap())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let ends = || {
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("end "))
+            .count()
+    };
+    let all = [&da, &db, &dc];
+    let long = Duration::from_secs(300);
+    wait(long, "500 jobs done", &all, || ends() >= 500);
+    db.child.kill().unwrap();
+    db.child.wait().unwrap();
+    eprintln!("B SIGKILLed after {:?}", began.elapsed());
+    wait(long, "1,500 jobs done", &[&da, &dc], || ends() >= 1_500);
+    let leader = stream_leader(&cluster);
+    cluster.kill(leader);
+    eprintln!(
+        "stream leader n{leader} SIGKILLed after {:?}",
+        began.elapsed()
+    );
+    wait(long, "2,500 jobs done", &[&da, &dc], || ends() >= 2_500);
+    cluster.restart(leader);
+    dc.term();
+    let (code, _) = dc.wait_exit(SOON);
+    assert!(
+        code.success(),
+        "C's SIGTERM exit: {code}; log:\n{}",
+        dc.log()
+    );
+    let mut dc = c.start();
+    cluster.wait_ready(nats::READY_WITHIN);
+    let out = enqueue.wait_with_output().unwrap();
+    assert!(out.status.success(), "enqueue: {}", util::describe(&out));
+    let ids: Vec<String> = fs::read_to_string(&printed)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        ids.len(),
+        JOBS,
+        "enqueue printed every ID, through the leader kill"
+    );
+    eprintln!("enqueued {JOBS} in {:?}", began.elapsed());
+    wait(long, "every job done", &[&da, &dc], || {
+        ends() >= JOBS && idle(a)
+    });
+    eprintln!("all done after {:?}", began.elapsed());
+
+    let text = fs::read_to_string(&log).unwrap();
+    let mut started: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut ended: BTreeMap<&str, usize> = BTreeMap::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        match f[0] {
+            "start" => started.entry(f[1]).or_default().push(f[2]),
+            "end" => *ended.entry(f[1]).or_default() += 1,
+            _ => {}
+        }
+    }
+    let missing: Vec<&String> = ids
+        .iter()
+        .filter(|id| !ended.contains_key(id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} jobs never ended: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert_eq!(started.len(), JOBS, "only submitted jobs ran");
+    let twice: Vec<(&str, &Vec<&str>)> = started
+        .iter()
+        .filter(|(_, hosts)| hosts.len() > 1)
+        .map(|(id, hosts)| (*id, hosts))
+        .collect();
+    eprintln!("jobs run more than once: {twice:?}");
+    assert!(
+        twice.iter().all(|(_, hosts)| hosts.contains(&"B")),
+        "a job ran twice without having been on the SIGKILLed host: {twice:?}"
+    );
+    assert!(
+        twice.len() <= 2,
+        "more reruns ({}) than B had workers (2): {twice:?}",
+        twice.len()
+    );
+    assert!(failed(a).is_empty(), "the dead-letter stream is empty");
+    da.stop();
+    dc.stop();
 }

@@ -51,7 +51,8 @@ impl BrokerAdmin {
         let (client, js) = runtime.block_on(async {
             let client = broker::connect(js_config, "spoold client").await?;
             let js = broker::context(&client);
-            broker::ensure_topology(&js, &names, js_config).await?;
+            // Retried through an election until connect_timeout, as the daemon does.
+            super::topology(&js, &names, js_config).await?;
             Ok::<_, BrokerError>((client, js))
         })?;
         Ok(BrokerAdmin {
