@@ -674,3 +674,172 @@ fn three_hosts_lose_no_job_through_host_and_node_crashes() {
     da.stop();
     dc.stop();
 }
+
+/// A nats-server of its own for a test, killed when dropped.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs openssl with `args` in `dir`; panics with its output when it fails.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        util::describe(&out)
+    );
+}
+
+/// Issue 14 test 5 (TLS part): spoold connects to a server that requires mutual TLS, with the
+/// CA, certificate and key the config names, and runs a job; a wrong CA is a clear start-up
+/// error (exit 78, naming the TLS settings), not a wait for the connect timeout.
+#[test]
+fn mutual_tls_connects_and_a_wrong_ca_is_a_clear_error() {
+    let test = "mutual_tls_connects_and_a_wrong_ca_is_a_clear_error";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    let certs = tempfile::tempdir().unwrap();
+    let d = certs.path();
+    let subj = |cn: &str| format!("/CN={cn}");
+    for ca in ["ca", "wrong-ca"] {
+        openssl(
+            d,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.pem"),
+                "-days",
+                "2",
+                "-subj",
+                &subj(ca),
+            ],
+        );
+    }
+    fs::write(
+        d.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    for who in ["server", "client"] {
+        openssl(
+            d,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &format!("{who}.key"),
+                "-out",
+                &format!("{who}.csr"),
+                "-subj",
+                &subj(who),
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{who}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{who}.pem"),
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+            ],
+        );
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = d.join("server.conf");
+    fs::write(
+        &conf,
+        format!(
+            "listen: 127.0.0.1:{port}\njetstream {{ store_dir: {:?} }}\n\
+             tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n}}\n",
+            d.join("store").display().to_string(),
+            d.join("server.pem").display().to_string(),
+            d.join("server.key").display().to_string(),
+            d.join("ca.pem").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let _server = Server(
+        std::process::Command::new(&server)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    let shared = tempfile::tempdir().unwrap();
+    let runs = Runs(shared.path().join("runs"));
+    let tls = |ca: &str| {
+        let env = Env::new(&["/bin/true"], "");
+        let handler = env.script("handler.sh", HANDLER);
+        env.write_config(
+            &[&handler],
+            &format!(
+                "env = {{ HOST = \"A\", RUNS = {:?} }}\n[backend]\nkind = \"jetstream\"\n\
+                 [jetstream]\nservers = [\"tls://127.0.0.1:{port}\"]\nreplicas = 1\n\
+                 ack_wait = \"6s\"\nprogress_interval = \"1s\"\nconnect_timeout = \"20s\"\n\
+                 tls_ca_file = {:?}\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
+                runs.0.display().to_string(),
+                d.join(ca).display().to_string(),
+                d.join("client.pem").display().to_string(),
+                d.join("client.key").display().to_string(),
+            ),
+        );
+        env
+    };
+    let good = tls("ca.pem");
+    let mut daemon = good.start();
+    let job = enqueue(&good, "ok");
+    wait(SOON, "the job run over TLS", &[&daemon], || {
+        runs.of(&job).len() == 1
+    });
+    daemon.stop();
+
+    let wrong = tls("wrong-ca.pem");
+    let mut d2 = Daemon::spawn(&wrong.config, &[]);
+    let (code, took) = d2.wait_exit(SOON);
+    assert_eq!(code.code(), Some(78), "log:\n{}", d2.log());
+    assert!(
+        took < Duration::from_secs(15),
+        "a wrong CA is not retried: {took:?}"
+    );
+    assert!(d2.log().contains("tls_ca_file"), "{}", d2.log());
+}
