@@ -843,3 +843,181 @@ fn mutual_tls_connects_and_a_wrong_ca_is_a_clear_error() {
     );
     assert!(d2.log().contains("tls_ca_file"), "{}", d2.log());
 }
+
+/// Runs `ip ARGS`; panics with its output when it fails.
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        util::describe(&out)
+    );
+}
+
+/// A network namespace joined to this one by a veth pair, removed when dropped.
+struct Netns {
+    name: String,
+    link: String,
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.link])
+            .output();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// Issue 14 test 4: a host cut off from the network while it runs a long job ends the handler
+/// before its lease (the ack wait) can lapse; another host then runs the job; when the link
+/// comes back the first host sends no late acknowledgement, and the job stays done once.
+///
+/// The host runs in a network namespace of its own, joined by a veth pair with addresses the
+/// test assigns; one JetStream node (replicas 1) listens on all addresses, since the harness's
+/// cluster listens on 127.0.0.1, which the namespace cannot reach.
+#[test]
+fn a_host_cut_off_from_the_network_gives_up_its_job_before_another_host_runs_it() {
+    let test = "a_host_cut_off_from_the_network_gives_up_its_job_before_another_host_runs_it";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    if !util::is_root() {
+        util::skip(test, "network namespaces need root");
+        return;
+    }
+    let id = std::process::id() % 250;
+    let ns = Netns {
+        name: format!("spoold{}", std::process::id()),
+        link: format!("spd{}h", std::process::id() % 100_000),
+    };
+    let peer = format!("spd{}n", std::process::id() % 100_000);
+    let (host_ip, ns_ip) = (format!("10.201.{id}.1"), format!("10.201.{id}.2"));
+    ip(&["netns", "add", &ns.name]);
+    ip(&[
+        "link", "add", &ns.link, "type", "veth", "peer", "name", &peer,
+    ]);
+    ip(&["link", "set", &peer, "netns", &ns.name]);
+    ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &ns.link]);
+    ip(&["link", "set", &ns.link, "up"]);
+    ip(&[
+        "-n",
+        &ns.name,
+        "addr",
+        "add",
+        &format!("{ns_ip}/30"),
+        "dev",
+        &peer,
+    ]);
+    ip(&["-n", &ns.name, "link", "set", &peer, "up"]);
+    ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+
+    let store = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = store.path().join("node.conf");
+    fs::write(
+        &conf,
+        format!(
+            "listen: 0.0.0.0:{port}\njetstream {{ store_dir: {:?} }}\n",
+            store.path().join("js").display().to_string()
+        ),
+    )
+    .unwrap();
+    let _server = Server(
+        std::process::Command::new(&server)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    let shared = tempfile::tempdir().unwrap();
+    let runs = Runs(shared.path().join("runs"));
+    // Host A sleeps on the job and notes when its handler is ended; B just succeeds.
+    let handler = r#"printf '%s %s %s start\n' "$SPOOLD_JOB_ID" "$HOST" "$SPOOLD_ATTEMPT" >> "$RUNS"
+if [ "$HOST" = A ]; then
+  trap 'printf "%s %s %s ended\n" "$SPOOLD_JOB_ID" "$HOST" "$SPOOLD_ATTEMPT" >> "$RUNS"; exit 143' TERM
+  sleep 120 & wait
+fi
+exit 0"#;
+    let config = |name: &str, server_ip: &str| {
+        let env = Env::new(&["/bin/true"], "");
+        let h = env.script("handler.sh", handler);
+        env.write_config(
+            &[&h],
+            &format!(
+                "kill_grace = \"1s\"\nenv = {{ HOST = {name:?}, RUNS = {:?} }}\n\
+                 [backend]\nkind = \"jetstream\"\n\
+                 [jetstream]\nservers = [\"nats://{server_ip}:{port}\"]\nreplicas = 1\n\
+                 {LEASE}connect_timeout = \"20s\"\n",
+                runs.0.display().to_string()
+            ),
+        );
+        env
+    };
+    let a = config("A", &host_ip);
+    let b = config("B", "127.0.0.1");
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name, util::BIN, "run", "--config"])
+        .arg(&a.config);
+    let da = Daemon::spawn_command(cmd);
+    da.wait_note(|n| n.contains("READY=1"), SOON)
+        .unwrap_or_else(|| panic!("A not ready; log:\n{}", da.log()));
+    let job = enqueue(&b, "long");
+    wait(SOON, "the job running on A", &[&da], || {
+        runs.of(&job).len() == 1
+    });
+    let db = b.start();
+
+    let cut = Instant::now();
+    ip(&["link", "set", &ns.link, "down"]);
+    let lines = || fs::read_to_string(&runs.0).unwrap_or_default();
+    wait(SOON, "B running the job", &[&da, &db], || {
+        lines().contains(&format!("{job} B 1 start"))
+    });
+    let b_after = cut.elapsed();
+    let text = lines();
+    let ended = text
+        .find(&format!("{job} A 1 ended"))
+        .unwrap_or_else(|| panic!("A's handler was not ended before B ran the job:\n{text}"));
+    let b_started = text.find(&format!("{job} B 1 start")).unwrap();
+    assert!(
+        ended < b_started,
+        "A's handler ended only after B started the job:\n{text}"
+    );
+    assert!(da.log().contains("lease lost"), "{}", da.log());
+    eprintln!("B started the job {b_after:?} after A's link went down");
+
+    // A notices the dead link (three unanswered pings) and says so ...
+    wait(
+        Duration::from_secs(60),
+        "A noticing the dead link",
+        &[&da],
+        || da.log().contains("connection lost"),
+    );
+    // ... and when the link comes back, it reconnects and sends nothing for the job it gave up.
+    ip(&["link", "set", &ns.link, "up"]);
+    // A noticed the dead link (unanswered pings) and reconnects now.
+    wait(Duration::from_secs(60), "A connected again", &[&da], || {
+        da.log().contains("connected again")
+    });
+    wait(SOON, "the queue idle", &[&da, &db], || idle(&b));
+    let s = status(&b);
+    assert_eq!(s["failed"], 0, "{s}");
+    assert!(
+        !lines().contains(&format!("{job} A 2")) && !lines().contains(&format!("{job} B 2")),
+        "{}",
+        lines()
+    );
+}
