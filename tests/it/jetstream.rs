@@ -1021,3 +1021,44 @@ exit 0"#;
         lines()
     );
 }
+
+/// Reload: `workers.count` applies at once; a change under `[jetstream]` needs a restart, is
+/// said so in the journal, and is not applied (the daemon keeps its lease settings and runs on).
+#[test]
+fn a_reload_applies_workers_and_says_the_broker_settings_need_a_restart() {
+    let test = "a_reload_applies_workers_and_says_the_broker_settings_need_a_restart";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    let cluster = nats::Cluster::start(&server);
+    let shared = tempfile::tempdir().unwrap();
+    let runs = Runs(shared.path().join("runs"));
+    let a = host(shared.path(), &cluster, "A", "");
+    let mut da = a.start();
+    let text = fs::read_to_string(&a.config)
+        .unwrap()
+        .replace("count = 2", "count = 3")
+        .replace("ack_wait = \"6s\"", "ack_wait = \"9s\"");
+    fs::write(&a.config, text).unwrap();
+    da.signal(1);
+    wait(SOON, "the reload logged", &[&da], || {
+        da.log().contains("configuration reloaded")
+    });
+    assert!(
+        da.log()
+            .contains("[backend] or [jetstream] changed; that takes a restart"),
+        "{}",
+        da.log()
+    );
+    wait(SOON, "three workers", &[&da], || da.worker_threads() == 3);
+    // The edited file now contradicts the cluster, so a client on it is refused (78); another
+    // host's unchanged config submits.
+    let out = a.cli(&["status"]);
+    assert_eq!(out.status.code(), Some(78), "{}", util::describe(&out));
+    let b = host(shared.path(), &cluster, "B", "");
+    let job = enqueue(&b, "ok");
+    wait(SOON, "a job still runs", &[&da], || {
+        runs.of(&job).len() == 1
+    });
+    da.stop();
+}
