@@ -146,20 +146,8 @@ pub async fn connect(config: &JetStreamConfig, name: &str) -> Result<Client, Bro
             Ok(client) => return Ok(client),
             Err(e) => {
                 last = e.to_string();
-                let text = format!("{e:?}").to_lowercase();
-                if text.contains("tls") || text.contains("certificate") {
-                    return Err(BrokerError::Topology(format!(
-                        "cannot connect to {} over TLS: {e} (check jetstream.tls_ca_file, \
-                         tls_cert_file and tls_key_file)",
-                        config.servers.join(", ")
-                    )));
-                }
-                if text.contains("authorization") {
-                    return Err(BrokerError::Topology(format!(
-                        "the servers {} refused spoold's credentials: {e} (check \
-                         jetstream.creds_file)",
-                        config.servers.join(", ")
-                    )));
+                if let Some(fatal) = refused(config, &e) {
+                    return Err(fatal);
                 }
             }
         }
@@ -173,6 +161,26 @@ pub async fn connect(config: &JetStreamConfig, name: &str) -> Result<Client, Bro
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(2));
     }
+}
+
+/// A connect error that waiting cannot fix (TLS, credentials), worded with the settings to
+/// check; None for one worth retrying (nothing listens yet, a timeout).
+pub fn refused(config: &JetStreamConfig, e: &async_nats::ConnectError) -> Option<BrokerError> {
+    let text = format!("{e:?} {e}").to_lowercase();
+    let servers = config.servers.join(", ");
+    if text.contains("tls") || text.contains("certificate") {
+        return Some(BrokerError::Topology(format!(
+            "cannot connect to {servers} over TLS: {e} (check jetstream.tls_ca_file, \
+             tls_cert_file and tls_key_file)"
+        )));
+    }
+    if text.contains("authorization") || text.contains("authentication") {
+        return Some(BrokerError::Topology(format!(
+            "the servers {servers} refused spoold's credentials: {e} (check \
+             jetstream.creds_file)"
+        )));
+    }
+    None
 }
 
 /// A JetStream context whose every request is bounded by [`REQUEST_TIMEOUT`].

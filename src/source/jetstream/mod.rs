@@ -272,7 +272,6 @@ async fn connect_with_events(
     status: watch::Sender<String>,
 ) -> Result<Client, BrokerError> {
     let status = Arc::new(status);
-    let mut config = config.clone();
     // The first connection is made by `broker::connect`, which retries and classifies errors;
     // the events of the connection it makes are wired through the same options.
     let client = {
@@ -309,18 +308,15 @@ async fn connect_with_events(
             match options.connect(config.servers.clone()).await {
                 Ok(client) => break client,
                 Err(e) => {
-                    let text = format!("{e:?}").to_lowercase();
-                    if text.contains("tls")
-                        || text.contains("certificate")
-                        || text.contains("authorization")
-                        || tokio::time::Instant::now() + pause > deadline
-                    {
-                        // Classified (and worded) by the plain connect, with the time left.
-                        config.connect_timeout = Duration::from_millis(1);
-                        return Err(broker::connect(&config, host)
-                            .await
-                            .err()
-                            .unwrap_or_else(|| BrokerError::Unavailable(e.to_string())));
+                    if let Some(fatal) = broker::refused(&config, &e) {
+                        return Err(fatal);
+                    }
+                    if tokio::time::Instant::now() + pause > deadline {
+                        return Err(BrokerError::Unavailable(format!(
+                            "cannot reach any of {} within jetstream.connect_timeout ({}): {e}",
+                            config.servers.join(", "),
+                            humantime::format_duration(config.connect_timeout)
+                        )));
                     }
                 }
             }
