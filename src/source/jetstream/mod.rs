@@ -279,7 +279,7 @@ async fn connect_with_events(
         let mut pause = Duration::from_millis(100);
         loop {
             let status = status.clone();
-            let options = broker::options(&config, &format!("spoold {host}"))
+            let options = broker::options(config, &format!("spoold {host}"))
                 .await?
                 .event_callback(move |event| {
                     let status = status.clone();
@@ -308,7 +308,7 @@ async fn connect_with_events(
             match options.connect(config.servers.clone()).await {
                 Ok(client) => break client,
                 Err(e) => {
-                    if let Some(fatal) = broker::refused(&config, &e) {
+                    if let Some(fatal) = broker::refused(config, &e) {
                         return Err(fatal);
                     }
                     if tokio::time::Instant::now() + pause > deadline {
