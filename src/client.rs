@@ -107,6 +107,9 @@ fn broker_command(command: &Command) -> Option<ExitCode> {
         }
     };
     let result = match command {
+        Command::Enqueue { files, .. } if !files.iter().any(|f| f.as_os_str() == "-") => {
+            enqueue_many(&admin, files)
+        }
         Command::Enqueue { files, .. } => enqueue(&admin, files),
         Command::Status { json, .. } => admin.print_status(*json).map(|()| ExitCode::SUCCESS),
         Command::Failed { json, .. } => failed(&admin, *json),
@@ -117,6 +120,55 @@ fn broker_command(command: &Command) -> Option<ExitCode> {
         eprintln!("spoold: {e}");
         ExitCode::FAILURE
     }))
+}
+
+/// `enqueue` of files to a JetStream queue, many publishes in flight at once: each ID is
+/// printed once the cluster acknowledged its job, in the order of the files, as `enqueue` does.
+fn enqueue_many(
+    admin: &crate::source::jetstream::admin::BrokerAdmin,
+    files: &[PathBuf],
+) -> io::Result<ExitCode> {
+    use std::io::Read as _;
+    let mut generator = ulid::Generator::new();
+    let mut code = ExitCode::SUCCESS;
+    let mut out = io::stdout().lock();
+    // Which file each ID came from, for the error of a job not submitted.
+    let names = std::cell::RefCell::new(std::collections::HashMap::new());
+    let mut files = files.iter();
+    let mut failed_write = None;
+    admin.submit_many(
+        || {
+            let file = files.next()?;
+            let id = new_job_id(&mut generator);
+            names.borrow_mut().insert(id.clone(), file.clone());
+            let body = open_regular(file).and_then(|mut f| {
+                let mut body = Vec::new();
+                f.read_to_end(&mut body).map(|_| body)
+            });
+            Some((id, body))
+        },
+        |id, result| match result {
+            Ok(()) => {
+                names.borrow_mut().remove(id);
+                if let Err(e) = writeln!(out, "{id}") {
+                    failed_write.get_or_insert(e);
+                }
+            }
+            Err(e) => {
+                let file = names
+                    .borrow_mut()
+                    .remove(id)
+                    .map(|f| f.display().to_string())
+                    .unwrap_or_default();
+                eprintln!("spoold: {file}: not submitted: {e}");
+                code = ExitCode::FAILURE;
+            }
+        },
+    );
+    match failed_write {
+        Some(e) => Err(e),
+        None => Ok(code),
+    }
 }
 
 fn check_config(path: &Path) -> ExitCode {

@@ -232,6 +232,9 @@ struct Running<S: Source> {
     paused: watch::Receiver<Option<Paused>>,
     /// The broker connection as STATUS= shows it (empty while connected); None for a spool.
     broker_status: Option<watch::Receiver<String>>,
+    /// What the stop waits for after the drain, within its bound: the JetStream claimer's
+    /// last pull (source::jetstream::Started::last_pull). None for a spool.
+    after_drain: Option<(JoinHandle<()>, Duration)>,
 }
 
 impl Running<JetStreamSource> {
@@ -290,6 +293,10 @@ impl Running<JetStreamSource> {
             watchdog,
             paused: watch::channel(None).1,
             broker_status: Some(started.broker_status),
+            after_drain: Some((
+                started.last_pull,
+                crate::source::jetstream::CLAIMER_AFTER_STOP,
+            )),
         })
     }
 }
@@ -371,6 +378,7 @@ impl Running<SpoolSource> {
             watchdog,
             paused: paused_rx,
             broker_status: None,
+            after_drain: None,
         })
     }
 }
@@ -509,6 +517,9 @@ impl<S: Source> Running<S> {
         ))
         .catch_unwind()
         .await;
+        if let Some((task, bound)) = self.after_drain {
+            let _ = tokio::time::timeout(bound, task).await;
+        }
         drop(self.watchdog);
         let Ok(summary) = summary else {
             // The stop sequence itself panicked. The hook cancelled `abort`, so the handlers

@@ -184,6 +184,76 @@ impl BrokerAdmin {
         }
     }
 
+    /// Submits many jobs with up to [`IN_FLIGHT`] publishes awaiting their acknowledgement at
+    /// once (one at a time, each publish waits a round trip of the cluster's replication).
+    /// `next` gives each job's ID and bytes (or why it cannot be read); `done` is told each
+    /// job's fate, in the order given. A publish whose acknowledgement fails is retried alone,
+    /// with the same `Nats-Msg-Id`, as `submit` does.
+    pub fn submit_many(
+        &self,
+        mut next: impl FnMut() -> Option<(String, io::Result<Vec<u8>>)>,
+        mut done: impl FnMut(&str, io::Result<()>),
+    ) {
+        let limit = self
+            .client
+            .server_info()
+            .max_payload
+            .saturating_sub(HEADER_ROOM);
+        self.runtime.block_on(async {
+            let mut in_flight = std::collections::VecDeque::new();
+            loop {
+                let job = next();
+                let Some((id, body)) = job else { break };
+                let body = body.and_then(|b| {
+                    if b.len() > limit {
+                        Err(too_large(limit))
+                    } else {
+                        Ok(Bytes::from(b))
+                    }
+                });
+                let pending = match body {
+                    Ok(body) => {
+                        let mut headers = HeaderMap::new();
+                        headers.insert("Nats-Msg-Id", id.as_str());
+                        headers.insert(ID_HEADER, id.as_str());
+                        headers.insert(GENERATION_HEADER, "0");
+                        headers.insert(SUBMITTED_HEADER, rfc3339(SystemTime::now()).as_str());
+                        let sent = self
+                            .js
+                            .publish_with_headers(self.names.subject.clone(), headers, body.clone())
+                            .await;
+                        Ok((body, sent.ok()))
+                    }
+                    Err(e) => Err(e),
+                };
+                in_flight.push_back((id, pending));
+                if in_flight.len() >= IN_FLIGHT {
+                    let (id, pending) = in_flight.pop_front().expect("one in flight");
+                    let result = self.settle_publish(&id, pending).await;
+                    done(&id, result);
+                }
+            }
+            while let Some((id, pending)) = in_flight.pop_front() {
+                let result = self.settle_publish(&id, pending).await;
+                done(&id, result);
+            }
+        });
+    }
+
+    async fn settle_publish(
+        &self,
+        id: &str,
+        pending: io::Result<(Bytes, Option<jetstream::context::PublishAckFuture>)>,
+    ) -> io::Result<()> {
+        let (body, ack) = pending?;
+        if let Some(ack) = ack
+            && ack.await.is_ok()
+        {
+            return Ok(());
+        }
+        self.publish_job(id, id, 0, body).await
+    }
+
     async fn purge_subject(&self, stream: &str, subject: String) -> io::Result<()> {
         let stream = self.js.get_stream_no_info(stream).await.map_err(other)?;
         stream
@@ -206,6 +276,20 @@ fn unsupported(what: &str) -> io::Error {
     )
 }
 
+/// How many publishes `submit_many` keeps awaiting their acknowledgement.
+const IN_FLIGHT: usize = 256;
+
+fn too_large(limit: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::FileTooLarge,
+        format!(
+            "larger than {limit} bytes, the most the cluster takes in one message (its \
+             max_payload less {HEADER_ROOM} for headers); store large data elsewhere and \
+             submit a reference to it"
+        ),
+    )
+}
+
 impl Admin for BrokerAdmin {
     fn address(&self) -> (&'static str, String) {
         (
@@ -220,14 +304,7 @@ impl Admin for BrokerAdmin {
         let mut body = Vec::new();
         src.take(limit as u64 + 1).read_to_end(&mut body)?;
         if body.len() > limit {
-            return Err(SubmitError::Io(io::Error::new(
-                io::ErrorKind::FileTooLarge,
-                format!(
-                    "larger than {limit} bytes, the most the cluster takes in one message \
-                     (its max_payload less {HEADER_ROOM} for headers); store large data \
-                     elsewhere and submit a reference to it"
-                ),
-            )));
+            return Err(SubmitError::Io(too_large(limit)));
         }
         self.runtime
             .block_on(self.publish_job(id, id, 0, body.into()))

@@ -101,7 +101,16 @@ pub struct Started {
     pub claimer: JoinHandle<io::Result<()>>,
     /// The connection as STATUS= should show it: empty while connected.
     pub broker_status: watch::Receiver<String>,
+    /// The claimer itself, which ends once its last pull has expired and what that pull
+    /// brought after the stop is handed back. The supervisor waits for it after the drain
+    /// (bounded by [`CLAIMER_AFTER_STOP`]): a host that exited with its last pull still
+    /// registered at the server could catch its own handed-back job and take it into the
+    /// void, where it would wait out the ack wait.
+    pub last_pull: JoinHandle<()>,
 }
+
+/// How long the claimer may take to end after the stop: its last pull's expiry, and slack.
+pub const CLAIMER_AFTER_STOP: Duration = Duration::from_millis(1500);
 
 /// One delivery of a job, claimed for a worker.
 struct Delivery {
@@ -203,7 +212,7 @@ impl JetStreamSource {
             abort,
         });
         let (claims_tx, claims_rx) = mpsc::channel(64);
-        tokio::spawn(claimer(shared.clone(), consumer, claims_rx));
+        let last_pull = tokio::spawn(claimer(shared.clone(), consumer, claims_rx));
         tokio::spawn(host_beat(
             shared.clone(),
             config.workers.count.get(),
@@ -222,6 +231,7 @@ impl JetStreamSource {
             },
             claimer,
             broker_status: status_rx,
+            last_pull,
         })
     }
 }
