@@ -202,6 +202,13 @@ fn main() {
     {
         rows.extend(bench.operator());
     }
+    // Only when asked for by name: it needs a nats-server and boots a 3-node cluster.
+    if only
+        .as_ref()
+        .is_some_and(|o| o.iter().any(|s| s == "jetstream"))
+    {
+        rows.extend(bench.jetstream());
+    }
     let load_after = load_average();
 
     println!();
@@ -1803,4 +1810,324 @@ fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> Option<()> {
         thread::sleep(Duration::from_millis(1));
     }
     None
+}
+
+// ---- JetStream (issue 14) -----------------------------------------------------------------
+
+/// A 3-node JetStream cluster on 127.0.0.1 for the jetstream section; the nodes die with it.
+struct NatsCluster {
+    nodes: Vec<Child>,
+    urls: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.kill();
+            let _ = node.wait();
+        }
+    }
+}
+
+impl NatsCluster {
+    fn start(work: &Path) -> NatsCluster {
+        let server = std::env::var_os("SPOOLD_NATS_SERVER")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("nats-server"));
+        let dir = tempfile::Builder::new()
+            .prefix("nats-")
+            .tempdir_in(work)
+            .expect("the cluster's directory");
+        let ports: Vec<u16> = (0..6)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| l.local_addr())
+                    .expect("a free port")
+                    .port()
+            })
+            .collect();
+        let mut nodes = Vec::new();
+        for n in 0..3 {
+            let routes: Vec<String> = (0..3)
+                .filter(|&m| m != n)
+                .map(|m| format!("\"nats-route://127.0.0.1:{}\"", ports[3 + m]))
+                .collect();
+            let conf = dir.path().join(format!("n{n}.conf"));
+            fs::write(
+                &conf,
+                format!(
+                    "server_name: n{n}\nlisten: 127.0.0.1:{}\n\
+                     jetstream {{ store_dir: {:?} }}\n\
+                     cluster {{ name: bench, listen: 127.0.0.1:{}, routes: [{}] }}\n",
+                    ports[n],
+                    dir.path().join(format!("n{n}")).display().to_string(),
+                    ports[3 + n],
+                    routes.join(", ")
+                ),
+            )
+            .expect("a node's config");
+            nodes.push(
+                Command::new(&server)
+                    .arg("-c")
+                    .arg(&conf)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("cannot start {}: {e}", server.display())),
+            );
+        }
+        let urls = (0..3)
+            .map(|n| format!("nats://127.0.0.1:{}", ports[n]))
+            .collect();
+        let cluster = NatsCluster {
+            nodes,
+            urls,
+            _dir: dir,
+        };
+        // Ready once a stream can be created and removed.
+        let rt = runtime();
+        rt.block_on(async {
+            let give_up = Instant::now() + Duration::from_secs(60);
+            loop {
+                let ok = async {
+                    let client = async_nats::ConnectOptions::new()
+                        .connect(cluster.urls.as_slice())
+                        .await
+                        .ok()?;
+                    let js = async_nats::jetstream::new(client);
+                    js.create_stream(async_nats::jetstream::stream::Config {
+                        name: "READY".into(),
+                        subjects: vec!["ready".into()],
+                        num_replicas: 3,
+                        ..Default::default()
+                    })
+                    .await
+                    .ok()?;
+                    js.delete_stream("READY").await.ok()
+                }
+                .await;
+                if ok.is_some() {
+                    return;
+                }
+                assert!(
+                    Instant::now() < give_up,
+                    "the NATS cluster is not ready in 60 s"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        cluster
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+}
+
+impl Bench {
+    /// A spool configured for the JetStream backend on `cluster`: `workers` workers running
+    /// `command`, with `extra` after `[handler]`.
+    fn js_spool(
+        &self,
+        cluster: &NatsCluster,
+        queue: &str,
+        command: &[&str],
+        extra: &str,
+    ) -> SpoolDir {
+        let spool = self.spool("js");
+        let servers: Vec<String> = cluster.urls.iter().map(|u| format!("{u:?}")).collect();
+        spool.configure(
+            2,
+            command,
+            &format!(
+                "{extra}\n[backend]\nkind = \"jetstream\"\n[jetstream]\nservers = [{}]\n\
+                 queue = {queue:?}\nack_wait = \"5s\"\nprogress_interval = \"1s\"\n",
+                servers.join(", ")
+            ),
+        );
+        spool
+    }
+
+    /// `spoold enqueue` of `n` files; returns jobs/s.
+    fn js_enqueue(&self, spool: &SpoolDir, n: usize) -> f64 {
+        let dir = spool.root.join("submit");
+        fs::create_dir_all(&dir).expect("a directory of jobs");
+        make_jobs(&dir, "job", n);
+        let files: Vec<PathBuf> = fs::read_dir(&dir)
+            .expect("read the jobs")
+            .map(|e| e.expect("an entry").path())
+            .collect();
+        let began = Instant::now();
+        let out = Command::new(SPOOLD)
+            .arg("enqueue")
+            .args(&files)
+            .arg("--config")
+            .arg(&spool.config)
+            .stdout(Stdio::null())
+            .output()
+            .expect("spoold enqueue");
+        assert!(
+            out.status.success(),
+            "enqueue: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        n as f64 / began.elapsed().as_secs_f64()
+    }
+
+    /// `spoold status --json` of `spool`'s queue.
+    fn js_status(&self, spool: &SpoolDir) -> serde_json::Value {
+        let out = Command::new(SPOOLD)
+            .args(["status", "--json", "--config"])
+            .arg(&spool.config)
+            .output()
+            .expect("spoold status");
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn jetstream(&self) -> Vec<Row> {
+        let n: usize = std::env::var("SPOOLD_BENCH_JS_JOBS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20_000);
+        let cluster = NatsCluster::start(&self.work);
+        let mut rows = Vec::new();
+
+        // Submit: spoold enqueue against the raw publish rate with 256 acks in flight.
+        let spool = self.js_spool(&cluster, "submit", &["/bin/true"], "");
+        let enqueue = self.js_enqueue(&spool, n);
+        let raw = runtime().block_on(async {
+            let client = async_nats::ConnectOptions::new()
+                .connect(cluster.urls.as_slice())
+                .await
+                .expect("connect");
+            let js = async_nats::jetstream::new(client);
+            js.create_stream(async_nats::jetstream::stream::Config {
+                name: "RAW".into(),
+                subjects: vec!["raw".into()],
+                num_replicas: 3,
+                ..Default::default()
+            })
+            .await
+            .expect("the raw stream");
+            let payload = bytes::Bytes::from(vec![b'x'; 16]);
+            let began = Instant::now();
+            let mut acks = std::collections::VecDeque::new();
+            for _ in 0..n {
+                if acks.len() >= 256 {
+                    let ack: async_nats::jetstream::context::PublishAckFuture =
+                        acks.pop_front().expect("an ack");
+                    ack.await.expect("a PubAck");
+                }
+                acks.push_back(js.publish("raw", payload.clone()).await.expect("publish"));
+            }
+            for ack in acks {
+                ack.await.expect("a PubAck");
+            }
+            n as f64 / began.elapsed().as_secs_f64()
+        });
+        rows.push(Row {
+            section: "jetstream",
+            what: format!("spoold enqueue of {n} jobs (R3)"),
+            spoold: enqueue,
+            unit: "jobs/s",
+            peer: Some(("raw publish, 256 in flight".into(), raw)),
+            target: Some((">= 0.7x".into(), enqueue >= 0.7 * raw)),
+            samples: vec![enqueue],
+        });
+
+        // Throughput with 1, 2 and 3 spoold processes (/bin/true, 2 workers each).
+        let spool_rate = self.spoold_throughput(n).0;
+        for hosts in 1..=3 {
+            let queue = format!("tp{hosts}");
+            let spools: Vec<SpoolDir> = (0..hosts)
+                .map(|_| self.js_spool(&cluster, &queue, &["/bin/true"], ""))
+                .collect();
+            self.js_enqueue(&spools[0], n);
+            let began = Instant::now();
+            let daemons: Vec<Daemon> = spools.iter().map(|s| self.start(s)).collect();
+            for d in &daemons {
+                d.wait_ready();
+            }
+            wait_until(PATIENCE, || {
+                // A status is a process and a few requests: not more than 10 a second.
+                thread::sleep(Duration::from_millis(100));
+                let s = self.js_status(&spools[0]);
+                s["queued"] == 0 && s["active"] == 0 && s["retry"] == 0
+            })
+            .expect("the jobs done");
+            let rate = n as f64 / began.elapsed().as_secs_f64();
+            for d in daemons {
+                let (_, status) = d.stop();
+                assert!(status.success());
+            }
+            rows.push(Row {
+                section: "jetstream",
+                what: format!("{hosts} spoold, 2 workers each, /bin/true (from exec)"),
+                spoold: rate,
+                unit: "jobs/s",
+                peer: Some(("spool source, 1 spoold".into(), spool_rate)),
+                target: None,
+                samples: vec![rate],
+            });
+        }
+
+        // Hand-over: from a kill -9 of the host running a job, and from an abort, to the job
+        // starting on the other host.
+        for (what, kill) in [("kill -9", true), ("abort (SIGTERM, drain 0s)", false)] {
+            let queue = if kill { "killed" } else { "aborted" };
+            let marker = self.work.join(format!("{queue}.started"));
+            let script = format!(
+                "echo \"$HOST\" >> {m:?}; if [ \"$HOST\" = first ]; then sleep 60; fi",
+                m = marker.display().to_string()
+            );
+            let first = self.js_spool(
+                &cluster,
+                queue,
+                &["sh", "-c", &script],
+                "env = { HOST = \"first\" }\n[shutdown]\ndrain_timeout = \"0s\"",
+            );
+            let second = self.js_spool(
+                &cluster,
+                queue,
+                &["sh", "-c", &script],
+                "env = { HOST = \"second\" }",
+            );
+            let mut a = self.start(&first);
+            a.wait_ready();
+            self.js_enqueue(&first, 1);
+            wait_until(PATIENCE, || marker.exists()).expect("the job started");
+            let b = self.start(&second);
+            b.wait_ready();
+            let began = Instant::now();
+            if kill {
+                let _ = a.child.kill();
+                let _ = a.child.wait();
+            } else {
+                rustix::process::kill_process(a.pid(), Signal::TERM).expect("kill");
+                a.wait_exit();
+            }
+            wait_until(PATIENCE, || {
+                fs::read_to_string(&marker).is_ok_and(|t| t.contains("second"))
+            })
+            .expect("the job started on the second host");
+            let took = began.elapsed();
+            rows.push(Row {
+                section: "jetstream",
+                what: format!("hand-over after {what} (ack_wait 5s)"),
+                spoold: ms(took),
+                unit: "ms",
+                peer: None,
+                target: (!kill).then(|| ("< 1000 ms".into(), took < Duration::from_secs(1))),
+                samples: vec![ms(took)],
+            });
+            let (_, status) = b.stop();
+            assert!(status.success());
+        }
+        rows
+    }
 }

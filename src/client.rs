@@ -26,6 +26,9 @@ use crate::source::spool::{Spool, SpoolError};
 
 /// Runs a client subcommand and returns the process exit status.
 pub fn run(command: Command) -> ExitCode {
+    if let Some(code) = broker_command(&command) {
+        return code;
+    }
     match command {
         Command::Run(_) => unreachable!("`run` is the daemon, handled in main"),
         Command::CheckConfig { config, path } => {
@@ -115,6 +118,122 @@ pub fn run(command: Command) -> ExitCode {
         Command::Show { config, id, json } => {
             with_spool(&config.config, Layout::Existing, |s| show(s, &id, json))
         }
+    }
+}
+
+/// A command against a JetStream queue (`backend.kind = "jetstream"`); None when the config
+/// names a spool (or cannot be read: the spool path reports that).
+fn broker_command(command: &Command) -> Option<ExitCode> {
+    use crate::config::BackendKind;
+    use crate::source::jetstream::admin::BrokerAdmin;
+    let (config_path, name) = match command {
+        Command::Enqueue { config, .. } => (&config.config, "enqueue"),
+        Command::Status { config, .. } => (&config.config, "status"),
+        Command::Failed { config, .. } => (&config.config, "failed"),
+        Command::Retry { config, .. } => (&config.config, "retry"),
+        Command::Pause { config, .. } => (&config.config, "pause"),
+        Command::Resume { config } => (&config.config, "resume"),
+        Command::Hold { config, .. } => (&config.config, "hold"),
+        Command::Release { config, .. } => (&config.config, "release"),
+        Command::Cancel { config, .. } => (&config.config, "cancel"),
+        Command::Show { config, .. } => (&config.config, "show"),
+        Command::Purge { config, .. } => (&config.config, "purge"),
+        Command::Top(config) => (&config.config, "top"),
+        _ => return None,
+    };
+    let config = Config::load(config_path).ok()?;
+    if config.backend.kind != BackendKind::Jetstream {
+        return None;
+    }
+    if !matches!(name, "enqueue" | "status" | "failed" | "retry") {
+        eprintln!(
+            "spoold: `{name}` works on a spool; it is not available with backend.kind = \
+             \"jetstream\" ({})",
+            config_path.display()
+        );
+        return Some(ExitCode::FAILURE);
+    }
+    let admin = match BrokerAdmin::connect(&config) {
+        Ok(admin) => admin,
+        Err(e) => {
+            eprintln!("spoold: {e}");
+            return Some(ExitCode::from(e.exit_code()));
+        }
+    };
+    let result = match command {
+        // A delay or a time to live needs the daemon's schedule and expiry, which only the
+        // spool has so far: refused, and nothing is published.
+        Command::Enqueue { delay, at, ttl, .. }
+            if delay.is_some() || at.is_some() || ttl.is_some() =>
+        {
+            eprintln!(
+                "spoold: enqueue --in, --at and --ttl work on a spool; they are not available \
+                 with backend.kind = \"jetstream\" ({}); nothing was submitted",
+                config_path.display()
+            );
+            return Some(ExitCode::from(2));
+        }
+        Command::Enqueue { files, .. } if !files.iter().any(|f| f.as_os_str() == "-") => {
+            enqueue_many(&admin, files)
+        }
+        Command::Enqueue { files, .. } => enqueue(&admin, files, &Submission::default()),
+        Command::Status { json, .. } => admin.print_status(*json).map(|()| ExitCode::SUCCESS),
+        Command::Failed { json, .. } => failed(&admin, *json),
+        Command::Retry { ids, all, .. } => retry(&admin, ids, *all),
+        _ => unreachable!("only the commands above reach here"),
+    };
+    Some(result.unwrap_or_else(|e| {
+        eprintln!("spoold: {e}");
+        ExitCode::FAILURE
+    }))
+}
+
+/// `enqueue` of files to a JetStream queue, many publishes in flight at once: each ID is
+/// printed once the cluster acknowledged its job, in the order of the files, as `enqueue` does.
+fn enqueue_many(
+    admin: &crate::source::jetstream::admin::BrokerAdmin,
+    files: &[PathBuf],
+) -> io::Result<ExitCode> {
+    use std::io::Read as _;
+    let mut generator = ulid::Generator::new();
+    let mut code = ExitCode::SUCCESS;
+    let mut out = io::stdout().lock();
+    // Which file each ID came from, for the error of a job not submitted.
+    let names = std::cell::RefCell::new(std::collections::HashMap::new());
+    let mut files = files.iter();
+    let mut failed_write = None;
+    admin.submit_many(
+        || {
+            let file = files.next()?;
+            let id = new_job_id(&mut generator);
+            names.borrow_mut().insert(id.clone(), file.clone());
+            let body = open_regular(file).and_then(|mut f| {
+                let mut body = Vec::new();
+                f.read_to_end(&mut body).map(|_| body)
+            });
+            Some((id, body))
+        },
+        |id, result| match result {
+            Ok(()) => {
+                names.borrow_mut().remove(id);
+                if let Err(e) = writeln!(out, "{id}") {
+                    failed_write.get_or_insert(e);
+                }
+            }
+            Err(e) => {
+                let file = names
+                    .borrow_mut()
+                    .remove(id)
+                    .map(|f| f.display().to_string())
+                    .unwrap_or_default();
+                eprintln!("spoold: {file}: not submitted: {e}");
+                code = ExitCode::FAILURE;
+            }
+        },
+    );
+    match failed_write {
+        Some(e) => Err(e),
+        None => Ok(code),
     }
 }
 

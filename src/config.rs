@@ -35,6 +35,58 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Where the jobs come from: the spool (the default) or a JetStream cluster.
+    #[serde(default)]
+    pub backend: BackendConfig,
+    /// The JetStream cluster, read only when `backend.kind = "jetstream"`.
+    pub jetstream: Option<JetStreamConfig>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    #[serde(default)]
+    pub kind: BackendKind,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Jobs are files in `spool.dir`: one host.
+    #[default]
+    Spool,
+    /// Jobs are messages of a NATS JetStream work-queue stream that several hosts share.
+    Jetstream,
+}
+
+/// `[jetstream]`: the cluster and the queue's name, from which every stream, consumer and
+/// subject is named (`source::jetstream::Names`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JetStreamConfig {
+    #[serde(deserialize_with = "nats_servers")]
+    pub servers: Vec<String>,
+    #[serde(default = "default_queue", deserialize_with = "queue_name")]
+    pub queue: String,
+    #[serde(default = "default_replicas", deserialize_with = "replicas")]
+    pub replicas: usize,
+    #[serde(default = "default_ack_wait", deserialize_with = "ack_wait")]
+    pub ack_wait: Duration,
+    #[serde(default = "default_progress", deserialize_with = "progress_interval")]
+    pub progress_interval: Duration,
+    #[serde(default)]
+    pub creds_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+    #[serde(
+        default = "default_connect_timeout",
+        deserialize_with = "connect_timeout"
+    )]
+    pub connect_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -223,6 +275,21 @@ fn default_drain() -> Duration {
 fn default_level() -> String {
     "info".to_owned()
 }
+fn default_queue() -> String {
+    "default".to_owned()
+}
+fn default_replicas() -> usize {
+    3
+}
+fn default_ack_wait() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_progress() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(30)
+}
 
 /// The longest duration each key accepts. Every duration ends up added to a clock reading, so an
 /// unbounded one (`"500000000000 years"`) would overflow it; and far below that, values beyond
@@ -265,6 +332,20 @@ pub const MAX_AGE: Limit = Limit {
 pub const MAX_DRAIN_TIMEOUT: Limit = Limit {
     max: Duration::from_secs(6 * 3600),
     text: "6 hours (\"6h\")",
+};
+
+/// A job's lease on a broker. Below 5 s, one leader election (4-7 s, measured) outlasts the
+/// lease; above an hour, a host that died holds its jobs for longer than anyone waits.
+pub const MIN_ACK_WAIT: Duration = Duration::from_secs(5);
+pub const MAX_ACK_WAIT: Limit = Limit {
+    max: Duration::from_secs(3600),
+    text: "1 hour (\"1h\")",
+};
+/// Heartbeats more often than twice a second only load the cluster.
+pub const MIN_PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
+pub const MAX_CONNECT_TIMEOUT: Limit = Limit {
+    max: Duration::from_secs(600),
+    text: "10 minutes (\"10m\")",
 };
 
 /// The units a duration may use, for error messages.
@@ -311,6 +392,102 @@ pub fn parse_cli_duration(text: &str) -> Result<Duration, String> {
 /// A drain timeout of zero is allowed: it means "abort at once".
 fn drain_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     duration(d, true, &MAX_DRAIN_TIMEOUT)
+}
+
+fn ack_wait<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let value = duration(d, false, &MAX_ACK_WAIT)?;
+    if value < MIN_ACK_WAIT {
+        return Err(custom(
+            "must be at least \"5s\": a leader election alone takes 4-7 s, and a shorter \
+             lease would be lost in every one",
+        ));
+    }
+    Ok(value)
+}
+fn progress_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let value = duration(d, false, &MAX_ACK_WAIT)?;
+    if value < MIN_PROGRESS_INTERVAL {
+        return Err(custom("must be at least \"500ms\""));
+    }
+    Ok(value)
+}
+fn connect_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration(d, false, &MAX_CONNECT_TIMEOUT)
+}
+
+/// `jetstream.servers`: 1 to 16 URLs `nats://HOST:PORT` or `tls://HOST:PORT`.
+fn nats_servers<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    const EXAMPLE: &str = "[\"nats://10.0.0.1:4222\", \"nats://10.0.0.2:4222\"]";
+    let toml::Value::Array(items) = toml::Value::deserialize(d)? else {
+        return Err(custom(format!(
+            "must be a list of server URLs, for example {EXAMPLE}"
+        )));
+    };
+    if items.is_empty() || items.len() > 16 {
+        return Err(custom(format!(
+            "must list 1 to 16 servers, not {}, for example {EXAMPLE}",
+            items.len()
+        )));
+    }
+    let mut urls = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let toml::Value::String(url) = item else {
+            return Err(custom(format!(
+                "element {} must be a URL in quotes, not {}",
+                i + 1,
+                describe(&item)
+            )));
+        };
+        let rest = url
+            .strip_prefix("nats://")
+            .or_else(|| url.strip_prefix("tls://"));
+        match rest {
+            Some(host) if !host.is_empty() && !host.contains(['/', ' ', ',']) => urls.push(url),
+            _ => {
+                return Err(custom(format!(
+                    "element {} ({url:?}) is not a server URL: write nats://HOST:PORT or \
+                     tls://HOST:PORT",
+                    i + 1
+                )));
+            }
+        }
+    }
+    Ok(urls)
+}
+
+/// `jetstream.queue`: a name that fits into stream, consumer and subject names.
+fn queue_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = match toml::Value::deserialize(d)? {
+        toml::Value::String(s) => s,
+        other => {
+            return Err(custom(format!(
+                "must be a name in quotes, for example \"default\", not {}",
+                describe(&other)
+            )));
+        }
+    };
+    let ok = (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !ok {
+        return Err(custom(format!(
+            "{name:?}: a queue name is 1 to 32 letters, digits, `_` or `-` (it names the \
+             stream, the consumer and the subjects)"
+        )));
+    }
+    Ok(name)
+}
+
+/// `jetstream.replicas`: how many nodes hold each stream (Raft needs an odd number).
+fn replicas<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    match toml::Value::deserialize(d)? {
+        toml::Value::Integer(n @ (1 | 3 | 5)) => Ok(n as usize),
+        other => Err(custom(format!(
+            "must be 1, 3 or 5 (the nodes that hold each stream), not {}",
+            describe(&other)
+        ))),
+    }
 }
 
 /// A duration such as `"250ms"`, `"30s"` or `"1m 30s"`, at most `limit`, and greater than zero
@@ -619,6 +796,7 @@ impl Config {
         })?;
         config.check_backoff_order(path, text)?;
         config.check_persistent(path, text)?;
+        config.check_jetstream(path, text)?;
         let base = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -752,9 +930,89 @@ impl Config {
         })
     }
 
+    /// The checks of `[backend]` and `[jetstream]` that need more than one key.
+    fn check_jetstream(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let error = |section: &str, key: &str, message: String| ConfigError {
+            path: path.to_owned(),
+            position: value_position(text, section, key),
+            key: Some(format!("{section}.{key}")),
+            message,
+            unreadable: None,
+        };
+        // The endpoint counts jobs per state in the spool; a broker's counts are not wired to it
+        // yet, and an endpoint that showed the local scratch area would mislead.
+        if self.backend.kind == BackendKind::Jetstream && self.metrics.listen.is_some() {
+            return Err(error(
+                "metrics",
+                "listen",
+                "is not served with backend.kind = \"jetstream\" yet; remove it, or use the \
+                 spool backend"
+                    .to_owned(),
+            ));
+        }
+        let Some(js) = &self.jetstream else {
+            if self.backend.kind == BackendKind::Jetstream {
+                return Err(error(
+                    "backend",
+                    "kind",
+                    "\"jetstream\" needs a [jetstream] table with at least `servers`".to_owned(),
+                ));
+            }
+            return Ok(());
+        };
+        if js.progress_interval > js.ack_wait / 3 {
+            return Err(error(
+                "jetstream",
+                "progress_interval",
+                format!(
+                    "{} is more than a third of jetstream.ack_wait ({}): a job whose \
+                     heartbeats are not confirmed for ack_wait - progress_interval is given \
+                     up, so the interval must leave room for at least two missed beats",
+                    humantime::format_duration(js.progress_interval),
+                    humantime::format_duration(js.ack_wait)
+                ),
+            ));
+        }
+        match (&js.tls_cert_file, &js.tls_key_file) {
+            (Some(_), None) => {
+                return Err(error(
+                    "jetstream",
+                    "tls_cert_file",
+                    "is set without jetstream.tls_key_file; a client certificate needs its key"
+                        .to_owned(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(error(
+                    "jetstream",
+                    "tls_key_file",
+                    "is set without jetstream.tls_cert_file; a key needs its certificate"
+                        .to_owned(),
+                ));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     fn resolve_relative_paths(&mut self, base: &Path) {
         if self.spool.dir.is_relative() {
             self.spool.dir = base.join(&self.spool.dir);
+        }
+        if let Some(js) = &mut self.jetstream {
+            for file in [
+                &mut js.creds_file,
+                &mut js.tls_ca_file,
+                &mut js.tls_cert_file,
+                &mut js.tls_key_file,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if file.is_relative() {
+                    *file = base.join(&*file);
+                }
+            }
         }
         // A bare program name ("python3") is looked up in $PATH like a shell would; only a
         // relative path with a slash in it ("./handler.sh") is taken relative to the config.
@@ -763,6 +1021,31 @@ impl Config {
             *program = base.join(program.as_str()).to_string_lossy().into_owned();
         }
     }
+}
+
+/// Where the value of `key` under `[section]` starts in `text`, for an error found after
+/// deserializing; None when the file does not set it (a default is to blame).
+fn value_position(text: &str, section: &str, key: &str) -> Option<(usize, usize)> {
+    let mut offset = 0;
+    let mut current = String::new();
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') && !trimmed.starts_with("[[") {
+            current = trimmed
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_owned();
+        } else if current == section
+            && let Some((k, _)) = line.split_once('=')
+            && k.trim() == key
+        {
+            let at = offset + line.find('=').map_or(0, |i| i + 1);
+            let at = at + line[at - offset..].len() - line[at - offset..].trim_start().len();
+            return Some(line_column(text, at));
+        }
+        offset += line.len();
+    }
+    None
 }
 
 /// 1-based line and column (in characters) of byte offset `at` in `text`.
@@ -1096,5 +1379,90 @@ mod tests {
         assert_eq!(err.position.map(|p| p.0), Some(6), "{err}");
         let err = parse(&format!("{MINIMAL}mode = \"forking\"\n")).unwrap_err();
         assert_eq!(err.key.as_deref(), Some("handler.mode"), "{err}");
+    }
+
+    const JS: &str = "[spool]\ndir = \"/x\"\n[handler]\ncommand = [\"/bin/true\"]\n[backend]\nkind = \"jetstream\"\n";
+
+    #[test]
+    fn jetstream_keys_get_their_defaults_and_bounds() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.backend.kind, BackendKind::Spool);
+        assert!(c.jetstream.is_none());
+
+        let c = parse(&format!(
+            "{JS}[jetstream]\nservers = [\"nats://a:4222\", \"tls://b:4222\"]\ncreds_file = \"n.creds\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.backend.kind, BackendKind::Jetstream);
+        let js = c.jetstream.unwrap();
+        assert_eq!(js.queue, "default");
+        assert_eq!(js.replicas, 3);
+        assert_eq!(js.ack_wait, Duration::from_secs(30));
+        assert_eq!(js.progress_interval, Duration::from_secs(10));
+        assert_eq!(js.connect_timeout, Duration::from_secs(30));
+        assert_eq!(js.creds_file.unwrap(), Path::new("/etc/spoold/n.creds"));
+
+        for (extra, key, needle) in [
+            ("servers = []", "jetstream.servers", "1 to 16"),
+            (
+                "servers = [\"http://a\"]",
+                "jetstream.servers",
+                "not a server URL",
+            ),
+            (
+                "servers = [\"nats://a\"]\nqueue = \"a.b\"",
+                "jetstream.queue",
+                "1 to 32",
+            ),
+            (
+                "servers = [\"nats://a\"]\nreplicas = 2",
+                "jetstream.replicas",
+                "1, 3 or 5",
+            ),
+            (
+                "servers = [\"nats://a\"]\nack_wait = \"2s\"",
+                "jetstream.ack_wait",
+                "at least",
+            ),
+            (
+                "servers = [\"nats://a\"]\nack_wait = \"2h\"",
+                "jetstream.ack_wait",
+                "maximum",
+            ),
+            (
+                "servers = [\"nats://a\"]\nprogress_interval = \"100ms\"",
+                "jetstream.progress_interval",
+                "500ms",
+            ),
+            (
+                "servers = [\"nats://a\"]\nack_wait = \"9s\"\nprogress_interval = \"4s\"",
+                "jetstream.progress_interval",
+                "a third",
+            ),
+            (
+                "servers = [\"nats://a\"]\ntls_cert_file = \"c.pem\"",
+                "jetstream.tls_cert_file",
+                "tls_key_file",
+            ),
+            (
+                "servers = [\"nats://a\"]\nretries = 3",
+                "jetstream.retries",
+                "unknown field",
+            ),
+        ] {
+            let err = parse(&format!("{JS}[jetstream]\n{extra}\n")).unwrap_err();
+            assert_eq!(err.key.as_deref(), Some(key), "{extra}: {err}");
+            assert!(err.position.is_some(), "{extra}: {err}");
+            assert!(err.message.contains(needle), "{extra}: {err}");
+        }
+        let err = parse(&format!(
+            "{JS}[jetstream]\nservers = [\"nats://a\"]\n[metrics]\nlisten = \"127.0.0.1:9465\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("metrics.listen"), "{err}");
+        assert!(err.position.is_some(), "{err}");
+        let err = parse(JS).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("backend.kind"), "{err}");
+        assert_eq!(err.position, Some((6, 8)), "{err}");
     }
 }

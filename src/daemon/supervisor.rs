@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::clock::later;
-use crate::config::{Config, ConfigError, EX_CONFIG};
+use crate::config::{BackendKind, Config, ConfigError, EX_CONFIG};
 use crate::daemon::logging::LogControl;
 use crate::daemon::metrics;
 use crate::daemon::notify::Notifier;
@@ -32,7 +32,10 @@ use crate::daemon::signals::Shutdown;
 use crate::daemon::stats::Stats;
 use crate::fault::{self, Point};
 use crate::runner::Pool;
+use crate::source::Source;
 use crate::source::admin::Paused;
+use crate::source::jetstream::JetStreamSource;
+use crate::source::jetstream::broker::BrokerError;
 use crate::source::spool::discovery::{self, Discovery, Watcher};
 use crate::source::spool::{Dir, Spool, SpoolError, SpoolLock, SpoolSource};
 
@@ -74,6 +77,8 @@ pub enum RunError {
     Panic(String),
     /// The metrics endpoint could not listen on its address (in use, or not this host's).
     Metrics(metrics::BindError),
+    /// The JetStream cluster could not be reached (69) or contradicts the config (78).
+    Broker(BrokerError),
 }
 
 /// EX_SOFTWARE from sysexits(3): the exit status after a panic. It is non-zero, so the packaged
@@ -99,6 +104,7 @@ impl fmt::Display for RunError {
             RunError::DiscoveryEnded => f.write_str("job discovery ended unexpectedly"),
             RunError::DiscoveryCrashed(e) => write!(f, "job discovery crashed: {e}"),
             RunError::Metrics(e) => write!(f, "{e}"),
+            RunError::Broker(e) => write!(f, "{e}"),
             RunError::Panic(e) => write!(
                 f,
                 "stopped after a panic ({e}); exiting with status {EX_SOFTWARE} so that the \
@@ -123,6 +129,7 @@ impl RunError {
             | RunError::DiscoveryCrashed(_)
             | RunError::Metrics(_) => EX_IOERR,
             RunError::Panic(_) => EX_SOFTWARE,
+            RunError::Broker(e) => e.exit_code(),
         }
     }
 }
@@ -202,6 +209,11 @@ pub async fn run(
     notifier: Notifier,
     panics: Panics,
 ) -> Result<StopSummary, RunError> {
+    if config.backend.kind == BackendKind::Jetstream {
+        let mut running = Running::start_jetstream(config, &shutdown, notifier).await?;
+        let fatal = running.serve(&shutdown, reloads).await;
+        return running.stop(&shutdown, fatal, &panics).await;
+    }
     let mut running = Running::start(config, &shutdown, notifier).await?;
     let fatal = running.serve(&shutdown, reloads).await;
     running.stop(&shutdown, fatal, &panics).await
@@ -209,12 +221,12 @@ pub async fn run(
 
 /// The daemon once started: the spool it holds, its workers, discovery, and the means to
 /// reconfigure them.
-struct Running {
+struct Running<S: Source> {
     spool: Arc<Spool>,
     /// Held until the daemon returns: one daemon per spool.
     _lock: SpoolLock,
     stats: Arc<Stats>,
-    pool: Pool<SpoolSource>,
+    pool: Pool<S>,
     discovery: JoinHandle<io::Result<()>>,
     notifier: Arc<Notifier>,
     config_tx: watch::Sender<Arc<Config>>,
@@ -226,16 +238,87 @@ struct Running {
     /// The metrics endpoint's task, when `[metrics] listen` is set, and what ends it: it
     /// serves through the drain, so that a stop can be watched, and ends with the daemon.
     metrics: Option<(CancellationToken, AbortOnDropHandle<()>)>,
+    /// The broker connection as STATUS= shows it (empty while connected); None for a spool.
+    broker_status: Option<watch::Receiver<String>>,
+    /// What the stop waits for after the drain, within its bound: the JetStream claimer's
+    /// last pull (source::jetstream::Started::last_pull). None for a spool.
+    after_drain: Option<(JoinHandle<()>, Duration)>,
 }
 
-impl Running {
+impl Running<JetStreamSource> {
+    /// Locks `spool.dir` (one daemon per scratch area), connects to the cluster and checks its
+    /// topology (source::jetstream), and starts the workers and the watchdog. The claimer
+    /// takes discovery's place: the supervisor waits for it at the stop, and its loop feeds
+    /// the watchdog.
+    async fn start_jetstream(
+        config: Config,
+        shutdown: &Shutdown,
+        notifier: Notifier,
+    ) -> Result<Running<JetStreamSource>, RunError> {
+        let (spool, lock) = open_spool(&config).await?;
+        if let Err(problem) = crate::runner::handler::check_program(&config.handler) {
+            tracing::warn!("{problem}; jobs will fail until that is fixed");
+        }
+        let stats = Arc::new(Stats::default());
+        stats.beat();
+        let started = JetStreamSource::start(
+            &config,
+            stats.clone(),
+            shutdown.stop.clone(),
+            shutdown.abort.clone(),
+        )
+        .await
+        .map_err(RunError::Broker)?;
+        let (config_tx, config_rx) = watch::channel(Arc::new(config));
+        let (rescan_tx, _) = watch::channel(config_rx.borrow().spool.rescan_interval);
+        let pool = Pool::new(
+            started.source,
+            config_rx.clone(),
+            stats.clone(),
+            shutdown.stop.clone(),
+            shutdown.abort.clone(),
+        )
+        .map_err(RunError::AbortEventfd)?;
+        pool.resize(config_rx.borrow().workers.count.get());
+        let notifier = Arc::new(notifier);
+        let watchdog = notifier.watchdog().map(|interval| {
+            AbortOnDropHandle::new(tokio::spawn(watchdog_loop(
+                notifier.clone(),
+                stats.clone(),
+                interval,
+                shutdown.stop.clone(),
+            )))
+        });
+        Ok(Running {
+            spool,
+            _lock: lock,
+            stats,
+            pool,
+            discovery: started.claimer,
+            notifier,
+            config_tx,
+            rescan_tx,
+            watchdog,
+            paused: watch::channel(None).1,
+            // Config::check_jetstream refuses metrics.listen with this backend.
+            metrics: None,
+            broker_status: Some(started.broker_status),
+            after_drain: Some((
+                started.last_pull,
+                crate::source::jetstream::CLAIMER_AFTER_STOP,
+            )),
+        })
+    }
+}
+
+impl Running<SpoolSource> {
     /// Opens and locks the spool, recovers what a dead daemon left in `active/`, and starts
     /// the workers, discovery and the watchdog. READY is for `serve`.
     async fn start(
         config: Config,
         shutdown: &Shutdown,
         notifier: Notifier,
-    ) -> Result<Running, RunError> {
+    ) -> Result<Running<SpoolSource>, RunError> {
         let (spool, lock) = open_spool(&config).await?;
         let listener = match config.metrics.listen {
             Some(addr) => Some(metrics::bind(addr).map_err(RunError::Metrics)?),
@@ -324,7 +407,23 @@ impl Running {
             watchdog,
             paused: paused_rx,
             metrics,
+            broker_status: None,
+            after_drain: None,
         })
+    }
+}
+
+impl<S: Source> Running<S> {
+    /// STATUS=: the counts, the pause, a failed reload, and a lost broker connection.
+    fn status(&self, reload_error: &Option<String>) -> String {
+        let mut line = status_line(&self.stats, &self.paused, reload_error);
+        if let Some(broker) = &self.broker_status {
+            let broker = broker.borrow();
+            if !broker.is_empty() {
+                line = format!("{}; {line}", *broker);
+            }
+        }
+        line
     }
 
     /// Sends READY, then serves reloads and STATUS until the stop. Returns the error that
@@ -336,7 +435,7 @@ impl Running {
             log,
         } = reloads;
         let mut reload_error: Option<String> = None;
-        let mut status = status_line(&self.stats, &self.paused, &reload_error);
+        let mut status = self.status(&reload_error);
         self.notifier.ready(&status);
         tracing::info!(
             spool = %self.spool.root().display(),
@@ -367,11 +466,11 @@ impl Running {
                     Some(()) = requests.recv() => {
                         self.notifier.reloading();
                         reload_error = self.reload(&config_path, &log);
-                        status = status_line(&self.stats, &self.paused, &reload_error);
+                        status = self.status(&reload_error);
                         self.notifier.ready(&status);
                     }
                     _ = status_tick.tick() => {
-                        let now = status_line(&self.stats, &self.paused, &reload_error);
+                        let now = self.status(&reload_error);
                         if now != status {
                             status = now;
                             self.notifier.status(&status);
@@ -411,6 +510,14 @@ impl Running {
             );
             new.metrics.listen = old.metrics.listen;
         }
+        if new.backend != old.backend || new.jetstream != old.jetstream {
+            tracing::warn!(
+                "[backend] or [jetstream] changed; that takes a restart, so spoold keeps the \
+                 broker settings it started with"
+            );
+            new.backend = old.backend.clone();
+            new.jetstream = old.jetstream.clone();
+        }
         log.set_level(&new.log.level);
         self.rescan_tx.send_replace(new.spool.rescan_interval);
         self.pool.resize(new.workers.count.get());
@@ -447,6 +554,9 @@ impl Running {
         ))
         .catch_unwind()
         .await;
+        if let Some((task, bound)) = self.after_drain {
+            let _ = tokio::time::timeout(bound, task).await;
+        }
         drop(self.watchdog);
         if let Some((stop, task)) = self.metrics {
             stop.cancel();
@@ -515,8 +625,8 @@ async fn open_spool(config: &Config) -> Result<(Arc<Spool>, SpoolLock), RunError
 }
 
 /// The stop sequence: drain until `drain_timeout`, then abort; see the module documentation.
-async fn drain(
-    pool: &Pool<SpoolSource>,
+async fn drain<S: Source>(
+    pool: &Pool<S>,
     stats: &Stats,
     shutdown: &Shutdown,
     notifier: &Notifier,

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::job::{Job, Report, Verdict};
 
 pub mod admin;
+pub mod jetstream;
 pub mod spool;
 
 pub use admin::Admin;

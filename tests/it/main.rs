@@ -15,6 +15,7 @@ mod cancel;
 mod client;
 mod core;
 mod handlers;
+mod jetstream;
 mod jetstream_cluster;
 mod metrics;
 mod operator;

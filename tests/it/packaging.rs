@@ -237,6 +237,17 @@ fn config_man_page_describes_every_key_with_its_default() {
         ("shutdown.drain_timeout", human(c.shutdown.drain_timeout)),
         ("log.level", format!("\"{}\"", c.log.level)),
         ("metrics.listen", "none".to_owned()),
+        ("backend.kind", "\"spool\"".to_owned()),
+        ("jetstream.servers", "(required)".to_owned()),
+        ("jetstream.queue", "\"default\"".to_owned()),
+        ("jetstream.replicas", "3".to_owned()),
+        ("jetstream.ack_wait", "\"30s\"".to_owned()),
+        ("jetstream.progress_interval", "\"10s\"".to_owned()),
+        ("jetstream.creds_file", "none".to_owned()),
+        ("jetstream.tls_ca_file", "none".to_owned()),
+        ("jetstream.tls_cert_file", "none".to_owned()),
+        ("jetstream.tls_key_file", "none".to_owned()),
+        ("jetstream.connect_timeout", "\"30s\"".to_owned()),
     ]
     .into_iter()
     .collect();

@@ -1,0 +1,497 @@
+//! The client commands against a JetStream queue: `enqueue` (a publish with the job ID as
+//! `Nats-Msg-Id`, retried through an election), `status`, `failed` (the dead-letter stream)
+//! and `retry`. Each command runs its own current-thread runtime for the NATS client; it
+//! takes no lock and works from any host.
+
+use std::ffi::OsString;
+use std::io::{self, Read};
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::{self, stream};
+use async_nats::{Client, HeaderMap};
+use bytes::Bytes;
+
+use super::broker::{self, BrokerError, DUPLICATE_WINDOW, Names, header};
+use super::record::{Record, rfc3339};
+use super::{GENERATION_HEADER, ID_HEADER, RECORD_HEADER, SUBMITTED_HEADER};
+use crate::config::Config;
+use crate::job::{History, JobId};
+use crate::source::Admin;
+use crate::source::admin::{
+    Counts, FailedJob, Moved, Operation, OperatorError, Partial, Paused, Place, Queued, Retried,
+    RunningJob, ShownJob, SubmitError,
+};
+
+/// Room left in a message for spoold's headers: the payload may take the server's
+/// `max_payload` less this.
+const HEADER_ROOM: usize = 4096;
+/// Pauses between two publishes of one job while the cluster does not answer.
+const PUBLISH_PAUSE: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(1));
+
+pub struct BrokerAdmin {
+    runtime: tokio::runtime::Runtime,
+    client: Client,
+    js: jetstream::Context,
+    names: Names,
+    servers: String,
+}
+
+impl BrokerAdmin {
+    /// Connects (waiting up to `connect_timeout`) and makes sure the topology is there.
+    pub fn connect(config: &Config) -> Result<BrokerAdmin, BrokerError> {
+        let js_config = config
+            .jetstream
+            .as_ref()
+            .expect("backend.kind = \"jetstream\" has a [jetstream] table (config check)");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| BrokerError::Unavailable(format!("cannot start a runtime: {e}")))?;
+        let names = Names::new(&js_config.queue);
+        let (client, js) = runtime.block_on(async {
+            let client = broker::connect(js_config, "spoold client").await?;
+            let js = broker::context(&client);
+            // Retried through an election until connect_timeout, as the daemon does.
+            super::topology(&js, &names, js_config).await?;
+            Ok::<_, BrokerError>((client, js))
+        })?;
+        Ok(BrokerAdmin {
+            runtime,
+            client,
+            js,
+            names,
+            servers: js_config.servers.join(","),
+        })
+    }
+
+    async fn stream(&self, name: &str) -> io::Result<stream::Stream> {
+        self.js.get_stream(name).await.map_err(other)
+    }
+
+    /// Every message of `stream`, oldest first (dead letters and hosts are few).
+    async fn all_messages(&self, name: &str) -> io::Result<Vec<StreamMessage>> {
+        let mut stream = self.stream(name).await?;
+        let info = stream.info().await.map_err(other)?.clone();
+        let mut out = Vec::new();
+        if info.state.messages == 0 {
+            return Ok(out);
+        }
+        for seq in info.state.first_sequence..=info.state.last_sequence {
+            match stream.get_raw_message(seq).await {
+                Ok(m) => out.push(m),
+                Err(e) if matches!(e.kind(), stream::RawMessageErrorKind::NoMessageFound) => {}
+                Err(e) => return Err(other(e)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The hosts consuming now: their entries of the last few seconds.
+    fn hosts(&self) -> io::Result<Vec<serde_json::Value>> {
+        self.runtime.block_on(async {
+            let messages = self.all_messages(&self.names.hosts_stream).await?;
+            Ok(messages
+                .into_iter()
+                .filter_map(|m| serde_json::from_slice(&m.payload).ok())
+                .collect())
+        })
+    }
+
+    /// `spoold status [--json]`: the same keys as for a spool, plus the hosts consuming.
+    pub fn print_status(&self, json: bool) -> io::Result<()> {
+        let counts = self.counts()?;
+        let hosts = self.hosts()?;
+        if json {
+            let mut value = serde_json::to_value(&counts)?;
+            value["hosts"] = serde_json::Value::Array(hosts);
+            value["backend"] = "jetstream".into();
+            println!("{value}");
+            return Ok(());
+        }
+        let (kind, address) = self.address();
+        println!("{kind} {address}");
+        let age = counts
+            .oldest_queued_age_s
+            .map(|a| {
+                format!(
+                    " (oldest waiting {})",
+                    humantime::format_duration(Duration::from_secs(a as u64))
+                )
+            })
+            .unwrap_or_default();
+        println!("queued  {}{age}", counts.queued);
+        println!("active  {}", counts.active);
+        println!("retry   {}", counts.retry);
+        println!(
+            "done    {} (by the hosts running now, since each started)",
+            counts.done
+        );
+        println!("failed  {}", counts.failed);
+        println!("hosts   {}", hosts.len());
+        for h in &hosts {
+            println!(
+                "        {} workers {} busy {} done {} since {}",
+                h["host"].as_str().unwrap_or("?"),
+                h["workers"],
+                h["busy"],
+                h["done"],
+                h["started_at"].as_str().unwrap_or("?")
+            );
+        }
+        Ok(())
+    }
+
+    async fn publish_job(
+        &self,
+        msg_id: &str,
+        id: &str,
+        generation: u32,
+        body: Bytes,
+    ) -> io::Result<()> {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", msg_id);
+        headers.insert(ID_HEADER, id);
+        headers.insert(GENERATION_HEADER, generation.to_string().as_str());
+        headers.insert(SUBMITTED_HEADER, rfc3339(SystemTime::now()).as_str());
+        // The same Nats-Msg-Id every time: the stream keeps one copy whichever publish
+        // landed, so a retry after a lost answer is no duplicate. Bounded by half the
+        // duplicate window, inside which that holds.
+        let give_up = tokio::time::Instant::now() + DUPLICATE_WINDOW / 2;
+        let mut pause = PUBLISH_PAUSE.0;
+        loop {
+            let sent = async {
+                let ack = self
+                    .js
+                    .publish_with_headers(self.names.subject.clone(), headers.clone(), body.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                ack.await.map(drop).map_err(|e| e.to_string())
+            }
+            .await;
+            match sent {
+                Ok(()) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() + pause > give_up => {
+                    return Err(io::Error::other(format!(
+                        "the cluster did not acknowledge it within {}: {e}",
+                        humantime::format_duration(DUPLICATE_WINDOW / 2)
+                    )));
+                }
+                Err(_) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(PUBLISH_PAUSE.1);
+                }
+            }
+        }
+    }
+
+    /// Submits many jobs with up to [`IN_FLIGHT`] publishes awaiting their acknowledgement at
+    /// once (one at a time, each publish waits a round trip of the cluster's replication).
+    /// `next` gives each job's ID and bytes (or why it cannot be read); `done` is told each
+    /// job's fate, in the order given. A publish whose acknowledgement fails is retried alone,
+    /// with the same `Nats-Msg-Id`, as `submit` does.
+    pub fn submit_many(
+        &self,
+        mut next: impl FnMut() -> Option<(String, io::Result<Vec<u8>>)>,
+        mut done: impl FnMut(&str, io::Result<()>),
+    ) {
+        let limit = self
+            .client
+            .server_info()
+            .max_payload
+            .saturating_sub(HEADER_ROOM);
+        self.runtime.block_on(async {
+            let mut in_flight = std::collections::VecDeque::new();
+            loop {
+                let job = next();
+                let Some((id, body)) = job else { break };
+                let body = body.and_then(|b| {
+                    if b.len() > limit {
+                        Err(too_large(limit))
+                    } else {
+                        Ok(Bytes::from(b))
+                    }
+                });
+                let pending = match body {
+                    Ok(body) => {
+                        let mut headers = HeaderMap::new();
+                        headers.insert("Nats-Msg-Id", id.as_str());
+                        headers.insert(ID_HEADER, id.as_str());
+                        headers.insert(GENERATION_HEADER, "0");
+                        headers.insert(SUBMITTED_HEADER, rfc3339(SystemTime::now()).as_str());
+                        let sent = self
+                            .js
+                            .publish_with_headers(self.names.subject.clone(), headers, body.clone())
+                            .await;
+                        Ok((body, sent.ok()))
+                    }
+                    Err(e) => Err(e),
+                };
+                in_flight.push_back((id, pending));
+                if in_flight.len() >= IN_FLIGHT {
+                    let (id, pending) = in_flight.pop_front().expect("one in flight");
+                    let result = self.settle_publish(&id, pending).await;
+                    done(&id, result);
+                }
+            }
+            while let Some((id, pending)) = in_flight.pop_front() {
+                let result = self.settle_publish(&id, pending).await;
+                done(&id, result);
+            }
+        });
+    }
+
+    async fn settle_publish(
+        &self,
+        id: &str,
+        pending: io::Result<(Bytes, Option<jetstream::context::PublishAckFuture>)>,
+    ) -> io::Result<()> {
+        let (body, ack) = pending?;
+        if let Some(ack) = ack
+            && ack.await.is_ok()
+        {
+            return Ok(());
+        }
+        self.publish_job(id, id, 0, body).await
+    }
+
+    async fn purge_subject(&self, stream: &str, subject: String) -> io::Result<()> {
+        let stream = self.js.get_stream_no_info(stream).await.map_err(other)?;
+        stream
+            .purge()
+            .filter(subject)
+            .await
+            .map(drop)
+            .map_err(other)
+    }
+}
+
+fn other(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+fn unsupported(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!("{what} is not available with backend.kind = \"jetstream\""),
+    )
+}
+
+/// How many publishes `submit_many` keeps awaiting their acknowledgement.
+const IN_FLIGHT: usize = 256;
+
+fn too_large(limit: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::FileTooLarge,
+        format!(
+            "larger than {limit} bytes, the most the cluster takes in one message (its \
+             max_payload less {HEADER_ROOM} for headers); store large data elsewhere and \
+             submit a reference to it"
+        ),
+    )
+}
+
+impl Admin for BrokerAdmin {
+    fn address(&self) -> (&'static str, String) {
+        (
+            "jetstream",
+            format!("{} queue {}", self.servers, self.names.queue),
+        )
+    }
+
+    fn submit(&self, src: &mut dyn Read, id: &str, _partial: &Partial) -> Result<(), SubmitError> {
+        // A message is published whole or not at all, so there is nothing to undo.
+        let limit = (self.client.server_info().max_payload).saturating_sub(HEADER_ROOM);
+        let mut body = Vec::new();
+        src.take(limit as u64 + 1).read_to_end(&mut body)?;
+        if body.len() > limit {
+            return Err(SubmitError::Io(too_large(limit)));
+        }
+        self.runtime
+            .block_on(self.publish_job(id, id, 0, body.into()))
+            .map_err(SubmitError::Io)
+    }
+
+    fn counts(&self) -> io::Result<Counts> {
+        self.runtime.block_on(async {
+            let mut jobs = self.stream(&self.names.stream).await?;
+            let info = jobs.info().await.map_err(other)?.clone();
+            let mut consumer: jetstream::consumer::PullConsumer = jobs
+                .get_consumer(&self.names.consumer)
+                .await
+                .map_err(other)?;
+            let consumer = consumer.info().await.map_err(other)?.clone();
+            let mut failed = self.stream(&self.names.failed_stream).await?;
+            let failed = failed.info().await.map_err(other)?.state.messages;
+            let hosts = self.all_messages(&self.names.hosts_stream).await?;
+            let (mut busy, mut done) = (0u64, 0u64);
+            for h in hosts
+                .iter()
+                .filter_map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).ok())
+            {
+                busy += h["busy"].as_u64().unwrap_or(0);
+                done += h["done"].as_u64().unwrap_or(0);
+            }
+            let ack_pending = consumer.num_ack_pending as u64;
+            let active = busy.min(ack_pending);
+            let oldest = (info.state.messages > 0).then(|| {
+                let first = info.state.first_timestamp.unix_timestamp_nanos();
+                let now = time_now_nanos();
+                ((now - first).max(0) as f64) / 1e9
+            });
+            Ok(Counts {
+                queued: consumer.num_pending,
+                active,
+                retry: ack_pending - active,
+                done,
+                failed,
+                oldest_queued_age_s: oldest,
+                ..Counts::default()
+            })
+        })
+    }
+
+    fn failed(&self) -> io::Result<Vec<FailedJob>> {
+        let messages = self
+            .runtime
+            .block_on(self.all_messages(&self.names.failed_stream))?;
+        let mut jobs: Vec<FailedJob> = messages
+            .iter()
+            .map(|m| {
+                let headers = Some(&m.headers);
+                let id = header(headers, ID_HEADER)
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| m.subject.rsplit('.').next().unwrap_or("").to_owned());
+                let history = header(headers, RECORD_HEADER)
+                    .and_then(|r| serde_json::from_str::<Record>(r).ok())
+                    .map(History::from);
+                FailedJob {
+                    name: OsString::from(id),
+                    history,
+                }
+            })
+            .collect();
+        jobs.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(jobs)
+    }
+
+    fn retry(&self, id: &JobId) -> io::Result<Retried> {
+        let Some(id) = id.as_os_str().to_str() else {
+            return Ok(Retried::NoSuchJob);
+        };
+        self.runtime.block_on(async {
+            let stream = self
+                .js
+                .get_stream_no_info(&self.names.failed_stream)
+                .await
+                .map_err(other)?;
+            let letter = match stream
+                .get_last_raw_message_by_subject(&self.names.failed_subject(id))
+                .await
+            {
+                Ok(m) => m,
+                Err(e)
+                    if matches!(e.kind(), stream::LastRawMessageErrorKind::NoMessageFound)
+                        || e.to_string().contains("invalid subject") =>
+                {
+                    return Ok(Retried::NoSuchJob);
+                }
+                Err(e) => return Err(other(e)),
+            };
+            let generation = header(Some(&letter.headers), GENERATION_HEADER)
+                .and_then(|g| g.parse::<u32>().ok())
+                .unwrap_or(0)
+                + 1;
+            // A fresh count: the old record goes before the job comes back.
+            self.purge_subject(&self.names.attempts_stream, self.names.attempts_subject(id))
+                .await?;
+            // A new Nats-Msg-Id per generation: the first submission's ID may still be inside
+            // the duplicate window, which would swallow this one.
+            self.publish_job(
+                &format!("{id}.g{generation}"),
+                id,
+                generation,
+                letter.payload,
+            )
+            .await?;
+            self.purge_subject(&self.names.failed_stream, self.names.failed_subject(id))
+                .await?;
+            Ok(Retried::Queued {
+                name: OsString::from(id),
+                place: Place::named("the queue"),
+            })
+        })
+    }
+
+    fn paused(&self) -> io::Result<Option<Paused>> {
+        Ok(None)
+    }
+
+    fn running(&self) -> io::Result<Vec<RunningJob>> {
+        Err(unsupported("top"))
+    }
+
+    fn oldest_queued(&self) -> io::Result<Option<Queued>> {
+        Err(unsupported("top"))
+    }
+
+    fn record_operation(
+        &self,
+        op: Operation,
+        _reason: Option<&str>,
+        _done: &[JobId],
+        _asked: &[JobId],
+    ) -> Result<(), OperatorError> {
+        Err(unsupported(op.name()).into())
+    }
+
+    fn pause(&self, _reason: Option<&str>) -> Result<(Paused, bool), OperatorError> {
+        Err(unsupported("pause").into())
+    }
+
+    fn resume(&self) -> Result<bool, OperatorError> {
+        Err(unsupported("resume").into())
+    }
+
+    fn hold(&self, _id: &JobId) -> Result<Moved, OperatorError> {
+        Err(unsupported("hold").into())
+    }
+
+    fn release(&self, _id: &JobId) -> Result<Moved, OperatorError> {
+        Err(unsupported("release").into())
+    }
+
+    fn waiting(&self) -> io::Result<Vec<JobId>> {
+        Err(unsupported("listing the waiting jobs"))
+    }
+
+    fn held(&self) -> io::Result<Vec<JobId>> {
+        Err(unsupported("hold"))
+    }
+
+    fn cancel(&self, _id: &JobId) -> Result<bool, OperatorError> {
+        Err(unsupported("cancel").into())
+    }
+
+    fn show(&self, _id: &JobId) -> io::Result<Option<ShownJob>> {
+        Err(unsupported("show"))
+    }
+}
+
+fn time_now_nanos() -> i128 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+impl BrokerError {
+    /// The exit status a command or the daemon ends with: 69 (EX_UNAVAILABLE) for a cluster
+    /// that cannot be reached, 78 (EX_CONFIG) for one that contradicts the config.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            BrokerError::Unavailable(_) => 69,
+            BrokerError::Topology(_) => crate::config::EX_CONFIG,
+        }
+    }
+}

@@ -1,0 +1,979 @@
+//! The NATS JetStream source: several hosts consume one work-queue stream, each job leased by
+//! the acknowledgement deadline, renewed by confirmed in-progress heartbeats, and settled by
+//! confirmed acknowledgements (ARCHITECTURE.md, "The JetStream source").
+//!
+//! The runner's workers call `next` and `settle` on threads whose runtimes have no timer or
+//! I/O driver, so nothing of the NATS client runs there. The client, the claimer and every
+//! lease's heartbeat live on the daemon's main runtime; a worker asks the claimer for a job
+//! through a channel, and hands a verdict to the main runtime and waits for its end. The
+//! claimer pulls only as many messages as there are workers asking, so that no job's ack wait
+//! runs while it waits in a buffer.
+//!
+//! The lease rule: the server redelivers a job `ack_wait` after the last in-progress
+//! heartbeat it received. A host that has had no heartbeat confirmed for
+//! `ack_wait - progress_interval` has lost the job: it raises `revoked` (the runner ends the
+//! handler's group: SIGTERM, then SIGKILL after `kill_grace`) and sends nothing more for that
+//! delivery, so no late acknowledgement from it can settle a job another host runs. Each
+//! acknowledgement is sent only while the lease holds and the connection is up; the two runs
+//! of one job overlap for at most `kill_grace - progress_interval` (none with the defaults).
+
+pub mod admin;
+pub mod broker;
+pub mod record;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{self, Message};
+use async_nats::{Client, HeaderMap};
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, JetStreamConfig};
+use crate::daemon::stats::Stats;
+use crate::job::{Job, Outcome, Report, Verdict, display_name};
+use crate::source::{Lease, Source};
+use broker::{BrokerError, Names, confirmed, confirmed_bytes, header, nak};
+use record::{Record, rfc3339};
+
+/// How long one pull waits at the server for jobs. Short, because a stopping host's last pull
+/// stays registered at the server until it expires, and whatever it catches is handed back.
+const FETCH_EXPIRES: Duration = Duration::from_secs(1);
+/// The pause after a failed pull, doubling up to the maximum: an election answers every pull
+/// with an error for 4-7 s, and an unpaused claimer would spin.
+const PULL_PAUSE: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(2));
+/// How often an unanswered outcome is sent again while the lease holds.
+const RESEND_EVERY: Duration = Duration::from_millis(500);
+/// How long a stop waits for the hand-back of one aborted job before leaving it to the ack
+/// wait: a broker that cannot be reached must not hold the stop.
+const HANDBACK_WITHIN: Duration = Duration::from_secs(1);
+/// How often a host writes its entry in the hosts stream.
+const HOST_BEAT: Duration = Duration::from_secs(5);
+
+/// The headers of a job message.
+pub const ID_HEADER: &str = "Spoold-Id";
+pub const GENERATION_HEADER: &str = "Spoold-Generation";
+pub const SUBMITTED_HEADER: &str = "Spoold-Submitted";
+pub const RECORD_HEADER: &str = "Spoold-Record";
+pub const HOST_HEADER: &str = "Spoold-Host";
+
+/// What every lease and the claimer share; it lives on the main runtime's side.
+struct Shared {
+    handle: tokio::runtime::Handle,
+    client: Client,
+    js: jetstream::Context,
+    names: Names,
+    ack_wait: Duration,
+    progress: Duration,
+    /// This host as records and logs name it: "HOSTNAME (pid N)".
+    host: String,
+    scratch: PathBuf,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+    abort: CancellationToken,
+}
+
+/// A worker's request for a job: the claimer answers with one delivery.
+type Claim = oneshot::Sender<Delivery>;
+
+/// The JetStream source; see the module documentation.
+pub struct JetStreamSource {
+    shared: Arc<Shared>,
+    claims: mpsc::Sender<Claim>,
+}
+
+/// What a started source gives the supervisor besides itself.
+pub struct Started {
+    pub source: JetStreamSource,
+    /// Returns once the claimer has seen the stop (it goes on handing back what its last pull
+    /// brings, on its own task).
+    pub claimer: JoinHandle<io::Result<()>>,
+    /// The connection as STATUS= should show it: empty while connected.
+    pub broker_status: watch::Receiver<String>,
+    /// The claimer itself, which ends once its last pull has expired and what that pull
+    /// brought after the stop is handed back. The supervisor waits for it after the drain
+    /// (bounded by [`CLAIMER_AFTER_STOP`]): a host that exited with its last pull still
+    /// registered at the server could catch its own handed-back job and take it into the
+    /// void, where it would wait out the ack wait.
+    pub last_pull: JoinHandle<()>,
+}
+
+/// How long the claimer may take to end after the stop: its last pull's expiry, and slack.
+pub const CLAIMER_AFTER_STOP: Duration = Duration::from_millis(1500);
+
+/// One delivery of a job, claimed for a worker.
+struct Delivery {
+    id: String,
+    shown: String,
+    path: PathBuf,
+    attempt: u32,
+    generation: u32,
+    reply: String,
+    headers: HeaderMap,
+    record: Option<Record>,
+    lease: Arc<LeaseState>,
+    revoked: OwnedFd,
+}
+
+/// A delivery's lease, shared by its heartbeat and its settle.
+struct LeaseState {
+    /// Milliseconds since `epoch` at which the last confirmed heartbeat (or the delivery) was
+    /// sent: the server's deadline runs from no earlier than that.
+    epoch: Instant,
+    last_ok_ms: AtomicU64,
+    /// Set once the lease is given up; nothing more is sent for the delivery.
+    lost: AtomicBool,
+    /// Cancelled when the delivery is settled: the heartbeat ends.
+    settled: CancellationToken,
+    /// `ack_wait - progress_interval`: how long without a confirmed heartbeat the lease holds.
+    limit: Duration,
+}
+
+impl LeaseState {
+    fn new(limit: Duration) -> LeaseState {
+        LeaseState {
+            epoch: Instant::now(),
+            last_ok_ms: AtomicU64::new(0),
+            lost: AtomicBool::new(false),
+            settled: CancellationToken::new(),
+            limit,
+        }
+    }
+
+    fn confirmed_at(&self, at: Instant) {
+        let ms = at.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.last_ok_ms.fetch_max(ms, Relaxed);
+    }
+
+    /// How long the lease holds from now: zero once it is lost.
+    fn left(&self) -> Duration {
+        if self.lost.load(Relaxed) {
+            return Duration::ZERO;
+        }
+        let last = self.epoch + Duration::from_millis(self.last_ok_ms.load(Relaxed));
+        (last + self.limit).saturating_duration_since(Instant::now())
+    }
+}
+
+pub struct JetStreamLease<'a> {
+    source: &'a JetStreamSource,
+    delivery: Delivery,
+}
+
+impl JetStreamSource {
+    /// Connects (waiting up to `connect_timeout`), checks or creates the topology, empties the
+    /// scratch area and starts the claimer and this host's liveness beat. Must run on the
+    /// main runtime, which keeps the client.
+    pub async fn start(
+        config: &Config,
+        stats: Arc<Stats>,
+        stop: CancellationToken,
+        abort: CancellationToken,
+    ) -> Result<Started, BrokerError> {
+        let js_config = config
+            .jetstream
+            .as_ref()
+            .expect("backend.kind = \"jetstream\" has a [jetstream] table (config check)");
+        let scratch = config.spool.dir.join("jetstream").join("active");
+        clear_scratch(&scratch).map_err(|e| {
+            BrokerError::Topology(format!(
+                "cannot prepare the scratch directory {}: {e}",
+                scratch.display()
+            ))
+        })?;
+        let host = host_name();
+        let (status_tx, status_rx) = watch::channel(String::new());
+        let client = connect_with_events(js_config, &host, status_tx).await?;
+        let js = broker::context(&client);
+        let names = Names::new(&js_config.queue);
+        let consumer = topology(&js, &names, js_config).await?;
+        let shared = Arc::new(Shared {
+            handle: tokio::runtime::Handle::current(),
+            client,
+            js,
+            names,
+            ack_wait: js_config.ack_wait,
+            progress: js_config.progress_interval,
+            host,
+            scratch,
+            stats,
+            stop: stop.clone(),
+            abort,
+        });
+        let (claims_tx, claims_rx) = mpsc::channel(64);
+        let last_pull = tokio::spawn(claimer(shared.clone(), consumer, claims_rx));
+        tokio::spawn(host_beat(
+            shared.clone(),
+            config.workers.count.get(),
+            SystemTime::now(),
+        ));
+        // The supervisor waits for this at the stop; the claimer's own task hands back what its
+        // last pull brings and ends by itself.
+        let claimer = tokio::spawn(async move {
+            stop.cancelled().await;
+            Ok(())
+        });
+        Ok(Started {
+            source: JetStreamSource {
+                shared,
+                claims: claims_tx,
+            },
+            claimer,
+            broker_status: status_rx,
+            last_pull,
+        })
+    }
+}
+
+/// The topology checked (or created), retried through an election until `connect_timeout`.
+async fn topology(
+    js: &jetstream::Context,
+    names: &Names,
+    config: &JetStreamConfig,
+) -> Result<PullConsumer, BrokerError> {
+    let deadline = tokio::time::Instant::now() + config.connect_timeout;
+    let mut pause = PULL_PAUSE.0;
+    loop {
+        let result = async {
+            broker::ensure_topology(js, names, config).await?;
+            js.get_consumer_from_stream(&names.consumer, &names.stream)
+                .await
+                .map_err(|e| {
+                    BrokerError::Unavailable(format!(
+                        "consumer {}/{}: {e}",
+                        names.stream, names.consumer
+                    ))
+                })
+        }
+        .await;
+        match result {
+            Err(BrokerError::Unavailable(e)) if tokio::time::Instant::now() + pause < deadline => {
+                tracing::info!("jetstream not ready yet ({e}); trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(PULL_PAUSE.1);
+            }
+            Err(BrokerError::Unavailable(e)) => {
+                return Err(BrokerError::Unavailable(format!(
+                    "{e} (gave up after jetstream.connect_timeout, {})",
+                    humantime::format_duration(config.connect_timeout)
+                )));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Connects with an event callback that logs the connection's changes and shows a lost one
+/// in STATUS=.
+async fn connect_with_events(
+    config: &JetStreamConfig,
+    host: &str,
+    status: watch::Sender<String>,
+) -> Result<Client, BrokerError> {
+    let status = Arc::new(status);
+    // The first connection is made by `broker::connect`, which retries and classifies errors;
+    // the events of the connection it makes are wired through the same options.
+    let client = {
+        let deadline = tokio::time::Instant::now() + config.connect_timeout;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let status = status.clone();
+            let options = broker::options(config, &format!("spoold {host}"))
+                .await?
+                .event_callback(move |event| {
+                    let status = status.clone();
+                    async move {
+                        match event {
+                            async_nats::Event::Disconnected => {
+                                tracing::warn!(
+                                    "jetstream: connection lost; reconnecting (jobs in flight \
+                                     keep running while their lease holds)"
+                                );
+                                status.send_replace(format!(
+                                    "broker: disconnected since {}",
+                                    rfc3339(SystemTime::now())
+                                ));
+                            }
+                            async_nats::Event::Connected => {
+                                if !status.borrow().is_empty() {
+                                    tracing::info!("jetstream: connected again");
+                                }
+                                status.send_replace(String::new());
+                            }
+                            other => tracing::debug!("jetstream: {other}"),
+                        }
+                    }
+                });
+            match options.connect(config.servers.clone()).await {
+                Ok(client) => break client,
+                Err(e) => {
+                    if let Some(fatal) = broker::refused(config, &e) {
+                        return Err(fatal);
+                    }
+                    if tokio::time::Instant::now() + pause > deadline {
+                        return Err(BrokerError::Unavailable(format!(
+                            "cannot reach any of {} within jetstream.connect_timeout ({}): {e}",
+                            config.servers.join(", "),
+                            humantime::format_duration(config.connect_timeout)
+                        )));
+                    }
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+    };
+    Ok(client)
+}
+
+fn host_name() -> String {
+    let name = fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".to_owned());
+    format!("{name} (pid {})", std::process::id())
+}
+
+/// Empties the scratch directory: in broker mode nothing there is a job (a host that died
+/// holds nothing another host needs; its jobs come back after the ack wait).
+fn clear_scratch(scratch: &Path) -> io::Result<()> {
+    fs::create_dir_all(scratch)?;
+    for entry in fs::read_dir(scratch)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            fs::remove_dir_all(entry.path())?;
+        } else {
+            fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+impl Source for JetStreamSource {
+    type Lease<'a> = JetStreamLease<'a>;
+
+    async fn next<'a>(&'a self, stop: &'a CancellationToken) -> Option<JetStreamLease<'a>> {
+        let (tx, rx) = oneshot::channel();
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return None,
+            sent = self.claims.send(tx) => sent.ok()?,
+        }
+        // Dropped here (a stop), the claimer finds the request closed and hands back what it
+        // had for it.
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => None,
+            delivery = rx => delivery.ok().map(|delivery| JetStreamLease {
+                source: self,
+                delivery,
+            }),
+        }
+    }
+}
+
+impl Lease for JetStreamLease<'_> {
+    fn job(&self) -> Job<'_> {
+        let d = &self.delivery;
+        Job {
+            id: OsStr::new(&d.id),
+            shown: &d.shown,
+            path: &d.path,
+            attempt: d.attempt,
+        }
+    }
+
+    fn revoked(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.delivery.revoked.as_fd())
+    }
+
+    fn settle(self, verdict: Verdict, report: Report) {
+        let shared = self.source.shared.clone();
+        let delivery = self.delivery;
+        // The worker's thread waits for the outcome on a plain channel: its own runtime has
+        // nothing else to run meanwhile, and the broker I/O needs the main runtime's drivers.
+        let (tx, rx) = std::sync::mpsc::channel();
+        shared.handle.clone().spawn(async move {
+            settle(&shared, delivery, verdict, report).await;
+            let _ = tx.send(());
+        });
+        // An Err means the main runtime is gone (the process is ending): nothing left to do.
+        let _ = rx.recv();
+    }
+}
+
+/// Carries out `verdict` for `d`; see the table in `source/mod.rs`.
+async fn settle(shared: &Shared, d: Delivery, verdict: Verdict, report: Report) {
+    let stats = &shared.stats;
+    let lost = d.lease.lost.load(Relaxed) || report.outcome == Outcome::LeaseLost;
+    if lost {
+        // Another host may run it now: nothing is sent for this delivery, not even a nak,
+        // which could hand back the other host's delivery.
+        d.lease.lost.store(true, Relaxed);
+        tracing::warn!(
+            job_id = d.shown,
+            host = shared.host,
+            "lease lost: the job was not acknowledged and runs again (here or on another host)"
+        );
+        stats.requeued.fetch_add(1, Relaxed);
+        finish(&d);
+        return;
+    }
+    match verdict {
+        Verdict::Done => {
+            match while_leased(shared, &d, || confirmed(&shared.client, &d.reply, b"+ACK")).await {
+                Ok(()) => {
+                    stats.done.fetch_add(1, Relaxed);
+                    tracing::info!(job_id = d.shown, host = shared.host, "job done");
+                    if d.record.is_some() {
+                        forget_record(shared, &d.id).await;
+                    }
+                }
+                Err(e) => unconfirmed(&d, &e),
+            }
+        }
+        Verdict::Retry { delay } => {
+            let now = SystemTime::now();
+            let mut record = Record::after_failure(
+                &d.shown,
+                d.attempt,
+                d.record.as_ref(),
+                report,
+                &shared.host,
+                now,
+            );
+            record.set_next_attempt(now + delay);
+            // The count first: a nak whose record was not written would rerun the attempt
+            // with the same number, which is the safe side.
+            let written = while_leased(shared, &d, || write_record(shared, &d.id, &record)).await;
+            let result = match written {
+                Ok(()) => {
+                    while_leased(shared, &d, || {
+                        confirmed_bytes(&shared.client, &d.reply, nak(delay))
+                    })
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => tracing::info!(
+                    job_id = d.shown,
+                    attempt = d.attempt,
+                    "job failed; retry in {}",
+                    humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
+                ),
+                Err(e) => unconfirmed(&d, &e),
+            }
+        }
+        Verdict::Fail { permanent } => {
+            let now = SystemTime::now();
+            let mut record = Record::after_failure(
+                &d.shown,
+                d.attempt,
+                d.record.as_ref(),
+                report,
+                &shared.host,
+                now,
+            );
+            record.permanent = permanent;
+            record.failed_at = Some(rfc3339(now));
+            let result = async {
+                // The dead letter first, then the term: a crash in between reruns the job,
+                // and the second dead letter replaces the first (one per job).
+                while_leased(shared, &d, || dead_letter(shared, &d, &record)).await?;
+                while_leased(shared, &d, || confirmed(&shared.client, &d.reply, b"+TERM")).await
+            }
+            .await;
+            match result {
+                Ok(()) => {
+                    stats.failed.fetch_add(1, Relaxed);
+                    tracing::warn!(
+                        job_id = d.shown,
+                        attempts = d.attempt,
+                        permanent,
+                        "job failed for good; in the dead-letter stream {}",
+                        shared.names.failed_stream
+                    );
+                    forget_record(shared, &d.id).await;
+                }
+                Err(e) => unconfirmed(&d, &e),
+            }
+        }
+        Verdict::Release => {
+            // Handed back at once, so another host starts it now rather than after the ack
+            // wait; bounded, so that a broker that does not answer cannot hold the stop.
+            let handback = tokio::time::timeout(
+                HANDBACK_WITHIN.min(d.lease.left()),
+                confirmed_bytes(&shared.client, &d.reply, nak(Duration::ZERO)),
+            )
+            .await;
+            stats.requeued.fetch_add(1, Relaxed);
+            match handback {
+                Ok(Ok(())) => tracing::info!(
+                    job_id = d.shown,
+                    "job handed back to the queue; the attempt does not count"
+                ),
+                _ => tracing::warn!(
+                    job_id = d.shown,
+                    "job not handed back (the broker did not answer); it runs again after \
+                     the ack wait"
+                ),
+            }
+        }
+    }
+    finish(&d);
+}
+
+fn unconfirmed(d: &Delivery, why: &str) {
+    tracing::error!(
+        job_id = d.shown,
+        "outcome not confirmed ({why}); the job may run again"
+    );
+}
+
+/// The delivery is settled: its heartbeat ends and its scratch file goes.
+fn finish(d: &Delivery) {
+    d.lease.settled.cancel();
+    if let Err(e) = fs::remove_file(&d.path)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(job_id = d.shown, "cannot remove {}: {e}", d.path.display());
+    }
+}
+
+/// Runs `op` until it succeeds, as long as the lease holds and no abort asks to give up,
+/// sending only while the connection is up (a request queued while disconnected could reach
+/// the server after the lease is gone).
+async fn while_leased<F, Fut>(shared: &Shared, d: &Delivery, mut op: F) -> Result<(), String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let mut last = String::from("the lease ran out before the broker answered");
+    loop {
+        let left = d.lease.left();
+        if left.is_zero() {
+            return Err(last);
+        }
+        if shared.client.connection_state() == async_nats::connection::State::Connected {
+            match tokio::time::timeout(left, op()).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => last = e,
+                Err(_) => last = "the lease ran out before the broker answered".to_owned(),
+            }
+        } else {
+            last = "disconnected from the broker".to_owned();
+        }
+        // One try at least; after an abort no more, so that the stop keeps its bound.
+        if shared.abort.is_cancelled() {
+            return Err(format!("{last}; given up at the abort"));
+        }
+        tokio::select! {
+            () = tokio::time::sleep(RESEND_EVERY.min(d.lease.left())) => {}
+            () = shared.abort.cancelled(), if !shared.abort.is_cancelled() => {}
+        }
+    }
+}
+
+async fn write_record(shared: &Shared, id: &str, record: &Record) -> Result<(), String> {
+    let body = serde_json::to_vec(record).map_err(|e| e.to_string())?;
+    let ack = shared
+        .js
+        .publish(shared.names.attempts_subject(id), body.into())
+        .await
+        .map_err(|e| e.to_string())?;
+    ack.await.map(drop).map_err(|e| e.to_string())
+}
+
+/// Removes a job's attempts record, best effort: a leaked one expires with the stream's
+/// max age.
+async fn forget_record(shared: &Shared, id: &str) {
+    let subject = shared.names.attempts_subject(id);
+    let purged = async {
+        let stream = shared
+            .js
+            .get_stream_no_info(&shared.names.attempts_stream)
+            .await
+            .map_err(|e| e.to_string())?;
+        stream
+            .purge()
+            .filter(subject)
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    if let Err(e) = purged {
+        tracing::debug!(job_id = id, "attempts record not removed: {e}");
+    }
+}
+
+async fn dead_letter(shared: &Shared, d: &Delivery, record: &Record) -> Result<(), String> {
+    let body = fs::read(&d.path).map_err(|e| format!("cannot read the payload back: {e}"))?;
+    let mut headers = d.headers.clone();
+    headers.insert(
+        "Nats-Msg-Id",
+        format!("{}.failed.g{}", d.id, d.generation).as_str(),
+    );
+    headers.insert(ID_HEADER, d.id.as_str());
+    headers.insert(GENERATION_HEADER, d.generation.to_string().as_str());
+    let json = serde_json::to_string(record).map_err(|e| e.to_string())?;
+    headers.insert(RECORD_HEADER, json.as_str());
+    let ack = shared
+        .js
+        .publish_with_headers(shared.names.failed_subject(&d.id), headers, body.into())
+        .await
+        .map_err(|e| e.to_string())?;
+    ack.await.map(drop).map_err(|e| e.to_string())
+}
+
+/// The claimer: pulls as many jobs as workers ask for, and hands each to one of them.
+async fn claimer(shared: Arc<Shared>, consumer: PullConsumer, mut claims: mpsc::Receiver<Claim>) {
+    let mut waiting: Vec<Claim> = Vec::new();
+    let mut pause = PULL_PAUSE.0;
+    loop {
+        shared.stats.beat();
+        waiting.retain(|c| !c.is_closed());
+        if shared.stop.is_cancelled() {
+            break;
+        }
+        if waiting.is_empty() {
+            tokio::select! {
+                biased;
+                () = shared.stop.cancelled() => break,
+                claim = claims.recv() => match claim {
+                    Some(c) => waiting.push(c),
+                    None => break,
+                },
+                // The watchdog is fed while the loop turns, also when every worker is busy.
+                () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+            }
+        }
+        while let Ok(c) = claims.try_recv() {
+            waiting.push(c);
+        }
+        waiting.retain(|c| !c.is_closed());
+        if waiting.is_empty() {
+            continue;
+        }
+        let pulled = consumer
+            .batch()
+            .max_messages(waiting.len())
+            .expires(FETCH_EXPIRES)
+            .messages()
+            .await;
+        let mut batch = match pulled {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::debug!("jetstream pull failed: {e}; pausing {pause:?}");
+                pull_pause(&shared, &mut pause).await;
+                continue;
+            }
+        };
+        let mut failed = false;
+        // Read to the end even after a stop: what the pull brings is handed back at once.
+        while let Some(message) = batch.next().await {
+            match message {
+                Ok(message) => deliver(&shared, message, &mut waiting).await,
+                Err(e) => {
+                    tracing::debug!("jetstream pull ended: {e}");
+                    failed = !e.to_string().contains("timed out");
+                    break;
+                }
+            }
+        }
+        if failed {
+            pull_pause(&shared, &mut pause).await;
+        } else {
+            pause = PULL_PAUSE.0;
+        }
+    }
+}
+
+async fn pull_pause(shared: &Shared, pause: &mut Duration) {
+    tokio::select! {
+        () = shared.stop.cancelled() => {}
+        () = tokio::time::sleep(*pause) => {}
+    }
+    *pause = (*pause * 2).min(PULL_PAUSE.1);
+}
+
+/// A job's ID from its message: `Spoold-Id`, else `Nats-Msg-Id`, else its stream sequence;
+/// only a name that is safe as a file name and a subject token is taken.
+fn job_id(headers: Option<&HeaderMap>, sequence: u64) -> String {
+    let safe = |s: &&str| {
+        !s.is_empty()
+            && s.len() <= 128
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    header(headers, ID_HEADER)
+        .filter(safe)
+        .or_else(|| header(headers, "Nats-Msg-Id").filter(safe))
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("seq{sequence}"))
+}
+
+/// Turns a pulled message into a delivery for a waiting worker, or hands it back.
+async fn deliver(shared: &Arc<Shared>, message: Message, waiting: &mut Vec<Claim>) {
+    let Some(reply) = message.reply.as_ref().map(|r| r.to_string()) else {
+        return;
+    };
+    let (delivered, sequence) = match message.info() {
+        Ok(info) => (info.delivered, info.stream_sequence),
+        Err(_) => (1, 0),
+    };
+    let headers = message.headers.clone().unwrap_or_default();
+    let id = job_id(message.headers.as_ref(), sequence);
+    let shown = display_name(OsStr::new(&id));
+    if shared.stop.is_cancelled() {
+        handback(shared, &reply, &shown, "stopping").await;
+        return;
+    }
+    let lease = Arc::new(LeaseState::new(shared.ack_wait - shared.progress));
+    // Attempts count handler runs that failed: a first delivery has none; a later one reads the
+    // record, which only a failure writes (an abort or a lost host writes none).
+    let record = if delivered > 1 {
+        match read_record(shared, &id).await {
+            Ok(record) => record,
+            Err(e) => {
+                tracing::warn!(job_id = shown, "cannot read the attempts record: {e}");
+                let _ = confirmed_bytes(&shared.client, &reply, nak(Duration::from_secs(1))).await;
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let attempt = record.as_ref().map_or(1, |r| r.attempts + 1);
+    let generation = header(Some(&headers), GENERATION_HEADER)
+        .and_then(|g| g.parse().ok())
+        .unwrap_or(0);
+    let path = shared.scratch.join(format!("{id}.{delivered}"));
+    if let Err(e) = write_payload(&path, &message.payload) {
+        tracing::error!(job_id = shown, "cannot write the job's file: {e}");
+        handback(shared, &reply, &shown, "no scratch file").await;
+        return;
+    }
+    let revoked = match rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC) {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!(job_id = shown, "cannot create the lease's eventfd: {e}");
+            let _ = fs::remove_file(&path);
+            handback(shared, &reply, &shown, "no eventfd").await;
+            return;
+        }
+    };
+    let signal = match revoked.try_clone() {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!(job_id = shown, "cannot duplicate the lease's eventfd: {e}");
+            let _ = fs::remove_file(&path);
+            handback(shared, &reply, &shown, "no eventfd").await;
+            return;
+        }
+    };
+    tokio::spawn(heartbeat(
+        shared.clone(),
+        reply.clone(),
+        lease.clone(),
+        signal,
+        shown.clone(),
+    ));
+    let mut delivery = Delivery {
+        id,
+        shown,
+        path,
+        attempt,
+        generation,
+        reply,
+        headers,
+        record,
+        lease,
+        revoked,
+    };
+    while let Some(claim) = waiting.pop() {
+        match claim.send(delivery) {
+            Ok(()) => return,
+            Err(back) => delivery = back,
+        }
+    }
+    // Every worker that asked has gone (a stop): the job goes back at once.
+    delivery.lease.settled.cancel();
+    let _ = fs::remove_file(&delivery.path);
+    handback(
+        shared,
+        &delivery.reply,
+        &delivery.shown,
+        "no worker waits for it",
+    )
+    .await;
+}
+
+/// Gives a delivery back at once (a nak without delay, bounded): another host, or a worker
+/// here, gets it now rather than after the ack wait.
+async fn handback(shared: &Shared, reply: &str, shown: &str, why: &str) {
+    tracing::debug!(job_id = shown, "handing the job back: {why}");
+    let _ = tokio::time::timeout(
+        HANDBACK_WITHIN,
+        confirmed_bytes(&shared.client, reply, nak(Duration::ZERO)),
+    )
+    .await;
+}
+
+fn write_payload(path: &Path, payload: &Bytes) -> io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o640)
+        .open(path)?;
+    file.write_all(payload)
+}
+
+async fn read_record(shared: &Shared, id: &str) -> Result<Option<Record>, String> {
+    let stream = shared
+        .js
+        .get_stream_no_info(&shared.names.attempts_stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    match stream
+        .get_last_raw_message_by_subject(&shared.names.attempts_subject(id))
+        .await
+    {
+        Ok(message) => serde_json::from_slice(&message.payload)
+            .map(Some)
+            .map_err(|e| format!("the attempts record is not spoold's: {e}")),
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::stream::LastRawMessageErrorKind::NoMessageFound
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Keeps one delivery's lease: a confirmed in-progress heartbeat every `progress_interval`;
+/// once none has been confirmed for the lease's limit, the lease is lost and `revoked` fires.
+async fn heartbeat(
+    shared: Arc<Shared>,
+    reply: String,
+    lease: Arc<LeaseState>,
+    revoked: OwnedFd,
+    shown: String,
+) {
+    loop {
+        let wait = shared.progress.min(lease.left());
+        tokio::select! {
+            () = lease.settled.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        if lease.settled.is_cancelled() {
+            return;
+        }
+        if lease.left().is_zero() {
+            lease.lost.store(true, Relaxed);
+            tracing::warn!(
+                job_id = shown,
+                host = shared.host,
+                "lease lost: no heartbeat confirmed for {}; ending the handler (the job goes \
+                 to another host)",
+                humantime::format_duration(lease.limit)
+            );
+            let _ = rustix::io::write(&revoked, &1u64.to_ne_bytes());
+            return;
+        }
+        if shared.client.connection_state() != async_nats::connection::State::Connected {
+            continue;
+        }
+        let sent = Instant::now();
+        let answer = tokio::time::timeout(
+            shared.progress.min(lease.left()),
+            confirmed(&shared.client, &reply, b"+WPI"),
+        )
+        .await;
+        match answer {
+            Ok(Ok(())) => lease.confirmed_at(sent),
+            Ok(Err(e)) => tracing::debug!(job_id = shown, "heartbeat not confirmed: {e}"),
+            Err(_) => tracing::debug!(job_id = shown, "heartbeat not confirmed in time"),
+        }
+    }
+}
+
+/// This host's entry in the hosts stream, every few seconds while it runs: what `spoold
+/// status` lists as the hosts consuming.
+async fn host_beat(shared: Arc<Shared>, workers: usize, started: SystemTime) {
+    let key: String = shared
+        .host
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let subject = shared.names.host_subject(&key);
+    let started = rfc3339(started);
+    loop {
+        let entry = serde_json::json!({
+            "host": shared.host,
+            "workers": workers,
+            "busy": shared.stats.busy.load(Relaxed),
+            "done": shared.stats.done.load(Relaxed),
+            "failed": shared.stats.failed.load(Relaxed),
+            "started_at": started,
+            "version": env!("CARGO_PKG_VERSION"),
+        });
+        if let Ok(ack) = shared
+            .js
+            .publish(subject.clone(), entry.to_string().into())
+            .await
+        {
+            let _ = ack.await;
+        }
+        tokio::select! {
+            () = shared.stop.cancelled() => return,
+            () = tokio::time::sleep(HOST_BEAT) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_runs_out_limit_after_its_last_confirmed_heartbeat() {
+        let lease = LeaseState::new(Duration::from_millis(200));
+        assert!(lease.left() > Duration::from_millis(150));
+        std::thread::sleep(Duration::from_millis(120));
+        lease.confirmed_at(Instant::now());
+        assert!(lease.left() > Duration::from_millis(150), "renewed");
+        lease.lost.store(true, Relaxed);
+        assert_eq!(
+            lease.left(),
+            Duration::ZERO,
+            "a lost lease is never renewed"
+        );
+    }
+
+    #[test]
+    fn a_job_id_is_taken_only_when_safe() {
+        let mut h = HeaderMap::new();
+        assert_eq!(job_id(Some(&h), 7), "seq7");
+        h.insert("Nats-Msg-Id", "a.b");
+        assert_eq!(job_id(Some(&h), 7), "seq7");
+        h.insert(ID_HEADER, "01JABC");
+        assert_eq!(job_id(Some(&h), 7), "01JABC");
+    }
+}

@@ -1,0 +1,179 @@
+//! A job's record on the broker: its attempts record (`SPOOLD_<q>_ATTEMPTS`, one message per
+//! job) and the reason its dead letter carries (`Spoold-Record`), both the JSON of the spool's
+//! `failed/` reason records with the host that ran the attempt added.
+
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::job::{Failure, History, Report};
+
+/// How many failed attempts a record keeps, as in the spool.
+const HISTORY_CAP: usize = 20;
+/// A dead letter's record travels in a header; stderr lines are cut to keep it small.
+const LINE_CAP: usize = 512;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FailureRecord {
+    pub attempt: u32,
+    pub started_at: String,
+    pub ended_at: String,
+    pub duration_ms: u64,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    pub reason: String,
+    pub stderr_tail: Vec<String>,
+    /// The host whose handler made this attempt.
+    #[serde(default)]
+    pub host: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub id: String,
+    /// Attempts that ended in failure; a stop, an abort or a lost host does not count.
+    pub attempts: u32,
+    pub first_attempt_at: Option<String>,
+    pub next_attempt_unix_ms: Option<u64>,
+    pub next_attempt_at: Option<String>,
+    pub failed_at: Option<String>,
+    pub permanent: bool,
+    pub last_failure: Option<FailureRecord>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<FailureRecord>,
+}
+
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Record {
+    /// The record after attempt `attempt` failed as `report` says, on `host`.
+    pub fn after_failure(
+        id: &str,
+        attempt: u32,
+        earlier: Option<&Record>,
+        report: Report,
+        host: &str,
+        now: SystemTime,
+    ) -> Record {
+        let failure = FailureRecord {
+            attempt,
+            started_at: rfc3339(report.started),
+            ended_at: rfc3339(now),
+            duration_ms: report.duration.as_millis() as u64,
+            exit_code: report.exit_code,
+            signal: report.signal,
+            timed_out: report.timed_out,
+            reason: report.reason,
+            stderr_tail: report
+                .stderr_tail
+                .into_iter()
+                .map(|mut l| {
+                    if l.len() > LINE_CAP {
+                        let mut cut = LINE_CAP;
+                        while !l.is_char_boundary(cut) {
+                            cut -= 1;
+                        }
+                        l.truncate(cut);
+                    }
+                    l
+                })
+                .collect(),
+            host: host.to_owned(),
+        };
+        let mut history = earlier.map(|r| r.history.clone()).unwrap_or_default();
+        history.push(failure.clone());
+        let excess = history.len().saturating_sub(HISTORY_CAP);
+        history.drain(..excess);
+        Record {
+            id: id.to_owned(),
+            attempts: attempt,
+            first_attempt_at: earlier
+                .and_then(|r| r.first_attempt_at.clone())
+                .or_else(|| Some(failure.started_at.clone())),
+            last_failure: Some(failure),
+            history,
+            ..Record::default()
+        }
+    }
+
+    pub fn set_next_attempt(&mut self, due: SystemTime) {
+        self.next_attempt_unix_ms = Some(unix_ms(due));
+        self.next_attempt_at = Some(rfc3339(due));
+    }
+}
+
+impl From<FailureRecord> for Failure {
+    fn from(r: FailureRecord) -> Failure {
+        Failure {
+            attempt: r.attempt,
+            started_at: r.started_at,
+            ended_at: r.ended_at,
+            duration_ms: r.duration_ms,
+            exit_code: r.exit_code,
+            signal: r.signal,
+            timed_out: r.timed_out,
+            reason: r.reason,
+            stderr_tail: r.stderr_tail,
+        }
+    }
+}
+
+impl From<Record> for History {
+    fn from(r: Record) -> History {
+        History {
+            id: r.id,
+            attempts: r.attempts,
+            first_attempt_at: r.first_attempt_at,
+            next_attempt_unix_ms: r.next_attempt_unix_ms,
+            next_attempt_at: r.next_attempt_at,
+            failed_at: r.failed_at,
+            permanent: r.permanent,
+            last_failure: r.last_failure.map(Failure::from),
+            failures: r.history.into_iter().map(Failure::from).collect(),
+            // Jobs on a broker have no time to live (enqueue --ttl is refused there).
+            expires_unix_ms: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::Outcome;
+    use std::time::Duration;
+
+    #[test]
+    fn a_record_counts_failures_and_keeps_the_host() {
+        let report = Report {
+            outcome: Outcome::Failed,
+            started: SystemTime::UNIX_EPOCH,
+            duration: Duration::from_millis(5),
+            exit_code: Some(3),
+            signal: None,
+            timed_out: false,
+            reason: "exit status 3".into(),
+            stderr_tail: vec!["x".repeat(2000)],
+        };
+        let first = Record::after_failure("j", 1, None, report.clone(), "a", SystemTime::now());
+        let second = Record::after_failure("j", 2, Some(&first), report, "b", SystemTime::now());
+        assert_eq!(second.attempts, 2);
+        assert_eq!(second.history.len(), 2);
+        assert_eq!(second.first_attempt_at, first.first_attempt_at);
+        let last = second.last_failure.clone().unwrap();
+        assert_eq!(last.host, "b");
+        assert_eq!(last.stderr_tail[0].len(), LINE_CAP);
+        let text = serde_json::to_string(&second).unwrap();
+        assert!(!text.contains('\n'), "a header value is one line");
+        let back: Record = serde_json::from_str(&text).unwrap();
+        assert_eq!(History::from(back).attempts, 2);
+    }
+}

@@ -1,0 +1,1065 @@
+//! The JetStream source (issue 14) against real 3-node clusters: the runner's contract, failures
+//! and the dead-letter stream, stops that drain or hand jobs to another host, a stop while the
+//! cluster is down, and start-up errors. Each "host" is a `spoold run` with a spool directory
+//! of its own; all share one queue in the cluster.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::nats;
+use crate::util::{self, Daemon, Env, SOON};
+
+/// One line per handler run, `ID HOST ATTEMPT BODY`, appended by every host's handler.
+struct Runs(PathBuf);
+
+impl Runs {
+    fn lines(&self) -> Vec<(String, String, u32, String)> {
+        fs::read_to_string(&self.0)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split(' ');
+                Some((
+                    f.next()?.to_owned(),
+                    f.next()?.to_owned(),
+                    f.next()?.parse().ok()?,
+                    f.next().unwrap_or("").to_owned(),
+                ))
+            })
+            .collect()
+    }
+
+    /// The (host, attempt) of each run of `id`, in order.
+    fn of(&self, id: &str) -> Vec<(String, u32)> {
+        self.lines()
+            .into_iter()
+            .filter(|(i, ..)| i == id)
+            .map(|(_, h, a, _)| (h, a))
+            .collect()
+    }
+}
+
+/// The handler every host runs: it records its run, then acts on the job's body: `ok` exits
+/// 0, `fail` exits 3, `perm` exits 65, `slow` sleeps (on host A only, else exits 0), `hang`
+/// sleeps on every host, `sleep2` exits 0 after 2 s.
+const HANDLER: &str = r#"body=$(cat "$SPOOLD_JOB_PATH")
+printf '%s %s %s %s\n' "$SPOOLD_JOB_ID" "$HOST" "$SPOOLD_ATTEMPT" "$body" >> "$RUNS"
+case "$body" in
+  ok) exit 0 ;;
+  fail) echo "it went wrong" >&2; exit 3 ;;
+  perm) echo "cannot ever work" >&2; exit 65 ;;
+  slow) if [ "$HOST" = A ]; then sleep 60; fi; exit 0 ;;
+  hang) sleep 60 ;;
+  sleep2) sleep 2; exit 0 ;;
+esac
+exit 0"#;
+
+/// A host named `name` (A, B, ...) on `cluster`'s queue; `extra` is more config (tables after
+/// `[jetstream]`, or keys of it).
+fn host(dir: &Path, cluster: &nats::Cluster, name: &str, extra: &str) -> Env {
+    host_with(dir, cluster, name, extra, HANDLER, LEASE)
+}
+
+/// The lease of the tests: short, so that a lost host's jobs come back soon.
+const LEASE: &str = "ack_wait = \"6s\"\nprogress_interval = \"1s\"\n";
+
+/// [`host`] with a handler script and a lease of the caller's.
+fn host_with(
+    dir: &Path,
+    cluster: &nats::Cluster,
+    name: &str,
+    extra: &str,
+    handler: &str,
+    lease: &str,
+) -> Env {
+    let runs = dir.join("runs");
+    let env = Env::new(&["/bin/true"], "");
+    let handler = env.script("handler.sh", handler);
+    let servers: Vec<String> = cluster.urls().iter().map(|u| format!("{u:?}")).collect();
+    env.write_config(
+        &[&handler],
+        &format!(
+            "kill_grace = \"1s\"\nenv = {{ HOST = {name:?}, RUNS = {:?} }}\n\
+             [workers]\ncount = 2\n\
+             [retry]\nmax_attempts = 2\nbackoff_initial = \"200ms\"\nbackoff_max = \"200ms\"\n\
+             permanent_exit_codes = [65]\n\
+             [shutdown]\ndrain_timeout = \"0s\"\n\
+             [backend]\nkind = \"jetstream\"\n\
+             [jetstream]\nservers = [{}]\n{lease}connect_timeout = \"20s\"\n{extra}",
+            runs.display().to_string(),
+            servers.join(", ")
+        ),
+    );
+    env
+}
+
+/// Submits a job whose body is `body` through `spoold enqueue` on `env`; returns its ID.
+fn enqueue(env: &Env, body: &str) -> String {
+    let file = env.dir.path().join("job");
+    fs::write(&file, body).unwrap();
+    let out = env.cli(&["enqueue", file.to_str().unwrap()]);
+    assert!(out.status.success(), "enqueue: {}", util::describe(&out));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn status(env: &Env) -> serde_json::Value {
+    let out = env.cli(&["status", "--json"]);
+    assert!(out.status.success(), "status: {}", util::describe(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `spoold failed --json` as ID → record.
+fn failed(env: &Env) -> BTreeMap<String, serde_json::Value> {
+    let out = env.cli(&["failed", "--json"]);
+    assert!(out.status.success(), "failed: {}", util::describe(&out));
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    list.into_iter()
+        .map(|j| (j["id"].as_str().unwrap().to_owned(), j["record"].clone()))
+        .collect()
+}
+
+/// Waits until `cond` holds, for up to `within`; panics naming `what` with the hosts' logs.
+#[track_caller]
+fn wait(within: Duration, what: &str, daemons: &[&Daemon], mut cond: impl FnMut() -> bool) {
+    if util::wait_for(within, || cond().then_some(())).is_none() {
+        let logs: Vec<String> = daemons.iter().map(|d| d.log()).collect();
+        panic!(
+            "{what}: not within {within:?}; logs:\n{}",
+            logs.join("\n----\n")
+        );
+    }
+}
+
+fn idle(env: &Env) -> bool {
+    let s = status(env);
+    s["queued"] == 0 && s["active"] == 0 && s["retry"] == 0
+}
+
+fn scratch_is_empty(env: &Env) -> bool {
+    fs::read_dir(env.spool.join("jetstream/active")).is_ok_and(|mut d| d.next().is_none())
+}
+
+/// Issue 14 test 6, the runner's contract (`source::contract`) through the binary: a job is
+/// handed out as attempt 1 with its data in a local file; one handed back at a stop comes
+/// again as the same attempt; a failure comes again as the next attempt; a job failed for
+/// good or done is not handed out again; and the scratch file is gone once it settled.
+fn contract(test: &str, find: fn() -> Result<PathBuf, String>) {
+    let Some(server) = nats::server_or_skip(test, find) else {
+        return;
+    };
+    let cluster = nats::Cluster::start(&server);
+    let shared = tempfile::tempdir().unwrap();
+    let runs = Runs(shared.path().join("runs"));
+    let a = host(shared.path(), &cluster, "A", "");
+    let mut da = a.start();
+
+    // Done: one run, attempt 1, its body read from the local file.
+    let ok = enqueue(&a, "ok");
+    wait(SOON, "the job done", &[&da], || {
+        runs.of(&ok).len() == 1 && idle(&a)
+    });
+    assert_eq!(runs.of(&ok), [("A".to_owned(), 1)]);
+    assert!(
+        runs.lines()
+            .iter()
+            .any(|(i, _, _, b)| *i == ok && b == "ok")
+    );
+    wait(SOON, "the scratch file removed", &[&da], || {
+        scratch_is_empty(&a)
+    });
+
+    // Released at a stop (drain_timeout 0s: abort at once), then run again by host B as the
+    // same attempt.
+    let slow = enqueue(&a, "slow");
+    wait(SOON, "the slow job running on A", &[&da], || {
+        runs.of(&slow).len() == 1
+    });
+    let b = host(shared.path(), &cluster, "B", "");
+    let db = b.start();
+    da.stop();
+    wait(SOON, "the released job run on B", &[&db], || {
+        runs.of(&slow).len() == 2
+    });
+    assert_eq!(
+        runs.of(&slow),
+        [("A".to_owned(), 1), ("B".to_owned(), 1)],
+        "a stop does not use up an attempt"
+    );
+
+    // Retried: attempt 2, then failed for good (max_attempts 2), never handed out again.
+    let fail = enqueue(&b, "fail");
+    wait(SOON, "the failing job dead-lettered", &[&db], || {
+        failed(&b).contains_key(&fail)
+    });
+    assert_eq!(runs.of(&fail), [("B".to_owned(), 1), ("B".to_owned(), 2)]);
+    wait(SOON, "the queue idle", &[&db], || idle(&b));
+    assert_eq!(runs.of(&fail).len(), 2, "a dead letter is not run again");
+    assert_eq!(runs.of(&ok).len(), 1, "a done job is not run again");
+    wait(SOON, "the scratch file removed", &[&db], || {
+        scratch_is_empty(&b)
+    });
+    drop(db);
+}
+
+#[test]
+fn contract_holds_on_pinned_pypi_server() {
+    contract("contract_holds_on_pinned_pypi_server", nats::current_server);
+}
+
+#[test]
+fn contract_holds_on_debian_server() {
+    contract("contract_holds_on_debian_server", nats::debian_server);
+}
+
+/// Issue 14 test 2: a failing job is retried with backoff, then dead-lettered with the reason
+/// (exit status, stderr tail, attempts, host), which another host's `spoold failed` shows; a
+/// permanent exit code is dead-lettered at once; `spoold retry` queues it again with a fresh
+/// attempt count.
+#[test]
+fn failures_are_retried_then_dead_lettered_and_retried_from_any_host() {
+    let test = "failures_are_retried_then_dead_lettered_and_retried_from_any_host";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    let cluster = nats::Cluster::start(&server);
+    let shared = tempfile::tempdir().unwrap();
+    let runs = Runs(shared.path().join("runs"));
+    let a = host(shared.path(), &cluster, "A", "");
+    let da = a.start();
+    // Host B runs no daemon: it only asks.
+    let b = host(shared.path(), &cluster, "B", "");
+
+    let fail = enqueue(&a, "fail");
+    let perm = enqueue(&a, "perm");
+    wait(SOON, "both jobs dead-lettered", &[&da], || {
+        let f = failed(&b);
+        f.contains_key(&fail) && f.contains_key(&perm)
+    });
+    assert_eq!(runs.of(&fail), [("A".to_owned(), 1), ("A".to_owned(), 2)]);
+    assert_eq!(
+        runs.of(&perm),
+        [("A".to_owned(), 1)],
+        "a permanent code is not retried"
+    );
+    let letters = failed(&b);
+    let record = &letters[&fail];
+    assert_eq!(record["attempts"], 2, "{record}");
+    assert_eq!(record["permanent"], false, "{record}");
+    let last = &record["last_failure"];
+    assert_eq!(last["exit_code"], 3, "{record}");
+    assert_eq!(last["reason"], "exit status 3", "{record}");
+    assert_eq!(last["stderr_tail"][0], "it went wrong", "{record}");
+    assert!(record["failed_at"].is_string(), "{record}");
+    let record = &letters[&perm];
+    assert_eq!(record["attempts"], 1, "{record}");
+    assert_eq!(record["permanent"], true, "{record}");
+    let text = b.cli(&["failed"]);
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(
+        text.contains(&fail) && text.contains("it went wrong"),
+        "{text}"
+    );
+    let s = status(&b);
+    assert_eq!(s["failed"], 2, "{s}");
+
+    // Back with a fresh count: attempts 1 and 2 again, then the dead-letter stream again.
+    let out = b.cli(&["retry", &fail]);
+    assert!(out.status.success(), "retry: {}", util::describe(&out));
+    wait(SOON, "the retried job run twice more", &[&da], || {
+        runs.of(&fail).len() == 4 && failed(&b).contains_key(&fail)
+    });
+    assert_eq!(
+        runs.of(&fail)[2..],
+        [("A".to_owned(), 1), ("A".to_owned(), 2)],
+        "a retried job starts with a fresh attempt count"
+    );
+    let out = b.cli(&["retry", "NOSUCHJOB"]);
+    assert!(!out.status.success(), "retry of an unknown ID must fail");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no failed job"),
+        "{}",
+        util::describe(&out)
+    );
+}
+
+/// Issue 14 test 3: a drain finishes the job in flight and acknowledges it; an abort hands the
+/// job back at once and another host starts it within a second.
+#[test]
+fn a_stop_drains_or_hands_the_job_to_another_host_at_once() {
+    let test = "a_stop_drains_or_hands_the_job_to_another_host_at_once";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    let cluster = nats::Cluster::start(&server);
+    let shared = tempfile::tempdir().unwrap();
+    let runs = Runs(shared.path().join("runs"));
+
+    // Drain: the 2 s job finishes, is acknowledged, and runs once.
+    let a = host(
+        shared.path(),
+        &cluster,
+        "A",
+        "[shutdown]\ndrain_timeout = \"20s\"\n",
+    );
+    let a = {
+        // The extra [shutdown] table replaces the default one: write the config again with
+        // only the drain that this part needs.
+        let text = fs::read_to_string(&a.config).unwrap();
+        let text = text.replacen("[shutdown]\ndrain_timeout = \"0s\"\n", "", 1);
+        fs::write(&a.config, text).unwrap();
+        a
+    };
+    let mut da = a.start();
+    let job = enqueue(&a, "sleep2");
+    wait(SOON, "the job running", &[&da], || runs.of(&job).len() == 1);
+    let took = da.stop();
+    assert!(took < Duration::from_secs(15), "the drain took {took:?}");
+    assert!(
+        da.log().contains("job done"),
+        "the drained job was acknowledged before the exit:\n{}",
+        da.log()
+    );
+    wait(SOON, "the queue idle", &[], || idle(&a));
+    assert_eq!(runs.of(&job).len(), 1);
+
+    // Abort: B is idle and waiting; A aborts at once (drain_timeout 0s) and hands the job back.
+    let c = host(shared.path(), &cluster, "A", "");
+    let mut dc = c.start();
+    let job = enqueue(&c, "slow");
+    wait(SOON, "the slow job running on A", &[&dc], || {
+        runs.of(&job).len() == 1
+    });
+    let b = host(shared.path(), &cluster, "B", "");
+    let db = b.start();
+    // B's claimer is pulling once it is ready; give its first pull a moment to be registered
+    // by waiting for the hosts stream to list both hosts.
+    wait(SOON, "both hosts listed", &[&db], || {
+        status(&b)["hosts"].as_array().is_some_and(|h| h.len() >= 2)
+    });
+    dc.term();
+    let (code, _) = dc.wait_exit(SOON);
+    assert!(code.success(), "A's exit: {code}; log:\n{}", dc.log());
+    let exited = Instant::now();
+    wait(SOON, "the job run on B", &[&db], || {
+        runs.of(&job).len() == 2
+    });
+    let handover = exited.elapsed();
+    assert_eq!(runs.of(&job)[1], ("B".to_owned(), 1), "same attempt on B");
+    assert!(
+        handover < Duration::from_secs(1),
+        "B started the aborted job {handover:?} after A exited; the hand-back must not wait \
+         for the ack wait"
+    );
+    eprintln!("abort hand-over: {handover:?} after A's exit");
+}
+
+/// Issue 14 test 3: a stop while the whole cluster is down exits 0 within the stop's bound,
+/// with a job in flight that cannot be handed back.
+#[test]
+fn a_stop_while_the_cluster_is_down_exits_0_in_bound() {
+    let test = "a_stop_while_the_cluster_is_down_exits_0_in_bound";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    let mut cluster = nats::Cluster::start(&server);
+    let shared = tempfile::tempdir().unwrap();
+    let runs = Runs(shared.path().join("runs"));
+    let a = host(shared.path(), &cluster, "A", "");
+    let mut da = a.start();
+    let job = enqueue(&a, "hang");
+    wait(SOON, "the job running", &[&da], || runs.of(&job).len() == 1);
+    for n in 1..=3 {
+        cluster.kill(n);
+    }
+    // STATUS= tells the operator, and the journal says it too.
+    let seen = da.wait_note(|n| n.contains("STATUS=broker: disconnected since"), SOON);
+    assert!(
+        seen.is_some(),
+        "STATUS= shows the lost connection: {:?}",
+        da.notes()
+    );
+    assert!(da.log().contains("connection lost"), "{}", da.log());
+    da.term();
+    let (code, took) = da.wait_exit(SOON);
+    assert!(code.success(), "exit {code}; log:\n{}", da.log());
+    // drain_timeout 0s + kill_grace 1s + the bounded hand-back (1 s) + the wait for the last
+    // pull (1.5 s) + slack.
+    assert!(
+        took < Duration::from_millis(4500),
+        "the stop took {took:?}; log:\n{}",
+        da.log()
+    );
+}
+
+/// Start-up: a cluster that cannot be reached within connect_timeout is exit 69 (systemd
+/// retries); a consumer made with another ack_wait is exit 78 naming the setting, and is not
+/// changed.
+#[test]
+fn start_up_refuses_an_unreachable_or_contradicting_cluster() {
+    let test = "start_up_refuses_an_unreachable_or_contradicting_cluster";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    let shared = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1.
+    let env = Env::new(&["/bin/true"], "");
+    env.write_config(
+        &["/bin/true"],
+        "[backend]\nkind = \"jetstream\"\n[jetstream]\nservers = [\"nats://127.0.0.1:1\"]\n\
+         connect_timeout = \"2s\"\n",
+    );
+    let mut d = Daemon::spawn(&env.config, &[]);
+    let (code, took) = d.wait_exit(SOON);
+    assert_eq!(code.code(), Some(69), "log:\n{}", d.log());
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert!(
+        d.log().contains("nats://127.0.0.1:1") && d.log().contains("connect_timeout"),
+        "{}",
+        d.log()
+    );
+
+    let cluster = nats::Cluster::start(&server);
+    let a = host(shared.path(), &cluster, "A", "");
+    let da = a.start();
+    drop(da);
+    let c = host(shared.path(), &cluster, "C", "");
+    let text = fs::read_to_string(&c.config)
+        .unwrap()
+        .replace("ack_wait = \"6s\"", "ack_wait = \"9s\"");
+    fs::write(&c.config, text).unwrap();
+    let mut dc = Daemon::spawn(&c.config, &[]);
+    let (code, _) = dc.wait_exit(SOON);
+    assert_eq!(code.code(), Some(78), "log:\n{}", dc.log());
+    let log = dc.log();
+    assert!(
+        log.contains("ack_wait 6s") && log.contains("9s") && log.contains("jetstream.ack_wait"),
+        "{log}"
+    );
+    // Unchanged: host A's config still starts.
+    let da = a.start();
+    drop(da);
+}
+
+/// The lease rule: while the whole cluster is down no heartbeat is confirmed, so after
+/// `ack_wait - progress_interval` (5 s here) the host ends the handler and sends nothing for
+/// that delivery; once the cluster is back the job runs again, as the same attempt, and the
+/// daemon kept running throughout.
+#[test]
+fn a_lease_that_cannot_be_renewed_ends_the_handler_and_the_job_runs_again() {
+    let test = "a_lease_that_cannot_be_renewed_ends_the_handler_and_the_job_runs_again";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    let mut cluster = nats::Cluster::start(&server);
+    let shared = tempfile::tempdir().unwrap();
+    let runs = Runs(shared.path().join("runs"));
+    let a = host(shared.path(), &cluster, "A", "");
+    let da = a.start();
+    let job = enqueue(&a, "hang");
+    wait(SOON, "the job running", &[&da], || runs.of(&job).len() == 1);
+    let down = Instant::now();
+    for n in 1..=3 {
+        cluster.kill(n);
+    }
+    wait(SOON, "the lease given up", &[&da], || {
+        da.log().contains("lease lost")
+    });
+    let lost_after = down.elapsed();
+    assert!(
+        lost_after < Duration::from_secs(6),
+        "the lease must be given up before the ack wait (6 s) ends, not after {lost_after:?}"
+    );
+    wait(SOON, "the handler ended", &[&da], || {
+        da.log().contains("ended because the source lost its lease")
+            || da
+                .log()
+                .contains("lease lost: the job was not acknowledged")
+    });
+    for n in 1..=3 {
+        cluster.restart(n);
+    }
+    cluster.wait_ready(nats::READY_WITHIN);
+    wait(
+        Duration::from_secs(90),
+        "the job run again after the outage",
+        &[&da],
+        || runs.of(&job).len() >= 2,
+    );
+    assert_eq!(
+        runs.of(&job)[1].1,
+        1,
+        "a lost lease does not use up an attempt"
+    );
+}
+
+/// The stream leader's node number, from the stream's info.
+fn stream_leader(cluster: &nats::Cluster) -> usize {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let name = runtime.block_on(async {
+        let client = async_nats::ConnectOptions::new()
+            .connect(cluster.urls().as_slice())
+            .await
+            .unwrap();
+        let js = async_nats::jetstream::new(client);
+        let give_up = Instant::now() + SOON;
+        loop {
+            if let Ok(mut stream) = js.get_stream("SPOOLD_default").await
+                && let Ok(info) = stream.info().await
+                && let Some(leader) = info.cluster.as_ref().and_then(|c| c.leader.clone())
+            {
+                return leader;
+            }
+            assert!(Instant::now() < give_up, "no stream leader within {SOON:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    cluster.number(&name)
+}
+
+/// Issue 14 test 1: three hosts consume 5,000 jobs while one host is SIGKILLed, the stream
+/// leader's node is SIGKILLed and restarted, and another host is stopped (SIGTERM) and started
+/// again. Every job ends with a successful run; the only jobs run twice are jobs that were in
+/// flight on the SIGKILLed host (at most its worker count); nothing is dead-lettered; every
+/// SIGTERM exit is 0.
+#[test]
+fn three_hosts_lose_no_job_through_host_and_node_crashes() {
+    const JOBS: usize = 5_000;
+    let test = "three_hosts_lose_no_job_through_host_and_node_crashes";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    let mut cluster = nats::Cluster::start(&server);
+    let shared = tempfile::tempdir().unwrap();
+    let log = shared.path().join("chaos");
+    let lease = "ack_wait = \"15s\"\nprogress_interval = \"2s\"\n";
+    let hosts: Vec<Env> = ["A", "B", "C"]
+        .iter()
+        .map(|name| {
+            let handler = format!(
+                "printf 'start %s %s %s\\n' \"$SPOOLD_JOB_ID\" \"$HOST\" \"$SPOOLD_ATTEMPT\" >> {log:?}\n\
+                 sleep 0.02\n\
+                 printf 'end %s %s\\n' \"$SPOOLD_JOB_ID\" \"$HOST\" >> {log:?}\n",
+                log = log.display().to_string()
+            );
+            let env = host_with(shared.path(), &cluster, name, "", &handler, lease);
+            // A SIGTERM drains here: the jobs in flight finish and are acknowledged.
+            let text = fs::read_to_string(&env.config)
+                .unwrap()
+                .replace("drain_timeout = \"0s\"", "drain_timeout = \"10s\"");
+            fs::write(&env.config, text).unwrap();
+            env
+        })
+        .collect();
+    let (a, b, c) = (&hosts[0], &hosts[1], &hosts[2]);
+    let mut da = a.start();
+    let mut db = b.start();
+    let mut dc = c.start();
+
+    let jobs = shared.path().join("jobs");
+    fs::create_dir(&jobs).unwrap();
+    let files: Vec<String> = (0..JOBS)
+        .map(|i| {
+            let f = jobs.join(format!("{i}"));
+            fs::write(&f, format!("job {i}")).unwrap();
+            f.display().to_string()
+        })
+        .collect();
+    let mut args = vec!["enqueue"];
+    args.extend(files.iter().map(String::as_str));
+    let began = Instant::now();
+    // In the background: the faults come while jobs are still being submitted. Its IDs go to
+    // a file, which (unlike a pipe nobody reads yet) never blocks it.
+    let printed = shared.path().join("ids");
+    let enqueue = std::process::Command::new(util::BIN)
+        .args(&args)
+        .arg("--config")
+        .arg(&a.config)
+        .stdin(std::process::Stdio::null())
+        .stdout(fs::File::create(&printed).unwrap())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let ends = || {
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("end "))
+            .count()
+    };
+    let all = [&da, &db, &dc];
+    let long = Duration::from_secs(300);
+    wait(long, "500 jobs done", &all, || ends() >= 500);
+    db.child.kill().unwrap();
+    db.child.wait().unwrap();
+    eprintln!("B SIGKILLed after {:?}", began.elapsed());
+    wait(long, "1,500 jobs done", &[&da, &dc], || ends() >= 1_500);
+    let leader = stream_leader(&cluster);
+    cluster.kill(leader);
+    eprintln!(
+        "stream leader n{leader} SIGKILLed after {:?}",
+        began.elapsed()
+    );
+    wait(long, "2,500 jobs done", &[&da, &dc], || ends() >= 2_500);
+    cluster.restart(leader);
+    dc.term();
+    let (code, _) = dc.wait_exit(SOON);
+    assert!(
+        code.success(),
+        "C's SIGTERM exit: {code}; log:\n{}",
+        dc.log()
+    );
+    let mut dc = c.start();
+    cluster.wait_ready(nats::READY_WITHIN);
+    let out = enqueue.wait_with_output().unwrap();
+    assert!(out.status.success(), "enqueue: {}", util::describe(&out));
+    let ids: Vec<String> = fs::read_to_string(&printed)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        ids.len(),
+        JOBS,
+        "enqueue printed every ID, through the leader kill"
+    );
+    eprintln!("enqueued {JOBS} in {:?}", began.elapsed());
+    wait(long, "every job done", &[&da, &dc], || {
+        ends() >= JOBS && idle(a)
+    });
+    eprintln!("all done after {:?}", began.elapsed());
+
+    let text = fs::read_to_string(&log).unwrap();
+    let mut started: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut ended: BTreeMap<&str, usize> = BTreeMap::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        match f[0] {
+            "start" => started.entry(f[1]).or_default().push(f[2]),
+            "end" => *ended.entry(f[1]).or_default() += 1,
+            _ => {}
+        }
+    }
+    let missing: Vec<&String> = ids
+        .iter()
+        .filter(|id| !ended.contains_key(id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} jobs never ended: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert_eq!(started.len(), JOBS, "only submitted jobs ran");
+    let twice: Vec<(&str, &Vec<&str>)> = started
+        .iter()
+        .filter(|(_, hosts)| hosts.len() > 1)
+        .map(|(id, hosts)| (*id, hosts))
+        .collect();
+    eprintln!("jobs run more than once: {twice:?}");
+    assert!(
+        twice.iter().all(|(_, hosts)| hosts.contains(&"B")),
+        "a job ran twice without having been on the SIGKILLed host: {twice:?}"
+    );
+    assert!(
+        twice.len() <= 2,
+        "more reruns ({}) than B had workers (2): {twice:?}",
+        twice.len()
+    );
+    assert!(failed(a).is_empty(), "the dead-letter stream is empty");
+    da.stop();
+    dc.stop();
+}
+
+/// A nats-server of its own for a test, killed when dropped.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs openssl with `args` in `dir`; panics with its output when it fails.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        util::describe(&out)
+    );
+}
+
+/// Issue 14 test 5 (TLS part): spoold connects to a server that requires mutual TLS, with the
+/// CA, certificate and key the config names, and runs a job; a wrong CA is a clear start-up
+/// error (exit 78, naming the TLS settings), not a wait for the connect timeout.
+#[test]
+fn mutual_tls_connects_and_a_wrong_ca_is_a_clear_error() {
+    let test = "mutual_tls_connects_and_a_wrong_ca_is_a_clear_error";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    let certs = tempfile::tempdir().unwrap();
+    let d = certs.path();
+    let subj = |cn: &str| format!("/CN={cn}");
+    for ca in ["ca", "wrong-ca"] {
+        openssl(
+            d,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.pem"),
+                "-days",
+                "2",
+                "-subj",
+                &subj(ca),
+            ],
+        );
+    }
+    fs::write(
+        d.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    for who in ["server", "client"] {
+        openssl(
+            d,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &format!("{who}.key"),
+                "-out",
+                &format!("{who}.csr"),
+                "-subj",
+                &subj(who),
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{who}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{who}.pem"),
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+            ],
+        );
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = d.join("server.conf");
+    fs::write(
+        &conf,
+        format!(
+            "listen: 127.0.0.1:{port}\njetstream {{ store_dir: {:?} }}\n\
+             tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n}}\n",
+            d.join("store").display().to_string(),
+            d.join("server.pem").display().to_string(),
+            d.join("server.key").display().to_string(),
+            d.join("ca.pem").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let _server = Server(
+        std::process::Command::new(&server)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    let shared = tempfile::tempdir().unwrap();
+    let runs = Runs(shared.path().join("runs"));
+    let tls = |ca: &str| {
+        let env = Env::new(&["/bin/true"], "");
+        let handler = env.script("handler.sh", HANDLER);
+        env.write_config(
+            &[&handler],
+            &format!(
+                "env = {{ HOST = \"A\", RUNS = {:?} }}\n[backend]\nkind = \"jetstream\"\n\
+                 [jetstream]\nservers = [\"tls://127.0.0.1:{port}\"]\nreplicas = 1\n\
+                 ack_wait = \"6s\"\nprogress_interval = \"1s\"\nconnect_timeout = \"20s\"\n\
+                 tls_ca_file = {:?}\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
+                runs.0.display().to_string(),
+                d.join(ca).display().to_string(),
+                d.join("client.pem").display().to_string(),
+                d.join("client.key").display().to_string(),
+            ),
+        );
+        env
+    };
+    let good = tls("ca.pem");
+    let mut daemon = good.start();
+    let job = enqueue(&good, "ok");
+    wait(SOON, "the job run over TLS", &[&daemon], || {
+        runs.of(&job).len() == 1
+    });
+    daemon.stop();
+
+    let wrong = tls("wrong-ca.pem");
+    let mut d2 = Daemon::spawn(&wrong.config, &[]);
+    let (code, took) = d2.wait_exit(SOON);
+    assert_eq!(code.code(), Some(78), "log:\n{}", d2.log());
+    assert!(
+        took < Duration::from_secs(15),
+        "a wrong CA is not retried: {took:?}"
+    );
+    assert!(d2.log().contains("tls_ca_file"), "{}", d2.log());
+}
+
+/// Runs `ip ARGS`; panics with its output when it fails.
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        util::describe(&out)
+    );
+}
+
+/// A network namespace joined to this one by a veth pair, removed when dropped.
+struct Netns {
+    name: String,
+    link: String,
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.link])
+            .output();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// Issue 14 test 4: a host cut off from the network while it runs a long job ends the handler
+/// before its lease (the ack wait) can lapse; another host then runs the job; when the link
+/// comes back the first host sends no late acknowledgement, and the job stays done once.
+///
+/// The host runs in a network namespace of its own, joined by a veth pair with addresses the
+/// test assigns; one JetStream node (replicas 1) listens on all addresses, since the harness's
+/// cluster listens on 127.0.0.1, which the namespace cannot reach.
+#[test]
+fn a_host_cut_off_from_the_network_gives_up_its_job_before_another_host_runs_it() {
+    let test = "a_host_cut_off_from_the_network_gives_up_its_job_before_another_host_runs_it";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    if !util::is_root() {
+        util::skip(test, "network namespaces need root");
+        return;
+    }
+    let id = std::process::id() % 250;
+    let ns = Netns {
+        name: format!("spoold{}", std::process::id()),
+        link: format!("spd{}h", std::process::id() % 100_000),
+    };
+    let peer = format!("spd{}n", std::process::id() % 100_000);
+    let (host_ip, ns_ip) = (format!("10.201.{id}.1"), format!("10.201.{id}.2"));
+    ip(&["netns", "add", &ns.name]);
+    ip(&[
+        "link", "add", &ns.link, "type", "veth", "peer", "name", &peer,
+    ]);
+    ip(&["link", "set", &peer, "netns", &ns.name]);
+    ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &ns.link]);
+    ip(&["link", "set", &ns.link, "up"]);
+    ip(&[
+        "-n",
+        &ns.name,
+        "addr",
+        "add",
+        &format!("{ns_ip}/30"),
+        "dev",
+        &peer,
+    ]);
+    ip(&["-n", &ns.name, "link", "set", &peer, "up"]);
+    ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+
+    let store = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = store.path().join("node.conf");
+    fs::write(
+        &conf,
+        format!(
+            "listen: 0.0.0.0:{port}\njetstream {{ store_dir: {:?} }}\n",
+            store.path().join("js").display().to_string()
+        ),
+    )
+    .unwrap();
+    let _server = Server(
+        std::process::Command::new(&server)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+
+    let shared = tempfile::tempdir().unwrap();
+    let runs = Runs(shared.path().join("runs"));
+    // Host A sleeps on the job and notes when its handler is ended; B just succeeds.
+    let handler = r#"printf '%s %s %s start\n' "$SPOOLD_JOB_ID" "$HOST" "$SPOOLD_ATTEMPT" >> "$RUNS"
+if [ "$HOST" = A ]; then
+  trap 'printf "%s %s %s ended\n" "$SPOOLD_JOB_ID" "$HOST" "$SPOOLD_ATTEMPT" >> "$RUNS"; exit 143' TERM
+  sleep 120 & wait
+fi
+exit 0"#;
+    let config = |name: &str, server_ip: &str| {
+        let env = Env::new(&["/bin/true"], "");
+        let h = env.script("handler.sh", handler);
+        env.write_config(
+            &[&h],
+            &format!(
+                "kill_grace = \"1s\"\nenv = {{ HOST = {name:?}, RUNS = {:?} }}\n\
+                 [backend]\nkind = \"jetstream\"\n\
+                 [jetstream]\nservers = [\"nats://{server_ip}:{port}\"]\nreplicas = 1\n\
+                 {LEASE}connect_timeout = \"20s\"\n",
+                runs.0.display().to_string()
+            ),
+        );
+        env
+    };
+    let a = config("A", &host_ip);
+    let b = config("B", "127.0.0.1");
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name, util::BIN, "run", "--config"])
+        .arg(&a.config);
+    let da = Daemon::spawn_command(cmd);
+    da.wait_note(|n| n.contains("READY=1"), SOON)
+        .unwrap_or_else(|| panic!("A not ready; log:\n{}", da.log()));
+    let job = enqueue(&b, "long");
+    wait(SOON, "the job running on A", &[&da], || {
+        runs.of(&job).len() == 1
+    });
+    let db = b.start();
+
+    let cut = Instant::now();
+    ip(&["link", "set", &ns.link, "down"]);
+    let lines = || fs::read_to_string(&runs.0).unwrap_or_default();
+    wait(SOON, "B running the job", &[&da, &db], || {
+        lines().contains(&format!("{job} B 1 start"))
+    });
+    let b_after = cut.elapsed();
+    let text = lines();
+    let ended = text
+        .find(&format!("{job} A 1 ended"))
+        .unwrap_or_else(|| panic!("A's handler was not ended before B ran the job:\n{text}"));
+    let b_started = text.find(&format!("{job} B 1 start")).unwrap();
+    assert!(
+        ended < b_started,
+        "A's handler ended only after B started the job:\n{text}"
+    );
+    assert!(da.log().contains("lease lost"), "{}", da.log());
+    eprintln!("B started the job {b_after:?} after A's link went down");
+
+    // A notices the dead link (three unanswered pings) and says so ...
+    wait(
+        Duration::from_secs(60),
+        "A noticing the dead link",
+        &[&da],
+        || da.log().contains("connection lost"),
+    );
+    // ... and when the link comes back, it reconnects and sends nothing for the job it gave up.
+    ip(&["link", "set", &ns.link, "up"]);
+    // A noticed the dead link (unanswered pings) and reconnects now.
+    wait(Duration::from_secs(60), "A connected again", &[&da], || {
+        da.log().contains("connected again")
+    });
+    wait(SOON, "the queue idle", &[&da, &db], || idle(&b));
+    let s = status(&b);
+    assert_eq!(s["failed"], 0, "{s}");
+    assert!(
+        !lines().contains(&format!("{job} A 2")) && !lines().contains(&format!("{job} B 2")),
+        "{}",
+        lines()
+    );
+}
+
+/// Reload: `workers.count` applies at once; a change under `[jetstream]` needs a restart, is
+/// said so in the journal, and is not applied (the daemon keeps its lease settings and runs on).
+#[test]
+fn a_reload_applies_workers_and_says_the_broker_settings_need_a_restart() {
+    let test = "a_reload_applies_workers_and_says_the_broker_settings_need_a_restart";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    let cluster = nats::Cluster::start(&server);
+    let shared = tempfile::tempdir().unwrap();
+    let runs = Runs(shared.path().join("runs"));
+    let a = host(shared.path(), &cluster, "A", "");
+    let mut da = a.start();
+    let text = fs::read_to_string(&a.config)
+        .unwrap()
+        .replace("count = 2", "count = 3")
+        .replace("ack_wait = \"6s\"", "ack_wait = \"9s\"");
+    fs::write(&a.config, text).unwrap();
+    da.signal(1);
+    wait(SOON, "the reload logged", &[&da], || {
+        da.log().contains("configuration reloaded")
+    });
+    assert!(
+        da.log()
+            .contains("[backend] or [jetstream] changed; that takes a restart"),
+        "{}",
+        da.log()
+    );
+    wait(SOON, "three workers", &[&da], || da.worker_threads() == 3);
+    // The edited file now contradicts the cluster, so a client on it is refused (78); another
+    // host's unchanged config submits.
+    let out = a.cli(&["status"]);
+    assert_eq!(out.status.code(), Some(78), "{}", util::describe(&out));
+    let b = host(shared.path(), &cluster, "B", "");
+    let job = enqueue(&b, "ok");
+    wait(SOON, "a job still runs", &[&da], || {
+        runs.of(&job).len() == 1
+    });
+    da.stop();
+}
