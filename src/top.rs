@@ -45,7 +45,7 @@ const OUTCOMES: [&str; 6] = [
     "aborted",
 ];
 
-/// Runs the view until `q` (or Esc, Ctrl-C, SIGTERM, SIGHUP), refreshing every `interval`;
+/// Runs the view until `q` (or Esc, Ctrl-C, SIGTERM; a SIGHUP ends it at once), refreshing every `interval`;
 /// `metrics` is the daemon's metrics endpoint, when its config turns it on.
 pub fn run(
     queue: &impl Admin,
@@ -59,13 +59,21 @@ pub fn run(
     // Raw mode takes Ctrl-C from the terminal, but a signal from elsewhere must still end the
     // view through the restore below, not leave the terminal raw.
     let stop = Arc::new(AtomicBool::new(false));
-    for signal in [
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGHUP,
-        signal_hook::consts::SIGINT,
-    ] {
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone())?;
     }
+    // A hangup means the terminal is gone (its window closed, its ssh session or tmux session
+    // ended): there is nothing left to restore, and the terminal library would spin on the
+    // end of its input instead of returning to the loop that looks at `stop`. So the view ends
+    // here, at once, with the status a shell gives a process ended by SIGHUP.
+    let mut hangup = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
+    std::thread::Builder::new()
+        .name("spoold-top-hangup".into())
+        .spawn(move || {
+            if hangup.forever().next().is_some() {
+                std::process::exit(128 + signal_hook::consts::SIGHUP);
+            }
+        })?;
     let mut terminal = ratatui::try_init()?;
     let result = view(queue, metrics, interval, &mut terminal, &stop);
     ratatui::restore();

@@ -224,3 +224,63 @@ fn member_of_the_spool_group(env: &Env) {
         .unwrap();
     assert!(out.status.success(), "chmod g+s: {}", describe(&out));
 }
+
+/// When its terminal goes away (the window closed, the ssh or tmux session ended), top ends at
+/// once instead of living on without a terminal: the kernel's SIGHUP ends it, with the status
+/// of a process ended by that signal.
+#[test]
+fn top_ends_when_its_terminal_hangs_up() {
+    let test = "top::top_ends_when_its_terminal_hangs_up";
+    if Command::new("tmux").arg("-V").output().is_err() {
+        return util::skip(test, "tmux is not installed (apt-get install tmux)");
+    }
+    let env = top_env();
+    // The daemon sets the spool up; top reads it.
+    let mut daemon = env.start();
+    daemon.wait_until("the spool's layout", || env.path("control").is_dir());
+    let pid_file = env.dir.path().join("top.pid");
+    // The shell becomes top (exec), so the pid it writes is top's.
+    let wrapper = env.script(
+        "top.sh",
+        &format!(
+            "echo $$ > {}\nexec {BIN} top --config {}",
+            pid_file.display(),
+            env.config.display()
+        ),
+    );
+    let tmux = Tmux::new(env.dir.path());
+    let out = tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "top",
+        "-x",
+        "100",
+        "-y",
+        "30",
+        &wrapper,
+    ]);
+    assert!(out.status.success(), "tmux: {}", describe(&out));
+    tmux.wait_screen("top's view", &["spoold top", "q quits"]);
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let out = tmux.run(&["kill-server"]);
+    assert!(out.status.success(), "tmux kill-server: {}", describe(&out));
+    // Gone, or a zombie that nobody has reaped yet: either way it has ended.
+    let ended = || match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    };
+    let gone = wait_for(SOON, || ended().then_some(()));
+    if gone.is_none() {
+        // Not left spinning behind the failed test.
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        panic!("top (pid {pid}) lived on after its terminal hung up");
+    }
+    daemon.stop();
+}

@@ -435,14 +435,21 @@ impl Admin for BrokerAdmin {
         Err(unsupported("top"))
     }
 
+    /// No daemon reads a record from a broker client yet, so an action the caller carried out
+    /// itself (a `retry` republishes the job, visible in the streams) is left at that; an
+    /// action that needs a daemon to carry it out is refused.
     fn record_operation(
         &self,
         op: Operation,
         _reason: Option<&str>,
         _done: &[JobId],
-        _asked: &[JobId],
+        asked: &[JobId],
     ) -> Result<(), OperatorError> {
-        Err(unsupported(op.name()).into())
+        if asked.is_empty() {
+            Ok(())
+        } else {
+            Err(unsupported(op.name()).into())
+        }
     }
 
     fn pause(&self, _reason: Option<&str>) -> Result<(Paused, bool), OperatorError> {

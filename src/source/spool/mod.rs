@@ -790,27 +790,7 @@ impl Spool {
     /// error the partial file is removed; while it is being written, `partial` holds its
     /// removal, so that a signal can remove it too (see [`Partial`]).
     fn enqueue_tracked(&self, src: &mut dyn Read, id: &str, partial: &Partial) -> io::Result<()> {
-        let tmp_path = self.dir_path(Dir::Tmp).join(id);
-        let mut file = {
-            let mut current = partial.hold();
-            let file = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o640)
-                .open(&tmp_path)
-                .map_err(|e| {
-                    let tmp = self.dir_path(Dir::Tmp);
-                    io::Error::new(
-                        e.kind(),
-                        format!("cannot create a file in {}: {e}", tmp.display()),
-                    )
-                })?;
-            let removed = tmp_path.clone();
-            *current = Some(Box::new(move || {
-                let _ = fs::remove_file(removed);
-            }));
-            file
-        };
+        let (mut file, tmp_path) = self.create_in_tmp(id, partial)?;
         let written = io::copy(src, &mut file).and_then(|_| file.sync_all());
         drop(file);
         let mut current = partial.hold();
@@ -823,6 +803,39 @@ impl Spool {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Creates `tmp/ID` for a submission (never an existing file), and makes `partial` remove
+    /// it, after whatever `partial` already removes (the jobs staged before it by the same
+    /// `spoold enqueue`).
+    pub(super) fn create_in_tmp(
+        &self,
+        id: &str,
+        partial: &Partial,
+    ) -> io::Result<(fs::File, PathBuf)> {
+        let tmp_path = self.dir_path(Dir::Tmp).join(id);
+        let mut current = partial.hold();
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o640)
+            .open(&tmp_path)
+            .map_err(|e| {
+                let tmp = self.dir_path(Dir::Tmp);
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot create a file in {}: {e}", tmp.display()),
+                )
+            })?;
+        let earlier = current.take();
+        let removed = tmp_path.clone();
+        *current = Some(Box::new(move || {
+            let _ = fs::remove_file(removed);
+            if let Some(undo) = earlier {
+                undo();
+            }
+        }));
+        Ok((file, tmp_path))
     }
 
     /// [`Spool::enqueue_tracked`] for a caller that has no signal to handle.

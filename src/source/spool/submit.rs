@@ -26,7 +26,6 @@ use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{AtFlags, FlockOperation};
@@ -78,31 +77,7 @@ impl Spool {
         partial: &Partial,
         submission: &Submission,
     ) -> io::Result<()> {
-        let tmp_path = self.dir_path(Dir::Tmp).join(id);
-        let mut file = {
-            let mut current = partial.hold();
-            let file = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o640)
-                .open(&tmp_path)
-                .map_err(|e| {
-                    let tmp = self.dir_path(Dir::Tmp);
-                    io::Error::new(
-                        e.kind(),
-                        format!("cannot create a file in {}: {e}", tmp.display()),
-                    )
-                })?;
-            let earlier = current.take();
-            let removed = tmp_path.clone();
-            *current = Some(Box::new(move || {
-                let _ = fs::remove_file(removed);
-                if let Some(undo) = earlier {
-                    undo();
-                }
-            }));
-            file
-        };
+        let (mut file, tmp_path) = self.create_in_tmp(id, partial)?;
         let written = io::copy(src, &mut file)
             .and_then(|_| match submission.not_before {
                 Some(due) => file.set_modified(due),
