@@ -358,7 +358,8 @@ fn cargo_deb_missing() -> Option<String> {
     }
 }
 
-/// The .deb, built once per test process with cargo-deb as a release would build it, into
+/// The .deb, built once per test process with cargo-deb as a release would build it (but
+/// unoptimised: the `deb-test` profile), into
 /// `<target>/tmp/deb/spoold.deb`; the tests that need it share the one build.
 fn built_deb() -> &'static Path {
     static DEB: OnceLock<PathBuf> = OnceLock::new();
@@ -369,7 +370,15 @@ fn built_deb() -> &'static Path {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         let began = Instant::now();
         let result = Command::new(cargo)
-            .args(["deb", "--locked", "--manifest-path"])
+            // The release profile but unoptimised (Cargo.toml says why); the assets, which name
+            // target/release/, are taken from the profile's own directory.
+            .args([
+                "deb",
+                "--locked",
+                "--profile",
+                "deb-test",
+                "--manifest-path",
+            ])
             .arg(Path::new(MANIFEST_DIR).join("Cargo.toml"))
             .arg("--output")
             .arg(&deb)
