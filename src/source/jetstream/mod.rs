@@ -41,7 +41,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, JetStreamConfig};
-use crate::daemon::stats::Stats;
+use crate::daemon::stats::{Finished, Stats};
 use crate::job::{Job, Outcome, Report, Verdict, display_name};
 use crate::source::{Lease, Source};
 use broker::{BrokerError, Names, confirmed, confirmed_bytes, header, nak};
@@ -425,7 +425,7 @@ async fn settle(shared: &Shared, d: Delivery, verdict: Verdict, report: Report) 
             host = shared.host,
             "lease lost: the job was not acknowledged and runs again (here or on another host)"
         );
-        stats.requeued.fetch_add(1, Relaxed);
+        stats.finished(Finished::Aborted);
         finish(&d);
         return;
     }
@@ -433,7 +433,7 @@ async fn settle(shared: &Shared, d: Delivery, verdict: Verdict, report: Report) 
         Verdict::Done => {
             match while_leased(shared, &d, || confirmed(&shared.client, &d.reply, b"+ACK")).await {
                 Ok(()) => {
-                    stats.done.fetch_add(1, Relaxed);
+                    stats.finished(Finished::Done);
                     tracing::info!(job_id = d.shown, host = shared.host, "job done");
                     if d.record.is_some() {
                         forget_record(shared, &d.id).await;
@@ -466,12 +466,15 @@ async fn settle(shared: &Shared, d: Delivery, verdict: Verdict, report: Report) 
                 Err(e) => Err(e),
             };
             match result {
-                Ok(()) => tracing::info!(
-                    job_id = d.shown,
-                    attempt = d.attempt,
-                    "job failed; retry in {}",
-                    humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
-                ),
+                Ok(()) => {
+                    stats.finished(Finished::Retried);
+                    tracing::info!(
+                        job_id = d.shown,
+                        attempt = d.attempt,
+                        "job failed; retry in {}",
+                        humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
+                    );
+                }
                 Err(e) => unconfirmed(&d, &e),
             }
         }
@@ -496,7 +499,7 @@ async fn settle(shared: &Shared, d: Delivery, verdict: Verdict, report: Report) 
             .await;
             match result {
                 Ok(()) => {
-                    stats.failed.fetch_add(1, Relaxed);
+                    stats.finished(Finished::Failed);
                     tracing::warn!(
                         job_id = d.shown,
                         attempts = d.attempt,
@@ -517,7 +520,7 @@ async fn settle(shared: &Shared, d: Delivery, verdict: Verdict, report: Report) 
                 confirmed_bytes(&shared.client, &d.reply, nak(Duration::ZERO)),
             )
             .await;
-            stats.requeued.fetch_add(1, Relaxed);
+            stats.finished(Finished::Aborted);
             match handback {
                 Ok(Ok(())) => tracing::info!(
                     job_id = d.shown,
