@@ -23,6 +23,10 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// acknowledgement and the record's removal.
 const ATTEMPTS_MAX_AGE: Duration = Duration::from_secs(7 * 86_400);
 /// How long a host's entry in the hosts stream counts as live: three of its 5 s beats.
+/// How long a job's settled marker is kept. A redelivery of a settled job comes an ack wait
+/// after an acknowledgement the cluster lost (at most an hour by the config's bounds, in
+/// practice seconds), so a day covers it with room for a cluster that was down meanwhile.
+const DONE_MAX_AGE: Duration = Duration::from_secs(86_400);
 pub const HOST_TTL: Duration = Duration::from_secs(15);
 /// Jobs claimed and not settled at once across all hosts, counting jobs that wait out a retry
 /// delay (they hold a slot: SPEC H1).
@@ -38,6 +42,7 @@ pub struct Names {
     pub failed_stream: String,
     pub attempts_stream: String,
     pub hosts_stream: String,
+    pub done_stream: String,
 }
 
 impl Names {
@@ -50,6 +55,7 @@ impl Names {
             failed_stream: format!("SPOOLD_{queue}_FAILED"),
             attempts_stream: format!("SPOOLD_{queue}_ATTEMPTS"),
             hosts_stream: format!("SPOOLD_{queue}_HOSTS"),
+            done_stream: format!("SPOOLD_{queue}_DONE"),
         }
     }
 
@@ -61,6 +67,11 @@ impl Names {
     /// The subject of job `id`'s attempts record.
     pub fn attempts_subject(&self, id: &str) -> String {
         format!("spoold.{}.attempts.{id}", self.queue)
+    }
+
+    /// The subject of job `id`'s settled marker.
+    pub fn done_subject(&self, id: &str) -> String {
+        format!("spoold.{}.done.{id}", self.queue)
     }
 
     /// The subject of one host's liveness entry.
@@ -196,6 +207,7 @@ struct Wanted {
     failed_stream: stream::Config,
     attempts_stream: stream::Config,
     hosts_stream: stream::Config,
+    done_stream: stream::Config,
     consumer: consumer::pull::Config,
 }
 
@@ -233,6 +245,11 @@ fn wanted(names: &Names, config: &JetStreamConfig) -> Wanted {
             duplicate_window: HOST_TTL,
             ..file_stream(&names.hosts_stream, vec![format!("spoold.{q}.hosts.*")])
         },
+        done_stream: stream::Config {
+            max_messages_per_subject: 1,
+            max_age: DONE_MAX_AGE,
+            ..file_stream(&names.done_stream, vec![format!("spoold.{q}.done.*")])
+        },
         consumer: consumer::pull::Config {
             durable_name: Some(names.consumer.clone()),
             ack_policy: consumer::AckPolicy::Explicit,
@@ -264,6 +281,7 @@ pub async fn ensure_topology(
         &want.failed_stream,
         &want.attempts_stream,
         &want.hosts_stream,
+        &want.done_stream,
     ] {
         ensure_stream(js, stream_config).await?;
     }

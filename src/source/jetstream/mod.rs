@@ -45,7 +45,7 @@ use crate::daemon::stats::{Finished, Stats};
 use crate::job::{Job, Outcome, Report, Verdict, display_name};
 use crate::source::{Lease, Source};
 use broker::{BrokerError, Names, confirmed, confirmed_bytes, header, nak};
-use record::{Record, rfc3339};
+use record::{Record, Settled, SettledAs, rfc3339};
 
 /// How long one pull waits at the server for jobs. Short, because a stopping host's last pull
 /// stays registered at the server until it expires, and whatever it catches is handed back.
@@ -119,6 +119,9 @@ struct Delivery {
     path: PathBuf,
     attempt: u32,
     generation: u32,
+    /// The message's stream sequence, which its settled marker names; None when the server's
+    /// reply subject did not carry it.
+    sequence: Option<u64>,
     reply: String,
     headers: HeaderMap,
     record: Option<Record>,
@@ -431,7 +434,17 @@ async fn settle(shared: &Shared, d: Delivery, verdict: Verdict, report: Report) 
     }
     match verdict {
         Verdict::Done => {
-            match while_leased(shared, &d, || confirmed(&shared.client, &d.reply, b"+ACK")).await {
+            // The marker and the acknowledgement go together: each is sent until confirmed
+            // while the lease holds, and waiting for the marker first would add a round trip
+            // to every job.
+            let (marked, acked) = tokio::join!(
+                while_leased(shared, &d, || mark(shared, &d, SettledAs::Done)),
+                while_leased(shared, &d, || confirmed(&shared.client, &d.reply, b"+ACK")),
+            );
+            if let Err(e) = marked {
+                unmarked(&d, &e);
+            }
+            match acked {
                 Ok(()) => {
                     stats.finished(Finished::Done);
                     tracing::info!(job_id = d.shown, host = shared.host, "job done");
@@ -494,7 +507,14 @@ async fn settle(shared: &Shared, d: Delivery, verdict: Verdict, report: Report) 
                 // The dead letter first, then the term: a crash in between reruns the job,
                 // and the second dead letter replaces the first (one per job).
                 while_leased(shared, &d, || dead_letter(shared, &d, &record)).await?;
-                while_leased(shared, &d, || confirmed(&shared.client, &d.reply, b"+TERM")).await
+                let (marked, termed) = tokio::join!(
+                    while_leased(shared, &d, || mark(shared, &d, SettledAs::Failed)),
+                    while_leased(shared, &d, || confirmed(&shared.client, &d.reply, b"+TERM")),
+                );
+                if let Err(e) = marked {
+                    unmarked(&d, &e);
+                }
+                termed
             }
             .await;
             match result {
@@ -542,6 +562,40 @@ fn unconfirmed(d: &Delivery, why: &str) {
         job_id = d.shown,
         "outcome not confirmed ({why}); the job may run again"
     );
+}
+
+fn unmarked(d: &Delivery, why: &str) {
+    tracing::warn!(
+        job_id = d.shown,
+        "settled marker not written ({why}); should the cluster lose the acknowledgement, the \
+         job runs again"
+    );
+}
+
+/// Writes the marker that says this delivery was settled as `outcome`; see [`Settled`].
+async fn mark(shared: &Shared, d: &Delivery, outcome: SettledAs) -> Result<(), String> {
+    let Some(sequence) = d.sequence else {
+        return Ok(());
+    };
+    let marker = Settled {
+        sequence,
+        outcome,
+        host: shared.host.clone(),
+        at: rfc3339(SystemTime::now()),
+    };
+    let body = serde_json::to_vec(&marker).map_err(|e| e.to_string())?;
+    let mut headers = HeaderMap::new();
+    // A resend after a lost answer is then one marker, not two.
+    headers.insert(
+        "Nats-Msg-Id",
+        format!("{}.s{sequence}.{}", d.id, outcome.word()).as_str(),
+    );
+    let ack = shared
+        .js
+        .publish_with_headers(shared.names.done_subject(&d.id), headers, body.into())
+        .await
+        .map_err(|e| e.to_string())?;
+    ack.await.map(drop).map_err(|e| e.to_string())
 }
 
 /// The delivery is settled: its heartbeat ends and its scratch file goes.
@@ -743,14 +797,23 @@ async fn deliver(shared: &Arc<Shared>, message: Message, waiting: &mut Vec<Claim
         handback(shared, &reply, &shown, "stopping").await;
         return;
     }
+    let sequence = (sequence > 0).then_some(sequence);
     let lease = Arc::new(LeaseState::new(shared.ack_wait - shared.progress));
     // Attempts count handler runs that failed: a first delivery has none; a later one reads the
-    // record, which only a failure writes (an abort or a lost host writes none).
+    // record, which only a failure writes (an abort or a lost host writes none). A later one
+    // may also be a job already settled whose acknowledgement the cluster lost: its marker
+    // says so, and it is settled again without a run.
     let record = if delivered > 1 {
-        match read_record(shared, &id).await {
-            Ok(record) => record,
+        let (record, marker) = tokio::join!(read_record(shared, &id), read_marker(shared, &id));
+        let read = record.and_then(|record| marker.map(|marker| (record, marker)));
+        match read {
+            Ok((_, Some(marker))) if Some(marker.sequence) == sequence => {
+                resettle(shared, &reply, &shown, &marker).await;
+                return;
+            }
+            Ok((record, _)) => record,
             Err(e) => {
-                tracing::warn!(job_id = shown, "cannot read the attempts record: {e}");
+                tracing::warn!(job_id = shown, "cannot read the job's records: {e}");
                 let _ = confirmed_bytes(&shared.client, &reply, nak(Duration::from_secs(1))).await;
                 return;
             }
@@ -799,6 +862,7 @@ async fn deliver(shared: &Arc<Shared>, message: Message, waiting: &mut Vec<Claim
         path,
         attempt,
         generation,
+        sequence,
         reply,
         headers,
         record,
@@ -843,6 +907,60 @@ fn write_payload(path: &Path, payload: &Bytes) -> io::Result<()> {
         .mode(0o640)
         .open(path)?;
     file.write_all(payload)
+}
+
+/// Settles again a delivery of a job that its marker says was settled: the cluster lost the
+/// acknowledgement. Not counted again; should the answer not come, the job comes back after
+/// the ack wait and this runs again.
+async fn resettle(shared: &Shared, reply: &str, shown: &str, marker: &Settled) {
+    let body: &'static [u8] = match marker.outcome {
+        SettledAs::Done => b"+ACK",
+        SettledAs::Failed => b"+TERM",
+    };
+    match confirmed(&shared.client, reply, body).await {
+        Ok(()) => tracing::warn!(
+            job_id = shown,
+            host = shared.host,
+            "job redelivered although it was {} on {} at {}: the cluster lost its \
+             acknowledgement; settled again without running it",
+            marker.outcome.word(),
+            marker.host,
+            marker.at
+        ),
+        Err(e) => tracing::warn!(
+            job_id = shown,
+            "job redelivered although it was {} on {} at {}; settling it again was not \
+             confirmed ({e}): it comes back after the ack wait",
+            marker.outcome.word(),
+            marker.host,
+            marker.at
+        ),
+    }
+}
+
+async fn read_marker(shared: &Shared, id: &str) -> Result<Option<Settled>, String> {
+    let stream = shared
+        .js
+        .get_stream_no_info(&shared.names.done_stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    match stream
+        .get_last_raw_message_by_subject(&shared.names.done_subject(id))
+        .await
+    {
+        Ok(message) => serde_json::from_slice(&message.payload)
+            .map(Some)
+            .map_err(|e| format!("the settled marker is not spoold's: {e}")),
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::stream::LastRawMessageErrorKind::NoMessageFound
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 async fn read_record(shared: &Shared, id: &str) -> Result<Option<Record>, String> {

@@ -1,6 +1,7 @@
 //! A job's record on the broker: its attempts record (`SPOOLD_<q>_ATTEMPTS`, one message per
 //! job) and the reason its dead letter carries (`Spoold-Record`), both the JSON of the spool's
-//! `failed/` reason records with the host that ran the attempt added.
+//! `failed/` reason records with the host that ran the attempt added; and the marker of a
+//! settled job (`SPOOLD_<q>_DONE`).
 
 use std::time::SystemTime;
 
@@ -42,6 +43,40 @@ pub struct Record {
     pub last_failure: Option<FailureRecord>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<FailureRecord>,
+}
+
+/// How a delivery was settled, as its marker says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SettledAs {
+    /// Acknowledged: the handler succeeded.
+    Done,
+    /// Terminated after its dead letter was written.
+    Failed,
+}
+
+/// The marker written, with the acknowledgement, when a job is settled. A consumer leader
+/// that dies can lose an acknowledgement it already confirmed (it is replicated after the
+/// answer), and the job then comes back an ack wait later; the marker, a stream write that is
+/// confirmed only once a quorum has it, lets that redelivery be settled again without running
+/// the handler a second time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settled {
+    /// The job message's stream sequence: a later submission under the same ID (a retry from
+    /// the dead-letter stream) is another message and runs.
+    pub sequence: u64,
+    pub outcome: SettledAs,
+    pub host: String,
+    pub at: String,
+}
+
+impl SettledAs {
+    pub fn word(self) -> &'static str {
+        match self {
+            SettledAs::Done => "done",
+            SettledAs::Failed => "failed",
+        }
+    }
 }
 
 pub fn rfc3339(t: SystemTime) -> String {
@@ -175,5 +210,18 @@ mod tests {
         assert!(!text.contains('\n'), "a header value is one line");
         let back: Record = serde_json::from_str(&text).unwrap();
         assert_eq!(History::from(back).attempts, 2);
+    }
+
+    #[test]
+    fn a_settled_marker_reads_back_as_written() {
+        let marker = Settled {
+            sequence: 42,
+            outcome: SettledAs::Failed,
+            host: "a (pid 1)".into(),
+            at: rfc3339(SystemTime::UNIX_EPOCH),
+        };
+        let text = serde_json::to_string(&marker).unwrap();
+        assert!(text.contains("\"outcome\":\"failed\""), "{text}");
+        assert_eq!(serde_json::from_str::<Settled>(&text).unwrap(), marker);
     }
 }
