@@ -5,14 +5,16 @@
 //! The counters cost the workers nothing more than the atomics they already update; all the
 //! work of a scrape (counting the directories, formatting) is done when Prometheus asks. The
 //! directory count runs on a blocking thread, since `done/` may hold a million files, and
-//! nothing on the daemon's one main thread may wait for that.
+//! nothing on the daemon's one main thread may wait for that. A count stands for a while
+//! ([`stands_for`]): scraped often, a large spool would otherwise spend a good part of a core
+//! reading its own directories, under the same directory locks the workers' renames take.
 
 use std::convert::Infallible;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -39,6 +41,20 @@ use crate::source::spool::Spool;
 /// How long a client may take to send its request's headers: a scraper that connects and says
 /// nothing must not hold a connection for ever.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The shortest time a count of the spool stands before a scrape counts again: a third of
+/// Prometheus's usual 15 s interval, so that its gauges are fresh at every usual scrape, while
+/// `spoold top` or a scraper set to every second does not make the daemon read its own
+/// directories every second.
+const MIN_RECOUNT: Duration = Duration::from_secs(5);
+/// A count stands for this many times what it cost, so that counting takes at most a fiftieth
+/// of one core however large the spool and however often it is scraped.
+const RECOUNT_FACTOR: u32 = 50;
+
+/// How long a count that took `cost` stands.
+fn stands_for(cost: Duration) -> Duration {
+    cost.saturating_mul(RECOUNT_FACTOR).max(MIN_RECOUNT)
+}
+
 /// How long the endpoint waits after a failed accept (out of file descriptors, say) before it
 /// tries again, so that a persistent error does not spin the main thread.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -84,7 +100,7 @@ pub struct Sources {
 pub async fn serve(listener: TcpListener, sources: Sources, stop: CancellationToken) {
     let scrape = Arc::new(Scrape {
         sources,
-        counting: Mutex::new(()),
+        counted: Mutex::new(None),
     });
     let mut connections = JoinSet::new();
     loop {
@@ -122,9 +138,16 @@ pub async fn serve(listener: TcpListener, sources: Sources, stop: CancellationTo
 
 struct Scrape {
     sources: Sources,
-    /// One directory count at a time: scrapers that ask together wait for each other rather
+    /// The last count, when it was made and how long it stands. Behind a lock, so that one
+    /// directory count runs at a time: scrapers that ask together wait for each other rather
     /// than read a large spool side by side.
-    counting: Mutex<()>,
+    counted: Mutex<Option<Counted>>,
+}
+
+struct Counted {
+    at: Instant,
+    stands: Duration,
+    counts: Counts,
 }
 
 impl Scrape {
@@ -160,12 +183,24 @@ impl Scrape {
     /// The exposition text, or why the spool could not be counted.
     async fn render(&self) -> Result<String, String> {
         let counts = {
-            let _one = self.counting.lock().await;
-            let spool = self.sources.spool.clone();
-            tokio::task::spawn_blocking(move || spool.counts(true))
-                .await
-                .map_err(|e| format!("counting the spool failed: {e}"))?
-                .map_err(|e| format!("cannot count the spool's jobs: {e}"))?
+            let mut counted = self.counted.lock().await;
+            match counted.as_ref() {
+                Some(c) if c.at.elapsed() < c.stands => c.counts.clone(),
+                _ => {
+                    let spool = self.sources.spool.clone();
+                    let began = Instant::now();
+                    let counts = tokio::task::spawn_blocking(move || spool.counts(true))
+                        .await
+                        .map_err(|e| format!("counting the spool failed: {e}"))?
+                        .map_err(|e| format!("cannot count the spool's jobs: {e}"))?;
+                    *counted = Some(Counted {
+                        at: began,
+                        stands: stands_for(began.elapsed()),
+                        counts: counts.clone(),
+                    });
+                    counts
+                }
+            }
         };
         let snapshot = Snapshot {
             stats: self.sources.stats.clone(),
@@ -230,7 +265,7 @@ impl Collector for Snapshot {
 
         let mut family = encoder.encode_descriptor(
             "spoold_jobs",
-            "Jobs in each state, counted in the spool at the scrape",
+            "Jobs in each state, as last counted in the spool (a count stands 5 s, longer in a large spool)",
             None,
             MetricType::Gauge,
         )?;
@@ -292,6 +327,13 @@ impl Collector for Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A quick count stands for five seconds; a slow one for fifty times its cost.
+    #[test]
+    fn a_count_stands_longer_the_more_it_cost() {
+        assert_eq!(stands_for(Duration::from_millis(3)), MIN_RECOUNT);
+        assert_eq!(stands_for(Duration::from_secs(1)), Duration::from_secs(50));
+    }
 
     /// The exposition text names every metric with its labels, and a histogram's buckets are
     /// cumulative, ending in +Inf at the count.
