@@ -110,10 +110,7 @@ pub async fn options(config: &JetStreamConfig, name: &str) -> Result<ConnectOpti
         // noticed after three unanswered pings, about 9 s, instead of the default 2 minutes:
         // the host shows it in STATUS= and reconnects once the link is back.
         .ping_interval(PING_INTERVAL)
-        // A backoff, so that a cluster that is down is not hammered: 100 ms doubling to 2 s.
-        .reconnect_delay_callback(|attempts| {
-            Duration::from_millis(100u64.saturating_mul(1 << attempts.min(5)).min(2000))
-        });
+        .reconnect_delay_callback(reconnect_delay);
     if let Some(creds) = &config.creds_file {
         options = options.credentials_file(creds).await.map_err(|e| {
             BrokerError::Topology(format!(
@@ -134,6 +131,17 @@ pub async fn options(config: &JetStreamConfig, name: &str) -> Result<ConnectOpti
             .require_tls(true);
     }
     Ok(options)
+}
+
+/// The pause before connection attempt `attempts` (the client counts from 1, and asks for the
+/// first attempt too): none before the first, so that a client command does not wait for
+/// nothing, then a backoff so that a cluster that is down is not hammered: 100 ms doubling to
+/// 2 s.
+fn reconnect_delay(attempts: usize) -> Duration {
+    match attempts {
+        0 | 1 => Duration::ZERO,
+        n => Duration::from_millis(100u64.saturating_mul(1 << (n - 2).min(5)).min(2000)),
+    }
 }
 
 fn check_readable(key: &str, path: &std::path::Path) -> Result<(), BrokerError> {
@@ -448,6 +456,14 @@ mod tests {
         assert_eq!(n.subject, "spoold.mail.jobs");
         assert_eq!(n.failed_subject("01J"), "spoold.mail.failed.01J");
         assert_eq!(n.attempts_subject("01J"), "spoold.mail.attempts.01J");
+    }
+
+    #[test]
+    fn the_first_connection_attempt_does_not_wait() {
+        assert_eq!(reconnect_delay(1), Duration::ZERO);
+        assert_eq!(reconnect_delay(2), Duration::from_millis(100));
+        assert_eq!(reconnect_delay(3), Duration::from_millis(200));
+        assert_eq!(reconnect_delay(40), Duration::from_secs(2));
     }
 
     #[test]
