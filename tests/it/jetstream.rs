@@ -798,8 +798,14 @@ fn creds_and_tls(test: &str, find: fn() -> Result<PathBuf, String>) {
     let d = files.path();
     certificates(d);
     let trust = nats::jwt::Operator::new("spoold-test");
-    trust.user_creds(&d.join("spoold.creds"));
-    nats::jwt::Operator::new("stranger").user_creds(&d.join("stranger.creds"));
+    // The permissions README.md tells an operator to give spoold's user, for the queue
+    // `default`: enough for the daemon and every client command the test runs.
+    trust.user_creds(
+        &d.join("spoold.creds"),
+        &["spoold.default.>", "$JS.API.>", "$JS.ACK.SPOOLD_default.>"],
+        &["_INBOX.>"],
+    );
+    nats::jwt::Operator::new("stranger").user_creds(&d.join("stranger.creds"), &[], &[]);
     trust.unknown_account_user_creds(&d.join("unknown-account.creds"));
     // Client TLS, mutual (`verify`), with a handshake allowed 5 s instead of the server's
     // default of 2 s, which a shared machine under a build can miss.
@@ -847,6 +853,15 @@ fn creds_and_tls(test: &str, find: fn() -> Result<PathBuf, String>) {
         s["hosts"].as_array().is_some_and(|h| !h.is_empty()),
         "the hosts stream lists A: {s}"
     );
+    let fail = enqueue(&a, "perm");
+    wait(SOON, "the failing job dead-lettered", &[&da], || {
+        failed(&a).contains_key(&fail)
+    });
+    let out = a.cli(&["retry", &fail]);
+    assert!(out.status.success(), "retry: {}", util::describe(&out));
+    wait(SOON, "the retried job run again", &[&da], || {
+        runs.of(&fail).len() == 2
+    });
     da.stop();
 
     // Each refusal: exit 78 well before connect_timeout, the log naming what to check.

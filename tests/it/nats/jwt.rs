@@ -13,7 +13,7 @@
 //! ```ignore
 //! let trust = nats::jwt::Operator::new("test");
 //! let cluster = nats::Cluster::start_with(&server, &trust.server_config());
-//! trust.user_creds(&dir.join("spoold.creds"));
+//! trust.user_creds(&dir.join("spoold.creds"), &[], &[]);
 //! ```
 
 use std::fs;
@@ -80,15 +80,17 @@ impl Operator {
         )
     }
 
-    /// Writes a `.creds` file at `path` for a new user of the application account.
-    pub fn user_creds(&self, path: &Path) {
-        self.account.user_creds(path);
+    /// Writes a `.creds` file at `path` for a new user of the application account, allowed
+    /// to publish only on the subjects `publish` matches and to subscribe only on those
+    /// `subscribe` matches; an empty list allows every subject, as in a JWT.
+    pub fn user_creds(&self, path: &Path, publish: &[&str], subscribe: &[&str]) {
+        self.account.user_creds(path, publish, subscribe);
     }
 
     /// Writes a `.creds` file at `path` for a user of an account this operator signed but
     /// [`Operator::server_config`] does not preload, so no server can resolve it.
     pub fn unknown_account_user_creds(&self, path: &Path) {
-        Account::new(&self.key, "STRAY", true).user_creds(path);
+        Account::new(&self.key, "STRAY", true).user_creds(path, &[], &[]);
     }
 }
 
@@ -123,14 +125,21 @@ impl Account {
 
     /// Writes a `.creds` file at `path` for a new user of this account, in the format
     /// `nsc generate creds` writes (jwt's `FormatUserConfig`).
-    fn user_creds(&self, path: &Path) {
+    fn user_creds(&self, path: &Path, publish: &[&str], subscribe: &[&str]) {
         let user = KeyPair::new_user();
+        let allow = |subjects: &[&str]| {
+            if subjects.is_empty() {
+                json!({})
+            } else {
+                json!({ "allow": subjects })
+            }
+        };
         let jwt = sign(
             &self.key,
             &user.public_key(),
             "spoold",
             json!({
-                "pub": {}, "sub": {},
+                "pub": allow(publish), "sub": allow(subscribe),
                 "subs": -1, "data": -1, "payload": -1,
                 "type": "user",
                 "version": 2,
