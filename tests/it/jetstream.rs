@@ -709,17 +709,10 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-/// Issue 14 test 5 (TLS part): spoold connects to a server that requires mutual TLS, with the
-/// CA, certificate and key the config names, and runs a job; a wrong CA is a clear start-up
-/// error (exit 78, naming the TLS settings), not a wait for the connect timeout.
-#[test]
-fn mutual_tls_connects_and_a_wrong_ca_is_a_clear_error() {
-    let test = "mutual_tls_connects_and_a_wrong_ca_is_a_clear_error";
-    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
-        return;
-    };
-    let certs = tempfile::tempdir().unwrap();
-    let d = certs.path();
+/// Writes into `d` a CA (`ca.pem`), a CA that signed nothing here (`wrong-ca.pem`), and a
+/// server and a client certificate signed by the first (`server.pem`/`.key`,
+/// `client.pem`/`.key`, both for IP 127.0.0.1 and localhost), all valid for two days.
+fn certificates(d: &Path) {
     let subj = |cn: &str| format!("/CN={cn}");
     for ca in ["ca", "wrong-ca"] {
         openssl(
@@ -787,71 +780,196 @@ fn mutual_tls_connects_and_a_wrong_ca_is_a_clear_error() {
             ],
         );
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let conf = d.join("server.conf");
-    fs::write(
-        &conf,
-        format!(
-            "listen: 127.0.0.1:{port}\njetstream {{ store_dir: {:?} }}\n\
-             tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n}}\n",
-            d.join("store").display().to_string(),
-            d.join("server.pem").display().to_string(),
-            d.join("server.key").display().to_string(),
-            d.join("ca.pem").display().to_string(),
-        ),
-    )
-    .unwrap();
-    let _server = Server(
-        std::process::Command::new(&server)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
+}
+
+/// The path of file `name` in `d`, as a TOML string (quoted, escaped).
+fn toml_path(d: &Path, name: &str) -> String {
+    format!("{:?}", d.join(name).display().to_string())
+}
+
+/// Issue 14 test 5: spoold connects to a 3-node cluster that requires mutual TLS on its client
+/// port and a user JWT of the account it trusts (a `.creds` file), creates its streams, runs a
+/// job, and the client commands work with the same config. What waiting cannot fix is a clear
+/// start-up error, exit 78, at once rather than after `connect_timeout` (20 s here): a wrong
+/// CA names `tls_ca_file`; no creds file, one of another operator, or one of an account the
+/// cluster does not know names `jetstream.creds_file`; a missing creds file names the file.
+fn creds_and_tls(test: &str, find: fn() -> Result<PathBuf, String>) {
+    let Some(server) = nats::server_or_skip(test, find) else {
+        return;
+    };
+    let files = tempfile::tempdir().unwrap();
+    let d = files.path();
+    certificates(d);
+    let trust = nats::jwt::Operator::new("spoold-test");
+    // The permissions README.md tells an operator to give spoold's user, for the queue
+    // `default`: enough for the daemon and every client command the test runs.
+    trust.user_creds(
+        &d.join("spoold.creds"),
+        &["spoold.default.>", "$JS.API.>", "$JS.ACK.SPOOLD_default.>"],
+        &["_INBOX.>"],
     );
+    nats::jwt::Operator::new("stranger").user_creds(&d.join("stranger.creds"), &[], &[]);
+    trust.unknown_account_user_creds(&d.join("unknown-account.creds"));
+    // Client TLS, mutual (`verify`), with a handshake allowed 5 s instead of the server's
+    // default of 2 s, which a shared machine under a build can miss.
+    let tls = format!(
+        "tls {{\n  cert_file: {}\n  key_file: {}\n  ca_file: {}\n  verify: true\n  \
+         timeout: 5\n}}\n",
+        toml_path(d, "server.pem"),
+        toml_path(d, "server.key"),
+        toml_path(d, "ca.pem"),
+    );
+    let cluster = nats::Cluster::start_with(&server, &format!("{tls}{}", trust.server_config()));
 
     let shared = tempfile::tempdir().unwrap();
     let runs = Runs(shared.path().join("runs"));
-    let tls = |ca: &str| {
-        let env = Env::new(&["/bin/true"], "");
-        let handler = env.script("handler.sh", HANDLER);
-        env.write_config(
-            &[&handler],
-            &format!(
-                "env = {{ HOST = \"A\", RUNS = {:?} }}\n[backend]\nkind = \"jetstream\"\n\
-                 [jetstream]\nservers = [\"tls://127.0.0.1:{port}\"]\nreplicas = 1\n\
-                 ack_wait = \"6s\"\nprogress_interval = \"1s\"\nconnect_timeout = \"20s\"\n\
-                 tls_ca_file = {:?}\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
-                runs.0.display().to_string(),
-                d.join(ca).display().to_string(),
-                d.join("client.pem").display().to_string(),
-                d.join("client.key").display().to_string(),
-            ),
+    // A host on tls:// URLs with the client certificate, the CA `ca` and the creds file
+    // `creds` (None: no creds_file key).
+    let secure = |name: &str, ca: &str, creds: Option<&str>| {
+        let mut extra = format!(
+            "tls_ca_file = {}\ntls_cert_file = {}\ntls_key_file = {}\n",
+            toml_path(d, ca),
+            toml_path(d, "client.pem"),
+            toml_path(d, "client.key"),
         );
+        if let Some(creds) = creds {
+            extra.push_str(&format!("creds_file = {}\n", toml_path(d, creds)));
+        }
+        let env = host(shared.path(), &cluster, name, &extra);
+        let text = fs::read_to_string(&env.config)
+            .unwrap()
+            .replace("\"nats://", "\"tls://");
+        fs::write(&env.config, text).unwrap();
         env
     };
-    let good = tls("ca.pem");
-    let mut daemon = good.start();
-    let job = enqueue(&good, "ok");
-    wait(SOON, "the job run over TLS", &[&daemon], || {
-        runs.of(&job).len() == 1
-    });
-    daemon.stop();
 
-    let wrong = tls("wrong-ca.pem");
-    let mut d2 = Daemon::spawn(&wrong.config, &[]);
-    let (code, took) = d2.wait_exit(SOON);
-    assert_eq!(code.code(), Some(78), "log:\n{}", d2.log());
+    let a = secure("A", "ca.pem", Some("spoold.creds"));
+    let mut da = a.start();
+    let job = enqueue(&a, "ok");
+    wait(SOON, "the job run over TLS with the creds", &[&da], || {
+        runs.of(&job).len() == 1 && idle(&a)
+    });
+    assert_eq!(runs.of(&job), [("A".to_owned(), 1)]);
+    let s = status(&a);
+    assert_eq!(s["backend"], "jetstream", "{s}");
+    assert!(
+        s["hosts"].as_array().is_some_and(|h| !h.is_empty()),
+        "the hosts stream lists A: {s}"
+    );
+    let fail = enqueue(&a, "perm");
+    wait(SOON, "the failing job dead-lettered", &[&da], || {
+        failed(&a).contains_key(&fail)
+    });
+    let out = a.cli(&["retry", &fail]);
+    assert!(out.status.success(), "retry: {}", util::describe(&out));
+    wait(SOON, "the retried job run again", &[&da], || {
+        runs.of(&fail).len() == 2
+    });
+    da.stop();
+
+    // Each refusal: exit 78 well before connect_timeout, the log naming what to check.
+    let refused = |env: &Env, what: &str, names: &[&str]| {
+        let mut daemon = Daemon::spawn(&env.config, &[]);
+        let (code, took) = daemon.wait_exit(SOON);
+        let log = daemon.log();
+        assert_eq!(code.code(), Some(78), "{what}: log:\n{log}");
+        assert!(
+            took < Duration::from_secs(15),
+            "{what} is not retried until connect_timeout: {took:?}\n{log}"
+        );
+        for name in names {
+            assert!(log.contains(name), "{what}: the log names {name:?}:\n{log}");
+        }
+    };
+    refused(
+        &secure("W", "wrong-ca.pem", Some("spoold.creds")),
+        "a wrong CA",
+        &["tls_ca_file"],
+    );
+    let anonymous = secure("N", "ca.pem", None);
+    refused(
+        &anonymous,
+        "no creds file",
+        &["refused spoold's credentials", "jetstream.creds_file"],
+    );
+    // A client command says the same.
+    let out = anonymous.cli(&["status"]);
+    assert_eq!(out.status.code(), Some(78), "{}", util::describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("jetstream.creds_file"),
+        "{}",
+        util::describe(&out)
+    );
+    refused(
+        &secure("S", "ca.pem", Some("stranger.creds")),
+        "a user of another operator",
+        &["refused spoold's credentials", "jetstream.creds_file"],
+    );
+    refused(
+        &secure("U", "ca.pem", Some("unknown-account.creds")),
+        "a user of an account the cluster does not know",
+        &["refused spoold's credentials", "jetstream.creds_file"],
+    );
+    let missing = d.join("missing.creds").display().to_string();
+    refused(
+        &secure("M", "ca.pem", Some("missing.creds")),
+        "a missing creds file",
+        &["jetstream.creds_file", &missing],
+    );
+}
+
+#[test]
+fn creds_and_mutual_tls_connect_to_a_cluster_that_requires_them() {
+    creds_and_tls(
+        "creds_and_mutual_tls_connect_to_a_cluster_that_requires_them",
+        nats::current_server,
+    );
+}
+
+#[test]
+fn creds_and_mutual_tls_connect_to_a_debian_cluster_that_requires_them() {
+    creds_and_tls(
+        "creds_and_mutual_tls_connect_to_a_debian_cluster_that_requires_them",
+        nats::debian_server,
+    );
+}
+
+/// A user whose JWT lacks a permission spoold needs (here `$JS.API.>`, so it cannot create
+/// its streams) is a configuration error waiting cannot fix: exit 78 at start, naming the
+/// refused subject and `jetstream.creds_file`, not a wait for `connect_timeout` ending in 69.
+#[test]
+#[ignore = "defect: the server's Permissions Violation is only logged by async-nats; the \
+            start-up sees request timeouts, retries until connect_timeout (20 s) and exits 69 \
+            saying a request timed out, so systemd restarts it without end"]
+fn a_user_without_the_permissions_spoold_needs_is_a_clear_start_up_error() {
+    let test = "a_user_without_the_permissions_spoold_needs_is_a_clear_start_up_error";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    let files = tempfile::tempdir().unwrap();
+    let creds = files.path().join("narrow.creds");
+    let trust = nats::jwt::Operator::new("spoold-test");
+    trust.user_creds(
+        &creds,
+        &["spoold.default.>", "$JS.ACK.SPOOLD_default.>"],
+        &["_INBOX.>"],
+    );
+    let cluster = nats::Cluster::start_with(&server, &trust.server_config());
+    let shared = tempfile::tempdir().unwrap();
+    let extra = format!("creds_file = {:?}\n", creds.display().to_string());
+    let a = host(shared.path(), &cluster, "A", &extra);
+    let mut daemon = Daemon::spawn(&a.config, &[]);
+    let (code, took) = daemon.wait_exit(Duration::from_secs(60));
+    let log = daemon.log();
+    assert_eq!(code.code(), Some(78), "log:\n{log}");
     assert!(
         took < Duration::from_secs(15),
-        "a wrong CA is not retried: {took:?}"
+        "not retried until connect_timeout: {took:?}\n{log}"
     );
-    assert!(d2.log().contains("tls_ca_file"), "{}", d2.log());
+    assert!(
+        log.contains("Permissions Violation") && log.contains("jetstream.creds_file"),
+        "{log}"
+    );
 }
 
 /// Runs `ip ARGS`; panics with its output when it fails.

