@@ -1239,3 +1239,79 @@ fn large_payloads_go_through_the_object_store_on_debian_server() {
         nats::debian_server,
     );
 }
+
+/// A payload bucket that another program made with other settings (`nats object add` makes
+/// one replica) stops `spoold run` with 78 naming the bucket and the setting; a job whose
+/// object is gone is dead-lettered without running, with a reason that names the object.
+#[test]
+fn a_contradicting_payload_bucket_or_a_missing_object_is_a_clear_error() {
+    let test = "a_contradicting_payload_bucket_or_a_missing_object_is_a_clear_error";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    let cluster = nats::Cluster::start(&server);
+    let shared = tempfile::tempdir().unwrap();
+    let runs = Runs(shared.path().join("runs"));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let js = runtime.block_on(async {
+        let client = async_nats::ConnectOptions::new()
+            .connect(cluster.urls().as_slice())
+            .await
+            .unwrap();
+        async_nats::jetstream::new(client)
+    });
+    let bucket = "SPOOLD_default_PAYLOADS";
+    runtime.block_on(async {
+        js.create_object_store(async_nats::jetstream::object_store::Config {
+            bucket: bucket.to_owned(),
+            num_replicas: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    let a = host_with(shared.path(), &cluster, "A", "", SUM_HANDLER, LEASE);
+    let mut d = Daemon::spawn(&a.config, &[]);
+    let (code, _) = d.wait_exit(SOON);
+    assert_eq!(code.code(), Some(78), "log:\n{}", d.log());
+    let log = d.log();
+    assert!(
+        log.contains(&format!("object store {bucket}"))
+            && log.contains("replicas 1")
+            && log.contains("jetstream.replicas"),
+        "{log}"
+    );
+
+    // The bucket as spoold makes it; a large job whose object is deleted before it runs.
+    runtime.block_on(async { js.delete_object_store(bucket).await.unwrap() });
+    let big_file = shared.path().join("big");
+    fs::write(&big_file, noise(2 << 20, 3)).unwrap();
+    let out = a.cli(&["enqueue", big_file.to_str().unwrap()]);
+    assert!(out.status.success(), "enqueue: {}", util::describe(&out));
+    let big = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(payload_object(&cluster, &big).0, "the object is stored");
+    runtime.block_on(async {
+        let store = js.get_object_store(bucket).await.unwrap();
+        store.delete(&big).await.unwrap();
+    });
+    let da = a.start();
+    wait(
+        SOON,
+        "the job without its object dead-lettered",
+        &[&da],
+        || failed(&a).contains_key(&big),
+    );
+    let record = &failed(&a)[&big];
+    let reason = record["last_failure"]["reason"].as_str().unwrap_or("");
+    assert_eq!(
+        reason,
+        format!("payload object {bucket}/{big} missing"),
+        "{record}"
+    );
+    assert_eq!(record["permanent"], true, "{record}");
+    assert!(runs.of(&big).is_empty(), "the handler did not run");
+    wait(SOON, "the queue idle", &[&da], || idle(&a));
+}

@@ -366,7 +366,11 @@ fn mismatch(what: &str, field: &str, has: String, config_says: String, key: &str
 }
 
 fn check_stream(has: &stream::Config, want: &stream::Config) -> Result<(), BrokerError> {
-    let what = format!("stream {}", want.name);
+    // The payload bucket is named as `nats object` shows it, with the stream behind it.
+    let what = match want.name.strip_prefix("OBJ_") {
+        Some(bucket) => format!("object store {bucket} (stream {})", want.name),
+        None => format!("stream {}", want.name),
+    };
     if has.num_replicas != want.num_replicas {
         return Err(mismatch(
             &what,
