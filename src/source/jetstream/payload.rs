@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream;
+use async_nats::jetstream::object_store::GetErrorKind;
 use tokio::io::AsyncReadExt as _;
 use tokio_util::sync::CancellationToken;
 
@@ -86,7 +87,7 @@ pub async fn fetch(
     let fetched = tokio::select! {
         biased;
         () = stop.cancelled() => Fetched::Stopped,
-        fetched = fetch_into(js, names, object, path, stop) => fetched,
+        fetched = fetch_into(js, names, object, path) => fetched,
     };
     if !matches!(fetched, Fetched::Whole)
         && let Err(e) = fs::remove_file(path)
@@ -102,19 +103,29 @@ async fn fetch_into(
     names: &Names,
     object: &ObjectRef,
     path: &Path,
-    stop: &CancellationToken,
 ) -> Fetched {
     let shown = object.shown(names);
     let bucket = match bounded(js.get_object_store(&names.payloads)).await {
         Ok(bucket) => bucket,
         Err(e) => return Fetched::Failed(format!("object store {}: {e}", names.payloads)),
     };
-    let mut reader = match bounded(bucket.get(&object.name)).await {
-        Ok(reader) => reader,
-        Err(e) if not_found(&e) => {
+    if object.name.is_empty() {
+        return Fetched::Missing(format!("the job names no payload object ({OBJECT_HEADER})"));
+    }
+    let got = tokio::time::timeout(REQUEST_TIMEOUT, bucket.get(&object.name)).await;
+    let mut reader = match got {
+        Ok(Ok(reader)) => reader,
+        // Nothing a later try could change: the job cannot run on what it names.
+        Ok(Err(e))
+            if matches!(
+                e.kind(),
+                GetErrorKind::NotFound | GetErrorKind::InvalidName | GetErrorKind::BucketLink
+            ) =>
+        {
             return Fetched::Missing(format!("payload object {shown} missing"));
         }
-        Err(e) => return Fetched::Failed(format!("payload object {shown}: {e}")),
+        Ok(Err(e)) => return Fetched::Failed(format!("payload object {shown}: {e}")),
+        Err(_) => return Fetched::Failed(format!("payload object {shown}: no answer")),
     };
     let mut file = match fs::OpenOptions::new()
         .write(true)
@@ -129,12 +140,8 @@ async fn fetch_into(
     let mut size = 0u64;
     loop {
         buf.clear();
-        let read = tokio::select! {
-            biased;
-            () = stop.cancelled() => return Fetched::Stopped,
-            read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_buf(&mut buf)) => read,
-        };
-        match read {
+        // A stop drops this whole future (see `fetch`), so each read waits on it too.
+        match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_buf(&mut buf)).await {
             Ok(Ok(0)) => break,
             Ok(Ok(n)) => {
                 size += n as u64;
