@@ -805,7 +805,12 @@ fn creds_and_tls(test: &str, find: fn() -> Result<PathBuf, String>) {
     // `default`: enough for the daemon and every client command the test runs.
     trust.user_creds(
         &d.join("spoold.creds"),
-        &["spoold.default.>", "$JS.API.>", "$JS.ACK.SPOOLD_default.>"],
+        &[
+            "spoold.default.>",
+            "$O.SPOOLD_default_PAYLOADS.>",
+            "$JS.API.>",
+            "$JS.ACK.SPOOLD_default.>",
+        ],
         &["_INBOX.>"],
     );
     nats::jwt::Operator::new("stranger").user_creds(&d.join("stranger.creds"), &[], &[]);
@@ -1189,4 +1194,250 @@ fn a_reload_applies_workers_and_says_the_broker_settings_need_a_restart() {
         runs.of(&job).len() == 1
     });
     da.stop();
+}
+
+/// The handler of the large-payload test: it records the sha256 of the file it was given as
+/// the run's body, and fails for good (65) while the flag file `$RUNS.perm` exists.
+const SUM_HANDLER: &str = r#"sum=$(sha256sum < "$SPOOLD_JOB_PATH" | cut -d' ' -f1)
+printf '%s %s %s %s\n' "$SPOOLD_JOB_ID" "$HOST" "$SPOOLD_ATTEMPT" "$sum" >> "$RUNS"
+if [ -e "$RUNS.perm" ]; then echo "refused for now" >&2; exit 65; fi
+exit 0"#;
+
+/// `n` bytes that no compression or deduplication could shorten, different per `seed`.
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn sha256_of(path: &Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sha256sum: {}", util::describe(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// The payload bucket as `nats object` would show it: whether object `id` is there, and how
+/// many messages the bucket's stream holds (0 once every object is gone, deletion markers
+/// included).
+fn payload_object(cluster: &nats::Cluster, id: &str) -> (bool, u64) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = async_nats::ConnectOptions::new()
+            .connect(cluster.urls().as_slice())
+            .await
+            .unwrap();
+        let js = async_nats::jetstream::new(client);
+        let bucket = js
+            .get_object_store("SPOOLD_default_PAYLOADS")
+            .await
+            .unwrap();
+        let there = match bucket.info(id).await {
+            Ok(info) => !info.deleted,
+            Err(e) if e.kind() == async_nats::jetstream::object_store::InfoErrorKind::NotFound => {
+                false
+            }
+            Err(e) => panic!("object {id}: {e}"),
+        };
+        let mut stream = js.get_stream("OBJ_SPOOLD_default_PAYLOADS").await.unwrap();
+        let messages = stream.info().await.unwrap().state.messages;
+        (there, messages)
+    })
+}
+
+/// Issue 14, large payloads: a 5 MiB file (above the server's 1 MiB `max_payload`) goes
+/// through the object store and the handler gets the very bytes; the object is gone once the
+/// job is done. One submitted on stdin that fails for good keeps its object in the dead-letter
+/// stream, and `spoold retry` runs it again with the same bytes, after which its object goes
+/// too. A small job still travels in its message.
+fn large_payloads(test: &str, find: fn() -> Result<PathBuf, String>) {
+    let Some(server) = nats::server_or_skip(test, find) else {
+        return;
+    };
+    let cluster = nats::Cluster::start(&server);
+    let shared = tempfile::tempdir().unwrap();
+    let runs = Runs(shared.path().join("runs"));
+    let a = host_with(shared.path(), &cluster, "A", "", SUM_HANDLER, LEASE);
+    let da = a.start();
+    let sum_of = |id: &str| -> Vec<String> {
+        runs.lines()
+            .into_iter()
+            .filter(|(i, ..)| i == id)
+            .map(|(.., sum)| sum)
+            .collect()
+    };
+
+    // Small: in the message, as before; nothing in the bucket.
+    let small = enqueue(&a, "ok");
+    wait(SOON, "the small job done", &[&da], || {
+        sum_of(&small).len() == 1 && idle(&a)
+    });
+    let small_file = shared.path().join("small");
+    fs::write(&small_file, "ok").unwrap();
+    assert_eq!(sum_of(&small), [sha256_of(&small_file)]);
+    assert_eq!(payload_object(&cluster, &small), (false, 0));
+
+    // Large, from a file: the handler sees the same bytes; the object goes once it is done.
+    let big_file = shared.path().join("big");
+    fs::write(&big_file, noise(5 << 20, 1)).unwrap();
+    let out = a.cli(&["enqueue", big_file.to_str().unwrap()]);
+    assert!(out.status.success(), "enqueue: {}", util::describe(&out));
+    let big = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    wait(SOON, "the large job done", &[&da], || {
+        sum_of(&big).len() == 1 && idle(&a)
+    });
+    assert_eq!(
+        sum_of(&big),
+        [sha256_of(&big_file)],
+        "the handler got other bytes"
+    );
+    wait(SOON, "the large job's object deleted", &[&da], || {
+        payload_object(&cluster, &big) == (false, 0)
+    });
+    wait(SOON, "the scratch file removed", &[&da], || {
+        scratch_is_empty(&a)
+    });
+
+    // Large, on stdin, failing for good: dead-lettered with its object kept.
+    fs::write(shared.path().join("runs.perm"), "").unwrap();
+    let other_file = shared.path().join("other");
+    fs::write(&other_file, noise(5 << 20, 2)).unwrap();
+    let out = std::process::Command::new(util::BIN)
+        .args(["enqueue", "-", "--config"])
+        .arg(&a.config)
+        .stdin(fs::File::open(&other_file).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "enqueue -: {}", util::describe(&out));
+    let other = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    wait(SOON, "the failing large job dead-lettered", &[&da], || {
+        failed(&a).contains_key(&other)
+    });
+    let want = sha256_of(&other_file);
+    assert_eq!(sum_of(&other), std::slice::from_ref(&want));
+    assert_eq!(failed(&a)[&other]["permanent"], true);
+    assert!(
+        payload_object(&cluster, &other).0,
+        "a dead letter's object stays"
+    );
+
+    // Retried: the same bytes again, then the object goes.
+    fs::remove_file(shared.path().join("runs.perm")).unwrap();
+    let out = a.cli(&["retry", &other]);
+    assert!(out.status.success(), "retry: {}", util::describe(&out));
+    wait(SOON, "the retried large job done", &[&da], || {
+        sum_of(&other).len() == 2 && idle(&a)
+    });
+    assert_eq!(sum_of(&other), [want.clone(), want]);
+    assert!(failed(&a).is_empty());
+    wait(SOON, "the retried job's object deleted", &[&da], || {
+        payload_object(&cluster, &other) == (false, 0)
+    });
+}
+
+#[test]
+fn large_payloads_go_through_the_object_store_on_pinned_pypi_server() {
+    large_payloads(
+        "large_payloads_go_through_the_object_store_on_pinned_pypi_server",
+        nats::current_server,
+    );
+}
+
+#[test]
+fn large_payloads_go_through_the_object_store_on_debian_server() {
+    large_payloads(
+        "large_payloads_go_through_the_object_store_on_debian_server",
+        nats::debian_server,
+    );
+}
+
+/// A payload bucket that another program made with other settings (`nats object add` makes
+/// one replica) stops `spoold run` with 78 naming the bucket and the setting; a job whose
+/// object is gone is dead-lettered without running, with a reason that names the object.
+#[test]
+fn a_contradicting_payload_bucket_or_a_missing_object_is_a_clear_error() {
+    let test = "a_contradicting_payload_bucket_or_a_missing_object_is_a_clear_error";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    let cluster = nats::Cluster::start(&server);
+    let shared = tempfile::tempdir().unwrap();
+    let runs = Runs(shared.path().join("runs"));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let js = runtime.block_on(async {
+        let client = async_nats::ConnectOptions::new()
+            .connect(cluster.urls().as_slice())
+            .await
+            .unwrap();
+        async_nats::jetstream::new(client)
+    });
+    let bucket = "SPOOLD_default_PAYLOADS";
+    runtime.block_on(async {
+        js.create_object_store(async_nats::jetstream::object_store::Config {
+            bucket: bucket.to_owned(),
+            num_replicas: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    let a = host_with(shared.path(), &cluster, "A", "", SUM_HANDLER, LEASE);
+    let mut d = Daemon::spawn(&a.config, &[]);
+    let (code, _) = d.wait_exit(SOON);
+    assert_eq!(code.code(), Some(78), "log:\n{}", d.log());
+    let log = d.log();
+    assert!(
+        log.contains(&format!("object store {bucket}"))
+            && log.contains("replicas 1")
+            && log.contains("jetstream.replicas"),
+        "{log}"
+    );
+
+    // The bucket as spoold makes it; a large job whose object is deleted before it runs.
+    runtime.block_on(async { js.delete_object_store(bucket).await.unwrap() });
+    let big_file = shared.path().join("big");
+    fs::write(&big_file, noise(2 << 20, 3)).unwrap();
+    let out = a.cli(&["enqueue", big_file.to_str().unwrap()]);
+    assert!(out.status.success(), "enqueue: {}", util::describe(&out));
+    let big = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(payload_object(&cluster, &big).0, "the object is stored");
+    runtime.block_on(async {
+        let store = js.get_object_store(bucket).await.unwrap();
+        store.delete(&big).await.unwrap();
+    });
+    let da = a.start();
+    wait(
+        SOON,
+        "the job without its object dead-lettered",
+        &[&da],
+        || failed(&a).contains_key(&big),
+    );
+    let record = &failed(&a)[&big];
+    let reason = record["last_failure"]["reason"].as_str().unwrap_or("");
+    assert_eq!(
+        reason,
+        format!("payload object {bucket}/{big} missing"),
+        "{record}"
+    );
+    assert_eq!(record["permanent"], true, "{record}");
+    assert!(runs.of(&big).is_empty(), "the handler did not run");
+    wait(SOON, "the queue idle", &[&da], || idle(&a));
 }

@@ -3,6 +3,7 @@
 //! and `retry`. Each command runs its own current-thread runtime for the NATS client; it
 //! takes no lock and works from any host.
 
+use std::cell::RefCell;
 use std::ffi::OsString;
 use std::io::{self, Read};
 use std::time::{Duration, SystemTime};
@@ -13,18 +14,19 @@ use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 
 use super::broker::{self, BrokerError, DUPLICATE_WINDOW, Names, header};
+use super::payload::{self, ObjectRef};
 use super::record::{Record, rfc3339};
 use super::{GENERATION_HEADER, ID_HEADER, RECORD_HEADER, SUBMITTED_HEADER};
 use crate::config::Config;
 use crate::job::{History, JobId};
 use crate::source::Admin;
 use crate::source::admin::{
-    Counts, FailedJob, Moved, Operation, OperatorError, Partial, Paused, Place, Queued, Retried,
-    RunningJob, ShownJob, SubmitError,
+    Counts, FailedJob, Moved, Operation, OperatorError, Partial, Paused, Place, PublishError,
+    Queued, Retried, RunningJob, ShownJob, Submission, SubmitError,
 };
 
-/// Room left in a message for spoold's headers: the payload may take the server's
-/// `max_payload` less this.
+/// Room left in a message for spoold's headers: a payload up to the server's `max_payload`
+/// less this travels in the job's message; a larger one goes to the object store.
 const HEADER_ROOM: usize = 4096;
 /// Pauses between two publishes of one job while the cluster does not answer.
 const PUBLISH_PAUSE: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(1));
@@ -35,6 +37,9 @@ pub struct BrokerAdmin {
     js: jetstream::Context,
     names: Names,
     servers: String,
+    /// The jobs `stage` took and `publish` has not published yet, in order: the body of each,
+    /// or the object already stored for it.
+    staged: RefCell<Vec<(String, Bytes, Option<ObjectRef>)>>,
 }
 
 impl BrokerAdmin {
@@ -62,6 +67,7 @@ impl BrokerAdmin {
             js,
             names,
             servers: js_config.servers.join(","),
+            staged: RefCell::new(Vec::new()),
         })
     }
 
@@ -148,12 +154,16 @@ impl BrokerAdmin {
         id: &str,
         generation: u32,
         body: Bytes,
+        object: Option<&ObjectRef>,
     ) -> io::Result<()> {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", msg_id);
         headers.insert(ID_HEADER, id);
         headers.insert(GENERATION_HEADER, generation.to_string().as_str());
         headers.insert(SUBMITTED_HEADER, rfc3339(SystemTime::now()).as_str());
+        if let Some(object) = object {
+            object.add_to(&mut headers);
+        }
         // The same Nats-Msg-Id every time: the stream keeps one copy whichever publish
         // landed, so a retry after a lost answer is no duplicate. Bounded by half the
         // duplicate window, inside which that holds.
@@ -185,6 +195,55 @@ impl BrokerAdmin {
         }
     }
 
+    /// Submits a payload too large for one message: it is stored whole as object `id` first,
+    /// and only then is the job published, referring to it, so that no job ever exists without
+    /// its payload. A crash or a failure in between leaves an orphan object, which is not
+    /// deleted here: a publish whose acknowledgement was lost may have queued the job after
+    /// all, and its object must then be there when it runs.
+    async fn submit_object(&self, id: &str, body: &[u8]) -> io::Result<()> {
+        let object = self.store_object(id, body).await?;
+        self.publish_job(id, id, 0, Bytes::new(), Some(&object))
+            .await
+    }
+
+    /// Reads a job from `src`: a body small enough for one message is kept in memory; a larger
+    /// one is read whole and stored as object `id` now, before any message names it (a try
+    /// that fails is made again from the start, which a stream such as stdin cannot replay).
+    fn read_payload(&self, src: &mut dyn Read, id: &str) -> io::Result<(Bytes, Option<ObjectRef>)> {
+        let limit = (self.client.server_info().max_payload).saturating_sub(HEADER_ROOM);
+        let mut body = Vec::new();
+        src.take(limit as u64 + 1).read_to_end(&mut body)?;
+        if body.len() <= limit {
+            return Ok((body.into(), None));
+        }
+        src.read_to_end(&mut body)?;
+        let object = self.runtime.block_on(self.store_object(id, &body))?;
+        Ok((Bytes::new(), Some(object)))
+    }
+
+    /// Stores `body` as object `id`, tried again through an election as a publish is, for at
+    /// most half the duplicate window; each try replaces what an earlier one stored.
+    async fn store_object(&self, id: &str, body: &[u8]) -> io::Result<ObjectRef> {
+        let give_up = tokio::time::Instant::now() + DUPLICATE_WINDOW / 2;
+        let mut pause = PUBLISH_PAUSE.0;
+        loop {
+            match payload::store(&self.js, &self.names, id, body).await {
+                Ok(object) => return Ok(object),
+                Err(e) if tokio::time::Instant::now() + pause > give_up => {
+                    return Err(io::Error::other(format!(
+                        "{e} (gave up after {})",
+                        humantime::format_duration(DUPLICATE_WINDOW / 2)
+                    )));
+                }
+                Err(e) => {
+                    tracing::debug!("{e}; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(PUBLISH_PAUSE.1);
+                }
+            }
+        }
+    }
+
     /// Submits many jobs with up to [`IN_FLIGHT`] publishes awaiting their acknowledgement at
     /// once (one at a time, each publish waits a round trip of the cluster's replication).
     /// `next` gives each job's ID and bytes (or why it cannot be read); `done` is told each
@@ -205,15 +264,14 @@ impl BrokerAdmin {
             loop {
                 let job = next();
                 let Some((id, body)) = job else { break };
-                let body = body.and_then(|b| {
-                    if b.len() > limit {
-                        Err(too_large(limit))
-                    } else {
-                        Ok(Bytes::from(b))
-                    }
-                });
                 let pending = match body {
+                    // Too large for one message: stored and published before the next job,
+                    // and settled in order with the others.
+                    Ok(body) if body.len() > limit => {
+                        Err(self.submit_object(&id, &body).await.err())
+                    }
                     Ok(body) => {
+                        let body = Bytes::from(body);
                         let mut headers = HeaderMap::new();
                         headers.insert("Nats-Msg-Id", id.as_str());
                         headers.insert(ID_HEADER, id.as_str());
@@ -225,7 +283,7 @@ impl BrokerAdmin {
                             .await;
                         Ok((body, sent.ok()))
                     }
-                    Err(e) => Err(e),
+                    Err(e) => Err(Some(e)),
                 };
                 in_flight.push_back((id, pending));
                 if in_flight.len() >= IN_FLIGHT {
@@ -241,18 +299,18 @@ impl BrokerAdmin {
         });
     }
 
-    async fn settle_publish(
-        &self,
-        id: &str,
-        pending: io::Result<(Bytes, Option<jetstream::context::PublishAckFuture>)>,
-    ) -> io::Result<()> {
-        let (body, ack) = pending?;
+    async fn settle_publish(&self, id: &str, pending: Pending) -> io::Result<()> {
+        let (body, ack) = match pending {
+            Ok(sent) => sent,
+            Err(None) => return Ok(()),
+            Err(Some(e)) => return Err(e),
+        };
         if let Some(ack) = ack
             && ack.await.is_ok()
         {
             return Ok(());
         }
-        self.publish_job(id, id, 0, body).await
+        self.publish_job(id, id, 0, body, None).await
     }
 
     async fn purge_subject(&self, stream: &str, subject: String) -> io::Result<()> {
@@ -280,16 +338,9 @@ fn unsupported(what: &str) -> io::Error {
 /// How many publishes `submit_many` keeps awaiting their acknowledgement.
 const IN_FLIGHT: usize = 256;
 
-fn too_large(limit: usize) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::FileTooLarge,
-        format!(
-            "larger than {limit} bytes, the most the cluster takes in one message (its \
-             max_payload less {HEADER_ROOM} for headers); store large data elsewhere and \
-             submit a reference to it"
-        ),
-    )
-}
+/// A job of `submit_many` on its way: its body and the acknowledgement it awaits, or its
+/// end already known (`Err(None)`: submitted; `Err(Some)`: not submitted, and why).
+type Pending = Result<(Bytes, Option<jetstream::context::PublishAckFuture>), Option<io::Error>>;
 
 impl Admin for BrokerAdmin {
     fn address(&self) -> (&'static str, String) {
@@ -301,15 +352,46 @@ impl Admin for BrokerAdmin {
 
     fn submit(&self, src: &mut dyn Read, id: &str, _partial: &Partial) -> Result<(), SubmitError> {
         // A message is published whole or not at all, so there is nothing to undo.
-        let limit = (self.client.server_info().max_payload).saturating_sub(HEADER_ROOM);
-        let mut body = Vec::new();
-        src.take(limit as u64 + 1).read_to_end(&mut body)?;
-        if body.len() > limit {
-            return Err(SubmitError::Io(too_large(limit)));
-        }
+        let (body, object) = self.read_payload(src, id)?;
         self.runtime
-            .block_on(self.publish_job(id, id, 0, body.into()))
+            .block_on(self.publish_job(id, id, 0, body, object.as_ref()))
             .map_err(SubmitError::Io)
+    }
+
+    /// Nothing of a staged job is visible to a daemon until `publish`: its message is only
+    /// held here (a large payload's object is stored already, and is an orphan should the
+    /// command die before it publishes).
+    fn stage(
+        &self,
+        src: &mut dyn Read,
+        id: &str,
+        _partial: &Partial,
+        _submission: &Submission,
+    ) -> Result<(), SubmitError> {
+        let (body, object) = self.read_payload(src, id)?;
+        self.staged.borrow_mut().push((id.to_owned(), body, object));
+        Ok(())
+    }
+
+    fn publish(
+        &self,
+        ids: &[String],
+        _partial: &Partial,
+        _submission: &Submission,
+    ) -> Result<(), PublishError> {
+        let staged = std::mem::take(&mut *self.staged.borrow_mut());
+        for (published, id) in ids.iter().enumerate() {
+            let Some((_, body, object)) = staged.iter().find(|(s, ..)| s == id) else {
+                return Err(PublishError::Io {
+                    err: io::Error::other(format!("job {id} was not staged")),
+                    published,
+                });
+            };
+            self.runtime
+                .block_on(self.publish_job(id, id, 0, body.clone(), object.as_ref()))
+                .map_err(|err| PublishError::Io { err, published })?;
+        }
+        Ok(())
     }
 
     fn counts(&self) -> io::Result<Counts> {
@@ -407,11 +489,15 @@ impl Admin for BrokerAdmin {
                 .await?;
             // A new Nats-Msg-Id per generation: the first submission's ID may still be inside
             // the duplicate window, which would swallow this one.
+            // A job whose payload is an object refers to the same object again: it stayed
+            // when the job was dead-lettered.
+            let object = ObjectRef::of(Some(&letter.headers));
             self.publish_job(
                 &format!("{id}.g{generation}"),
                 id,
                 generation,
                 letter.payload,
+                object.as_ref(),
             )
             .await?;
             self.purge_subject(&self.names.failed_stream, self.names.failed_subject(id))

@@ -43,6 +43,9 @@ pub struct Names {
     pub attempts_stream: String,
     pub hosts_stream: String,
     pub done_stream: String,
+    /// The object store bucket of payloads too large for one message, and its stream.
+    pub payloads: String,
+    pub payload_stream: String,
 }
 
 impl Names {
@@ -56,6 +59,9 @@ impl Names {
             attempts_stream: format!("SPOOLD_{queue}_ATTEMPTS"),
             hosts_stream: format!("SPOOLD_{queue}_HOSTS"),
             done_stream: format!("SPOOLD_{queue}_DONE"),
+            payloads: format!("SPOOLD_{queue}_PAYLOADS"),
+            // The object store's own naming: the client opens a bucket by this stream.
+            payload_stream: format!("OBJ_SPOOLD_{queue}_PAYLOADS"),
         }
     }
 
@@ -216,6 +222,7 @@ struct Wanted {
     attempts_stream: stream::Config,
     hosts_stream: stream::Config,
     done_stream: stream::Config,
+    payload_stream: stream::Config,
     consumer: consumer::pull::Config,
 }
 
@@ -258,6 +265,20 @@ fn wanted(names: &Names, config: &JetStreamConfig) -> Wanted {
             max_age: DONE_MAX_AGE,
             ..file_stream(&names.done_stream, vec![format!("spoold.{q}.done.*")])
         },
+        // The layout the client's object store expects (what `create_object_store` makes),
+        // created as a plain stream like the others so that it is checked the same way. No
+        // max age: an object lives as long as its job, which may wait in the dead-letter
+        // stream for good; spoold deletes it when the job is done.
+        payload_stream: stream::Config {
+            subjects: vec![
+                format!("$O.{}.C.>", names.payloads),
+                format!("$O.{}.M.>", names.payloads),
+            ],
+            discard: stream::DiscardPolicy::New,
+            allow_rollup: true,
+            allow_direct: true,
+            ..file_stream(&names.payload_stream, Vec::new())
+        },
         consumer: consumer::pull::Config {
             durable_name: Some(names.consumer.clone()),
             ack_policy: consumer::AckPolicy::Explicit,
@@ -290,6 +311,7 @@ pub async fn ensure_topology(
         &want.attempts_stream,
         &want.hosts_stream,
         &want.done_stream,
+        &want.payload_stream,
     ] {
         ensure_stream(js, stream_config).await?;
     }
@@ -352,7 +374,11 @@ fn mismatch(what: &str, field: &str, has: String, config_says: String, key: &str
 }
 
 fn check_stream(has: &stream::Config, want: &stream::Config) -> Result<(), BrokerError> {
-    let what = format!("stream {}", want.name);
+    // The payload bucket is named as `nats object` shows it, with the stream behind it.
+    let what = match want.name.strip_prefix("OBJ_") {
+        Some(bucket) => format!("object store {bucket} (stream {})", want.name),
+        None => format!("stream {}", want.name),
+    };
     if has.num_replicas != want.num_replicas {
         return Err(mismatch(
             &what,
@@ -456,6 +482,8 @@ mod tests {
         assert_eq!(n.subject, "spoold.mail.jobs");
         assert_eq!(n.failed_subject("01J"), "spoold.mail.failed.01J");
         assert_eq!(n.attempts_subject("01J"), "spoold.mail.attempts.01J");
+        assert_eq!(n.payloads, "SPOOLD_mail_PAYLOADS");
+        assert_eq!(n.payload_stream, "OBJ_SPOOLD_mail_PAYLOADS");
     }
 
     #[test]

@@ -19,6 +19,7 @@
 
 pub mod admin;
 pub mod broker;
+pub mod payload;
 pub mod record;
 
 use std::ffi::OsStr;
@@ -45,6 +46,7 @@ use crate::daemon::stats::{Finished, Stats};
 use crate::job::{Job, Outcome, Report, Verdict, display_name};
 use crate::source::{Lease, Source};
 use broker::{BrokerError, Names, confirmed, confirmed_bytes, header, nak};
+use payload::{Fetched, ObjectRef};
 use record::{Record, Settled, SettledAs, rfc3339};
 
 /// How long one pull waits at the server for jobs. Short, because a stopping host's last pull
@@ -451,6 +453,9 @@ async fn settle(shared: &Shared, d: Delivery, verdict: Verdict, report: Report) 
                     if d.record.is_some() {
                         forget_record(shared, &d.id).await;
                     }
+                    if let Some(object) = ObjectRef::of(Some(&d.headers)) {
+                        payload::forget(&shared.js, &shared.names, &object, &d.shown).await;
+                    }
                 }
                 Err(e) => unconfirmed(&d, &e),
             }
@@ -676,22 +681,104 @@ async fn forget_record(shared: &Shared, id: &str) {
 }
 
 async fn dead_letter(shared: &Shared, d: &Delivery, record: &Record) -> Result<(), String> {
-    let body = fs::read(&d.path).map_err(|e| format!("cannot read the payload back: {e}"))?;
-    let mut headers = d.headers.clone();
-    headers.insert(
-        "Nats-Msg-Id",
-        format!("{}.failed.g{}", d.id, d.generation).as_str(),
-    );
-    headers.insert(ID_HEADER, d.id.as_str());
-    headers.insert(GENERATION_HEADER, d.generation.to_string().as_str());
+    // A job whose payload is an object keeps it there: its dead letter carries the headers
+    // that name it, and no body (the payload would not fit in one message).
+    let body = if ObjectRef::of(Some(&d.headers)).is_some() {
+        Bytes::new()
+    } else {
+        fs::read(&d.path)
+            .map_err(|e| format!("cannot read the payload back: {e}"))?
+            .into()
+    };
+    publish_dead_letter(shared, &d.id, d.generation, d.headers.clone(), body, record).await
+}
+
+async fn publish_dead_letter(
+    shared: &Shared,
+    id: &str,
+    generation: u32,
+    mut headers: HeaderMap,
+    body: Bytes,
+    record: &Record,
+) -> Result<(), String> {
+    headers.insert("Nats-Msg-Id", format!("{id}.failed.g{generation}").as_str());
+    headers.insert(ID_HEADER, id);
+    headers.insert(GENERATION_HEADER, generation.to_string().as_str());
     let json = serde_json::to_string(record).map_err(|e| e.to_string())?;
     headers.insert(RECORD_HEADER, json.as_str());
     let ack = shared
         .js
-        .publish_with_headers(shared.names.failed_subject(&d.id), headers, body.into())
+        .publish_with_headers(shared.names.failed_subject(id), headers, body)
         .await
         .map_err(|e| e.to_string())?;
     ack.await.map(drop).map_err(|e| e.to_string())
+}
+
+/// Dead-letters a delivery that can never run (its payload object is missing or damaged)
+/// without running the handler: the reason names the object, the job is terminated, and the
+/// dead letter keeps the reference so that `spoold retry` can try again once the object is
+/// back. Handing it back instead would redeliver it forever. Should any step fail, the job
+/// comes back after a short delay and this runs again (the dead letter is deduplicated).
+async fn reject(
+    shared: &Shared,
+    reply: &str,
+    headers: &HeaderMap,
+    id: &str,
+    shown: &str,
+    earlier: Option<&Record>,
+    reason: String,
+) {
+    let generation = header(Some(headers), GENERATION_HEADER)
+        .and_then(|g| g.parse().ok())
+        .unwrap_or(0);
+    let now = SystemTime::now();
+    let report = Report {
+        outcome: Outcome::Failed,
+        started: now,
+        duration: Duration::ZERO,
+        exit_code: None,
+        signal: None,
+        timed_out: false,
+        reason: reason.clone(),
+        stderr_tail: Vec::new(),
+    };
+    let attempt = earlier.map_or(1, |r| r.attempts + 1);
+    let mut record = Record::after_failure(shown, attempt, earlier, report, &shared.host, now);
+    record.permanent = true;
+    record.failed_at = Some(rfc3339(now));
+    let result = async {
+        publish_dead_letter(
+            shared,
+            id,
+            generation,
+            headers.clone(),
+            Bytes::new(),
+            &record,
+        )
+        .await?;
+        confirmed(&shared.client, reply, b"+TERM").await
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            shared.stats.finished(Finished::Failed);
+            tracing::warn!(
+                job_id = shown,
+                "job failed for good without running: {reason}; in the dead-letter stream {}",
+                shared.names.failed_stream
+            );
+            if earlier.is_some() {
+                forget_record(shared, id).await;
+            }
+        }
+        Err(e) => {
+            tracing::warn!(
+                job_id = shown,
+                "{reason}; the dead letter was not confirmed ({e}): trying again shortly"
+            );
+            let _ = confirmed_bytes(&shared.client, reply, nak(Duration::from_secs(1))).await;
+        }
+    }
 }
 
 /// The claimer: pulls as many jobs as workers ask for, and hands each to one of them.
@@ -809,6 +896,12 @@ async fn deliver(shared: &Arc<Shared>, message: Message, waiting: &mut Vec<Claim
         match read {
             Ok((_, Some(marker))) if Some(marker.sequence) == sequence => {
                 resettle(shared, &reply, &shown, &marker).await;
+                // The host that settled it may have died before it deleted the object.
+                if marker.outcome == SettledAs::Done
+                    && let Some(object) = ObjectRef::of(Some(&headers))
+                {
+                    payload::forget(&shared.js, &shared.names, &object, &shown).await;
+                }
                 return;
             }
             Ok((record, _)) => record,
@@ -825,17 +918,10 @@ async fn deliver(shared: &Arc<Shared>, message: Message, waiting: &mut Vec<Claim
     let generation = header(Some(&headers), GENERATION_HEADER)
         .and_then(|g| g.parse().ok())
         .unwrap_or(0);
-    let path = shared.scratch.join(format!("{id}.{delivered}"));
-    if let Err(e) = write_payload(&path, &message.payload) {
-        tracing::error!(job_id = shown, "cannot write the job's file: {e}");
-        handback(shared, &reply, &shown, "no scratch file").await;
-        return;
-    }
     let revoked = match rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC) {
         Ok(fd) => fd,
         Err(e) => {
             tracing::error!(job_id = shown, "cannot create the lease's eventfd: {e}");
-            let _ = fs::remove_file(&path);
             handback(shared, &reply, &shown, "no eventfd").await;
             return;
         }
@@ -844,11 +930,12 @@ async fn deliver(shared: &Arc<Shared>, message: Message, waiting: &mut Vec<Claim
         Ok(fd) => fd,
         Err(e) => {
             tracing::error!(job_id = shown, "cannot duplicate the lease's eventfd: {e}");
-            let _ = fs::remove_file(&path);
             handback(shared, &reply, &shown, "no eventfd").await;
             return;
         }
     };
+    // The lease is kept from here on, so that a large payload that takes a while to arrive
+    // does not lose it.
     tokio::spawn(heartbeat(
         shared.clone(),
         reply.clone(),
@@ -856,6 +943,44 @@ async fn deliver(shared: &Arc<Shared>, message: Message, waiting: &mut Vec<Claim
         signal,
         shown.clone(),
     ));
+    let path = shared.scratch.join(format!("{id}.{delivered}"));
+    if let Some(object) = ObjectRef::of(Some(&headers)) {
+        // Streamed, not held: the object may be far larger than a message. A stop ends the
+        // read and hands the job back; a cluster that does not answer brings it back soon.
+        match payload::fetch(&shared.js, &shared.names, &object, &path, &shared.stop).await {
+            Fetched::Whole => {}
+            Fetched::Stopped => {
+                lease.settled.cancel();
+                handback(shared, &reply, &shown, "stopping").await;
+                return;
+            }
+            Fetched::Failed(e) => {
+                lease.settled.cancel();
+                tracing::warn!(job_id = shown, "cannot read the job's payload: {e}");
+                let _ = confirmed_bytes(&shared.client, &reply, nak(Duration::from_secs(1))).await;
+                return;
+            }
+            Fetched::Missing(reason) | Fetched::Damaged(reason) => {
+                lease.settled.cancel();
+                reject(
+                    shared,
+                    &reply,
+                    &headers,
+                    &id,
+                    &shown,
+                    record.as_ref(),
+                    reason,
+                )
+                .await;
+                return;
+            }
+        }
+    } else if let Err(e) = write_payload(&path, &message.payload) {
+        lease.settled.cancel();
+        tracing::error!(job_id = shown, "cannot write the job's file: {e}");
+        handback(shared, &reply, &shown, "no scratch file").await;
+        return;
+    }
     let mut delivery = Delivery {
         id,
         shown,
