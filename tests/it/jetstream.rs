@@ -941,11 +941,9 @@ fn creds_and_mutual_tls_connect_to_a_debian_cluster_that_requires_them() {
 
 /// A user whose JWT lacks a permission spoold needs (here `$JS.API.>`, so it cannot create
 /// its streams) is a configuration error waiting cannot fix: exit 78 at start, naming the
-/// refused subject and `jetstream.creds_file`, not a wait for `connect_timeout` ending in 69.
+/// refused subject and `jetstream.creds_file`, not a wait for `connect_timeout` ending in 69
+/// (which systemd would restart without end). A client command says the same.
 #[test]
-#[ignore = "defect: the server's Permissions Violation is only logged by async-nats; the \
-            start-up sees request timeouts, retries until connect_timeout (20 s) and exits 69 \
-            saying a request timed out, so systemd restarts it without end"]
 fn a_user_without_the_permissions_spoold_needs_is_a_clear_start_up_error() {
     let test = "a_user_without_the_permissions_spoold_needs_is_a_clear_start_up_error";
     let Some(server) = nats::server_or_skip(test, nats::current_server) else {
@@ -975,6 +973,16 @@ fn a_user_without_the_permissions_spoold_needs_is_a_clear_start_up_error() {
         log.contains("Permissions Violation") && log.contains("jetstream.creds_file"),
         "{log}"
     );
+    let began = Instant::now();
+    let out = a.cli(&["status"]);
+    assert_eq!(out.status.code(), Some(78), "{}", util::describe(&out));
+    assert!(
+        began.elapsed() < Duration::from_secs(15),
+        "status retried until connect_timeout: {:?}",
+        began.elapsed()
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("jetstream.creds_file"), "{err}");
 }
 
 /// Runs `ip ARGS`; panics with its output when it fails.

@@ -3,6 +3,7 @@
 //! stream and the consumer at start (never an update), and the confirmed acknowledgements.
 
 use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
@@ -159,16 +160,47 @@ fn check_readable(key: &str, path: &std::path::Path) -> Result<(), BrokerError> 
     })
 }
 
+/// A Permissions Violation the server reported on a connection. The server never answers
+/// the request it refused, so to whoever sent it the refusal looks like a timeout; this is
+/// where the difference is kept.
+pub type Denied = Arc<Mutex<Option<String>>>;
+
+/// Keeps `event` in `denied` when it is a Permissions Violation, and says so in the log;
+/// true when it was one.
+pub fn note_denied(event: &async_nats::Event, denied: &Denied) -> bool {
+    match event {
+        async_nats::Event::ServerError(async_nats::ServerError::Other(e))
+            if e.to_lowercase().contains("permissions violation") =>
+        {
+            tracing::error!(
+                "jetstream: {e} (check the permissions of the jetstream.creds_file user)"
+            );
+            *denied.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
+            true
+        }
+        _ => false,
+    }
+}
+
 /// Connects, trying every `jetstream.servers` URL until `connect_timeout` has passed. A TLS
-/// failure (a wrong CA) is not retried: waiting cannot fix it.
-pub async fn connect(config: &JetStreamConfig, name: &str) -> Result<Client, BrokerError> {
+/// failure (a wrong CA) is not retried: waiting cannot fix it. Returns the client and where
+/// its connection notes a refused request.
+pub async fn connect(
+    config: &JetStreamConfig,
+    name: &str,
+) -> Result<(Client, Denied), BrokerError> {
     let deadline = tokio::time::Instant::now() + config.connect_timeout;
     let mut last;
     let mut pause = Duration::from_millis(100);
+    let denied = Denied::default();
     loop {
-        let options = options(config, name).await?;
+        let noted = denied.clone();
+        let options = options(config, name).await?.event_callback(move |event| {
+            note_denied(&event, &noted);
+            async {}
+        });
         match options.connect(config.servers.clone()).await {
-            Ok(client) => return Ok(client),
+            Ok(client) => return Ok((client, denied)),
             Err(e) => {
                 last = e.to_string();
                 if let Some(fatal) = refused(config, &e) {

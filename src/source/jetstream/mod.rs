@@ -27,9 +27,9 @@ use std::fs;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::jetstream::consumer::PullConsumer;
@@ -199,10 +199,11 @@ impl JetStreamSource {
         })?;
         let host = host_name();
         let (status_tx, status_rx) = watch::channel(String::new());
-        let client = connect_with_events(js_config, &host, status_tx).await?;
+        let denied = broker::Denied::default();
+        let client = connect_with_events(js_config, &host, status_tx, denied.clone()).await?;
         let js = broker::context(&client);
         let names = Names::new(&js_config.queue);
-        let consumer = topology(&js, &names, js_config).await?;
+        let consumer = topology(&js, &names, js_config, &denied).await?;
         let shared = Arc::new(Shared {
             handle: tokio::runtime::Handle::current(),
             client,
@@ -242,10 +243,15 @@ impl JetStreamSource {
 }
 
 /// The topology checked (or created), retried through an election until `connect_timeout`.
+///
+/// `denied` holds a Permissions Violation the connection's events reported: the server never
+/// answers such a request, so it looks like a timeout here, but waiting cannot fix the user's
+/// JWT, so it ends the start at once as a config error.
 async fn topology(
     js: &jetstream::Context,
     names: &Names,
     config: &JetStreamConfig,
+    denied: &Mutex<Option<String>>,
 ) -> Result<PullConsumer, BrokerError> {
     let deadline = tokio::time::Instant::now() + config.connect_timeout;
     let mut pause = PULL_PAUSE.0;
@@ -262,6 +268,15 @@ async fn topology(
                 })
         }
         .await;
+        if let (Err(BrokerError::Unavailable(e)), Some(violation)) = (
+            &result,
+            denied.lock().unwrap_or_else(|p| p.into_inner()).take(),
+        ) {
+            return Err(BrokerError::Topology(format!(
+                "the servers refused a request of spoold's user: {violation} (give the \
+                 jetstream.creds_file user the permissions README.md lists; {e})"
+            )));
+        }
         match result {
             Err(BrokerError::Unavailable(e)) if tokio::time::Instant::now() + pause < deadline => {
                 tracing::info!("jetstream not ready yet ({e}); trying again");
@@ -285,6 +300,7 @@ async fn connect_with_events(
     config: &JetStreamConfig,
     host: &str,
     status: watch::Sender<String>,
+    denied: broker::Denied,
 ) -> Result<Client, BrokerError> {
     let status = Arc::new(status);
     // The first connection is made by `broker::connect`, which retries and classifies errors;
@@ -294,11 +310,16 @@ async fn connect_with_events(
         let mut pause = Duration::from_millis(100);
         loop {
             let status = status.clone();
+            let denied = denied.clone();
             let options = broker::options(config, &format!("spoold {host}"))
                 .await?
                 .event_callback(move |event| {
                     let status = status.clone();
+                    let denied = denied.clone();
                     async move {
+                        if broker::note_denied(&event, &denied) {
+                            return;
+                        }
                         match event {
                             async_nats::Event::Disconnected => {
                                 tracing::warn!(
