@@ -1999,6 +1999,9 @@ impl Bench {
 
         // Submit: spoold enqueue against the raw publish rate with 256 acks in flight.
         let spool = self.js_spool(&cluster, "submit", &["/bin/true"], "");
+        // The first client command creates the queue's streams, consumer and bucket, once per
+        // queue; the raw publish below gets its stream made before its clock starts too.
+        self.js_status(&spool);
         let enqueue = self.js_enqueue(&spool, n);
         let raw = runtime().block_on(async {
             let client = async_nats::ConnectOptions::new()
