@@ -685,16 +685,6 @@ fn three_hosts_lose_no_job_through_host_and_node_crashes() {
     dc.stop();
 }
 
-/// A nats-server of its own for a test, killed when dropped.
-struct Server(std::process::Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Runs openssl with `args` in `dir`; panics with its output when it fails.
 fn openssl(dir: &Path, args: &[&str]) {
     let out = std::process::Command::new("openssl")
@@ -1015,13 +1005,38 @@ impl Drop for Netns {
     }
 }
 
+/// Forwards each connection made to `listener` (on an address the test assigned on its side of the
+/// veth pair) to `to` on loopback, a thread per direction: the harness's cluster listens on
+/// 127.0.0.1, which a network namespace cannot reach. With the link down the forwarded
+/// connections stall as a real route would. The threads live until the test process ends.
+fn forward(listener: std::net::TcpListener, to: std::net::SocketAddr) {
+    use std::net::{Shutdown, TcpStream};
+    std::thread::spawn(move || {
+        for inbound in listener.incoming() {
+            let Ok(inbound) = inbound else { continue };
+            let Ok(outbound) = TcpStream::connect(to) else {
+                continue;
+            };
+            for (mut from, mut into) in [
+                (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
+                (outbound, inbound),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut into);
+                    let _ = into.shutdown(Shutdown::Write);
+                });
+            }
+        }
+    });
+}
+
 /// Issue 14 test 4: a host cut off from the network while it runs a long job ends the handler
 /// before its lease (the ack wait) can lapse; another host then runs the job; when the link
 /// comes back the first host sends no late acknowledgement, and the job stays done once.
 ///
 /// The host runs in a network namespace of its own, joined by a veth pair with addresses the
-/// test assigns; one JetStream node (replicas 1) listens on all addresses, since the harness's
-/// cluster listens on 127.0.0.1, which the namespace cannot reach.
+/// test assigns, and reaches the harness's 3-node cluster through a forwarder per node on the
+/// host side of the pair ([`forward`]); the other host uses the cluster's loopback addresses.
 #[test]
 fn a_host_cut_off_from_the_network_gives_up_its_job_before_another_host_runs_it() {
     let test = "a_host_cut_off_from_the_network_gives_up_its_job_before_another_host_runs_it";
@@ -1058,30 +1073,20 @@ fn a_host_cut_off_from_the_network_gives_up_its_job_before_another_host_runs_it(
     ip(&["-n", &ns.name, "link", "set", &peer, "up"]);
     ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
 
-    let store = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("0.0.0.0:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let conf = store.path().join("node.conf");
-    fs::write(
-        &conf,
-        format!(
-            "listen: 0.0.0.0:{port}\njetstream {{ store_dir: {:?} }}\n",
-            store.path().join("js").display().to_string()
-        ),
-    )
-    .unwrap();
-    let _server = Server(
-        std::process::Command::new(&server)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let cluster = nats::Cluster::start(&server);
+    // Through the veth pair, a forwarder per node: the namespace's way to the cluster.
+    let through_veth: Vec<String> = cluster
+        .urls()
+        .iter()
+        .map(|url| {
+            let node: std::net::SocketAddr = url.trim_start_matches("nats://").parse().unwrap();
+            let listener = std::net::TcpListener::bind((host_ip.as_str(), 0)).unwrap();
+            let near = listener.local_addr().unwrap();
+            forward(listener, node);
+            format!("\"nats://{near}\"")
+        })
+        .collect();
+    let direct: Vec<String> = cluster.urls().iter().map(|u| format!("{u:?}")).collect();
 
     let shared = tempfile::tempdir().unwrap();
     let runs = Runs(shared.path().join("runs"));
@@ -1092,7 +1097,7 @@ if [ "$HOST" = A ]; then
   sleep 120 & wait
 fi
 exit 0"#;
-    let config = |name: &str, server_ip: &str| {
+    let config = |name: &str, servers: &[String]| {
         let env = Env::new(&["/bin/true"], "");
         let h = env.script("handler.sh", handler);
         env.write_config(
@@ -1100,15 +1105,16 @@ exit 0"#;
             &format!(
                 "kill_grace = \"1s\"\nenv = {{ HOST = {name:?}, RUNS = {:?} }}\n\
                  [backend]\nkind = \"jetstream\"\n\
-                 [jetstream]\nservers = [\"nats://{server_ip}:{port}\"]\nreplicas = 1\n\
+                 [jetstream]\nservers = [{}]\n\
                  {LEASE}connect_timeout = \"20s\"\n",
-                runs.0.display().to_string()
+                runs.0.display().to_string(),
+                servers.join(", ")
             ),
         );
         env
     };
-    let a = config("A", &host_ip);
-    let b = config("B", "127.0.0.1");
+    let a = config("A", &through_veth);
+    let b = config("B", &direct);
     let mut cmd = std::process::Command::new("ip");
     cmd.args(["netns", "exec", &ns.name, util::BIN, "run", "--config"])
         .arg(&a.config);
