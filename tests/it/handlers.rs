@@ -169,15 +169,17 @@ fn grandchild_that_ignores_sigterm_and_keeps_stdout_open_is_killed() {
 #[test]
 fn grandchild_that_left_the_group_cannot_hold_the_job() {
     // A process that called setsid is out of spoold's reach (it is no longer in the handler's
-    // process group); spoold must still finish the job instead of waiting on its stdout.
+    // process group); spoold must still finish the job instead of waiting on its stdout. The
+    // escaped process holds stdout for 300 s and the timeout is 120 s, so a job done within
+    // 60 s was not held by either, however loaded the machine.
     let c = case(
-        "setsid sh -c 'echo $$ >> \"$0\"; exec sleep 30' \"$PIDS\" &\n\
+        "setsid sh -c 'echo $$ >> \"$0\"; exec sleep 300' \"$PIDS\" &\n\
          while [ $(wc -l < \"$PIDS\") -lt 2 ]; do sleep 0.01; done\nexit 0",
-        "timeout = \"20s\"\nkill_grace = \"500ms\"\n",
+        "timeout = \"120s\"\nkill_grace = \"500ms\"\n",
     );
     let mut d = c.env.start();
     c.env.submit("escaped", "x");
-    let done = wait_path(&c.env.path("done/escaped"), Duration::from_secs(10));
+    let done = wait_path(&c.env.path("done/escaped"), Duration::from_secs(60));
     // Whatever happened, the escaped process is ours to clean up.
     for pid in pids_in(&c.pids) {
         let _ = rustix::process::kill_process(

@@ -530,7 +530,11 @@ fn stream_leader(cluster: &nats::Cluster) -> usize {
 /// An acknowledgement that a dying leader confirmed and lost comes back as a redelivery; the
 /// settled marker written beside it must keep that job from running again, or this test sees
 /// it twice on a surviving host.
+///
+/// It keeps both cores busy for a minute, so it runs alone: `.ci/run` runs it after the suite,
+/// and by hand `cargo test --test it -- --ignored three_hosts`.
 #[test]
+#[ignore = "heavy (3 hosts, 5,000 jobs, node kills): .ci/run runs it alone after the suite"]
 fn three_hosts_lose_no_job_through_host_and_node_crashes() {
     const JOBS: usize = 5_000;
     let test = "three_hosts_lose_no_job_through_host_and_node_crashes";

@@ -1085,43 +1085,43 @@ async fn resettle(shared: &Shared, reply: &str, shown: &str, marker: &Settled) {
 }
 
 async fn read_marker(shared: &Shared, id: &str) -> Result<Option<Settled>, String> {
-    let stream = shared
-        .js
-        .get_stream_no_info(&shared.names.done_stream)
-        .await
-        .map_err(|e| e.to_string())?;
-    match stream
-        .get_last_raw_message_by_subject(&shared.names.done_subject(id))
-        .await
-    {
-        Ok(message) => serde_json::from_slice(&message.payload)
-            .map(Some)
-            .map_err(|e| format!("the settled marker is not spoold's: {e}")),
-        Err(e)
-            if matches!(
-                e.kind(),
-                jetstream::stream::LastRawMessageErrorKind::NoMessageFound
-            ) =>
-        {
-            Ok(None)
-        }
-        Err(e) => Err(e.to_string()),
-    }
+    let subject = shared.names.done_subject(id);
+    read_last(
+        shared,
+        &shared.names.done_stream,
+        &subject,
+        "settled marker",
+    )
+    .await
 }
 
 async fn read_record(shared: &Shared, id: &str) -> Result<Option<Record>, String> {
+    let subject = shared.names.attempts_subject(id);
+    read_last(
+        shared,
+        &shared.names.attempts_stream,
+        &subject,
+        "attempts record",
+    )
+    .await
+}
+
+/// The last message on `subject` of `stream`, as spoold's JSON `what`; None when there is none.
+async fn read_last<T: serde::de::DeserializeOwned>(
+    shared: &Shared,
+    stream: &str,
+    subject: &str,
+    what: &str,
+) -> Result<Option<T>, String> {
     let stream = shared
         .js
-        .get_stream_no_info(&shared.names.attempts_stream)
+        .get_stream_no_info(stream)
         .await
         .map_err(|e| e.to_string())?;
-    match stream
-        .get_last_raw_message_by_subject(&shared.names.attempts_subject(id))
-        .await
-    {
+    match stream.get_last_raw_message_by_subject(subject).await {
         Ok(message) => serde_json::from_slice(&message.payload)
             .map(Some)
-            .map_err(|e| format!("the attempts record is not spoold's: {e}")),
+            .map_err(|e| format!("the {what} is not spoold's: {e}")),
         Err(e)
             if matches!(
                 e.kind(),
