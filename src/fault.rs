@@ -1,6 +1,7 @@
 //! Test-only switches, in debug builds only: deliberate panics (`SPOOLD_TEST_PANIC=worker|dispatcher|stop`),
 //! a shorter age for the sweep of `tmp/` (`SPOOLD_TEST_TMP_MAX_AGE`), a pause inside
-//! `spoold enqueue`'s limited publication (`SPOOLD_TEST_PUBLISH_PAUSE`).
+//! `spoold enqueue`'s limited publication (`SPOOLD_TEST_PUBLISH_PAUSE`), and a broker
+//! acknowledgement left out (`SPOOLD_TEST_LOSE_ACK`).
 //!
 //! Once the time arithmetic could no longer overflow, no known panic was left, yet the path a
 //! panic takes (logged with its thread, the abort path, exit status 70, crash recovery at the
@@ -84,4 +85,17 @@ pub fn publish_pause() {
     {
         std::thread::sleep(pause);
     }
+}
+
+/// Whether to leave out the acknowledgement of a job done, as a consumer leader killed just
+/// after confirming it would lose it: in debug builds, for the first job done in the process
+/// when `SPOOLD_TEST_LOSE_ACK` is set; never otherwise. The loss itself is rare and timing-bound
+/// (a leader's death in the instant after its answer), so a test could not wait for it.
+pub fn lose_ack() -> bool {
+    #[cfg(debug_assertions)]
+    if std::env::var_os("SPOOLD_TEST_LOSE_ACK").is_some() {
+        static LOST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        return !LOST.swap(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    false
 }

@@ -1009,6 +1009,40 @@ impl Drop for Netns {
     }
 }
 
+/// A job whose acknowledgement the cluster lost after confirming it (a consumer leader killed
+/// in that instant; here the test-only switch `SPOOLD_TEST_LOSE_ACK` leaves the first job's ack
+/// out, since the real loss is too rare to wait for) comes back an ack wait later, and its
+/// settled marker has it acknowledged again without a second run.
+#[test]
+fn a_job_whose_acknowledgement_was_lost_is_not_run_again() {
+    let test = "a_job_whose_acknowledgement_was_lost_is_not_run_again";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    let cluster = nats::Cluster::start(&server);
+    let shared = tempfile::tempdir().unwrap();
+    let runs = Runs(shared.path().join("runs"));
+    let a = host(shared.path(), &cluster, "A", "");
+    let mut da = Daemon::start(&a.config, &[("SPOOLD_TEST_LOSE_ACK", "1")]);
+    let job = enqueue(&a, "ok");
+    // The ack wait is 6 s: the redelivery comes then, and is settled at once.
+    wait(
+        Duration::from_secs(60),
+        "the redelivery settled",
+        &[&da],
+        || da.log().contains("settled again without running it"),
+    );
+    wait(SOON, "the queue idle", &[&da], || idle(&a));
+    assert_eq!(
+        runs.of(&job),
+        vec![("A".to_owned(), 1)],
+        "the job ran once; log:\n{}",
+        da.log()
+    );
+    assert!(failed(&a).is_empty());
+    da.stop();
+}
+
 /// Forwards each connection made to `listener` (on an address the test assigned on its side of the
 /// veth pair) to `to` on loopback, a thread per direction: the harness's cluster listens on
 /// 127.0.0.1, which a network namespace cannot reach. With the link down the forwarded

@@ -462,7 +462,12 @@ async fn settle(shared: &Shared, d: Delivery, verdict: Verdict, report: Report) 
             // to every job.
             let (marked, acked) = tokio::join!(
                 while_leased(shared, &d, || mark(shared, &d, SettledAs::Done)),
-                while_leased(shared, &d, || confirmed(&shared.client, &d.reply, b"+ACK")),
+                async {
+                    if crate::fault::lose_ack() {
+                        return Ok(());
+                    }
+                    while_leased(shared, &d, || confirmed(&shared.client, &d.reply, b"+ACK")).await
+                },
             );
             if let Err(e) = marked {
                 unmarked(&d, &e);
