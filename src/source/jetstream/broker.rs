@@ -23,11 +23,12 @@ pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// How long finished jobs' attempt records may linger when a host died between the
 /// acknowledgement and the record's removal.
 const ATTEMPTS_MAX_AGE: Duration = Duration::from_secs(7 * 86_400);
-/// How long a host's entry in the hosts stream counts as live: three of its 5 s beats.
 /// How long a job's settled marker is kept. A redelivery of a settled job comes an ack wait
-/// after an acknowledgement the cluster lost (at most an hour by the config's bounds, in
-/// practice seconds), so a day covers it with room for a cluster that was down meanwhile.
-const DONE_MAX_AGE: Duration = Duration::from_secs(86_400);
+/// after the election that lost its acknowledgement (at most an hour by the config's bounds,
+/// in practice seconds); two hours cover that with room, while the stream holds no more than
+/// two hours of jobs, one small marker each.
+const DONE_MAX_AGE: Duration = Duration::from_secs(2 * 3600);
+/// How long a host's entry in the hosts stream counts as live: three of its 5 s beats.
 pub const HOST_TTL: Duration = Duration::from_secs(15);
 /// Jobs claimed and not settled at once across all hosts, counting jobs that wait out a retry
 /// delay (they hold a slot: SPEC H1).
