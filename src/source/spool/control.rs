@@ -643,9 +643,12 @@ impl Spool {
                 .map(|id| id.as_os_str().to_string_lossy().into_owned())
                 .collect()
         };
-        // One generator: the records of one command sort in the order they are written even
-        // within a millisecond.
-        let mut ulids = ulid::Generator::new();
+        // One generator for the whole process: records written within one millisecond (the
+        // chunks of one command, or two operations of one process) still sort in the order
+        // they were written. Separate commands are further apart than that.
+        static ULIDS: std::sync::LazyLock<std::sync::Mutex<ulid::Generator>> =
+            std::sync::LazyLock::new(|| std::sync::Mutex::new(ulid::Generator::new()));
+        let mut ulids = ULIDS.lock().unwrap_or_else(|p| p.into_inner());
         let chunks = done
             .chunks(OP_CHUNK)
             .map(|c| (names(c), Vec::new()))
