@@ -55,7 +55,8 @@ impl BrokerAdmin {
             .map_err(|e| BrokerError::Unavailable(format!("cannot start a runtime: {e}")))?;
         let names = Names::new(&js_config.queue);
         let (client, js) = runtime.block_on(async {
-            let (client, denied) = broker::connect(js_config, "spoold client").await?;
+            let (client, denied) =
+                broker::connect(js_config, "spoold client", std::sync::Arc::new(|_| {})).await?;
             let js = broker::context(&client);
             // Retried through an election until connect_timeout, as the daemon does.
             super::topology(&js, &names, js_config, &denied).await?;

@@ -183,12 +183,17 @@ pub fn note_denied(event: &async_nats::Event, denied: &Denied) -> bool {
     }
 }
 
+/// What a connection's user does with its events (a Permissions Violation aside, which
+/// [`connect`] keeps in its [`Denied`]).
+pub type OnEvent = Arc<dyn Fn(async_nats::Event) + Send + Sync>;
+
 /// Connects, trying every `jetstream.servers` URL until `connect_timeout` has passed. A TLS
 /// failure (a wrong CA) is not retried: waiting cannot fix it. Returns the client and where
-/// its connection notes a refused request.
+/// its connection notes a refused request; every other event goes to `on_event`.
 pub async fn connect(
     config: &JetStreamConfig,
     name: &str,
+    on_event: OnEvent,
 ) -> Result<(Client, Denied), BrokerError> {
     let deadline = tokio::time::Instant::now() + config.connect_timeout;
     let mut last;
@@ -196,8 +201,11 @@ pub async fn connect(
     let denied = Denied::default();
     loop {
         let noted = denied.clone();
+        let on_event = on_event.clone();
         let options = options(config, name).await?.event_callback(move |event| {
-            note_denied(&event, &noted);
+            if !note_denied(&event, &noted) {
+                on_event(event);
+            }
             async {}
         });
         match options.connect(config.servers.clone()).await {

@@ -199,8 +199,7 @@ impl JetStreamSource {
         })?;
         let host = host_name();
         let (status_tx, status_rx) = watch::channel(String::new());
-        let denied = broker::Denied::default();
-        let client = connect_with_events(js_config, &host, status_tx, denied.clone()).await?;
+        let (client, denied) = connect_with_events(js_config, &host, status_tx).await?;
         let js = broker::context(&client);
         let names = Names::new(&js_config.queue);
         let consumer = topology(&js, &names, js_config, &denied).await?;
@@ -300,67 +299,27 @@ async fn connect_with_events(
     config: &JetStreamConfig,
     host: &str,
     status: watch::Sender<String>,
-    denied: broker::Denied,
-) -> Result<Client, BrokerError> {
-    let status = Arc::new(status);
-    // The first connection is made by `broker::connect`, which retries and classifies errors;
-    // the events of the connection it makes are wired through the same options.
-    let client = {
-        let deadline = tokio::time::Instant::now() + config.connect_timeout;
-        let mut pause = Duration::from_millis(100);
-        loop {
-            let status = status.clone();
-            let denied = denied.clone();
-            let options = broker::options(config, &format!("spoold {host}"))
-                .await?
-                .event_callback(move |event| {
-                    let status = status.clone();
-                    let denied = denied.clone();
-                    async move {
-                        if broker::note_denied(&event, &denied) {
-                            return;
-                        }
-                        match event {
-                            async_nats::Event::Disconnected => {
-                                tracing::warn!(
-                                    "jetstream: connection lost; reconnecting (jobs in flight \
-                                     keep running while their lease holds)"
-                                );
-                                status.send_replace(format!(
-                                    "broker: disconnected since {}",
-                                    rfc3339(SystemTime::now())
-                                ));
-                            }
-                            async_nats::Event::Connected => {
-                                if !status.borrow().is_empty() {
-                                    tracing::info!("jetstream: connected again");
-                                }
-                                status.send_replace(String::new());
-                            }
-                            other => tracing::debug!("jetstream: {other}"),
-                        }
-                    }
-                });
-            match options.connect(config.servers.clone()).await {
-                Ok(client) => break client,
-                Err(e) => {
-                    if let Some(fatal) = broker::refused(config, &e) {
-                        return Err(fatal);
-                    }
-                    if tokio::time::Instant::now() + pause > deadline {
-                        return Err(BrokerError::Unavailable(format!(
-                            "cannot reach any of {} within jetstream.connect_timeout ({}): {e}",
-                            config.servers.join(", "),
-                            humantime::format_duration(config.connect_timeout)
-                        )));
-                    }
-                }
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(2));
+) -> Result<(Client, broker::Denied), BrokerError> {
+    let on_event: broker::OnEvent = Arc::new(move |event| match event {
+        async_nats::Event::Disconnected => {
+            tracing::warn!(
+                "jetstream: connection lost; reconnecting (jobs in flight keep running while \
+                 their lease holds)"
+            );
+            status.send_replace(format!(
+                "broker: disconnected since {}",
+                rfc3339(SystemTime::now())
+            ));
         }
-    };
-    Ok(client)
+        async_nats::Event::Connected => {
+            if !status.borrow().is_empty() {
+                tracing::info!("jetstream: connected again");
+            }
+            status.send_replace(String::new());
+        }
+        other => tracing::debug!("jetstream: {other}"),
+    });
+    broker::connect(config, &format!("spoold {host}"), on_event).await
 }
 
 fn host_name() -> String {
