@@ -198,36 +198,37 @@ fn enqueue_many(
     let mut generator = ulid::Generator::new();
     let mut code = ExitCode::SUCCESS;
     let mut out = io::stdout().lock();
-    // Which file each ID came from, for the error of a job not submitted.
-    let names = std::cell::RefCell::new(std::collections::HashMap::new());
+    // The files whose jobs await their fate: `submit_many` tells it in the order given, so the
+    // first is always the one a report is about.
+    let pending = std::cell::RefCell::new(std::collections::VecDeque::new());
     let mut files = files.iter();
     let mut failed_write = None;
     admin.submit_many(
         || {
             let file = files.next()?;
             let id = new_job_id(&mut generator);
-            names.borrow_mut().insert(id.clone(), file.clone());
-            let body = open_regular(file).and_then(|mut f| {
-                let mut body = Vec::new();
-                f.read_to_end(&mut body).map(|_| body)
+            pending.borrow_mut().push_back(file);
+            // Sized from the one fstat that `open_regular` makes: read_to_end on a File would
+            // make another to size its buffer.
+            let body = open_regular_sized(file).and_then(|(f, len)| {
+                let mut body = Vec::with_capacity(len.saturating_add(1));
+                f.take(u64::MAX).read_to_end(&mut body).map(|_| body)
             });
             Some((id, body))
         },
-        |id, result| match result {
-            Ok(()) => {
-                names.borrow_mut().remove(id);
-                if let Err(e) = writeln!(out, "{id}") {
-                    failed_write.get_or_insert(e);
+        |id, result| {
+            let file = pending.borrow_mut().pop_front();
+            match result {
+                Ok(()) => {
+                    if let Err(e) = writeln!(out, "{id}") {
+                        failed_write.get_or_insert(e);
+                    }
                 }
-            }
-            Err(e) => {
-                let file = names
-                    .borrow_mut()
-                    .remove(id)
-                    .map(|f| f.display().to_string())
-                    .unwrap_or_default();
-                eprintln!("spoold: {file}: not submitted: {e}");
-                code = ExitCode::FAILURE;
+                Err(e) => {
+                    let file = file.map(|f| f.display().to_string()).unwrap_or_default();
+                    eprintln!("spoold: {file}: not submitted: {e}");
+                    code = ExitCode::FAILURE;
+                }
             }
         },
     );
@@ -631,13 +632,19 @@ fn purge_through_daemon(
 /// block (O_NONBLOCK, which a regular file ignores) and the type is read from the open file,
 /// so nothing can swap a FIFO in between.
 fn open_regular(path: &Path) -> io::Result<File> {
+    open_regular_sized(path).map(|(file, _)| file)
+}
+
+/// [`open_regular`], with the file's size when it was opened.
+fn open_regular_sized(path: &Path) -> io::Result<(File, usize)> {
     let file = File::options()
         .read(true)
         .custom_flags(libc_flags())
         .open(path)?;
-    let kind = file.metadata()?.file_type();
+    let meta = file.metadata()?;
+    let kind = meta.file_type();
     if kind.is_file() {
-        return Ok(file);
+        return Ok((file, usize::try_from(meta.len()).unwrap_or(usize::MAX)));
     }
     let what = if kind.is_dir() {
         "a directory"

@@ -15,8 +15,8 @@ use bytes::Bytes;
 
 use super::broker::{self, BrokerError, DUPLICATE_WINDOW, Names, header};
 use super::payload::{self, ObjectRef};
-use super::record::{Record, rfc3339};
-use super::{GENERATION_HEADER, ID_HEADER, RECORD_HEADER, SUBMITTED_HEADER};
+use super::record::Record;
+use super::{GENERATION_HEADER, ID_HEADER, RECORD_HEADER};
 use crate::config::Config;
 use crate::job::{History, JobId};
 use crate::source::Admin;
@@ -157,11 +157,7 @@ impl BrokerAdmin {
         body: Bytes,
         object: Option<&ObjectRef>,
     ) -> io::Result<()> {
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", msg_id);
-        headers.insert(ID_HEADER, id);
-        headers.insert(GENERATION_HEADER, generation.to_string().as_str());
-        headers.insert(SUBMITTED_HEADER, rfc3339(SystemTime::now()).as_str());
+        let mut headers = job_headers(msg_id, id, generation);
         if let Some(object) = object {
             object.add_to(&mut headers);
         }
@@ -273,11 +269,7 @@ impl BrokerAdmin {
                     }
                     Ok(body) => {
                         let body = Bytes::from(body);
-                        let mut headers = HeaderMap::new();
-                        headers.insert("Nats-Msg-Id", id.as_str());
-                        headers.insert(ID_HEADER, id.as_str());
-                        headers.insert(GENERATION_HEADER, "0");
-                        headers.insert(SUBMITTED_HEADER, rfc3339(SystemTime::now()).as_str());
+                        let headers = job_headers(&id, &id, 0);
                         let sent = self
                             .js
                             .publish_with_headers(self.names.subject.clone(), headers, body.clone())
@@ -323,6 +315,21 @@ impl BrokerAdmin {
             .map(drop)
             .map_err(other)
     }
+}
+
+/// The headers of a job's message. A first submission carries only its `Nats-Msg-Id`, which
+/// is its ID: the daemon reads the ID from there when `Spoold-Id` is absent, and the generation
+/// is then 0. A resubmission's `Nats-Msg-Id` has a generation suffix, so it also names the job
+/// and its generation. Nothing more is sent: each header costs the client and every server a
+/// parse per message, and the time a job was submitted is the message's own timestamp.
+fn job_headers(msg_id: &str, id: &str, generation: u32) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", msg_id);
+    if generation > 0 || msg_id != id {
+        headers.insert(ID_HEADER, id);
+        headers.insert(GENERATION_HEADER, generation.to_string().as_str());
+    }
+    headers
 }
 
 fn other(e: impl std::fmt::Display) -> io::Error {

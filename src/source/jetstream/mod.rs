@@ -66,7 +66,6 @@ const HOST_BEAT: Duration = Duration::from_secs(5);
 /// The headers of a job message.
 pub const ID_HEADER: &str = "Spoold-Id";
 pub const GENERATION_HEADER: &str = "Spoold-Generation";
-pub const SUBMITTED_HEADER: &str = "Spoold-Submitted";
 pub const RECORD_HEADER: &str = "Spoold-Record";
 pub const HOST_HEADER: &str = "Spoold-Host";
 
