@@ -1619,3 +1619,51 @@ fn a_job_that_keeps_killing_its_host_is_dead_lettered_after_the_bound() {
     assert!(failed(&b).is_empty(), "{:?}", failed(&b));
     da.stop();
 }
+
+/// A stop does not use up `jetstream.max_unsettled_deliveries`: a host with idle workers
+/// aborts a job at a stop and hands it back, and its last pull, still registered at the
+/// server for up to a second, catches it; caught a second time (no other host takes it), it
+/// is handed back to come again only after that pull, so the stop costs the job three
+/// deliveries at most, not one per idle worker. Started again, the host runs the job instead
+/// of dead-lettering it.
+#[test]
+fn a_stop_uses_up_at_most_three_deliveries_of_a_job() {
+    let test = "a_stop_uses_up_at_most_three_deliveries_of_a_job";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    let cluster = nats::Cluster::start(&server);
+    let shared = tempfile::tempdir().unwrap();
+    let runs = Runs(shared.path().join("runs"));
+    let a = host(
+        shared.path(),
+        &cluster,
+        "A",
+        "max_unsettled_deliveries = 4\n",
+    );
+    let text = fs::read_to_string(&a.config).unwrap();
+    fs::write(
+        &a.config,
+        text.replacen("[workers]\ncount = 2\n", "[workers]\ncount = 16\n", 1),
+    )
+    .unwrap();
+    let mut da = a.start();
+    let job = enqueue(&a, "slow");
+    wait(SOON, "the slow job running", &[&da], || {
+        runs.of(&job).len() == 1
+    });
+    // drain_timeout 0s: the stop aborts the job and hands it back while 15 workers' pull waits.
+    da.stop();
+    let mut da = a.start();
+    wait(SOON, "the job run again after the restart", &[&da], || {
+        runs.of(&job).len() == 2 || failed(&a).contains_key(&job)
+    });
+    assert!(
+        !failed(&a).contains_key(&job),
+        "one stop used up the bound: {:?}; log:\n{}",
+        failed(&a).get(&job),
+        da.log()
+    );
+    assert_eq!(runs.of(&job), [("A".to_owned(), 1), ("A".to_owned(), 1)]);
+    da.stop();
+}

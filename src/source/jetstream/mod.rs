@@ -22,6 +22,7 @@ pub mod broker;
 pub mod payload;
 pub mod record;
 
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs;
 use std::io;
@@ -785,9 +786,36 @@ async fn reject(shared: &Shared, pulled: &Pulled<'_>, earlier: Option<&Record>, 
     }
 }
 
+/// What the claimer knows of its latest pull, for what it hands back after a stop.
+struct Pull {
+    /// When the pull expires at the server (give or take the request's trip there).
+    ends: Instant,
+    /// The stream sequences handed back since the stop.
+    caught: HashSet<u64>,
+}
+
+impl Pull {
+    /// The delay of the hand-back of message `sequence` after a stop. The first time, none:
+    /// another host's waiting pull gets it at once (the server serves waiting pulls in turn).
+    /// Caught again, no other host took it, and this host's last pull could catch it once for
+    /// each idle worker, each catch a delivery without an outcome: it comes back only once that
+    /// pull has expired.
+    fn after_stop(&mut self, sequence: u64) -> Duration {
+        if self.caught.insert(sequence) {
+            Duration::ZERO
+        } else {
+            self.ends.saturating_duration_since(Instant::now()) + AFTER_LAST_PULL
+        }
+    }
+}
+
 /// The claimer: pulls as many jobs as workers ask for, and hands each to one of them.
 async fn claimer(shared: Arc<Shared>, consumer: PullConsumer, mut claims: mpsc::Receiver<Claim>) {
     let mut waiting: Vec<Claim> = Vec::new();
+    let mut pull = Pull {
+        ends: Instant::now(),
+        caught: HashSet::new(),
+    };
     let mut pause = PULL_PAUSE.0;
     loop {
         shared.stats.beat();
@@ -814,7 +842,7 @@ async fn claimer(shared: Arc<Shared>, consumer: PullConsumer, mut claims: mpsc::
         if waiting.is_empty() {
             continue;
         }
-        let pull_ends = Instant::now() + FETCH_EXPIRES;
+        pull.ends = Instant::now() + FETCH_EXPIRES;
         let pulled = consumer
             .batch()
             .max_messages(waiting.len())
@@ -833,7 +861,7 @@ async fn claimer(shared: Arc<Shared>, consumer: PullConsumer, mut claims: mpsc::
         // Read to the end even after a stop: what the pull brings is handed back at once.
         while let Some(message) = batch.next().await {
             match message {
-                Ok(message) => deliver(&shared, message, &mut waiting, pull_ends).await,
+                Ok(message) => deliver(&shared, message, &mut waiting, &mut pull).await,
                 Err(e) => {
                     tracing::debug!("jetstream pull ended: {e}");
                     failed = !e.to_string().contains("timed out");
@@ -907,16 +935,13 @@ fn unsettled_reason(count: u64) -> String {
     )
 }
 
-/// Turns a pulled message into a delivery for a waiting worker, or hands it back.
-///
-/// `pull_ends` is when the pull that brought it expires: after a stop, what it brought is
-/// handed back to come again only after that, so that this host's last pull cannot catch it
-/// again, and again (each catch would count as a delivery without an outcome).
+/// Turns a pulled message into a delivery for a waiting worker, or hands it back (after a
+/// stop, as [`Pull::after_stop`] says).
 async fn deliver(
     shared: &Arc<Shared>,
     message: Message,
     waiting: &mut Vec<Claim>,
-    pull_ends: Instant,
+    pull: &mut Pull,
 ) {
     let Some(reply) = message.reply.as_ref().map(|r| r.to_string()) else {
         return;
@@ -931,9 +956,9 @@ async fn deliver(
     let headers = message.headers.clone().unwrap_or_default();
     let id = job_id(message.headers.as_ref(), sequence);
     let shown = display_name(OsStr::new(&id));
-    let after_pull = pull_ends.saturating_duration_since(Instant::now()) + AFTER_LAST_PULL;
     if shared.stop.is_cancelled() {
-        handback(shared, &reply, &shown, "stopping", after_pull).await;
+        let delay = pull.after_stop(sequence);
+        handback(shared, &reply, &shown, "stopping", delay).await;
         return;
     }
     let sequence = (sequence > 0).then_some(sequence);
@@ -1026,9 +1051,8 @@ async fn deliver(
             Fetched::Whole => {}
             Fetched::Stopped => {
                 lease.settled.cancel();
-                let after_pull =
-                    pull_ends.saturating_duration_since(Instant::now()) + AFTER_LAST_PULL;
-                handback(shared, &reply, &shown, "stopping", after_pull).await;
+                let delay = pull.after_stop(sequence.unwrap_or(0));
+                handback(shared, &reply, &shown, "stopping", delay).await;
                 return;
             }
             Fetched::Failed(e) => {
@@ -1082,17 +1106,16 @@ async fn deliver(
             Err(back) => delivery = back,
         }
     }
-    // Every worker that asked has gone (a stop): the job goes back as soon as this host's
-    // last pull can no longer catch it.
+    // Every worker that asked has gone (a stop): the job goes back.
     delivery.lease.settled.cancel();
     let _ = fs::remove_file(&delivery.path);
-    let after_pull = pull_ends.saturating_duration_since(Instant::now()) + AFTER_LAST_PULL;
+    let delay = pull.after_stop(delivery.sequence.unwrap_or(0));
     handback(
         shared,
         &delivery.reply,
         &delivery.shown,
         "no worker waits for it",
-        after_pull,
+        delay,
     )
     .await;
 }
