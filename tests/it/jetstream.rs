@@ -216,7 +216,8 @@ fn contract_holds_on_debian_server() {
 /// Issue 14 test 2: a failing job is retried with backoff, then dead-lettered with the reason
 /// (exit status, stderr tail, attempts, host), which another host's `spoold failed` shows; a
 /// permanent exit code is dead-lettered at once; `spoold retry` queues it again with a fresh
-/// attempt count.
+/// attempt count. Failures never count as deliveries without an outcome: with
+/// `max_unsettled_deliveries = 1`, the tightest bound, every attempt still runs.
 #[test]
 fn failures_are_retried_then_dead_lettered_and_retried_from_any_host() {
     let test = "failures_are_retried_then_dead_lettered_and_retried_from_any_host";
@@ -226,7 +227,12 @@ fn failures_are_retried_then_dead_lettered_and_retried_from_any_host() {
     let cluster = nats::Cluster::start(&server);
     let shared = tempfile::tempdir().unwrap();
     let runs = Runs(shared.path().join("runs"));
-    let a = host(shared.path(), &cluster, "A", "");
+    let a = host(
+        shared.path(),
+        &cluster,
+        "A",
+        "max_unsettled_deliveries = 1\n",
+    );
     let da = a.start();
     // Host B runs no daemon: it only asks.
     let b = host(shared.path(), &cluster, "B", "");

@@ -858,7 +858,8 @@ async fn claimer(shared: Arc<Shared>, consumer: PullConsumer, mut claims: mpsc::
             }
         };
         let mut failed = false;
-        // Read to the end even after a stop: what the pull brings is handed back at once.
+        // Read to the end even after a stop: what the pull brings is handed back (at once, or
+        // once this pull is over: `Pull::after_stop`).
         while let Some(message) = batch.next().await {
             match message {
                 Ok(message) => deliver(&shared, message, &mut waiting, &mut pull).await,
@@ -908,8 +909,9 @@ fn job_id(headers: Option<&HeaderMap>, sequence: u64) -> String {
 /// before its nak; a done or dead-lettered job, which is never delivered again (a lost
 /// acknowledgement is caught by the settled marker before this count); or nothing that
 /// counts: a stop's or an abort's hand-back, a lost lease, a host that died, a delivery that
-/// could not read its records or payload. Saturating, because a record written for a failure
-/// whose nak was then lost still leaves the count at least `failed_runs`.
+/// could not read its records or payload. Saturating, because the record belongs to the job
+/// ID, not to the message: one left behind by an earlier message of the same ID (its removal
+/// is best effort) may count more failures than this message has had deliveries.
 fn unsettled(delivered: u64, failed_runs: u32) -> u64 {
     delivered
         .saturating_sub(1)
@@ -1346,9 +1348,10 @@ mod tests {
         assert_eq!(counts("uuuu"), [0, 1, 2, 3]);
         // Failures between them do not count, and do not reset the count either.
         assert_eq!(counts("ufufuf"), [0, 1, 1, 2, 2, 3]);
-        // A failure whose nak was lost after its record was written comes back as a delivery
-        // with the record already counting it: never below zero.
+        // A record left by an earlier message of the same ID counts more failures than this
+        // message has had deliveries: never below zero.
         assert_eq!(unsettled(1, 1), 0);
+        assert_eq!(unsettled(2, 5), 0);
         // `spoold retry` publishes a new message (delivered from 1) and purges the record.
         assert_eq!(unsettled(1, 0), 0);
     }
