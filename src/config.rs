@@ -74,6 +74,13 @@ pub struct JetStreamConfig {
     pub ack_wait: Duration,
     #[serde(default = "default_progress", deserialize_with = "progress_interval")]
     pub progress_interval: Duration,
+    /// How many deliveries of one job may end with no outcome (the host stopped, lost the job
+    /// or died) before the job is dead-lettered instead of run again.
+    #[serde(
+        default = "default_max_unsettled",
+        deserialize_with = "max_unsettled_deliveries"
+    )]
+    pub max_unsettled_deliveries: u32,
     #[serde(default)]
     pub creds_file: Option<PathBuf>,
     #[serde(default)]
@@ -287,6 +294,13 @@ fn default_ack_wait() -> Duration {
 fn default_progress() -> Duration {
     Duration::from_secs(10)
 }
+/// A stop costs a job at most two deliveries (the abort's hand-back, and a catch by the
+/// stopping host's last pull), and only a job that outlives `drain_timeout` is aborted at all;
+/// ten leaves room for several such stops while a job that kills its host stops after ten
+/// hosts, not never.
+fn default_max_unsettled() -> u32 {
+    10
+}
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(30)
 }
@@ -410,6 +424,21 @@ fn progress_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Err
         return Err(custom("must be at least \"500ms\""));
     }
     Ok(value)
+}
+/// The most `jetstream.max_unsettled_deliveries` accepts: beyond that the bound would never
+/// be reached in practice, and "never" is what it exists to prevent.
+pub const MAX_UNSETTLED_DELIVERIES: u64 = 1000;
+
+/// `jetstream.max_unsettled_deliveries`: 1 to [`MAX_UNSETTLED_DELIVERIES`].
+fn max_unsettled_deliveries<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = positive_integer(d, "deliveries that may end without an outcome", "10")?;
+    if n > MAX_UNSETTLED_DELIVERIES {
+        return Err(custom(format!(
+            "{n} is too many; the maximum is {MAX_UNSETTLED_DELIVERIES} (a job that kills its \
+             host should not take down that many)"
+        )));
+    }
+    Ok(n as u32)
 }
 fn connect_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     duration(d, false, &MAX_CONNECT_TIMEOUT)
@@ -1400,6 +1429,7 @@ mod tests {
         assert_eq!(js.ack_wait, Duration::from_secs(30));
         assert_eq!(js.progress_interval, Duration::from_secs(10));
         assert_eq!(js.connect_timeout, Duration::from_secs(30));
+        assert_eq!(js.max_unsettled_deliveries, 10);
         assert_eq!(js.creds_file.unwrap(), Path::new("/etc/spoold/n.creds"));
 
         for (extra, key, needle) in [
@@ -1438,6 +1468,21 @@ mod tests {
                 "servers = [\"nats://a\"]\nack_wait = \"9s\"\nprogress_interval = \"4s\"",
                 "jetstream.progress_interval",
                 "a third",
+            ),
+            (
+                "servers = [\"nats://a\"]\nmax_unsettled_deliveries = 0",
+                "jetstream.max_unsettled_deliveries",
+                "at least 1",
+            ),
+            (
+                "servers = [\"nats://a\"]\nmax_unsettled_deliveries = 1001",
+                "jetstream.max_unsettled_deliveries",
+                "maximum is 1000",
+            ),
+            (
+                "servers = [\"nats://a\"]\nmax_unsettled_deliveries = \"3\"",
+                "jetstream.max_unsettled_deliveries",
+                "whole number",
             ),
             (
                 "servers = [\"nats://a\"]\ntls_cert_file = \"c.pem\"",

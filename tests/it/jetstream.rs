@@ -216,7 +216,8 @@ fn contract_holds_on_debian_server() {
 /// Issue 14 test 2: a failing job is retried with backoff, then dead-lettered with the reason
 /// (exit status, stderr tail, attempts, host), which another host's `spoold failed` shows; a
 /// permanent exit code is dead-lettered at once; `spoold retry` queues it again with a fresh
-/// attempt count.
+/// attempt count. Failures never count as deliveries without an outcome: with
+/// `max_unsettled_deliveries = 1`, the tightest bound, every attempt still runs.
 #[test]
 fn failures_are_retried_then_dead_lettered_and_retried_from_any_host() {
     let test = "failures_are_retried_then_dead_lettered_and_retried_from_any_host";
@@ -226,7 +227,12 @@ fn failures_are_retried_then_dead_lettered_and_retried_from_any_host() {
     let cluster = nats::Cluster::start(&server);
     let shared = tempfile::tempdir().unwrap();
     let runs = Runs(shared.path().join("runs"));
-    let a = host(shared.path(), &cluster, "A", "");
+    let a = host(
+        shared.path(),
+        &cluster,
+        "A",
+        "max_unsettled_deliveries = 1\n",
+    );
     let da = a.start();
     // Host B runs no daemon: it only asks.
     let b = host(shared.path(), &cluster, "B", "");
@@ -1492,4 +1498,178 @@ fn a_contradicting_payload_bucket_or_a_missing_object_is_a_clear_error() {
     assert_eq!(record["permanent"], true, "{record}");
     assert!(runs.of(&big).is_empty(), "the handler did not run");
     wait(SOON, "the queue idle", &[&da], || idle(&a));
+}
+
+/// The handler of the poison-pill test: it records its run, then, for the body `poison`, takes
+/// its host down as the OOM killer would (SIGKILL to spoold, its parent: spoold spawns the
+/// handler itself), unless the file `$RUNS.cured` exists; every other body exits 0.
+const POISON_HANDLER: &str = r#"body=$(cat "$SPOOLD_JOB_PATH")
+printf '%s %s %s %s\n' "$SPOOLD_JOB_ID" "$HOST" "$SPOOLD_ATTEMPT" "$body" >> "$RUNS"
+if [ "$body" = poison ] && [ ! -e "$RUNS.cured" ]; then
+  # A job beside this one has a moment to finish first.
+  sleep 1
+  parent=$(cat /proc/$PPID/comm)
+  if [ "$parent" != spoold ]; then echo "the parent is $parent, not spoold" >&2; exit 3; fi
+  kill -KILL "$PPID"
+  sleep 2
+fi
+exit 0"#;
+
+/// Plays systemd's `Restart=always` for `env`'s host until `done` holds or `within` passes:
+/// each time the daemon has died, it is started again. Returns how many times it died.
+fn restarting(
+    env: &Env,
+    daemon: &mut Daemon,
+    within: Duration,
+    what: &str,
+    mut done: impl FnMut() -> bool,
+) -> usize {
+    use std::os::unix::process::ExitStatusExt as _;
+    let start = Instant::now();
+    let mut deaths = 0;
+    loop {
+        if done() {
+            return deaths;
+        }
+        if let Some(status) = daemon.child.try_wait().unwrap() {
+            assert_eq!(
+                status.signal(),
+                Some(9),
+                "spoold died of something else: {status}; log:\n{}",
+                daemon.log()
+            );
+            deaths += 1;
+            *daemon = env.start();
+        }
+        assert!(
+            start.elapsed() < within,
+            "{what}: not within {within:?} ({deaths} deaths); log:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A poison pill: a job whose handler kills its host each time. With
+/// `jetstream.max_unsettled_deliveries = 2` it runs twice, taking its host down twice (the test
+/// restarts it, as systemd would), and its third delivery is dead-lettered without running,
+/// with a reason that says what happened; a job enqueued beside it is done; `spoold retry`
+/// puts it back with a fresh count (one more death is allowed again, then it is done).
+#[test]
+fn a_job_that_keeps_killing_its_host_is_dead_lettered_after_the_bound() {
+    let test = "a_job_that_keeps_killing_its_host_is_dead_lettered_after_the_bound";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    let cluster = nats::Cluster::start(&server);
+    let shared = tempfile::tempdir().unwrap();
+    let runs = Runs(shared.path().join("runs"));
+    let cured = shared.path().join("runs.cured");
+    let a = host_with(
+        shared.path(),
+        &cluster,
+        "A",
+        "max_unsettled_deliveries = 2\n",
+        POISON_HANDLER,
+        LEASE,
+    );
+    let mut da = a.start();
+    let poison = enqueue(&a, "poison");
+    let ok = enqueue(&a, "ok");
+
+    // Each death leaves the job to come back an ack wait (6 s) later.
+    let within = Duration::from_secs(90);
+    let deaths = restarting(&a, &mut da, within, "the poison pill dead-lettered", || {
+        failed(&a).contains_key(&poison)
+    });
+    assert_eq!(deaths, 2, "it took its host down twice");
+    assert_eq!(
+        runs.of(&poison),
+        [("A".to_owned(), 1), ("A".to_owned(), 1)],
+        "it ran exactly max_unsettled_deliveries times, each as attempt 1"
+    );
+    // Another host's `spoold failed` shows it, with the reason.
+    let b = host_with(shared.path(), &cluster, "B", "", POISON_HANDLER, LEASE);
+    let record = &failed(&b)[&poison];
+    let reason = record["last_failure"]["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("2 deliveries ended without an outcome")
+            && reason.contains("crashes its host")
+            && reason.contains("jetstream.max_unsettled_deliveries"),
+        "{record}"
+    );
+    assert_eq!(record["permanent"], true, "{record}");
+    assert!(
+        da.log().contains("job failed for good without running"),
+        "{}",
+        da.log()
+    );
+    wait(SOON, "the job beside it done", &[&da], || {
+        !runs.of(&ok).is_empty() && idle(&a)
+    });
+    assert!(!failed(&a).contains_key(&ok));
+    assert_eq!(runs.of(&poison).len(), 2, "a dead letter is not run again");
+
+    // Retried: a fresh count, so after one more death it runs again (the bound is 2), and,
+    // cured meanwhile, it is done.
+    let out = b.cli(&["retry", &poison]);
+    assert!(out.status.success(), "retry: {}", util::describe(&out));
+    restarting(&a, &mut da, within, "the retried job run again", || {
+        runs.of(&poison).len() == 3
+    });
+    fs::write(&cured, "").unwrap();
+    let deaths = restarting(&a, &mut da, within, "the retried job done", || {
+        runs.of(&poison).len() == 4 && idle(&a)
+    });
+    assert_eq!(deaths, 1, "the retried job took its host down once more");
+    assert!(failed(&b).is_empty(), "{:?}", failed(&b));
+    da.stop();
+}
+
+/// A stop does not use up `jetstream.max_unsettled_deliveries`: a host with idle workers
+/// aborts a job at a stop and hands it back, and its last pull, still registered at the
+/// server for up to a second, catches it; caught a second time (no other host takes it), it
+/// is handed back to come again only after that pull, so the stop costs the job three
+/// deliveries at most, not one per idle worker. Started again, the host runs the job instead
+/// of dead-lettering it.
+#[test]
+fn a_stop_uses_up_at_most_three_deliveries_of_a_job() {
+    let test = "a_stop_uses_up_at_most_three_deliveries_of_a_job";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    let cluster = nats::Cluster::start(&server);
+    let shared = tempfile::tempdir().unwrap();
+    let runs = Runs(shared.path().join("runs"));
+    let a = host(
+        shared.path(),
+        &cluster,
+        "A",
+        "max_unsettled_deliveries = 4\n",
+    );
+    let text = fs::read_to_string(&a.config).unwrap();
+    fs::write(
+        &a.config,
+        text.replacen("[workers]\ncount = 2\n", "[workers]\ncount = 16\n", 1),
+    )
+    .unwrap();
+    let mut da = a.start();
+    let job = enqueue(&a, "slow");
+    wait(SOON, "the slow job running", &[&da], || {
+        runs.of(&job).len() == 1
+    });
+    // drain_timeout 0s: the stop aborts the job and hands it back while 15 workers' pull waits.
+    da.stop();
+    let mut da = a.start();
+    wait(SOON, "the job run again after the restart", &[&da], || {
+        runs.of(&job).len() == 2 || failed(&a).contains_key(&job)
+    });
+    assert!(
+        !failed(&a).contains_key(&job),
+        "one stop used up the bound: {:?}; log:\n{}",
+        failed(&a).get(&job),
+        da.log()
+    );
+    assert_eq!(runs.of(&job), [("A".to_owned(), 1), ("A".to_owned(), 1)]);
+    da.stop();
 }

@@ -248,6 +248,7 @@ fn config_man_page_describes_every_key_with_its_default() {
         ("jetstream.tls_cert_file", "none".to_owned()),
         ("jetstream.tls_key_file", "none".to_owned()),
         ("jetstream.connect_timeout", "\"30s\"".to_owned()),
+        ("jetstream.max_unsettled_deliveries", "10".to_owned()),
     ]
     .into_iter()
     .collect();

@@ -22,6 +22,7 @@ pub mod broker;
 pub mod payload;
 pub mod record;
 
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs;
 use std::io;
@@ -62,6 +63,9 @@ const RESEND_EVERY: Duration = Duration::from_millis(500);
 const HANDBACK_WITHIN: Duration = Duration::from_secs(1);
 /// How often a host writes its entry in the hosts stream.
 const HOST_BEAT: Duration = Duration::from_secs(5);
+/// How long after its pull's expiry a stopping host's catch comes back: the server's clock for
+/// that expiry starts a little after this host's, when the pull request arrives.
+const AFTER_LAST_PULL: Duration = Duration::from_millis(100);
 
 /// The headers of a job message.
 pub const ID_HEADER: &str = "Spoold-Id";
@@ -77,6 +81,8 @@ struct Shared {
     names: Names,
     ack_wait: Duration,
     progress: Duration,
+    /// `jetstream.max_unsettled_deliveries`.
+    max_unsettled: u64,
     /// This host as records and logs name it: "HOSTNAME (pid N)".
     host: String,
     scratch: PathBuf,
@@ -209,6 +215,7 @@ impl JetStreamSource {
             names,
             ack_wait: js_config.ack_wait,
             progress: js_config.progress_interval,
+            max_unsettled: u64::from(js_config.max_unsettled_deliveries),
             host,
             scratch,
             stats,
@@ -698,20 +705,40 @@ async fn publish_dead_letter(
     ack.await.map(drop).map_err(|e| e.to_string())
 }
 
-/// Dead-letters a delivery that can never run (its payload object is missing or damaged)
-/// without running the handler: the reason names the object, the job is terminated, and the
-/// dead letter keeps the reference so that `spoold retry` can try again once the object is
-/// back. Handing it back instead would redeliver it forever. Should any step fail, the job
-/// comes back after a short delay and this runs again (the dead letter is deduplicated).
-async fn reject(
-    shared: &Shared,
-    reply: &str,
-    headers: &HeaderMap,
-    id: &str,
-    shown: &str,
-    earlier: Option<&Record>,
-    reason: String,
-) {
+/// A pulled message that [`reject`] dead-letters.
+struct Pulled<'a> {
+    reply: &'a str,
+    headers: &'a HeaderMap,
+    id: &'a str,
+    shown: &'a str,
+    /// The server's delivery count of the message.
+    delivered: u64,
+    /// The message's body: the payload, unless the headers name an object that holds it.
+    payload: &'a Bytes,
+}
+
+/// Dead-letters a delivery that must not run (its payload object is missing or damaged, or
+/// too many of its deliveries ended without an outcome) without running the handler: the
+/// reason says why, the job is terminated, and the dead letter keeps the payload (or the
+/// object reference), so that `spoold retry` can run it again. Handing it back instead would
+/// redeliver it forever. Should any step fail, the job comes back shortly and this runs again
+/// (the dead letter is deduplicated).
+async fn reject(shared: &Shared, pulled: &Pulled<'_>, earlier: Option<&Record>, reason: String) {
+    let &Pulled {
+        reply,
+        headers,
+        id,
+        shown,
+        delivered,
+        payload,
+    } = pulled;
+    // An object's bytes stay in the object store; the dead letter names it in its headers.
+    let body = if ObjectRef::of(Some(headers)).is_some() {
+        Bytes::new()
+    } else {
+        payload.clone()
+    };
+    let again = soon(delivered, shared.ack_wait);
     let generation = header(Some(headers), GENERATION_HEADER)
         .and_then(|g| g.parse().ok())
         .unwrap_or(0);
@@ -731,15 +758,7 @@ async fn reject(
     record.permanent = true;
     record.failed_at = Some(rfc3339(now));
     let result = async {
-        publish_dead_letter(
-            shared,
-            id,
-            generation,
-            headers.clone(),
-            Bytes::new(),
-            &record,
-        )
-        .await?;
+        publish_dead_letter(shared, id, generation, headers.clone(), body, &record).await?;
         confirmed(&shared.client, reply, b"+TERM").await
     }
     .await;
@@ -758,9 +777,33 @@ async fn reject(
         Err(e) => {
             tracing::warn!(
                 job_id = shown,
-                "{reason}; the dead letter was not confirmed ({e}): trying again shortly"
+                "{reason}; the dead letter was not confirmed ({e}): trying again in {}",
+                humantime::format_duration(again)
             );
-            let _ = confirmed_bytes(&shared.client, reply, nak(Duration::from_secs(1))).await;
+            let _ = confirmed_bytes(&shared.client, reply, nak(again)).await;
+        }
+    }
+}
+
+/// What the claimer knows of its latest pull, for what it hands back after a stop.
+struct Pull {
+    /// When the pull expires at the server (give or take the request's trip there).
+    ends: Instant,
+    /// The stream sequences handed back since the stop.
+    caught: HashSet<u64>,
+}
+
+impl Pull {
+    /// The delay of the hand-back of message `sequence` after a stop. The first time, none:
+    /// another host's waiting pull gets it at once (the server serves waiting pulls in turn).
+    /// Caught again, no other host took it, and this host's last pull could catch it once for
+    /// each idle worker, each catch a delivery without an outcome: it comes back only once that
+    /// pull has expired.
+    fn after_stop(&mut self, sequence: u64) -> Duration {
+        if self.caught.insert(sequence) {
+            Duration::ZERO
+        } else {
+            self.ends.saturating_duration_since(Instant::now()) + AFTER_LAST_PULL
         }
     }
 }
@@ -768,6 +811,10 @@ async fn reject(
 /// The claimer: pulls as many jobs as workers ask for, and hands each to one of them.
 async fn claimer(shared: Arc<Shared>, consumer: PullConsumer, mut claims: mpsc::Receiver<Claim>) {
     let mut waiting: Vec<Claim> = Vec::new();
+    let mut pull = Pull {
+        ends: Instant::now(),
+        caught: HashSet::new(),
+    };
     let mut pause = PULL_PAUSE.0;
     loop {
         shared.stats.beat();
@@ -794,6 +841,7 @@ async fn claimer(shared: Arc<Shared>, consumer: PullConsumer, mut claims: mpsc::
         if waiting.is_empty() {
             continue;
         }
+        pull.ends = Instant::now() + FETCH_EXPIRES;
         let pulled = consumer
             .batch()
             .max_messages(waiting.len())
@@ -809,10 +857,11 @@ async fn claimer(shared: Arc<Shared>, consumer: PullConsumer, mut claims: mpsc::
             }
         };
         let mut failed = false;
-        // Read to the end even after a stop: what the pull brings is handed back at once.
+        // Read to the end even after a stop: what the pull brings is handed back (at once, or
+        // once this pull is over: `Pull::after_stop`).
         while let Some(message) = batch.next().await {
             match message {
-                Ok(message) => deliver(&shared, message, &mut waiting).await,
+                Ok(message) => deliver(&shared, message, &mut waiting, &mut pull).await,
                 Err(e) => {
                     tracing::debug!("jetstream pull ended: {e}");
                     failed = !e.to_string().contains("timed out");
@@ -852,20 +901,65 @@ fn job_id(headers: Option<&HeaderMap>, sequence: u64) -> String {
         .unwrap_or_else(|| format!("seq{sequence}"))
 }
 
-/// Turns a pulled message into a delivery for a waiting worker, or hands it back.
-async fn deliver(shared: &Arc<Shared>, message: Message, waiting: &mut Vec<Claim>) {
+/// How many deliveries of a job ended with no outcome, counted at its delivery number
+/// `delivered` (the server's count, from 1) when its attempts record counts `failed_runs`.
+///
+/// Every earlier delivery ended in one of three ways: a failed run, which wrote the record
+/// before its nak; a done or dead-lettered job, which is never delivered again (a lost
+/// acknowledgement is caught by the settled marker before this count); or nothing that
+/// counts: a stop's or an abort's hand-back, a lost lease, a host that died, a delivery that
+/// could not read its records or payload. Saturating, because the record belongs to the job
+/// ID, not to the message: one left behind by an earlier message of the same ID (its removal
+/// is best effort) may count more failures than this message has had deliveries.
+fn unsettled(delivered: u64, failed_runs: u32) -> u64 {
+    delivered
+        .saturating_sub(1)
+        .saturating_sub(u64::from(failed_runs))
+}
+
+/// The nak delay of a delivery that could not be started for a reason that may pass (its
+/// records or payload could not be read, a local resource ran out): 1 s, doubling with each
+/// delivery, at most `ack_wait`. Each such delivery counts as one without an outcome, so a
+/// short outage must not use up `max_unsettled_deliveries` in seconds; a long one uses it up
+/// no faster than hosts that die would.
+fn soon(delivered: u64, ack_wait: Duration) -> Duration {
+    let doublings = delivered.saturating_sub(1).min(12) as u32;
+    Duration::from_secs(1u64 << doublings).min(ack_wait)
+}
+
+/// The reason a job's dead letter gives when `count` of its deliveries ended with no outcome.
+fn unsettled_reason(count: u64) -> String {
+    format!(
+        "{count} deliveries ended without an outcome (no done, no failure): the host that had \
+         it stopped, lost it or died each time (a handler that crashes its host?); not run \
+         again after jetstream.max_unsettled_deliveries"
+    )
+}
+
+/// Turns a pulled message into a delivery for a waiting worker, or hands it back (after a
+/// stop, as [`Pull::after_stop`] says).
+async fn deliver(
+    shared: &Arc<Shared>,
+    message: Message,
+    waiting: &mut Vec<Claim>,
+    pull: &mut Pull,
+) {
     let Some(reply) = message.reply.as_ref().map(|r| r.to_string()) else {
         return;
     };
     let (delivered, sequence) = match message.info() {
-        Ok(info) => (info.delivered, info.stream_sequence),
+        Ok(info) => (
+            u64::try_from(info.delivered).unwrap_or(1).max(1),
+            info.stream_sequence,
+        ),
         Err(_) => (1, 0),
     };
     let headers = message.headers.clone().unwrap_or_default();
     let id = job_id(message.headers.as_ref(), sequence);
     let shown = display_name(OsStr::new(&id));
     if shared.stop.is_cancelled() {
-        handback(shared, &reply, &shown, "stopping").await;
+        let delay = pull.after_stop(sequence);
+        handback(shared, &reply, &shown, "stopping", delay).await;
         return;
     }
     let sequence = (sequence > 0).then_some(sequence);
@@ -890,14 +984,35 @@ async fn deliver(shared: &Arc<Shared>, message: Message, waiting: &mut Vec<Claim
             }
             Ok((record, _)) => record,
             Err(e) => {
-                tracing::warn!(job_id = shown, "cannot read the job's records: {e}");
-                let _ = confirmed_bytes(&shared.client, &reply, nak(Duration::from_secs(1))).await;
+                let delay = soon(delivered, shared.ack_wait);
+                tracing::warn!(
+                    job_id = shown,
+                    "cannot read the job's records: {e}; trying again in {}",
+                    humantime::format_duration(delay)
+                );
+                let _ = confirmed_bytes(&shared.client, &reply, nak(delay)).await;
                 return;
             }
         }
     } else {
         None
     };
+    // A job whose deliveries keep ending with no outcome is most likely one whose handler
+    // takes its host down (the OOM killer, a kernel bug); run again, it would take down host
+    // after host, forever. It goes to the dead letters, with its payload, without running.
+    let count = unsettled(delivered, record.as_ref().map_or(0, |r| r.attempts));
+    if count >= shared.max_unsettled {
+        let pulled = Pulled {
+            reply: &reply,
+            headers: &headers,
+            id: &id,
+            shown: &shown,
+            delivered,
+            payload: &message.payload,
+        };
+        reject(shared, &pulled, record.as_ref(), unsettled_reason(count)).await;
+        return;
+    }
     let attempt = record.as_ref().map_or(1, |r| r.attempts + 1);
     let generation = header(Some(&headers), GENERATION_HEADER)
         .and_then(|g| g.parse().ok())
@@ -906,7 +1021,8 @@ async fn deliver(shared: &Arc<Shared>, message: Message, waiting: &mut Vec<Claim
         Ok(fd) => fd,
         Err(e) => {
             tracing::error!(job_id = shown, "cannot create the lease's eventfd: {e}");
-            handback(shared, &reply, &shown, "no eventfd").await;
+            let delay = soon(delivered, shared.ack_wait);
+            handback(shared, &reply, &shown, "no eventfd", delay).await;
             return;
         }
     };
@@ -914,7 +1030,8 @@ async fn deliver(shared: &Arc<Shared>, message: Message, waiting: &mut Vec<Claim
         Ok(fd) => fd,
         Err(e) => {
             tracing::error!(job_id = shown, "cannot duplicate the lease's eventfd: {e}");
-            handback(shared, &reply, &shown, "no eventfd").await;
+            let delay = soon(delivered, shared.ack_wait);
+            handback(shared, &reply, &shown, "no eventfd", delay).await;
             return;
         }
     };
@@ -935,34 +1052,40 @@ async fn deliver(shared: &Arc<Shared>, message: Message, waiting: &mut Vec<Claim
             Fetched::Whole => {}
             Fetched::Stopped => {
                 lease.settled.cancel();
-                handback(shared, &reply, &shown, "stopping").await;
+                let delay = pull.after_stop(sequence.unwrap_or(0));
+                handback(shared, &reply, &shown, "stopping", delay).await;
                 return;
             }
             Fetched::Failed(e) => {
                 lease.settled.cancel();
-                tracing::warn!(job_id = shown, "cannot read the job's payload: {e}");
-                let _ = confirmed_bytes(&shared.client, &reply, nak(Duration::from_secs(1))).await;
+                let delay = soon(delivered, shared.ack_wait);
+                tracing::warn!(
+                    job_id = shown,
+                    "cannot read the job's payload: {e}; trying again in {}",
+                    humantime::format_duration(delay)
+                );
+                let _ = confirmed_bytes(&shared.client, &reply, nak(delay)).await;
                 return;
             }
             Fetched::Missing(reason) | Fetched::Damaged(reason) => {
                 lease.settled.cancel();
-                reject(
-                    shared,
-                    &reply,
-                    &headers,
-                    &id,
-                    &shown,
-                    record.as_ref(),
-                    reason,
-                )
-                .await;
+                let pulled = Pulled {
+                    reply: &reply,
+                    headers: &headers,
+                    id: &id,
+                    shown: &shown,
+                    delivered,
+                    payload: &message.payload,
+                };
+                reject(shared, &pulled, record.as_ref(), reason).await;
                 return;
             }
         }
     } else if let Err(e) = write_payload(&path, &message.payload) {
         lease.settled.cancel();
         tracing::error!(job_id = shown, "cannot write the job's file: {e}");
-        handback(shared, &reply, &shown, "no scratch file").await;
+        let delay = soon(delivered, shared.ack_wait);
+        handback(shared, &reply, &shown, "no scratch file", delay).await;
         return;
     }
     let mut delivery = Delivery {
@@ -984,25 +1107,27 @@ async fn deliver(shared: &Arc<Shared>, message: Message, waiting: &mut Vec<Claim
             Err(back) => delivery = back,
         }
     }
-    // Every worker that asked has gone (a stop): the job goes back at once.
+    // Every worker that asked has gone (a stop): the job goes back.
     delivery.lease.settled.cancel();
     let _ = fs::remove_file(&delivery.path);
+    let delay = pull.after_stop(delivery.sequence.unwrap_or(0));
     handback(
         shared,
         &delivery.reply,
         &delivery.shown,
         "no worker waits for it",
+        delay,
     )
     .await;
 }
 
-/// Gives a delivery back at once (a nak without delay, bounded): another host, or a worker
-/// here, gets it now rather than after the ack wait.
-async fn handback(shared: &Shared, reply: &str, shown: &str, why: &str) {
+/// Gives a delivery back after `delay` (a nak, bounded): another host, or a worker here, gets
+/// it then rather than after the ack wait.
+async fn handback(shared: &Shared, reply: &str, shown: &str, why: &str, delay: Duration) {
     tracing::debug!(job_id = shown, "handing the job back: {why}");
     let _ = tokio::time::timeout(
         HANDBACK_WITHIN,
-        confirmed_bytes(&shared.client, reply, nak(Duration::ZERO)),
+        confirmed_bytes(&shared.client, reply, nak(delay)),
     )
     .await;
 }
@@ -1195,6 +1320,50 @@ mod tests {
             Duration::ZERO,
             "a lost lease is never renewed"
         );
+    }
+
+    /// The count at each delivery of a job's life, as the server numbers them, for a life
+    /// written as one letter per delivery: `f` a failed run (its record written, then the
+    /// nak), `u` one that ended without an outcome (a hand-back, a lost lease, a dead host).
+    fn counts(life: &str) -> Vec<u64> {
+        let mut failed_runs = 0;
+        life.chars()
+            .enumerate()
+            .map(|(i, how)| {
+                let count = unsettled(i as u64 + 1, failed_runs);
+                if how == 'f' {
+                    failed_runs += 1;
+                }
+                count
+            })
+            .collect()
+    }
+
+    #[test]
+    fn only_deliveries_without_an_outcome_count_towards_the_bound() {
+        // max_attempts failures in a row never count, however many there are.
+        assert!(counts(&"f".repeat(1000)).iter().all(|&c| c == 0));
+        // A host that dies each time: one more at each delivery.
+        assert_eq!(counts("uuuu"), [0, 1, 2, 3]);
+        // Failures between them do not count, and do not reset the count either.
+        assert_eq!(counts("ufufuf"), [0, 1, 1, 2, 2, 3]);
+        // A record left by an earlier message of the same ID counts more failures than this
+        // message has had deliveries: never below zero.
+        assert_eq!(unsettled(1, 1), 0);
+        assert_eq!(unsettled(2, 5), 0);
+        // `spoold retry` publishes a new message (delivered from 1) and purges the record.
+        assert_eq!(unsettled(1, 0), 0);
+    }
+
+    #[test]
+    fn a_delivery_that_cannot_start_comes_back_later_each_time() {
+        let ack_wait = Duration::from_secs(30);
+        let delays: Vec<u64> = (1..=8).map(|d| soon(d, ack_wait).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(soon(u64::MAX, Duration::from_secs(3600)).as_secs(), 3600);
+        // Ten deliveries of an outage take minutes, not ten seconds.
+        let ten: u64 = (1..=10).map(|d| soon(d, ack_wait).as_secs()).sum();
+        assert!(ten >= 150, "{ten}");
     }
 
     #[test]
