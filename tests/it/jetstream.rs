@@ -239,9 +239,49 @@ fn failures_are_retried_then_dead_lettered_and_retried_from_any_host() {
 
     let fail = enqueue(&a, "fail");
     let perm = enqueue(&a, "perm");
+
+    // Many files at once (many publishes in flight): one that cannot be read is named and
+    // left out, and the others are submitted, their IDs printed in the order of the files.
+    let fifo = shared.path().join("fifo");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let files = ["first", "middle", "last"].map(|name| shared.path().join(name));
+    for file in &files {
+        fs::write(file, "ok").unwrap();
+    }
+    let out = b.cli(&[
+        "enqueue",
+        files[0].to_str().unwrap(),
+        fifo.to_str().unwrap(),
+        files[1].to_str().unwrap(),
+        files[2].to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", util::describe(&out));
+    assert!(err.contains("fifo: not submitted: is a FIFO"), "{err}");
+    assert!(
+        ["first", "middle", "last"]
+            .iter()
+            .all(|name| !err.contains(name)),
+        "{err}"
+    );
+    let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(ids.len(), 3, "{}", util::describe(&out));
+    assert!(ids.is_sorted(), "IDs in the order of the files: {ids:?}");
     wait(SOON, "both jobs dead-lettered", &[&da], || {
         let f = failed(&b);
         f.contains_key(&fail) && f.contains_key(&perm)
+    });
+    wait(SOON, "both files' jobs done", &[&da], || {
+        ids.iter().all(|id| runs.of(id) == [("A".to_owned(), 1)])
     });
     assert_eq!(runs.of(&fail), [("A".to_owned(), 1), ("A".to_owned(), 2)]);
     assert_eq!(
