@@ -5,7 +5,7 @@
 //! only `with_spool` knows that the queue is a spool, because the config says so.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -197,7 +197,11 @@ fn enqueue_many(
     use std::io::Read as _;
     let mut generator = ulid::Generator::new();
     let mut code = ExitCode::SUCCESS;
-    let mut out = io::stdout().lock();
+    // Buffered unless a terminal shows it, as C's stdio is: a line at a time would be a write
+    // per job. What is buffered is written at the end, a failure or not.
+    let stdout = io::stdout();
+    let terminal = stdout.is_terminal();
+    let mut out = io::BufWriter::new(stdout.lock());
     // The files whose jobs await their fate: `submit_many` tells it in the order given, so the
     // first is always the one a report is about.
     let pending = std::cell::RefCell::new(std::collections::VecDeque::new());
@@ -220,7 +224,10 @@ fn enqueue_many(
             let file = pending.borrow_mut().pop_front();
             match result {
                 Ok(()) => {
-                    if let Err(e) = writeln!(out, "{id}") {
+                    let written = writeln!(out, "{id}");
+                    if let Err(e) =
+                        written.and_then(|()| if terminal { out.flush() } else { Ok(()) })
+                    {
                         failed_write.get_or_insert(e);
                     }
                 }
@@ -232,6 +239,9 @@ fn enqueue_many(
             }
         },
     );
+    if let Err(e) = out.flush() {
+        failed_write.get_or_insert(e);
+    }
     match failed_write {
         Some(e) => Err(e),
         None => Ok(code),
