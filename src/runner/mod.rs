@@ -32,6 +32,9 @@ use crate::policy;
 use crate::source::{Lease, Source};
 use handler::Abort;
 
+/// How often an idle worker looks at its persistent handler.
+const IDLE_LOOK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What every worker shares.
 struct Crew<S> {
     source: S,
@@ -106,8 +109,9 @@ impl<S: Source> Pool<S> {
     /// thread each, the workers' bookkeeping runs side by side, as each handler does. The
     /// tokens and channels the worker awaits are not tied to any runtime, so cancellation
     /// reaches it the same way. The runtime needs no I/O driver: a handler is waited for by
-    /// `handler::run`'s own poll. Its timer serves one wait only: a persistent handler's
-    /// restart delay, which must also give way to a stop.
+    /// `handler::run`'s own poll. Its timer serves two waits: a persistent handler's
+    /// restart delay, which must also give way to a stop, and the idle worker's looks at its
+    /// persistent handler.
     /// Returns false when no runtime or thread could be had.
     fn start_worker(&self) -> bool {
         let crew = self.crew.clone();
@@ -169,7 +173,7 @@ async fn worker<S: Source>(crew: Arc<Crew<S>>, mut target: watch::Receiver<usize
     let mut config = crew.config.clone();
     // Whether this worker counts in `Stats::handlers_restarting`.
     let mut restarting = false;
-    loop {
+    'jobs: loop {
         note_restarting(&crew.stats, &persistent, &mut restarting);
         if crew.stop.is_cancelled() {
             break;
@@ -198,14 +202,29 @@ async fn worker<S: Source>(crew: Arc<Crew<S>>, mut target: watch::Receiver<usize
         } else {
             persistent.shutdown(&current.handler, &crew.abort);
         }
-        let lease = tokio::select! {
-            biased;
-            () = crew.stop.cancelled() => break,
-            _ = target.changed() => continue,
-            lease = crew.source.next(&crew.stop) => match lease {
-                Some(lease) => lease,
-                None => break,
-            },
+        // While no job comes, a persistent handler is looked at every `IDLE_LOOK`: one that
+        // exits, or writes to stdout, between jobs is ended and restarted then (and what it
+        // wrote to stderr is logged then), not when the next job comes. A look does not give up
+        // the wait for a job, which a broker source may be fetching; only a handler that had
+        // to be ended does, since no job is claimed while its restart is pending.
+        let watch_handler = current.handler.mode == HandlerMode::Persistent;
+        let next = crew.source.next(&crew.stop);
+        tokio::pin!(next);
+        let lease = loop {
+            tokio::select! {
+                biased;
+                () = crew.stop.cancelled() => break 'jobs,
+                _ = target.changed() => continue 'jobs,
+                lease = &mut next => match lease {
+                    Some(lease) => break lease,
+                    None => break 'jobs,
+                },
+                () = tokio::time::sleep(IDLE_LOOK), if watch_handler => {
+                    if persistent.ended_while_idle(&current.handler, &crew.abort) {
+                        continue 'jobs;
+                    }
+                }
+            }
         };
         run_job(&crew, lease, &mut scratch, &mut persistent);
     }

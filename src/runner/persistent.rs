@@ -348,6 +348,18 @@ impl Persistent {
         );
     }
 
+    /// Looks at a running handler while its worker waits for a job ([`look_between_jobs`]);
+    /// true if the handler had to be ended, so that the worker restarts it now.
+    ///
+    /// [`look_between_jobs`]: Persistent::look_between_jobs
+    pub fn ended_while_idle(&mut self, cfg: &HandlerConfig, abort: &Abort) -> bool {
+        if self.live.is_none() {
+            return false;
+        }
+        self.look_between_jobs(cfg, abort);
+        self.live.is_none()
+    }
+
     /// Looks, without waiting, at what the handler did while no job was in flight: stderr is
     /// logged; a line on stdout, or its exit, ends it and counts as a failure.
     fn look_between_jobs(&mut self, cfg: &HandlerConfig, abort: &Abort) {

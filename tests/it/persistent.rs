@@ -3,7 +3,8 @@
 //! the time limit (a fresh process for the next job), a handler that dies, answers twice,
 //! answers for another job or writes garbage, one that floods stderr (spoold's memory stays
 //! bounded), one that stops reading its stdin (the stop still ends in its bound), the abort
-//! (the job goes back, uncounted), no process left behind, a handler that cannot start
+//! (the job goes back, uncounted), no process left behind, a handler that dies while idle
+//! (restarted without waiting for a job), a handler that cannot start
 //! (restarted with a growing delay, not in a busy loop), and a reload that changes the handler.
 
 use std::fs;
@@ -264,6 +265,41 @@ fn a_handler_that_dies_or_breaks_the_protocol_fails_that_job_and_is_restarted() 
     assert!(log.contains("restarting it in"), "{log}");
     // The permanent code (7) went to failed/ at once, as exit status 7 would.
     assert_eq!(c.env.count("retry"), 0);
+    d.stop();
+    assert_no_survivors(&c.pids);
+}
+
+#[test]
+fn a_handler_that_dies_while_idle_is_restarted_without_waiting_for_a_job() {
+    let c = case("[workers]\ncount = 1\n");
+    let mut d = c.env.start();
+    c.env.submit("a-first", "plain");
+    assert!(wait_path(&c.env.path("done/a-first")), "{}", d.log());
+    let first = c.served_by("a-first");
+    // Killed while no job is in flight, and no job comes after: the worker notices by itself.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let restarted = wait_for(SOON, || {
+        pids_in(&c.pids)
+            .into_iter()
+            .find(|p| *p != first && process_alive(*p))
+    });
+    let log = d.log();
+    let Some(second) = restarted else {
+        panic!("no new handler started after the idle one died:\n{log}")
+    };
+    assert!(
+        log.contains("the persistent handler exited between jobs (killed by SIGKILL)"),
+        "{log}"
+    );
+    assert_eq!(c.env.count("new"), 0, "no job was submitted meanwhile");
+    // The next job goes to the process that was started then.
+    c.env.submit("b-next", "plain");
+    assert!(wait_path(&c.env.path("done/b-next")), "{}", d.log());
+    assert_eq!(c.served_by("b-next"), second);
     d.stop();
     assert_no_survivors(&c.pids);
 }
