@@ -756,10 +756,14 @@ fn failed(queue: &impl Admin, json: bool) -> io::Result<ExitCode> {
         let list: Vec<_> = jobs
             .iter()
             .map(|j| {
-                serde_json::json!({
+                let mut entry = serde_json::json!({
                     "id": display_name(&j.name),
                     "record": j.history.as_ref().map(history_json),
-                })
+                });
+                if let Some(payload) = &j.payload {
+                    entry["payload"] = payload.as_str().into();
+                }
+                entry
             })
             .collect();
         writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
@@ -772,6 +776,9 @@ fn failed(queue: &impl Admin, json: bool) -> io::Result<ExitCode> {
         let id = display_name(&job.name);
         let Some(record) = &job.history else {
             writeln!(out, "{id}\n    (no reason recorded)")?;
+            if let Some(payload) = &job.payload {
+                writeln!(out, "    payload:  {}", escape_text(payload))?;
+            }
             continue;
         };
         let last = record.last_failure.clone().unwrap_or_default();
@@ -795,6 +802,9 @@ fn failed(queue: &impl Admin, json: bool) -> io::Result<ExitCode> {
         }
         if last.timed_out {
             writeln!(out, "    timed out: yes")?;
+        }
+        if let Some(payload) = &job.payload {
+            writeln!(out, "    payload:  {}", escape_text(payload))?;
         }
         for line in &last.stderr_tail {
             writeln!(out, "    stderr| {}", escape_text(line))?;

@@ -340,6 +340,9 @@ pub struct FailedJob {
     pub name: OsString,
     /// None when nothing was recorded, or the record cannot be read.
     pub history: Option<History>,
+    /// Where its payload is kept, when that is not beside the job itself (a broker's object
+    /// store holds a large one).
+    pub payload: Option<String>,
 }
 
 /// Counts per state, as `spoold status` shows them (its `--json` is this, serialised).

@@ -1433,6 +1433,19 @@ fn large_payloads(test: &str, find: fn() -> Result<PathBuf, String>) {
         payload_object(&cluster, &other).0,
         "a dead letter's object stays"
     );
+    // `failed` says where the payload is, in both forms.
+    let kept = format!("object \"{other}\" in the bucket SPOOLD_default_PAYLOADS, ");
+    let out = a.cli(&["failed", "--json"]);
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let entry = list.iter().find(|j| j["id"] == other.as_str()).unwrap();
+    assert!(
+        entry["payload"]
+            .as_str()
+            .is_some_and(|p| p.starts_with(&kept)),
+        "{entry}"
+    );
+    let text = String::from_utf8_lossy(&a.cli(&["failed"]).stdout).into_owned();
+    assert!(text.contains(&format!("payload:  {kept}")), "{text}");
 
     // Retried: the same bytes again, then the object goes.
     fs::remove_file(shared.path().join("runs.perm")).unwrap();

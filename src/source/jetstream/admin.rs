@@ -455,9 +455,20 @@ impl Admin for BrokerAdmin {
                 let history = header(headers, RECORD_HEADER)
                     .and_then(|r| serde_json::from_str::<Record>(r).ok())
                     .map(History::from);
+                let payload = ObjectRef::of(headers).map(|object| {
+                    let size = object
+                        .size
+                        .map(|n| format!(", {n} bytes"))
+                        .unwrap_or_default();
+                    format!(
+                        "object {:?} in the bucket {}{size}",
+                        object.name, self.names.payloads
+                    )
+                });
                 FailedJob {
                     name: OsString::from(id),
                     history,
+                    payload,
                 }
             })
             .collect();

@@ -933,7 +933,11 @@ impl Spool {
                 .read_record(Dir::Reasons, &name)
                 .unwrap_or(None)
                 .map(History::from);
-            jobs.push(FailedJob { name, history });
+            jobs.push(FailedJob {
+                name,
+                history,
+                payload: None,
+            });
         }
         jobs.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(jobs)
