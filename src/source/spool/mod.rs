@@ -521,12 +521,11 @@ impl Spool {
     ) -> io::Result<()> {
         // As at a claim: a job of the same name waiting in retry/ owns state/NAME, so this one
         // takes a .dup- name of its own, and a count of its own.
-        let (name, own_record) =
-            if rustix::fs::statat(self.fd(Dir::Retry), name, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
-                (self.rename_in_active(name)?, false)
-            } else {
-                (name.to_owned(), true)
-            };
+        let (name, own_record) = if self.is_in(Dir::Retry, name) {
+            (self.rename_in_active(name)?, false)
+        } else {
+            (name.to_owned(), true)
+        };
         let shown = display_name(&name);
         let earlier = if own_record {
             self.read_record(Dir::State, &name)
