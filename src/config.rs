@@ -105,6 +105,13 @@ pub struct SpoolConfig {
     /// `spoold enqueue` refuses (exit 75) when this many jobs wait; None: no limit.
     #[serde(default, deserialize_with = "max_queued")]
     pub max_queued: Option<u64>,
+    /// How many times crash recovery may find one job in `active/` (its daemon died while it
+    /// ran) before the job is moved to `failed/` instead of run again.
+    #[serde(
+        default = "default_max_recoveries",
+        deserialize_with = "max_recoveries"
+    )]
+    pub max_recoveries: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -301,6 +308,13 @@ fn default_progress() -> Duration {
 fn default_max_unsettled() -> u32 {
     10
 }
+/// A recovery happens only when the daemon died (a stop never leaves a job in `active/`), and
+/// a death charges every job in flight once: three lets an innocent job live through two
+/// deaths of the daemon (a power loss, an OOM of the whole host) while a job that kills the
+/// daemon takes it down three times, as Sidekiq Pro's super_fetch allows, not forever.
+fn default_max_recoveries() -> u32 {
+    3
+}
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(30)
 }
@@ -436,6 +450,21 @@ fn max_unsettled_deliveries<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::E
         return Err(custom(format!(
             "{n} is too many; the maximum is {MAX_UNSETTLED_DELIVERIES} (a job that kills its \
              host should not take down that many)"
+        )));
+    }
+    Ok(n as u32)
+}
+/// The most `spool.max_recoveries` accepts: beyond that the bound would never be reached in
+/// practice, and "never" is what it exists to prevent.
+pub const MAX_RECOVERIES: u64 = 1000;
+
+/// `spool.max_recoveries`: 1 to [`MAX_RECOVERIES`].
+fn max_recoveries<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = positive_integer(d, "times a job may be found running after a crash", "3")?;
+    if n > MAX_RECOVERIES {
+        return Err(custom(format!(
+            "{n} is too many; the maximum is {MAX_RECOVERIES} (a job that kills the daemon \
+             should not take it down that many times)"
         )));
     }
     Ok(n as u32)
@@ -1185,6 +1214,36 @@ mod tests {
         );
         assert!(parse_cli_duration("0s").is_err());
         assert_eq!(parse_cli_duration("10m"), Ok(Duration::from_secs(600)));
+    }
+
+    /// The bound on a job's recoveries after crashes is 3 by default, and a whole number from 1
+    /// to 1000; an error names the key and its position.
+    #[test]
+    fn max_recoveries_has_a_default_and_bounds() {
+        assert_eq!(parse(MINIMAL).unwrap().spool.max_recoveries, 3);
+        let with = |value: &str| {
+            format!(
+                "[spool]\ndir = \"/x\"\nmax_recoveries = {value}\n[handler]\ncommand = [\"/bin/true\"]\n"
+            )
+        };
+        assert_eq!(parse(&with("1")).unwrap().spool.max_recoveries, 1);
+        assert_eq!(parse(&with("1000")).unwrap().spool.max_recoveries, 1000);
+        for (value, needle) in [
+            ("0", "at least 1"),
+            ("-2", "at least 1"),
+            ("1001", "maximum is 1000"),
+            ("\"3\"", "whole number"),
+            ("2.5", "whole number"),
+        ] {
+            let err = parse(&with(value)).unwrap_err();
+            assert_eq!(
+                err.key.as_deref(),
+                Some("spool.max_recoveries"),
+                "{value}: {err}"
+            );
+            assert_eq!(err.position.map(|p| p.0), Some(3), "{value}: {err}");
+            assert!(err.message.contains(needle), "{value}: {err}");
+        }
     }
 
     #[test]

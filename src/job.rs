@@ -94,8 +94,8 @@ pub struct Failure {
     pub stderr_tail: Vec<String>,
 }
 
-/// What a source knows of a job that has failed at least once: how often, when, and how it
-/// last failed. Each source stores it in its own format (the spool: `source::spool::record`).
+/// What a source knows of a job that has failed at least once, or was running when its daemon
+/// died: how often, when, and how it last failed. Each source stores it in its own format (the spool: `source::spool::record`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct History {
     /// The job's ID when the history was written, escaped for display.
@@ -118,6 +118,11 @@ pub struct History {
     /// When the job expires unless done (`spoold enqueue --ttl`), as milliseconds since the
     /// epoch; None when it was submitted without a time to live.
     pub expires_unix_ms: Option<u64>,
+    /// How many times the job was found running when its daemon had died (the spool's crash
+    /// recovery at a start). Like an interrupted attempt, none of them counts as an attempt;
+    /// they are bounded on their own, since a job that takes its daemon down would otherwise
+    /// run at every start.
+    pub recoveries: u32,
 }
 
 /// A job ID as an operator gives it on a command line: one name inside a spool directory,

@@ -600,25 +600,37 @@ impl<S: Source> Running<S> {
 }
 
 /// Opens and locks the spool and moves back to `new/` whatever a daemon that died left in
-/// `active/`.
+/// `active/`, or to `failed/` what was left there `spool.max_recoveries` times.
 async fn open_spool(config: &Config) -> Result<(Arc<Spool>, SpoolLock), RunError> {
     let spool = Arc::new(Spool::open(&config.spool.dir).map_err(RunError::Spool)?);
     let lock = spool.lock_async().await.map_err(RunError::Spool)?;
-    let recovered = spool.recover_active().map_err(|error| RunError::Recovery {
+    // Counting a recovery writes and syncs a record per job, which must not hold up the main
+    // thread (signals, notifications).
+    let recovering = spool.clone();
+    let max_recoveries = config.spool.max_recoveries;
+    let recovery_error = |error| RunError::Recovery {
         root: spool.root().to_owned(),
         error,
-    })?;
-    if !recovered.is_empty() {
+    };
+    let recovery = tokio::task::spawn_blocking(move || recovering.recover_active(max_recoveries))
+        .await
+        .map_err(|e| recovery_error(io::Error::other(e.to_string())))?
+        .map_err(recovery_error)?;
+    let (requeued, failed) = (recovery.requeued.len(), recovery.failed.len());
+    if requeued + failed > 0 {
+        let then = match (requeued, failed) {
+            (1, 0) => "it runs again now".to_owned(),
+            (_, 0) => "they run again now".to_owned(),
+            (r, f) => format!(
+                "{r} run again now, {f} moved to {} (see above)",
+                Dir::Failed.place()
+            ),
+        };
         tracing::warn!(
-            jobs = recovered.len(),
-            "found {} in {} left by a daemon that did not stop cleanly; {} again now",
-            jobs_in_words(recovered.len() as u64),
+            jobs = requeued + failed,
+            "found {} in {} left by a daemon that did not stop cleanly; {then}",
+            jobs_in_words((requeued + failed) as u64),
             Dir::Active.place(),
-            if recovered.len() == 1 {
-                "it runs"
-            } else {
-                "they run"
-            }
         );
     }
     Ok((spool, lock))

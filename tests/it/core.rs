@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use crate::util::{self, Env, SOON, pids_in, process_alive, recording_env, runs};
 
@@ -172,6 +173,135 @@ fn crash_recovery_after_kill_9_loses_nothing() {
         "{twice} jobs ran twice, but only {stranded} were in flight at the kill"
     );
     assert_eq!(env.count("active") + env.count("new"), 0);
+}
+
+/// A handler that kills its daemon (as the OOM killer would take spoold, or a kernel bug would
+/// end it) on the first three runs of the job `poison`; it records each run as "ID ATTEMPT"
+/// first. The runs that kill are counted, not signalled by the test, so that no race with a
+/// handler that has already started decides the outcome.
+const POISON_HANDLER: &str = r#"printf '%s %s\n' "$SPOOLD_JOB_ID" "$SPOOLD_ATTEMPT" >> "$0.runs"
+runs=$(grep -c "^$SPOOLD_JOB_ID " "$0.runs")
+if [ "$(cat "$SPOOLD_JOB_PATH")" = poison ] && [ "$runs" -le 3 ]; then
+  # The job `ok` beside this one finishes first, however loaded the machine, so that no death
+  # catches it in flight (each would charge it a recovery too).
+  for _ in $(seq 300); do [ -e "${SPOOLD_JOB_PATH%/active/*}/done/ok" ] && break; sleep 0.1; done
+  parent=$(cat /proc/$PPID/comm)
+  if [ "$parent" != spoold ]; then echo "the parent is $parent, not spoold" >&2; exit 3; fi
+  kill -KILL "$PPID"
+  sleep 2
+fi
+exit 0"#;
+
+/// Plays systemd's `Restart=` for `env`'s daemon until `done` holds or `within` passes: each
+/// time the daemon has died of SIGKILL, it is started again. Returns how many times it died.
+fn restarting(
+    env: &Env,
+    daemon: &mut util::Daemon,
+    within: Duration,
+    what: &str,
+    mut done: impl FnMut() -> bool,
+) -> usize {
+    use std::os::unix::process::ExitStatusExt as _;
+    let start = Instant::now();
+    let mut deaths = 0;
+    loop {
+        if done() {
+            return deaths;
+        }
+        if let Some(status) = daemon.child.try_wait().unwrap() {
+            assert_eq!(
+                status.signal(),
+                Some(9),
+                "spoold died of something else: {status}; log:\n{}",
+                daemon.log()
+            );
+            deaths += 1;
+            *daemon = env.start();
+        }
+        assert!(
+            start.elapsed() < within,
+            "{what}: not within {within:?} ({deaths} deaths); log:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A poison pill: a job whose handler kills the daemon each time it runs. With
+/// `spool.max_recoveries = 2` it runs twice, taking the daemon down twice (the test restarts
+/// it, as systemd would); the second recovery moves it to failed/ with a reason that says
+/// what happened instead of running it again; a job beside it is done; and `spoold retry`
+/// puts it back with a fresh count (one more death is allowed again, then it is done).
+#[test]
+fn a_job_that_keeps_killing_the_daemon_is_failed_after_max_recoveries() {
+    let env = Env::new(&["/bin/true"], "");
+    let handler = env.script("poison.sh", POISON_HANDLER);
+    let runs_file = format!("{handler}.runs");
+    let runs = |id: &str| -> Vec<String> {
+        fs::read_to_string(&runs_file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("{id} ")).map(str::to_owned))
+            .collect()
+    };
+    fs::write(
+        &env.config,
+        format!(
+            "[spool]\ndir = {:?}\nmax_recoveries = 2\n[workers]\ncount = 2\n\
+             [handler]\ncommand = [{handler:?}]\n",
+            env.spool.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut d = env.start();
+    env.submit("poison", "poison");
+    env.submit("ok", "ok");
+
+    let within = SOON * 3;
+    let deaths = restarting(&env, &mut d, within, "the poison pill in failed/", || {
+        env.names("failed").contains("poison")
+    });
+    assert_eq!(deaths, 2, "it took the daemon down twice");
+    assert_eq!(
+        runs("poison"),
+        ["1", "1"],
+        "it ran exactly max_recoveries times, each as attempt 1"
+    );
+    let failed: serde_json::Value =
+        serde_json::from_slice(&env.cli(&["failed", "--json"]).stdout).unwrap();
+    let record = &failed[0]["record"];
+    assert_eq!(failed[0]["id"], "poison", "{failed}");
+    let reason = record["last_failure"]["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("the daemon died 2 times while it ran")
+            && reason.contains("crashes spoold")
+            && reason.contains("spool.max_recoveries"),
+        "{record}"
+    );
+    assert_eq!(record["permanent"], true, "{record}");
+    assert!(
+        d.log()
+            .contains("job failed for good without running again")
+            && d.log().contains("job_id=\"poison\""),
+        "{}",
+        d.log()
+    );
+    d.wait_until("the job beside it done", || {
+        env.names("done").contains("ok") && env.count("new") + env.count("active") == 0
+    });
+    assert_eq!(runs("poison").len(), 2, "a failed job is not run again");
+
+    // Retried: a fresh count, so after one more death (its third run) it runs again, as the
+    // bound is 2, and its fourth run, which the handler lets live, is done.
+    let out = env.cli(&["retry", "poison"]);
+    assert!(out.status.success(), "retry: {}", util::describe(&out));
+    let deaths = restarting(&env, &mut d, within, "the retried job done", || {
+        env.names("done").contains("poison")
+    });
+    assert_eq!(deaths, 1, "the retried job took the daemon down once more");
+    assert_eq!(runs("poison"), ["1", "1", "1", "1"]);
+    assert_eq!(env.count("failed") + env.count("state"), 0);
+    d.stop();
 }
 
 #[test]

@@ -214,6 +214,7 @@ fn config_man_page_describes_every_key_with_its_default() {
         ("spool.dir", "(required)".to_owned()),
         ("spool.rescan_interval", human(c.spool.rescan_interval)),
         ("spool.max_queued", "none".to_owned()),
+        ("spool.max_recoveries", c.spool.max_recoveries.to_string()),
         ("workers.count", "the number of CPUs".to_owned()),
         ("handler.command", "(required)".to_owned()),
         ("handler.mode", "\"exec\"".to_owned()),

@@ -176,6 +176,8 @@ impl From<Record> for History {
             failures: r.history.into_iter().map(Failure::from).collect(),
             // Jobs on a broker have no time to live (enqueue --ttl is refused there).
             expires_unix_ms: None,
+            // A broker's job is never recovered: its lease passes, and its deliveries count.
+            recoveries: 0,
         }
     }
 }

@@ -520,6 +520,7 @@ impl Spool {
                 .as_ref()
                 .map(|h| h.failures.clone())
                 .unwrap_or_default(),
+            recoveries: earlier.as_ref().map_or(0, |h| h.recoveries),
             expires_unix_ms: earlier.and_then(|h| h.expires_unix_ms),
             ..History::default()
         };

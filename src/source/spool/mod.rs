@@ -10,7 +10,7 @@
 //! | `retry/`      | jobs waiting for their backoff to pass before going back to `new/`     |
 //! | `done/`       | jobs whose handler exited 0 (unless `done.keep = false`)               |
 //! | `failed/`     | jobs that ran out of attempts or exited with a permanent code          |
-//! | `state/NAME`  | JSON record of a live job that has failed at least once: attempts, next attempt time |
+//! | `state/NAME`  | JSON record of a live job that has failed at least once or was recovered after a crash: attempts, next attempt time, recoveries |
 //! | `reasons/NAME`| JSON record of why `failed/NAME` failed                                |
 //! | `hold/`       | jobs an operator set aside (`spoold hold`); they never start until released |
 //! | `control/pause` | JSON record of the operator's pause or resume (`spoold pause`/`resume`) |
@@ -247,6 +247,24 @@ pub enum Promotion {
     Gone,
 }
 
+/// What crash recovery ([`Spool::recover_active`]) did with the jobs a daemon that died left
+/// in `active/`.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    /// Back in `new/` under these names, to run again.
+    pub requeued: Vec<OsString>,
+    /// In `failed/` under these names: each reached `spool.max_recoveries`.
+    pub failed: Vec<OsString>,
+}
+
+/// The reason a job gets in `failed/` when crash recovery found it running `count` times.
+fn recovered_reason(count: u32) -> String {
+    format!(
+        "the daemon died {count} times while it ran (a handler that crashes spoold?); not run \
+         again after spool.max_recoveries"
+    )
+}
+
 /// The flock that makes one daemon the owner of a spool; released when dropped.
 #[derive(Debug)]
 pub struct SpoolLock {
@@ -480,18 +498,124 @@ impl Spool {
     }
 
     /// Moves every job left in `active/` by a daemon that died back to `new/`, for another
-    /// attempt at once. The interrupted attempt does not count. Returns the names moved.
-    pub fn recover_active(&self) -> io::Result<Vec<OsString>> {
-        let mut moved = Vec::new();
+    /// attempt at once; the interrupted attempt does not count. Each such job's count of
+    /// recoveries is raised in its `state/NAME` record first, and a job whose count reaches
+    /// `max_recoveries` goes to `failed/` instead: a job that kills its daemon (the OOM killer,
+    /// a kernel bug) would otherwise run, and kill it, at every start.
+    pub fn recover_active(&self, max_recoveries: u32) -> io::Result<Recovery> {
+        let mut recovery = Recovery::default();
         for entry in fs::read_dir(self.dir_path(Dir::Active))? {
             let name = entry?.file_name();
-            match self.move_job(Dir::Active, Dir::New, &name) {
-                Ok(Some(to)) => moved.push(to),
-                Ok(None) => {}
-                Err(e) => return Err(annotate(e, &name, "cannot move back to new/")),
-            }
+            self.recover(&name, max_recoveries, &mut recovery)?;
         }
-        Ok(moved)
+        Ok(recovery)
+    }
+
+    /// Counts the recovery of job `name` in `active/`, then moves it to `new/`, or to `failed/`
+    /// once its count reaches `max_recoveries`.
+    fn recover(
+        &self,
+        name: &OsStr,
+        max_recoveries: u32,
+        recovery: &mut Recovery,
+    ) -> io::Result<()> {
+        // As at a claim: a job of the same name waiting in retry/ owns state/NAME, so this one
+        // takes a .dup- name of its own, and a count of its own.
+        let (name, own_record) = if self.is_in(Dir::Retry, name) {
+            (self.rename_in_active(name)?, false)
+        } else {
+            (name.to_owned(), true)
+        };
+        let shown = display_name(&name);
+        let earlier = if own_record {
+            self.read_record(Dir::State, &name)
+        } else {
+            Ok(None)
+        };
+        // Every field of the record is kept: its failed attempts, their times, a time to live.
+        let counted = earlier.and_then(|record| {
+            let mut history = record.map_or_else(
+                || History {
+                    id: shown.clone(),
+                    ..History::default()
+                },
+                History::from,
+            );
+            history.recoveries = history.recoveries.saturating_add(1);
+            if history.recoveries < max_recoveries {
+                self.write_record(Dir::State, &name, &history.clone().into())?;
+            }
+            Ok(history)
+        });
+        match counted {
+            Ok(history) if history.recoveries >= max_recoveries => {
+                return self.fail_recovered(&name, &shown, history, recovery);
+            }
+            Ok(_) => {}
+            // A record that cannot be read or written (a full disk, a corrupt file) must not
+            // keep the job, or the daemon, from running: this one recovery goes uncounted.
+            Err(e) => tracing::warn!(
+                job_id = shown,
+                "cannot count its recovery in {}: {e}; it runs again all the same",
+                Dir::State.place()
+            ),
+        }
+        match self.move_job(Dir::Active, Dir::New, &name) {
+            Ok(Some(to)) => recovery.requeued.push(to),
+            Ok(None) => {}
+            Err(e) => return Err(annotate(e, &name, "cannot move back to new/")),
+        }
+        Ok(())
+    }
+
+    /// Fails job `name` in `active/` for good, its recoveries having reached the bound: the
+    /// crash it was in is recorded as one more attempt, as a broker's dead letter records it.
+    fn fail_recovered(
+        &self,
+        name: &OsStr,
+        shown: &str,
+        history: History,
+        recovery: &mut Recovery,
+    ) -> io::Result<()> {
+        let reason = recovered_reason(history.recoveries);
+        let now = SystemTime::now();
+        let report = crate::job::Report {
+            outcome: crate::job::Outcome::Failed,
+            started: now,
+            duration: Duration::ZERO,
+            exit_code: None,
+            signal: None,
+            timed_out: false,
+            reason: reason.clone(),
+            stderr_tail: Vec::new(),
+        };
+        let attempt = history.attempts.saturating_add(1);
+        let mut failed = record::after_failure(shown, attempt, Some(&history), report, now);
+        failed.permanent = true;
+        failed.failed_at = Some(rfc3339(now));
+        match self.fail_from(Dir::Active, name, failed) {
+            Ok(to) => {
+                tracing::warn!(
+                    job_id = shown,
+                    outcome = "failed",
+                    "job failed for good without running again: {reason}; moved to failed/"
+                );
+                recovery.failed.push(to);
+                Ok(())
+            }
+            // Moved all the same, without its reason (a full disk): the error says so.
+            Err(e) if !self.is_in(Dir::Active, name) => {
+                tracing::error!(job_id = shown, outcome = "failed", "{reason}; {e}");
+                recovery.failed.push(name.to_owned());
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// True when `dir` holds an entry `name` (not following links).
+    fn is_in(&self, dir: Dir, name: &OsStr) -> bool {
+        rustix::fs::statat(self.fd(dir), name, AtFlags::SYMLINK_NOFOLLOW).is_ok()
     }
 
     /// Streams the names in `new/`, skipping dot-files. Memory stays constant whatever the size
@@ -1497,11 +1621,123 @@ mod tests {
         put(&spool, Dir::Active, "a", "1");
         put(&spool, Dir::Active, "b", "2");
         put(&spool, Dir::New, "b", "3");
-        let moved = spool.recover_active().unwrap();
-        assert_eq!(moved.len(), 2);
+        let recovery = spool.recover_active(3).unwrap();
+        assert_eq!(recovery.requeued.len(), 2);
+        assert!(recovery.failed.is_empty());
         let new = names(&spool, Dir::New);
         assert_eq!(new.len(), 3, "{new:?}");
         assert!(names(&spool, Dir::Active).is_empty());
+    }
+
+    fn record(spool: &Spool, name: &str) -> Option<History> {
+        spool
+            .read_record(Dir::State, OsStr::new(name))
+            .unwrap()
+            .map(History::from)
+    }
+
+    /// Each recovery raises the job's count in its record, which a failed attempt keeps and
+    /// which never counts as an attempt; at the bound the job goes to failed/ with the reason,
+    /// and `spoold retry` brings it back with no record at all.
+    #[test]
+    fn recoveries_are_counted_until_the_bound_fails_the_job() {
+        let (_d, spool) = spool();
+        let claim = |name: &str| match spool.claim(OsStr::new(name)).unwrap() {
+            Claim::Job(job) => job,
+            other => panic!("{name}: {other:?}"),
+        };
+        put(&spool, Dir::Active, "p", "x");
+        assert_eq!(spool.recover_active(3).unwrap().requeued, ["p"]);
+        let h = record(&spool, "p").expect("the recovery wrote a record");
+        assert_eq!((h.recoveries, h.attempts, h.id.as_str()), (1, 0, "p"));
+        // Claimed again (left in active/ by the next crash): the recovery did not count as an
+        // attempt.
+        assert_eq!(claim("p").attempt, 1);
+        spool.recover_active(3).unwrap();
+        assert_eq!(record(&spool, "p").unwrap().recoveries, 2);
+        // A failed attempt keeps the count: it is the same job.
+        let job = claim("p");
+        let report = crate::job::Report {
+            outcome: crate::job::Outcome::Failed,
+            started: SystemTime::now(),
+            duration: Duration::ZERO,
+            exit_code: Some(3),
+            signal: None,
+            timed_out: false,
+            reason: "exit status 3".into(),
+            stderr_tail: Vec::new(),
+        };
+        let mut h = record::after_failure(
+            "p",
+            job.attempt,
+            job.history.as_ref(),
+            report,
+            SystemTime::now(),
+        );
+        record::set_next_attempt(&mut h, UNIX_EPOCH);
+        spool.schedule_retry(&job, h).unwrap();
+        assert_eq!(record(&spool, "p").unwrap().recoveries, 2);
+        spool.promote_due_retries(u64::MAX).unwrap();
+        assert_eq!(claim("p").attempt, 2);
+        // The third recovery reaches the bound.
+        let recovery = spool.recover_active(3).unwrap();
+        assert!(recovery.requeued.is_empty());
+        assert_eq!(recovery.failed, ["p"]);
+        assert!(names(&spool, Dir::State).is_empty());
+        let failed = spool.failed_jobs().unwrap();
+        let h = failed[0].history.as_ref().unwrap();
+        let reason = &h.last_failure.as_ref().unwrap().reason;
+        assert!(
+            reason.contains("died 3 times while it ran") && reason.contains("spool.max_recoveries"),
+            "{reason}"
+        );
+        assert!(h.permanent);
+        assert_eq!((h.recoveries, h.attempts, h.failures.len()), (3, 2, 2));
+        // Retried: a fresh life, with no count.
+        spool.retry_failed(&JobId::parse("p").unwrap()).unwrap();
+        assert!(names(&spool, Dir::State).is_empty());
+        let job = claim("p");
+        assert_eq!(job.attempt, 1);
+        assert!(job.history.is_none());
+        spool.recover_active(3).unwrap();
+        assert_eq!(record(&spool, "p").unwrap().recoveries, 1);
+        // Done: the record goes with the job.
+        let job = claim("p");
+        spool.finish_done(&job, true).unwrap();
+        assert!(names(&spool, Dir::State).is_empty());
+    }
+
+    /// A record written by an older spoold (no count) is counted from 0 with every field kept;
+    /// a job whose name a job waiting in retry/ holds gets a .dup- name and a count of its own,
+    /// and leaves the other's record alone.
+    #[test]
+    fn recovery_keeps_old_records_and_leaves_another_jobs_record_alone() {
+        let (_d, spool) = spool();
+        let old = r#"{"id":"r","attempts":2,"first_attempt_at":"2024-01-01T00:00:00.000Z","next_attempt_unix_ms":1,"next_attempt_at":"x","failed_at":null,"permanent":false,"last_failure":null,"expires_unix_ms":4102444800000,"expires_at":"2100-01-01T00:00:00.000Z"}"#;
+        put(&spool, Dir::State, "r", old);
+        put(&spool, Dir::Active, "r", "x");
+        spool.recover_active(3).unwrap();
+        let h = record(&spool, "r").unwrap();
+        assert_eq!(h.recoveries, 1);
+        assert_eq!(h.attempts, 2);
+        assert_eq!(
+            h.first_attempt_at.as_deref(),
+            Some("2024-01-01T00:00:00.000Z")
+        );
+        assert_eq!(h.expires_unix_ms, Some(4_102_444_800_000));
+
+        put(&spool, Dir::Retry, "q", "waiting");
+        put(&spool, Dir::State, "q", old);
+        put(&spool, Dir::Active, "q", "running");
+        let recovery = spool.recover_active(3).unwrap();
+        let dup = display_name(&recovery.requeued[0]);
+        assert!(dup.starts_with("q.dup-"), "{dup}");
+        assert_eq!(
+            fs::read_to_string(spool.dir_path(Dir::State).join("q")).unwrap(),
+            old
+        );
+        assert_eq!(record(&spool, &dup).unwrap().recoveries, 1);
+        assert_eq!(record(&spool, &dup).unwrap().attempts, 0);
     }
 
     #[test]

@@ -51,6 +51,15 @@ pub(super) struct JobRecord {
     pub(super) expires_unix_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     expires_at: Option<String>,
+    /// How many times crash recovery found the job in `active/` (its daemon died while it
+    /// ran). Records written before it existed lack it (read as 0), and 0 is not written, so
+    /// that a record without it reads and writes back as it was.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    recoveries: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// How many failed attempts a record keeps: enough to see a pattern across retries, while a
@@ -102,6 +111,7 @@ impl From<JobRecord> for History {
             last_failure: r.last_failure.map(Failure::from),
             failures: r.history.into_iter().map(Failure::from).collect(),
             expires_unix_ms: r.expires_unix_ms,
+            recoveries: r.recoveries,
         }
     }
 }
@@ -122,6 +132,7 @@ impl From<History> for JobRecord {
                 .expires_unix_ms
                 .map(|ms| rfc3339(UNIX_EPOCH + Duration::from_millis(ms))),
             expires_unix_ms: h.expires_unix_ms,
+            recoveries: h.recoveries,
         }
     }
 }
@@ -168,8 +179,10 @@ pub(super) fn after_failure(
             .or_else(|| Some(failure.started_at.clone())),
         last_failure: Some(failure),
         failures,
-        // A time to live holds for the whole life of the job, across its retries.
+        // A time to live holds for the whole life of the job, across its retries; so does the
+        // count of its recoveries, which bounds crashes, not attempts.
         expires_unix_ms: earlier.and_then(|h| h.expires_unix_ms),
+        recoveries: earlier.map_or(0, |h| h.recoveries),
         ..History::default()
     }
 }
@@ -236,6 +249,38 @@ mod tests {
         assert_eq!(h.failures.len(), HISTORY_CAP);
         assert_eq!(h.failures.last().unwrap().attempt, 30);
         assert_eq!(h.failures[0].attempt, 30 - HISTORY_CAP as u32 + 1);
+    }
+
+    /// A record written before recoveries were counted reads as 0 and writes back without the
+    /// field; a count reads, writes back and survives a failed attempt.
+    #[test]
+    fn the_count_of_recoveries_defaults_to_zero_and_is_kept() {
+        let text = r#"{"id":"j","attempts":1,"first_attempt_at":null,"next_attempt_unix_ms":null,"next_attempt_at":null,"failed_at":null,"permanent":false,"last_failure":null}"#;
+        let record: JobRecord = serde_json::from_str(text).unwrap();
+        let h = History::from(record.clone());
+        assert_eq!(h.recoveries, 0);
+        assert_eq!(serde_json::to_string(&JobRecord::from(h)).unwrap(), text);
+
+        let counted = text.replacen('}', r#","recoveries":2}"#, 1);
+        let record: JobRecord = serde_json::from_str(&counted).unwrap();
+        let h = History::from(record);
+        assert_eq!(h.recoveries, 2);
+        assert_eq!(
+            serde_json::to_string(&JobRecord::from(h.clone())).unwrap(),
+            counted
+        );
+        let report = Report {
+            outcome: crate::job::Outcome::Failed,
+            started: SystemTime::now(),
+            duration: Duration::ZERO,
+            exit_code: Some(1),
+            signal: None,
+            timed_out: false,
+            reason: "exit status 1".to_owned(),
+            stderr_tail: Vec::new(),
+        };
+        let after = after_failure("j", 2, Some(&h), report, SystemTime::now());
+        assert_eq!((after.attempts, after.recoveries), (2, 2));
     }
 
     /// Optional fields may be missing from a file; the others may not.
