@@ -255,7 +255,8 @@ impl Running<JetStreamSource> {
         shutdown: &Shutdown,
         notifier: Notifier,
     ) -> Result<Running<JetStreamSource>, RunError> {
-        let (spool, lock) = open_spool(&config).await?;
+        // Its active/ is not used: a broker's jobs are never there, so none is to run alone.
+        let (spool, lock, _) = open_spool(&config).await?;
         if let Err(problem) = crate::runner::handler::check_program(&config.handler) {
             tracing::warn!("{problem}; jobs will fail until that is fixed");
         }
@@ -319,7 +320,7 @@ impl Running<SpoolSource> {
         shutdown: &Shutdown,
         notifier: Notifier,
     ) -> Result<Running<SpoolSource>, RunError> {
-        let (spool, lock) = open_spool(&config).await?;
+        let (spool, lock, alone) = open_spool(&config).await?;
         let listener = match config.metrics.listen {
             Some(addr) => Some(metrics::bind(addr).map_err(RunError::Metrics)?),
             None => None,
@@ -346,7 +347,8 @@ impl Running<SpoolSource> {
             stats.clone(),
             config_rx.clone(),
             paused_rx.clone(),
-        );
+        )
+        .run_alone(alone);
         let pool = Pool::new(
             source,
             config_rx.clone(),
@@ -601,7 +603,11 @@ impl<S: Source> Running<S> {
 
 /// Opens and locks the spool and moves back to `new/` whatever a daemon that died left in
 /// `active/`, or to `failed/` what was left there `spool.max_recoveries` times.
-async fn open_spool(config: &Config) -> Result<(Arc<Spool>, SpoolLock), RunError> {
+///
+/// Also returns the recovered jobs that are to run alone (`Recovery::alone`).
+async fn open_spool(
+    config: &Config,
+) -> Result<(Arc<Spool>, SpoolLock, Vec<std::ffi::OsString>), RunError> {
     let spool = Arc::new(Spool::open(&config.spool.dir).map_err(RunError::Spool)?);
     let lock = spool.lock_async().await.map_err(RunError::Spool)?;
     // Counting a recovery writes and syncs a record per job, which must not hold up the main
@@ -633,7 +639,7 @@ async fn open_spool(config: &Config) -> Result<(Arc<Spool>, SpoolLock), RunError
             Dir::Active.place(),
         );
     }
-    Ok((spool, lock))
+    Ok((spool, lock, recovery.alone))
 }
 
 /// The stop sequence: drain until `drain_timeout`, then abort; see the module documentation.

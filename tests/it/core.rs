@@ -304,6 +304,69 @@ fn a_job_that_keeps_killing_the_daemon_is_failed_after_max_recoveries() {
     d.stop();
 }
 
+/// A poison pill that kills the daemon while another job runs beside it: both are in flight at
+/// the first death, so both are charged a recovery. With `spool.max_recoveries = 2` one more
+/// would fail either, so each then runs alone: the next death is charged to the pill only,
+/// which goes to failed/, and the job beside it is done.
+const COMPANY_HANDLER: &str = r#"printf '%s %s\n' "$SPOOLD_JOB_ID" "$SPOOLD_ATTEMPT" >> "$0.runs"
+case "$(cat "$SPOOLD_JOB_PATH")" in
+  slow) sleep 3 ;;
+  poison)
+    # The slow job in flight beside it, if it can be (it cannot while this one runs alone).
+    spool=${SPOOLD_JOB_PATH%/active/*}
+    for _ in $(seq 50); do [ -e "$spool/active/slow" ] && break; sleep 0.1; done
+    parent=$(cat /proc/$PPID/comm)
+    if [ "$parent" != spoold ]; then echo "the parent is $parent, not spoold" >&2; exit 3; fi
+    kill -KILL "$PPID"
+    sleep 2 ;;
+esac
+exit 0"#;
+
+#[test]
+fn a_job_that_was_in_flight_beside_a_poison_pill_is_not_failed_with_it() {
+    let env = Env::new(&["/bin/true"], "");
+    let handler = env.script("company.sh", COMPANY_HANDLER);
+    let runs_file = format!("{handler}.runs");
+    let runs = |id: &str| -> usize {
+        fs::read_to_string(&runs_file)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with(&format!("{id} ")))
+            .count()
+    };
+    fs::write(
+        &env.config,
+        format!(
+            "[spool]\ndir = {:?}\nmax_recoveries = 2\n[workers]\ncount = 2\n\
+             [handler]\ncommand = [{handler:?}]\n",
+            env.spool.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut d = env.start();
+    env.submit("poison", "poison");
+    env.submit("slow", "slow");
+    let deaths = restarting(
+        &env,
+        &mut d,
+        SOON * 3,
+        "the pill failed, the other done",
+        || env.names("failed").contains("poison") && env.names("done").contains("slow"),
+    );
+    assert_eq!(deaths, 2, "log:\n{}", d.log());
+    assert_eq!(runs("poison"), 2, "log:\n{}", d.log());
+    assert_eq!(
+        runs("slow"),
+        2,
+        "once cut short by the first death, once to the end"
+    );
+    let failed: serde_json::Value =
+        serde_json::from_slice(&env.cli(&["failed", "--json"]).stdout).unwrap();
+    assert_eq!(failed.as_array().map(Vec::len), Some(1), "{failed}");
+    assert_eq!(failed[0]["id"], "poison", "{failed}");
+    d.stop();
+}
+
 #[test]
 fn burst_past_the_inotify_queue_loses_nothing() {
     let env = Env::new(&["/bin/true"], "[workers]\ncount = 4\n");

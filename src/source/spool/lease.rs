@@ -8,12 +8,13 @@
 //! | `Fail`    | write `reasons/NAME`, rename to `failed/`                                |
 //! | `Release` | rename back to `new/`; `state/NAME` is untouched, so the attempt does not count |
 
-use std::ffi::OsString;
+use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::{Mutex, mpsc, watch};
+use tokio::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::control::{CANCELLED, CancelFd};
@@ -40,6 +41,27 @@ pub struct SpoolSource {
     /// The operator's pause, as discovery reads it from the spool: while it is Some, no job is
     /// claimed.
     paused: watch::Receiver<Option<Paused>>,
+    /// Jobs that one more crash recovery would fail (`Recovery::alone`). Each runs alone: a
+    /// crash while it runs is then charged to it, and to no job beside it, which would
+    /// otherwise be recovered with it and run beside it again, crash after crash, until both
+    /// reached `spool.max_recoveries`. Emptied as they run; empty, nothing waits for `gate`.
+    alone: std::sync::Mutex<HashSet<OsString>>,
+    /// While `alone` holds a name, every claim holds this: shared for an ordinary job,
+    /// exclusive for one of those.
+    gate: RwLock<()>,
+}
+
+/// A claim's hold on `SpoolSource::gate`.
+enum Gate<'a> {
+    Shared {
+        _held: RwLockReadGuard<'a, ()>,
+    },
+    /// The job runs alone; `name` is the one it was handed out under, to be taken from `alone`
+    /// once it has run.
+    Alone {
+        _held: RwLockWriteGuard<'a, ()>,
+        name: OsString,
+    },
 }
 
 impl SpoolSource {
@@ -59,7 +81,51 @@ impl SpoolSource {
             stats,
             config,
             paused,
+            alone: std::sync::Mutex::new(HashSet::new()),
+            gate: RwLock::new(()),
         }
+    }
+
+    /// The jobs to run alone, from the crash recovery at start.
+    pub fn run_alone(self, names: impl IntoIterator<Item = OsString>) -> SpoolSource {
+        self.alone
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(names);
+        self
+    }
+
+    /// Waits for the hold on `gate` that a claim of `name` needs (none once `alone` is
+    /// empty); None when `stop` came first.
+    async fn gate_for<'a>(
+        &'a self,
+        name: &OsStr,
+        stop: &CancellationToken,
+    ) -> Option<Option<Gate<'a>>> {
+        let alone = {
+            let alone = self
+                .alone
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if alone.is_empty() {
+                return Some(None);
+            }
+            alone.contains(name)
+        };
+        let gate = if alone {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return None,
+                held = self.gate.write() => Gate::Alone { _held: held, name: name.to_owned() },
+            }
+        } else {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return None,
+                held = self.gate.read() => Gate::Shared { _held: held },
+            }
+        };
+        Some(Some(gate))
     }
 
     /// Returns once the spool is not paused (at once when it is not), or false when `stop`
@@ -138,6 +204,7 @@ impl SpoolSource {
             shown,
             claimed,
             cancel,
+            gate: None,
         })
     }
 }
@@ -166,7 +233,16 @@ impl Source for SpoolSource {
             if stop.is_cancelled() || !self.unpaused(stop).await {
                 return None;
             }
-            if let Some(lease) = self.claim(name) {
+            let gate = self.gate_for(&name, stop).await?;
+            if let Some(mut lease) = self.claim(name) {
+                if let Some(Gate::Alone { .. }) = gate {
+                    tracing::warn!(
+                        job_id = lease.shown,
+                        "it was running when the daemon died, and one more such death fails it: \
+                         it runs alone, so that a crash it causes is charged to it only"
+                    );
+                }
+                lease.gate = gate;
                 return Some(lease);
             }
         }
@@ -181,12 +257,23 @@ pub struct SpoolLease<'a> {
     shown: String,
     /// Raised by discovery when an operator cancels this attempt (`spoold cancel`).
     cancel: Option<Arc<CancelFd>>,
+    /// Held until the lease is gone (see `SpoolSource::alone`).
+    gate: Option<Gate<'a>>,
 }
 
 impl Drop for SpoolLease<'_> {
     fn drop(&mut self) {
         if let Some(cancel) = self.cancel.take() {
             self.source.spool.stop_running(&self.claimed.name, cancel);
+        }
+        // Taken from the set before the exclusive hold goes (with the lease's fields, after
+        // this), so that no claim in between finds the set empty and skips the gate.
+        if let Some(Gate::Alone { name, .. }) = &self.gate {
+            self.source
+                .alone
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(name);
         }
     }
 }

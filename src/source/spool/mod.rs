@@ -255,6 +255,9 @@ pub struct Recovery {
     pub requeued: Vec<OsString>,
     /// In `failed/` under these names: each reached `spool.max_recoveries`.
     pub failed: Vec<OsString>,
+    /// Those of `requeued` that one more recovery would fail: each is to run alone (see
+    /// `SpoolSource`), so that a crash it causes is charged to it and to no other job.
+    pub alone: Vec<OsString>,
 }
 
 /// The reason a job gets in `failed/` when crash recovery found it running `count` times.
@@ -547,11 +550,12 @@ impl Spool {
             }
             Ok(history)
         });
+        let mut last_chance = false;
         match counted {
             Ok(history) if history.recoveries >= max_recoveries => {
                 return self.fail_recovered(&name, &shown, history, recovery);
             }
-            Ok(_) => {}
+            Ok(history) => last_chance = history.recoveries.saturating_add(1) >= max_recoveries,
             // A record that cannot be read or written (a full disk, a corrupt file) must not
             // keep the job, or the daemon, from running: this one recovery goes uncounted.
             Err(e) => tracing::warn!(
@@ -561,7 +565,12 @@ impl Spool {
             ),
         }
         match self.move_job(Dir::Active, Dir::New, &name) {
-            Ok(Some(to)) => recovery.requeued.push(to),
+            Ok(Some(to)) => {
+                if last_chance {
+                    recovery.alone.push(to.clone());
+                }
+                recovery.requeued.push(to);
+            }
             Ok(None) => {}
             Err(e) => return Err(annotate(e, &name, "cannot move back to new/")),
         }
