@@ -53,6 +53,21 @@ pub struct Report {
 }
 
 impl Report {
+    /// A failure for `reason` that no handler run ended in (a job a source refuses to run, or
+    /// one that never reached its handler): no exit status, no signal, no output, no time.
+    pub fn without_run(reason: String) -> Report {
+        Report {
+            outcome: Outcome::Failed,
+            started: SystemTime::now(),
+            duration: Duration::ZERO,
+            exit_code: None,
+            signal: None,
+            timed_out: false,
+            reason,
+            stderr_tail: Vec::new(),
+        }
+    }
+
     /// The shell's convention: the exit code, or 128 + the signal number.
     pub fn exit_status(&self) -> Option<i32> {
         self.exit_code.or(self.signal.map(|s| 128 + s))

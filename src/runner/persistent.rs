@@ -24,7 +24,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::process::{PidfdFlags, Signal};
@@ -448,18 +448,8 @@ impl Persistent {
         revoked: Option<BorrowedFd<'_>>,
         scratch: &mut Scratch,
     ) -> Report {
-        let started = SystemTime::now();
         let clock = Instant::now();
-        let mut report = Report {
-            outcome: Outcome::Failed,
-            started,
-            duration: Duration::ZERO,
-            exit_code: None,
-            signal: None,
-            timed_out: false,
-            reason: String::new(),
-            stderr_tail: Vec::new(),
-        };
+        let mut report = Report::without_run(String::new());
         if self.prepare(cfg, abort, scratch).is_some() || self.live.is_none() {
             // The job never reached a handler: it goes back, and the attempt does not count.
             tracing::warn!(

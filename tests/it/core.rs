@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use crate::util::{self, Env, SOON, pids_in, process_alive, recording_env, runs};
 
@@ -192,58 +191,11 @@ if [ "$(cat "$SPOOLD_JOB_PATH")" = poison ] && [ "$runs" -le 3 ]; then
 fi
 exit 0"#;
 
-/// Plays systemd's `Restart=` for `env`'s daemon until `done` holds or `within` passes: each
-/// time the daemon has died of SIGKILL, it is started again. Returns how many times it died.
-fn restarting(
-    env: &Env,
-    daemon: &mut util::Daemon,
-    within: Duration,
-    what: &str,
-    mut done: impl FnMut() -> bool,
-) -> usize {
-    use std::os::unix::process::ExitStatusExt as _;
-    let start = Instant::now();
-    let mut deaths = 0;
-    loop {
-        if done() {
-            return deaths;
-        }
-        if let Some(status) = daemon.child.try_wait().unwrap() {
-            assert_eq!(
-                status.signal(),
-                Some(9),
-                "spoold died of something else: {status}; log:\n{}",
-                daemon.log()
-            );
-            deaths += 1;
-            *daemon = env.start();
-        }
-        assert!(
-            start.elapsed() < within,
-            "{what}: not within {within:?} ({deaths} deaths); log:\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A poison pill: a job whose handler kills the daemon each time it runs. With
-/// `spool.max_recoveries = 2` it runs twice, taking the daemon down twice (the test restarts
-/// it, as systemd would); the second recovery moves it to failed/ with a reason that says
-/// what happened instead of running it again; a job beside it is done; and `spoold retry`
-/// puts it back with a fresh count (one more death is allowed again, then it is done).
-#[test]
-fn a_job_that_keeps_killing_the_daemon_is_failed_after_max_recoveries() {
+/// A spool for the poison-pill tests: `script` as the handler, 2 workers and
+/// `spool.max_recoveries = 2`. Returns it and the file the script appends its runs to.
+fn poison_env(name: &str, script: &str) -> (Env, String) {
     let env = Env::new(&["/bin/true"], "");
-    let handler = env.script("poison.sh", POISON_HANDLER);
-    let runs_file = format!("{handler}.runs");
-    let runs = |id: &str| -> Vec<String> {
-        fs::read_to_string(&runs_file)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.strip_prefix(&format!("{id} ")).map(str::to_owned))
-            .collect()
-    };
+    let handler = env.script(name, script);
     fs::write(
         &env.config,
         format!(
@@ -253,12 +205,33 @@ fn a_job_that_keeps_killing_the_daemon_is_failed_after_max_recoveries() {
         ),
     )
     .unwrap();
+    (env, format!("{handler}.runs"))
+}
+
+/// The attempt of each run of job `id` that a poison-pill handler recorded in `runs_file`.
+fn runs_of(runs_file: &str, id: &str) -> Vec<String> {
+    fs::read_to_string(runs_file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("{id} ")).map(str::to_owned))
+        .collect()
+}
+
+/// A poison pill: a job whose handler kills the daemon each time it runs. With
+/// `spool.max_recoveries = 2` it runs twice, taking the daemon down twice (the test restarts
+/// it, as systemd would); the second recovery moves it to failed/ with a reason that says
+/// what happened instead of running it again; a job beside it is done; and `spoold retry`
+/// puts it back with a fresh count (one more death is allowed again, then it is done).
+#[test]
+fn a_job_that_keeps_killing_the_daemon_is_failed_after_max_recoveries() {
+    let (env, runs_file) = poison_env("poison.sh", POISON_HANDLER);
+    let runs = |id: &str| runs_of(&runs_file, id);
     let mut d = env.start();
     env.submit("poison", "poison");
     env.submit("ok", "ok");
 
     let within = SOON * 3;
-    let deaths = restarting(&env, &mut d, within, "the poison pill in failed/", || {
+    let deaths = util::restarting(&env, &mut d, within, "the poison pill in failed/", || {
         env.names("failed").contains("poison")
     });
     assert_eq!(deaths, 2, "it took the daemon down twice");
@@ -295,7 +268,7 @@ fn a_job_that_keeps_killing_the_daemon_is_failed_after_max_recoveries() {
     // bound is 2, and its fourth run, which the handler lets live, is done.
     let out = env.cli(&["retry", "poison"]);
     assert!(out.status.success(), "retry: {}", util::describe(&out));
-    let deaths = restarting(&env, &mut d, within, "the retried job done", || {
+    let deaths = util::restarting(&env, &mut d, within, "the retried job done", || {
         env.names("done").contains("poison")
     });
     assert_eq!(deaths, 1, "the retried job took the daemon down once more");
@@ -324,29 +297,12 @@ exit 0"#;
 
 #[test]
 fn a_job_that_was_in_flight_beside_a_poison_pill_is_not_failed_with_it() {
-    let env = Env::new(&["/bin/true"], "");
-    let handler = env.script("company.sh", COMPANY_HANDLER);
-    let runs_file = format!("{handler}.runs");
-    let runs = |id: &str| -> usize {
-        fs::read_to_string(&runs_file)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.starts_with(&format!("{id} ")))
-            .count()
-    };
-    fs::write(
-        &env.config,
-        format!(
-            "[spool]\ndir = {:?}\nmax_recoveries = 2\n[workers]\ncount = 2\n\
-             [handler]\ncommand = [{handler:?}]\n",
-            env.spool.display().to_string()
-        ),
-    )
-    .unwrap();
+    let (env, runs_file) = poison_env("company.sh", COMPANY_HANDLER);
+    let runs = |id: &str| runs_of(&runs_file, id).len();
     let mut d = env.start();
     env.submit("poison", "poison");
     env.submit("slow", "slow");
-    let deaths = restarting(
+    let deaths = util::restarting(
         &env,
         &mut d,
         SOON * 3,

@@ -1568,41 +1568,6 @@ if [ "$body" = poison ] && [ ! -e "$RUNS.cured" ]; then
 fi
 exit 0"#;
 
-/// Plays systemd's `Restart=always` for `env`'s host until `done` holds or `within` passes:
-/// each time the daemon has died, it is started again. Returns how many times it died.
-fn restarting(
-    env: &Env,
-    daemon: &mut Daemon,
-    within: Duration,
-    what: &str,
-    mut done: impl FnMut() -> bool,
-) -> usize {
-    use std::os::unix::process::ExitStatusExt as _;
-    let start = Instant::now();
-    let mut deaths = 0;
-    loop {
-        if done() {
-            return deaths;
-        }
-        if let Some(status) = daemon.child.try_wait().unwrap() {
-            assert_eq!(
-                status.signal(),
-                Some(9),
-                "spoold died of something else: {status}; log:\n{}",
-                daemon.log()
-            );
-            deaths += 1;
-            *daemon = env.start();
-        }
-        assert!(
-            start.elapsed() < within,
-            "{what}: not within {within:?} ({deaths} deaths); log:\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A poison pill: a job whose handler kills its host each time. With
 /// `jetstream.max_unsettled_deliveries = 2` it runs twice, taking its host down twice (the test
 /// restarts it, as systemd would), and its third delivery is dead-lettered without running,
@@ -1632,7 +1597,7 @@ fn a_job_that_keeps_killing_its_host_is_dead_lettered_after_the_bound() {
 
     // Each death leaves the job to come back an ack wait (6 s) later.
     let within = Duration::from_secs(90);
-    let deaths = restarting(&a, &mut da, within, "the poison pill dead-lettered", || {
+    let deaths = util::restarting(&a, &mut da, within, "the poison pill dead-lettered", || {
         failed(&a).contains_key(&poison)
     });
     assert_eq!(deaths, 2, "it took its host down twice");
@@ -1667,11 +1632,11 @@ fn a_job_that_keeps_killing_its_host_is_dead_lettered_after_the_bound() {
     // cured meanwhile, it is done.
     let out = b.cli(&["retry", &poison]);
     assert!(out.status.success(), "retry: {}", util::describe(&out));
-    restarting(&a, &mut da, within, "the retried job run again", || {
+    util::restarting(&a, &mut da, within, "the retried job run again", || {
         runs.of(&poison).len() == 3
     });
     fs::write(&cured, "").unwrap();
-    let deaths = restarting(&a, &mut da, within, "the retried job done", || {
+    let deaths = util::restarting(&a, &mut da, within, "the retried job done", || {
         runs.of(&poison).len() == 4 && idle(&a)
     });
     assert_eq!(deaths, 1, "the retried job took its host down once more");

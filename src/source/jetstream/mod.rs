@@ -742,17 +742,8 @@ async fn reject(shared: &Shared, pulled: &Pulled<'_>, earlier: Option<&Record>, 
     let generation = header(Some(headers), GENERATION_HEADER)
         .and_then(|g| g.parse().ok())
         .unwrap_or(0);
-    let now = SystemTime::now();
-    let report = Report {
-        outcome: Outcome::Failed,
-        started: now,
-        duration: Duration::ZERO,
-        exit_code: None,
-        signal: None,
-        timed_out: false,
-        reason: reason.clone(),
-        stderr_tail: Vec::new(),
-    };
+    let report = Report::without_run(reason.clone());
+    let now = report.started;
     let attempt = earlier.map_or(1, |r| r.attempts + 1);
     let mut record = Record::after_failure(shown, attempt, earlier, report, &shared.host, now);
     record.permanent = true;
@@ -927,6 +918,18 @@ fn soon(delivered: u64, ack_wait: Duration) -> Duration {
     Duration::from_secs(1u64 << doublings).min(ack_wait)
 }
 
+/// Gives back a delivery that could not start for `why`, a reason that may pass: logged, and
+/// back after [`soon`].
+async fn later(shared: &Shared, reply: &str, shown: &str, delivered: u64, why: &str) {
+    let delay = soon(delivered, shared.ack_wait);
+    tracing::warn!(
+        job_id = shown,
+        "{why}; trying again in {}",
+        humantime::format_duration(delay)
+    );
+    let _ = confirmed_bytes(&shared.client, reply, nak(delay)).await;
+}
+
 /// The reason a job's dead letter gives when `count` of its deliveries ended with no outcome.
 fn unsettled_reason(count: u64) -> String {
     format!(
@@ -984,14 +987,8 @@ async fn deliver(
             }
             Ok((record, _)) => record,
             Err(e) => {
-                let delay = soon(delivered, shared.ack_wait);
-                tracing::warn!(
-                    job_id = shown,
-                    "cannot read the job's records: {e}; trying again in {}",
-                    humantime::format_duration(delay)
-                );
-                let _ = confirmed_bytes(&shared.client, &reply, nak(delay)).await;
-                return;
+                let why = format!("cannot read the job's records: {e}");
+                return later(shared, &reply, &shown, delivered, &why).await;
             }
         }
     } else {
@@ -1000,16 +997,16 @@ async fn deliver(
     // A job whose deliveries keep ending with no outcome is most likely one whose handler
     // takes its host down (the OOM killer, a kernel bug); run again, it would take down host
     // after host, forever. It goes to the dead letters, with its payload, without running.
+    let pulled = Pulled {
+        reply: &reply,
+        headers: &headers,
+        id: &id,
+        shown: &shown,
+        delivered,
+        payload: &message.payload,
+    };
     let count = unsettled(delivered, record.as_ref().map_or(0, |r| r.attempts));
     if count >= shared.max_unsettled {
-        let pulled = Pulled {
-            reply: &reply,
-            headers: &headers,
-            id: &id,
-            shown: &shown,
-            delivered,
-            payload: &message.payload,
-        };
         reject(shared, &pulled, record.as_ref(), unsettled_reason(count)).await;
         return;
     }
@@ -1058,25 +1055,11 @@ async fn deliver(
             }
             Fetched::Failed(e) => {
                 lease.settled.cancel();
-                let delay = soon(delivered, shared.ack_wait);
-                tracing::warn!(
-                    job_id = shown,
-                    "cannot read the job's payload: {e}; trying again in {}",
-                    humantime::format_duration(delay)
-                );
-                let _ = confirmed_bytes(&shared.client, &reply, nak(delay)).await;
-                return;
+                let why = format!("cannot read the job's payload: {e}");
+                return later(shared, &reply, &shown, delivered, &why).await;
             }
             Fetched::Missing(reason) | Fetched::Damaged(reason) => {
                 lease.settled.cancel();
-                let pulled = Pulled {
-                    reply: &reply,
-                    headers: &headers,
-                    id: &id,
-                    shown: &shown,
-                    delivered,
-                    payload: &message.payload,
-                };
                 reject(shared, &pulled, record.as_ref(), reason).await;
                 return;
             }

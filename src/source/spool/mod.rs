@@ -587,17 +587,8 @@ impl Spool {
         recovery: &mut Recovery,
     ) -> io::Result<()> {
         let reason = recovered_reason(history.recoveries);
-        let now = SystemTime::now();
-        let report = crate::job::Report {
-            outcome: crate::job::Outcome::Failed,
-            started: now,
-            duration: Duration::ZERO,
-            exit_code: None,
-            signal: None,
-            timed_out: false,
-            reason: reason.clone(),
-            stderr_tail: Vec::new(),
-        };
+        let report = crate::job::Report::without_run(reason.clone());
+        let now = report.started;
         let attempt = history.attempts.saturating_add(1);
         let mut failed = record::after_failure(shown, attempt, Some(&history), report, now);
         failed.permanent = true;

@@ -494,6 +494,42 @@ impl Drop for Daemon {
     }
 }
 
+/// Plays systemd's `Restart=` for `env`'s daemon until `done` holds or `within` passes: each
+/// time the daemon has died of SIGKILL (a test's poison pill), it is started again. Returns how
+/// many times it died; any other end of the daemon fails the test.
+pub fn restarting(
+    env: &Env,
+    daemon: &mut Daemon,
+    within: Duration,
+    what: &str,
+    mut done: impl FnMut() -> bool,
+) -> usize {
+    use std::os::unix::process::ExitStatusExt as _;
+    let start = Instant::now();
+    let mut deaths = 0;
+    loop {
+        if done() {
+            return deaths;
+        }
+        if let Some(status) = daemon.child.try_wait().unwrap() {
+            assert_eq!(
+                status.signal(),
+                Some(9),
+                "spoold died of something else: {status}; log:\n{}",
+                daemon.log()
+            );
+            deaths += 1;
+            *daemon = env.start();
+        }
+        assert!(
+            start.elapsed() < within,
+            "{what}: not within {within:?} ({deaths} deaths); log:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Polls `f` until it returns Some, or `within` passes.
 pub fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let start = Instant::now();
