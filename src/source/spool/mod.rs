@@ -709,12 +709,11 @@ impl Spool {
         // submitted under that name (or another entry): it must neither take nor, when it
         // fails, delete the other's record, so it gets a .dup- name of its own, as a name clash
         // anywhere else would give it.
-        let (name, own_record) =
-            if rustix::fs::statat(self.fd(Dir::Retry), name, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
-                (self.rename_in_active(name)?, false)
-            } else {
-                (name.to_owned(), true)
-            };
+        let (name, own_record) = if self.is_in(Dir::Retry, name) {
+            (self.rename_in_active(name)?, false)
+        } else {
+            (name.to_owned(), true)
+        };
         let stat = rustix::fs::statat(self.fd(Dir::Active), &name, AtFlags::SYMLINK_NOFOLLOW)?;
         let kind = rustix::fs::FileType::from_raw_mode(stat.st_mode);
         if kind != rustix::fs::FileType::RegularFile {
