@@ -195,6 +195,11 @@ fn main() {
     if wanted("persistent") {
         rows.extend(bench.persistent());
     }
+    // Not in the default run: asked for by name (SPOOLD_BENCH_ONLY=exec), a quicker way to
+    // compare exec mode with its floor than the whole persistent section.
+    if only.as_ref().is_some_and(|o| o.iter().any(|s| s == "exec")) {
+        rows.extend(bench.exec_against_floor());
+    }
     // Not in the default run: asked for by name (SPOOLD_BENCH_ONLY=operator).
     if only
         .as_ref()
@@ -970,6 +975,53 @@ impl Bench {
             samples: python_cpu,
         });
         rows
+    }
+
+    /// Exec mode with `/bin/true` against the `posix_spawn` floor alone, alternating, with the
+    /// persistent section's job count and rounds: the same two figures as there, without the
+    /// peers and persistent runs around them.
+    fn exec_against_floor(&self) -> Vec<Row> {
+        let n = self.sizes.persistent_jobs;
+        let (mut exec, mut exec_cpu, mut floor, mut ratios) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        println!("== exec mode against the posix_spawn floor: {n} no-op jobs, 2 workers");
+        for round in 0..self.sizes.persistent_rounds {
+            let spool = self.spool("exec-true");
+            spool.configure(2, &["/bin/true"], "");
+            make_jobs(&spool.dir("new"), "job", n);
+            let (rate, cpu, _, _) = self.run_until_done(&spool, n);
+            self.remove(spool);
+            let spool = self.spool("renames+posix_spawn");
+            make_jobs(&spool.dir("new"), "job", n);
+            let floor_rate = peers::posix_spawn_floor(&spool.root).0;
+            self.remove(spool);
+            println!(
+                "  round {round}: spoold exec {rate:.0} jobs/s ({:.1} us CPU/job), floor \
+                 {floor_rate:.0} jobs/s, ratio {:.3}",
+                cpu * 1e6,
+                rate / floor_rate
+            );
+            exec.push(rate);
+            exec_cpu.push(cpu * 1e6);
+            floor.push(floor_rate);
+            ratios.push(rate / floor_rate);
+        }
+        println!(
+            "  round ratios: {ratios:.3?}; spoold CPU per job, median {:.1} us",
+            median(&exec_cpu)
+        );
+        vec![Row {
+            section: "exec",
+            what: format!("{n} no-op jobs, 2 workers"),
+            spoold: median(&exec),
+            unit: "jobs/s",
+            peer: Some((
+                "floor: renames + posix_spawn /bin/true".into(),
+                median(&floor),
+            )),
+            target: Some(("ratio >= 0.9".into(), median(&exec) / median(&floor) >= 0.9)),
+            samples: exec,
+        }]
     }
 
     /// The filesystem's share of the floor: `n` empty files renamed `new/` to `active/` to
