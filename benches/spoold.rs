@@ -159,6 +159,7 @@ fn main() {
         work: work.path().to_owned(),
         sizes,
         seq: AtomicUsize::new(0),
+        daemon: std::sync::Mutex::new(PathBuf::from(SPOOLD)),
     };
 
     let machine = machine();
@@ -613,6 +614,8 @@ struct Bench {
     work: PathBuf,
     sizes: Sizes,
     seq: AtomicUsize,
+    /// The daemon `start` runs: this build's, unless a section compares another build.
+    daemon: std::sync::Mutex<PathBuf>,
 }
 
 impl Bench {
@@ -645,7 +648,7 @@ impl Bench {
             .set_read_timeout(Some(Duration::from_millis(100)))
             .expect("socket timeout");
         let log = File::create(spool.root.with_extension("log")).expect("create the log");
-        let mut cmd = Command::new(SPOOLD);
+        let mut cmd = Command::new(&*self.daemon.lock().expect("the daemon's path"));
         cmd.arg("run")
             .arg("--config")
             .arg(&spool.config)
@@ -979,13 +982,31 @@ impl Bench {
 
     /// Exec mode with `/bin/true` against the `posix_spawn` floor alone, alternating, with the
     /// persistent section's job count and rounds: the same two figures as there, without the
-    /// peers and persistent runs around them.
+    /// peers and persistent runs around them. With `SPOOLD_BENCH_BASE=PATH`, each round also
+    /// runs that build of spoold, to compare two builds in the same conditions.
     fn exec_against_floor(&self) -> Vec<Row> {
         let n = self.sizes.persistent_jobs;
         let (mut exec, mut exec_cpu, mut floor, mut ratios) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let base = std::env::var_os("SPOOLD_BENCH_BASE").map(PathBuf::from);
+        let (mut base_rates, mut base_cpu) = (Vec::new(), Vec::new());
         println!("== exec mode against the posix_spawn floor: {n} no-op jobs, 2 workers");
         for round in 0..self.sizes.persistent_rounds {
+            if let Some(base) = &base {
+                *self.daemon.lock().expect("the daemon's path") = base.clone();
+                let spool = self.spool("exec-true-base");
+                spool.configure(2, &["/bin/true"], "");
+                make_jobs(&spool.dir("new"), "job", n);
+                let (rate, cpu, _, _) = self.run_until_done(&spool, n);
+                self.remove(spool);
+                *self.daemon.lock().expect("the daemon's path") = PathBuf::from(SPOOLD);
+                println!(
+                    "  round {round}: base build {rate:.0} jobs/s ({:.1} us CPU/job)",
+                    cpu * 1e6
+                );
+                base_rates.push(rate);
+                base_cpu.push(cpu * 1e6);
+            }
             let spool = self.spool("exec-true");
             spool.configure(2, &["/bin/true"], "");
             make_jobs(&spool.dir("new"), "job", n);
@@ -1010,6 +1031,15 @@ impl Bench {
             "  round ratios: {ratios:.3?}; spoold CPU per job, median {:.1} us",
             median(&exec_cpu)
         );
+        if base.is_some() {
+            println!(
+                "  base build: median {:.0} jobs/s ({:.3} of the floor), CPU per job median \
+                 {:.1} us",
+                median(&base_rates),
+                median(&base_rates) / median(&floor),
+                median(&base_cpu)
+            );
+        }
         vec![Row {
             section: "exec",
             what: format!("{n} no-op jobs, 2 workers"),
