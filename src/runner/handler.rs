@@ -7,11 +7,9 @@
 //! group live on, they get SIGTERM, then SIGKILL after `kill_grace`.
 //!
 //! An attempt runs synchronously on its worker's thread: one `poll(2)` waits on the handler's
-//! two pipes, its pidfd, the abort eventfd and the lease's `revoked` descriptor at once, with
+//! pidfd, its two pipes, the abort eventfd and the lease's `revoked` descriptor at once, with
 //! the nearest deadline as timeout. What is watched, and what is due next, follows from the
-//! attempt's `Phase`. The pidfd is opened only for a handler that outlasts `PIDFD_DELAY` or
-//! closes its pipes before it exits: most short handlers exit as their pipes close, and are
-//! reaped then without one.
+//! attempt's `Phase`.
 //! Nothing is registered with a reactor, so a job costs no `epoll_ctl`, and its pipes need no
 //! `fcntl` to become non-blocking; a worker thread has nothing else to do while its handler
 //! runs.
@@ -55,19 +53,6 @@ pub(super) const PIPE_GRACE: Duration = Duration::from_millis(200);
 /// SIGKILL, once the handler itself has exited. Each look may read /proc (`group_alive`), so
 /// not much more often than this.
 pub(super) const GROUP_CHECK: Duration = Duration::from_millis(50);
-
-/// How long a handler runs before its exit is watched through a pidfd. Until then its pipes
-/// closing says it has most likely exited, and a `waitpid(WNOHANG)` confirms it: a short job
-/// then costs no `pidfd_open`, `close` and polled descriptor, a measurable share of spoold's
-/// CPU at thousands of jobs a second. A handler whose exit the pipes do not show (another
-/// process holds them) is seen to exit this much later at most.
-pub(super) const PIDFD_DELAY: Duration = Duration::from_millis(20);
-
-/// How many times a worker whose handler's pipes have closed yields its CPU before it opens a
-/// pidfd after all. An exiting process closes its descriptors before it becomes a zombie that
-/// `waitpid` can reap, and the worker, woken by the pipes, usually looks in between; one yield
-/// nearly always lets the exit finish, where a pidfd would cost a descriptor and a poll.
-const EXIT_YIELDS: usize = 3;
 
 /// How much of a pipe one read takes.
 pub(super) const CHUNK: usize = 8192;
@@ -226,21 +211,6 @@ pub(super) struct HandlerProcess {
 }
 
 impl HandlerProcess {
-    /// Reaps the handler if it has exited, without waiting: true once it is reaped.
-    fn try_reap(&mut self) -> bool {
-        if self.reaped.is_none() {
-            match rustix::process::waitpid(Some(self.pgid), rustix::process::WaitOptions::NOHANG) {
-                Ok(Some((_, status))) => {
-                    self.reaped = Some(Ok(ExitStatus::from_raw(status.as_raw())));
-                }
-                Ok(None) | Err(rustix::io::Errno::INTR) => {}
-                // Even an error means there is nothing left to reap.
-                Err(e) => self.reaped = Some(Err(e)),
-            }
-        }
-        self.reaped.is_some()
-    }
-
     /// Reaps the handler, waiting for its exit, or gives what reaping it gave before.
     pub(super) fn wait(&mut self) -> io::Result<ExitStatus> {
         let reaped = *self.reaped.get_or_insert_with(|| {
@@ -350,11 +320,7 @@ struct Attempt<'a, 'b> {
     job: Job<'a>,
     child: HandlerProcess,
     /// Readable once the handler has exited, so one poll waits for the exit and the output.
-    /// Opened at `pidfd_at`, or sooner when the exit must be watched (`watch_exit`).
-    pidfd: Option<OwnedFd>,
-    pidfd_at: Instant,
-    /// Whether a failed `pidfd_open` has been logged: it is tried again every `GROUP_CHECK`.
-    pidfd_failed: bool,
+    pidfd: OwnedFd,
     out: LineReader<'b, std::fs::File>,
     err: LineReader<'b, std::fs::File>,
     log: OutputLog<'a>,
@@ -377,7 +343,14 @@ pub fn run(
 ) -> Report {
     let started = SystemTime::now();
     let clock = Instant::now();
-    let (child, stdout, stderr) = match spawn(cfg, job, scratch) {
+    let spawned = spawn(cfg, job, scratch).and_then(|(child, stdout, stderr)| {
+        // Without a pidfd (out of descriptors) the attempt cannot be watched: it is ended at
+        // once (dropping `child` kills and reaps it) rather than left running unobserved.
+        let pidfd = rustix::process::pidfd_open(child.pgid, PidfdFlags::empty())
+            .map_err(|e| format!("cannot watch the handler (pidfd_open): {e}"))?;
+        Ok((child, pidfd, stdout, stderr))
+    });
+    let (child, pidfd, stdout, stderr) = match spawned {
         Ok(spawned) => spawned,
         Err(reason) => {
             return Report {
@@ -396,9 +369,7 @@ pub fn run(
         cfg,
         job: *job,
         child,
-        pidfd: None,
-        pidfd_at: later(clock, PIDFD_DELAY),
-        pidfd_failed: false,
+        pidfd,
         out: LineReader::new(Some(std::fs::File::from(stdout)), &mut scratch.out),
         err: LineReader::new(Some(std::fs::File::from(stderr)), &mut scratch.err),
         log: OutputLog {
@@ -452,9 +423,6 @@ impl Attempt<'_, '_> {
 
     /// Carries out what is due at `now` in the current phase.
     fn on_time(&mut self, now: Instant) -> Flow {
-        if self.watch_exit(now) {
-            return Flow::Changed;
-        }
         let pgid = self.child.pgid;
         match self.phase {
             Phase::Running if self.deadline <= now => {
@@ -502,51 +470,6 @@ impl Attempt<'_, '_> {
         }
     }
 
-    /// Makes sure the handler's exit will be seen, once it is due to be watched: when it has
-    /// run `PIDFD_DELAY`, when spoold is ending it, or when its pipes have closed (which is
-    /// how most handlers exit). A handler found exited is reaped (true: the phase changed);
-    /// one still running gets its pidfd. Without a pidfd (out of descriptors) its exit is
-    /// looked for every `GROUP_CHECK` instead.
-    fn watch_exit(&mut self, now: Instant) -> bool {
-        if self.pidfd.is_some() || self.phase.reaped() {
-            return false;
-        }
-        let pipes_closed = !self.out.open() && !self.err.open();
-        // After a failed `pidfd_open`, only `pidfd_at` paces the next look.
-        let due = self.pidfd_at <= now || (self.phase != Phase::Running && !self.pidfd_failed);
-        if !pipes_closed && !due {
-            return false;
-        }
-        let mut reaped = self.child.try_reap();
-        for _ in 0..EXIT_YIELDS {
-            if reaped || !pipes_closed {
-                break;
-            }
-            std::thread::yield_now();
-            reaped = self.child.try_reap();
-        }
-        if reaped {
-            self.on_exit();
-            return true;
-        }
-        match rustix::process::pidfd_open(self.child.pgid, PidfdFlags::empty()) {
-            Ok(pidfd) => self.pidfd = Some(pidfd),
-            Err(e) => {
-                if !std::mem::replace(&mut self.pidfd_failed, true) {
-                    tracing::warn!(
-                        job_id = self.job.shown,
-                        attempt = self.job.attempt,
-                        "cannot watch the handler's exit (pidfd_open: {e}); looking for it every \
-                         {} ms",
-                        GROUP_CHECK.as_millis()
-                    );
-                }
-                self.pidfd_at = later(now, GROUP_CHECK);
-            }
-        }
-        false
-    }
-
     /// spoold ends the handler: SIGTERM to its group now, SIGKILL after `kill_grace`.
     fn end(&mut self, why: Ended, now: Instant) {
         self.ended = Some(why);
@@ -570,17 +493,10 @@ impl Attempt<'_, '_> {
         let mut fds = Vec::with_capacity(5);
         let out_at = slot(&mut fds, self.out.fd());
         let err_at = slot(&mut fds, self.err.fd());
-        let exit_at = slot(
-            &mut fds,
-            self.pidfd.as_ref().filter(|_| !reaped).map(|fd| fd.as_fd()),
-        );
+        let exit_at = slot(&mut fds, (!reaped).then(|| self.pidfd.as_fd()));
         let abort_at = slot(&mut fds, running.then(|| abort.fd.as_fd()));
         let revoked_at = slot(&mut fds, revoked.filter(|_| running));
-        let mut due = self.phase.next_due(self.deadline);
-        if self.pidfd.is_none() && !reaped {
-            due = Some(due.map_or(self.pidfd_at, |d| d.min(self.pidfd_at)));
-        }
-        let timeout = due.map(|t| {
+        let timeout = self.phase.next_due(self.deadline).map(|t| {
             Timespec::try_from(t.saturating_duration_since(now)).unwrap_or(Timespec {
                 tv_sec: i64::MAX,
                 tv_nsec: 0,
