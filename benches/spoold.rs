@@ -854,16 +854,9 @@ impl Bench {
         println!("== persistent handlers: {n} no-op jobs, 2 workers");
         for round in 0..self.sizes.persistent_rounds {
             let spoold = |label: &str, command: &[&str], extra: &str| {
-                let spool = self.spool(label);
-                spool.configure(2, command, extra);
-                make_jobs(&spool.dir("new"), "job", n);
-                let (rate, cpu, _, _) = self.run_until_done(&spool, n);
-                self.remove(spool);
-                println!(
-                    "  round {round}: spoold {label} {rate:.0} jobs/s, {:.1} us CPU/job",
-                    cpu * 1e6
-                );
-                (rate, cpu * 1e6)
+                let (rate, cpu) = self.jobs_through(label, command, extra, n);
+                println!("  round {round}: spoold {label} {rate:.0} jobs/s, {cpu:.1} us CPU/job");
+                (rate, cpu)
             };
             let (r, c) = spoold(
                 "persistent-minimal",
@@ -986,6 +979,17 @@ impl Bench {
         rows
     }
 
+    /// `n` no-op jobs through spoold with 2 workers running `command` (`extra` added to the
+    /// handler's table) on a fresh spool: jobs per second and spoold's CPU per job in us.
+    fn jobs_through(&self, label: &str, command: &[&str], extra: &str, n: usize) -> (f64, f64) {
+        let spool = self.spool(label);
+        spool.configure(2, command, extra);
+        make_jobs(&spool.dir("new"), "job", n);
+        let (rate, cpu, _, _) = self.run_until_done(&spool, n);
+        self.remove(spool);
+        (rate, cpu * 1e6)
+    }
+
     /// Exec mode with `/bin/true` against the `posix_spawn` floor alone, alternating, with the
     /// persistent section's job count and rounds: the same two figures as there, without the
     /// peers and persistent runs around them. With `SPOOLD_BENCH_BASE=PATH`, each round also
@@ -1001,37 +1005,25 @@ impl Bench {
         for round in 0..self.sizes.persistent_rounds {
             if let Some(base) = &base {
                 *self.daemon.lock().expect("the daemon's path") = base.clone();
-                let spool = self.spool("exec-true-base");
-                spool.configure(2, &["/bin/true"], "");
-                make_jobs(&spool.dir("new"), "job", n);
-                let (rate, cpu, _, _) = self.run_until_done(&spool, n);
-                self.remove(spool);
+                let (rate, cpu) = self.jobs_through("exec-true-base", &["/bin/true"], "", n);
                 *self.daemon.lock().expect("the daemon's path") = PathBuf::from(SPOOLD);
-                println!(
-                    "  round {round}: base build {rate:.0} jobs/s ({:.1} us CPU/job)",
-                    cpu * 1e6
-                );
+                println!("  round {round}: base build {rate:.0} jobs/s ({cpu:.1} us CPU/job)");
                 base_rates.push(rate);
-                base_cpu.push(cpu * 1e6);
+                base_cpu.push(cpu);
             }
-            let spool = self.spool("exec-true");
-            spool.configure(2, &["/bin/true"], "");
-            make_jobs(&spool.dir("new"), "job", n);
-            let (rate, cpu, _, _) = self.run_until_done(&spool, n);
-            self.remove(spool);
+            let (rate, cpu) = self.jobs_through("exec-true", &["/bin/true"], "", n);
             let spool = self.spool("renames+posix_spawn");
             make_jobs(&spool.dir("new"), "job", n);
             let (floor_rate, floor_per_job) = peers::posix_spawn_floor(&spool.root);
             self.remove(spool);
             println!(
-                "  round {round}: spoold exec {rate:.0} jobs/s ({:.1} us CPU/job), floor \
+                "  round {round}: spoold exec {rate:.0} jobs/s ({cpu:.1} us CPU/job), floor \
                  {floor_rate:.0} jobs/s ({:.1} us CPU/job), ratio {:.3}",
-                cpu * 1e6,
                 floor_per_job * 1e6,
                 rate / floor_rate
             );
             exec.push(rate);
-            exec_cpu.push(cpu * 1e6);
+            exec_cpu.push(cpu);
             floor.push(floor_rate);
             floor_cpu.push(floor_per_job * 1e6);
             ratios.push(rate / floor_rate);
