@@ -110,7 +110,8 @@ pub struct Failure {
 }
 
 /// What a source knows of a job that has failed at least once, or was running when its daemon
-/// died: how often, when, and how it last failed. Each source stores it in its own format (the spool: `source::spool::record`).
+/// died: how often, when, and how it last failed. Each source stores it in its own format
+/// (the spool: `source::spool::record`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct History {
     /// The job's ID when the history was written, escaped for display.

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::control::{CANCELLED, CancelFd};
 use super::discovery::RetryScheduled;
-use super::{Claim, Claimed, Spool, record, rfc3339, unix_ms};
+use super::{Claim, Claimed, Dir, Spool, record, rfc3339, unix_ms};
 use crate::clock::later;
 use crate::config::Config;
 use crate::daemon::stats::{Finished, Stats};
@@ -93,6 +93,14 @@ impl SpoolSource {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .extend(names);
         self
+    }
+
+    /// Job `name` no longer waits to run alone.
+    fn ran_alone(&self, name: &OsStr) {
+        self.alone
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(name);
     }
 
     /// Waits for the hold on `gate` that a claim of `name` needs (none once `alone` is
@@ -245,6 +253,13 @@ impl Source for SpoolSource {
                 lease.gate = gate;
                 return Some(lease);
             }
+            // A job to run alone that is no longer in new/ (cancelled, held, refused or taken)
+            // leaves the set, or every later claim would go on waiting for the gate for it.
+            if let Some(Gate::Alone { name, .. }) = &gate
+                && !self.spool.is_in(Dir::New, name)
+            {
+                self.ran_alone(name);
+            }
         }
     }
 }
@@ -269,11 +284,7 @@ impl Drop for SpoolLease<'_> {
         // Taken from the set before the exclusive hold goes (with the lease's fields, after
         // this), so that no claim in between finds the set empty and skips the gate.
         if let Some(Gate::Alone { name, .. }) = &self.gate {
-            self.source
-                .alone
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .remove(name);
+            self.source.ran_alone(name);
         }
     }
 }
@@ -469,7 +480,6 @@ impl SpoolLease<'_> {
 mod tests {
     use super::*;
     use crate::source::report;
-    use crate::source::spool::Dir;
     use std::sync::atomic::Ordering::Relaxed;
 
     fn config(dir: &std::path::Path) -> Arc<Config> {
@@ -511,6 +521,33 @@ mod tests {
         assert!(source.next(&stop).await.is_none());
         assert_eq!(stats.done.load(Relaxed), 1);
         assert_eq!(stats.queued(), 0);
+    }
+
+    /// A job that was to run alone but left new/ before its claim (cancelled or held, say)
+    /// leaves the set: the claims after it no longer take the gate for it.
+    #[tokio::test]
+    async fn a_job_to_run_alone_that_is_gone_no_longer_gates_claims() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path()).unwrap());
+        std::fs::write(dir.path().join("new/other"), "x").unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(OsString::from("gone")).await.unwrap();
+        tx.send(OsString::from("other")).await.unwrap();
+        drop(tx);
+        let source = SpoolSource::new(
+            spool,
+            rx,
+            mpsc::unbounded_channel().0,
+            Arc::new(Stats::default()),
+            watch::channel(config(dir.path())).1,
+            watch::channel(None).1,
+        )
+        .run_alone([OsString::from("gone")]);
+        let stop = CancellationToken::new();
+        let lease = source.next(&stop).await.expect("the other job is claimed");
+        assert_eq!(lease.job().id, "other");
+        assert!(lease.gate.is_none(), "the other job still took the gate");
+        assert!(source.alone.lock().unwrap().is_empty());
     }
 
     /// While paused, a worker that holds a name waits without claiming it, and a stop ends the

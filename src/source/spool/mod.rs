@@ -1657,14 +1657,8 @@ mod tests {
         // A failed attempt keeps the count: it is the same job.
         let job = claim("p");
         let report = crate::job::Report {
-            outcome: crate::job::Outcome::Failed,
-            started: SystemTime::now(),
-            duration: Duration::ZERO,
             exit_code: Some(3),
-            signal: None,
-            timed_out: false,
-            reason: "exit status 3".into(),
-            stderr_tail: Vec::new(),
+            ..crate::job::Report::without_run("exit status 3".into())
         };
         let mut h = record::after_failure(
             "p",

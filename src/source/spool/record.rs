@@ -270,14 +270,8 @@ mod tests {
             counted
         );
         let report = Report {
-            outcome: crate::job::Outcome::Failed,
-            started: SystemTime::now(),
-            duration: Duration::ZERO,
             exit_code: Some(1),
-            signal: None,
-            timed_out: false,
-            reason: "exit status 1".to_owned(),
-            stderr_tail: Vec::new(),
+            ..Report::without_run("exit status 1".to_owned())
         };
         let after = after_failure("j", 2, Some(&h), report, SystemTime::now());
         assert_eq!((after.attempts, after.recoveries), (2, 2));
