@@ -610,9 +610,16 @@ fn three_hosts_lose_no_job_through_host_and_node_crashes() {
         })
         .collect();
     let (a, b, c) = (&hosts[0], &hosts[1], &hosts[2]);
-    let mut da = a.start();
-    let mut db = b.start();
-    let mut dc = c.start();
+    // Each delivery's number is logged, for a failure's story to show how a job came back.
+    let start = |env: &Env| {
+        util::Daemon::start(
+            &env.config,
+            &[("RUST_LOG", "info,spoold::source::jetstream=debug")],
+        )
+    };
+    let mut da = start(a);
+    let mut db = start(b);
+    let mut dc = start(c);
 
     let jobs = shared.path().join("jobs");
     fs::create_dir(&jobs).unwrap();
@@ -673,7 +680,8 @@ fn three_hosts_lose_no_job_through_host_and_node_crashes() {
         "C's SIGTERM exit: {code}; log:\n{}",
         dc.log()
     );
-    let mut dc = c.start();
+    let first_c = dc.log();
+    let mut dc = start(c);
     let out = enqueue.wait_with_output().unwrap();
     assert!(out.status.success(), "enqueue: {}", util::describe(&out));
     let ids: Vec<String> = fs::read_to_string(&printed)
@@ -720,26 +728,31 @@ fn three_hosts_lose_no_job_through_host_and_node_crashes() {
         .map(|(id, hosts)| (*id, hosts))
         .collect();
     eprintln!("jobs run more than once: {twice:?}");
-    let resettled: usize = [&da, &db, &dc]
+    let logs = [
+        ("A", da.log()),
+        ("B", db.log()),
+        ("C before its restart", first_c),
+        ("C after it", dc.log()),
+    ];
+    let resettled: usize = logs
         .iter()
-        .map(|d| d.log().matches("settled again without running it").count())
+        .map(|(_, log)| log.matches("settled again without running it").count())
         .sum();
     eprintln!("redeliveries of settled jobs, settled again without a run: {resettled}");
-    // What the hosts running now logged of each job that ran twice, for a failure to show.
-    let story: Vec<String> = [&da, &dc]
+    // What every host logged of each job that ran twice, for a failure to show.
+    let story: Vec<String> = logs
         .iter()
-        .flat_map(|d| {
-            d.log()
-                .lines()
+        .flat_map(|(host, log)| {
+            log.lines()
                 .filter(|l| twice.iter().any(|(id, _)| l.contains(id)))
-                .map(str::to_owned)
+                .map(move |l| format!("{host}: {l}"))
                 .collect::<Vec<_>>()
         })
         .collect();
     assert!(
         twice.iter().all(|(_, hosts)| hosts.contains(&"B")),
-        "a job ran twice without having been on the SIGKILLed host: {twice:?}; A's and the \
-         restarted C's lines about them:\n{}",
+        "a job ran twice without having been on the SIGKILLed host: {twice:?}; the hosts' \
+         lines about them:\n{}",
         story.join("\n")
     );
     assert!(

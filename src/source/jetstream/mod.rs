@@ -965,6 +965,7 @@ async fn deliver(
         handback(shared, &reply, &shown, "stopping", delay).await;
         return;
     }
+    tracing::debug!(job_id = shown, delivered, sequence, "job delivered");
     let sequence = (sequence > 0).then_some(sequence);
     let lease = Arc::new(LeaseState::new(shared.ack_wait - shared.progress));
     // Attempts count handler runs that failed: a first delivery has none; a later one reads the
