@@ -968,32 +968,35 @@ async fn deliver(
     tracing::debug!(job_id = shown, delivered, sequence, "job delivered");
     let sequence = (sequence > 0).then_some(sequence);
     let lease = Arc::new(LeaseState::new(shared.ack_wait - shared.progress));
-    // Attempts count handler runs that failed: a first delivery has none; a later one reads the
-    // record, which only a failure writes (an abort or a lost host writes none). A later one
-    // may also be a job already settled whose acknowledgement the cluster lost: its marker
-    // says so, and it is settled again without a run.
-    let record = if delivered > 1 {
+    // Every delivery reads the job's settled marker first: one the cluster has settled may
+    // come back. A consumer leader that dies can lose an acknowledgement it already confirmed,
+    // and with it the record of the delivery itself, so the job comes back as a redelivery or
+    // even as a first delivery; its marker, confirmed by a quorum, says it was settled, and it
+    // is settled again without a run. Attempts count handler runs that failed: a first
+    // delivery has none; a later one also reads the record, which only a failure writes (an
+    // abort or a lost host writes none).
+    let read = if delivered > 1 {
         let (record, marker) = tokio::join!(read_record(shared, &id), read_marker(shared, &id));
-        let read = record.and_then(|record| marker.map(|marker| (record, marker)));
-        match read {
-            Ok((_, Some(marker))) if Some(marker.sequence) == sequence => {
-                resettle(shared, &reply, &shown, &marker).await;
-                // The host that settled it may have died before it deleted the object.
-                if marker.outcome == SettledAs::Done
-                    && let Some(object) = ObjectRef::of(Some(&headers))
-                {
-                    payload::forget(&shared.js, &shared.names, &object, &shown).await;
-                }
-                return;
-            }
-            Ok((record, _)) => record,
-            Err(e) => {
-                let why = format!("cannot read the job's records: {e}");
-                return later(shared, &reply, &shown, delivered, &why).await;
-            }
-        }
+        record.and_then(|record| marker.map(|marker| (record, marker)))
     } else {
-        None
+        read_marker(shared, &id).await.map(|marker| (None, marker))
+    };
+    let record = match read {
+        Ok((_, Some(marker))) if Some(marker.sequence) == sequence => {
+            resettle(shared, &reply, &shown, &marker).await;
+            // The host that settled it may have died before it deleted the object.
+            if marker.outcome == SettledAs::Done
+                && let Some(object) = ObjectRef::of(Some(&headers))
+            {
+                payload::forget(&shared.js, &shared.names, &object, &shown).await;
+            }
+            return;
+        }
+        Ok((record, _)) => record,
+        Err(e) => {
+            let why = format!("cannot read the job's records: {e}");
+            return later(shared, &reply, &shown, delivered, &why).await;
+        }
     };
     // A job whose deliveries keep ending with no outcome is most likely one whose handler
     // takes its host down (the OOM killer, a kernel bug); run again, it would take down host

@@ -57,9 +57,10 @@ pub enum SettledAs {
 
 /// The marker written, with the acknowledgement, when a job is settled. A consumer leader
 /// that dies can lose an acknowledgement it already confirmed (it is replicated after the
-/// answer), and the job then comes back an ack wait later; the marker, a stream write that is
-/// confirmed only once a quorum has it, lets that redelivery be settled again without running
-/// the handler a second time.
+/// answer), and the job then comes back: an ack wait later, or at once as a first delivery
+/// when the record of its delivery was lost too. The marker, a stream write that is confirmed
+/// only once a quorum has it, lets that delivery be settled again without running the handler
+/// a second time.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Settled {
     /// The job message's stream sequence: a later submission under the same ID (a retry from
