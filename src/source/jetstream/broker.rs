@@ -304,6 +304,7 @@ fn wanted(names: &Names, config: &JetStreamConfig) -> Wanted {
         done_stream: stream::Config {
             max_messages_per_subject: 1,
             max_age: DONE_MAX_AGE,
+            allow_direct: true,
             ..file_stream(&names.done_stream, vec![format!("spoold.{q}.done.*")])
         },
         // The layout the client's object store expects (what `create_object_store` makes),
@@ -438,6 +439,17 @@ fn check_stream(has: &stream::Config, want: &stream::Config) -> Result<(), Broke
             "spoold's own topology; another program uses this name",
         ));
     }
+    // Settled markers are read from any current replica; a stream that refuses direct reads
+    // would fail every delivery's read, and the jobs would pile up unsettled.
+    if want.allow_direct && !has.allow_direct {
+        return Err(mismatch(
+            &what,
+            "allow_direct",
+            "false".into(),
+            "true".into(),
+            "spoold's own topology; another program made this stream",
+        ));
+    }
     if has.subjects != want.subjects {
         return Err(mismatch(
             &what,
@@ -515,6 +527,32 @@ pub fn header<'a>(headers: Option<&'a HeaderMap>, name: &str) -> Option<&'a str>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_without_direct_reads_is_refused_where_they_are_wanted() {
+        let names = Names::new("mail");
+        let config: crate::config::JetStreamConfig =
+            toml::from_str("servers = [\"nats://a\"]").unwrap();
+        let want = wanted(&names, &config);
+        assert!(check_stream(&want.done_stream, &want.done_stream).is_ok());
+        let old = stream::Config {
+            allow_direct: false,
+            ..want.done_stream.clone()
+        };
+        let e = check_stream(&old, &want.done_stream)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("stream SPOOLD_mail_DONE has allow_direct false"),
+            "{e}"
+        );
+        // A stream that need not be read directly may allow it or not.
+        let jobs = stream::Config {
+            allow_direct: true,
+            ..want.job_stream.clone()
+        };
+        assert!(check_stream(&jobs, &want.job_stream).is_ok());
+    }
 
     #[test]
     fn names_follow_the_queue() {

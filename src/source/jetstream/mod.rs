@@ -1159,15 +1159,24 @@ async fn resettle(shared: &Shared, reply: &str, shown: &str, marker: &Settled) {
     }
 }
 
+/// The job's settled marker, read directly from any replica of the marker stream that is
+/// current: every delivery reads it, and a direct read costs the servers less than one through
+/// the stream leader. A replica may trail the quorum by moments, but a marker that matters was
+/// confirmed seconds before its job came back (an election, or an ack wait, in between).
 async fn read_marker(shared: &Shared, id: &str) -> Result<Option<Settled>, String> {
     let subject = shared.names.done_subject(id);
-    read_last(
-        shared,
-        &shared.names.done_stream,
-        &subject,
-        "settled marker",
-    )
-    .await
+    let stream = shared
+        .js
+        .get_stream_no_info(&shared.names.done_stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    match stream.direct_get_last_for_subject(subject).await {
+        Ok(message) => serde_json::from_slice(&message.payload)
+            .map(Some)
+            .map_err(|e| format!("the settled marker is not spoold's: {e}")),
+        Err(e) if matches!(e.kind(), jetstream::stream::DirectGetErrorKind::NotFound) => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 async fn read_record(shared: &Shared, id: &str) -> Result<Option<Record>, String> {
