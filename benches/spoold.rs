@@ -16,7 +16,10 @@
 //! persistent section's job count, and `SPOOLD_BENCH_INSTALL=1` lets it install its peers
 //! (Sidekiq, Redis, Celery); `SPOOLD_BENCH_ROUNDS=N` sets how many alternating rounds the
 //! throughput and metrics sections run; `SPOOLD_BENCH_DIR` is where the temporary spools go (it
-//! must be a local filesystem).
+//! must be a local filesystem). `jetstream` (a 3-node cluster: enqueue, 1-3 hosts, hand-over)
+//! and `jetstream-host` (one host's jobs/s in `SPOOLD_BENCH_ROUNDS` rounds of
+//! `SPOOLD_BENCH_JS_JOBS` jobs) run only when named; `exec` too. `SPOOLD_BENCH_BASE=PATH` has
+//! the `exec` and `jetstream-host` sections run a second build in each round.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -214,6 +217,13 @@ fn main() {
         .is_some_and(|o| o.iter().any(|s| s == "jetstream"))
     {
         rows.extend(bench.jetstream());
+    }
+    // Only when asked for by name, like the jetstream section.
+    if only
+        .as_ref()
+        .is_some_and(|o| o.iter().any(|s| s == "jetstream-host"))
+    {
+        rows.extend(bench.jetstream_host());
     }
     let load_after = load_average();
 
@@ -2094,6 +2104,73 @@ impl Bench {
         serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
     }
 
+    /// Jobs per second of `hosts` spoold processes (2 workers each, `/bin/true`) on `queue`
+    /// of `cluster`, through `n` jobs submitted before they start: from their start to the
+    /// queue's being empty and idle, as `spoold status` sees it.
+    fn js_hosts_rate(&self, cluster: &NatsCluster, queue: &str, hosts: usize, n: usize) -> f64 {
+        let spools: Vec<SpoolDir> = (0..hosts)
+            .map(|_| self.js_spool(cluster, queue, &["/bin/true"], ""))
+            .collect();
+        self.js_enqueue(&spools[0], n);
+        let began = Instant::now();
+        let daemons: Vec<Daemon> = spools.iter().map(|s| self.start(s)).collect();
+        for d in &daemons {
+            d.wait_ready();
+        }
+        wait_until(PATIENCE, || {
+            // A status is a process and a few requests: not more than 10 a second.
+            thread::sleep(Duration::from_millis(100));
+            let s = self.js_status(&spools[0]);
+            s["queued"] == 0 && s["active"] == 0 && s["retry"] == 0
+        })
+        .expect("the jobs done");
+        let rate = n as f64 / began.elapsed().as_secs_f64();
+        for d in daemons {
+            let (_, status) = d.stop();
+            assert!(status.success());
+        }
+        for spool in spools {
+            self.remove(spool);
+        }
+        rate
+    }
+
+    /// Jobs per second through one JetStream host (2 workers, `/bin/true`) in alternating
+    /// rounds, on a queue of its own each round: quicker than the whole jetstream section.
+    /// With `SPOOLD_BENCH_BASE=PATH`, each round also runs that build of spoold (the client
+    /// commands stay this build's), to compare two builds' broker paths in the same conditions.
+    fn jetstream_host(&self) -> Vec<Row> {
+        let n: usize = std::env::var("SPOOLD_BENCH_JS_JOBS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5_000);
+        let cluster = NatsCluster::start(&self.work);
+        let base = std::env::var_os("SPOOLD_BENCH_BASE").map(PathBuf::from);
+        let (mut rates, mut base_rates) = (Vec::new(), Vec::new());
+        println!("== one JetStream host: {n} no-op jobs, 2 workers, R3");
+        for round in 0..self.sizes.rounds {
+            if let Some(base) = &base {
+                *self.daemon.lock().expect("the daemon's path") = base.clone();
+                let rate = self.js_hosts_rate(&cluster, &format!("base{round}"), 1, n);
+                *self.daemon.lock().expect("the daemon's path") = PathBuf::from(SPOOLD);
+                println!("  round {round}: base build {rate:.0} jobs/s");
+                base_rates.push(rate);
+            }
+            let rate = self.js_hosts_rate(&cluster, &format!("this{round}"), 1, n);
+            println!("  round {round}: this build {rate:.0} jobs/s");
+            rates.push(rate);
+        }
+        vec![Row {
+            section: "jetstream-host",
+            what: format!("1 spoold, 2 workers, /bin/true, {n} jobs"),
+            spoold: median(&rates),
+            unit: "jobs/s",
+            peer: base.map(|b| (format!("base build {}", b.display()), median(&base_rates))),
+            target: None,
+            samples: rates,
+        }]
+    }
+
     fn jetstream(&self) -> Vec<Row> {
         let n: usize = std::env::var("SPOOLD_BENCH_JS_JOBS")
             .ok()
@@ -2208,28 +2285,7 @@ impl Bench {
         // Throughput with 1, 2 and 3 spoold processes (/bin/true, 2 workers each).
         let spool_rate = self.spoold_throughput(n).0;
         for hosts in 1..=3 {
-            let queue = format!("tp{hosts}");
-            let spools: Vec<SpoolDir> = (0..hosts)
-                .map(|_| self.js_spool(&cluster, &queue, &["/bin/true"], ""))
-                .collect();
-            self.js_enqueue(&spools[0], n);
-            let began = Instant::now();
-            let daemons: Vec<Daemon> = spools.iter().map(|s| self.start(s)).collect();
-            for d in &daemons {
-                d.wait_ready();
-            }
-            wait_until(PATIENCE, || {
-                // A status is a process and a few requests: not more than 10 a second.
-                thread::sleep(Duration::from_millis(100));
-                let s = self.js_status(&spools[0]);
-                s["queued"] == 0 && s["active"] == 0 && s["retry"] == 0
-            })
-            .expect("the jobs done");
-            let rate = n as f64 / began.elapsed().as_secs_f64();
-            for d in daemons {
-                let (_, status) = d.stop();
-                assert!(status.success());
-            }
+            let rate = self.js_hosts_rate(&cluster, &format!("tp{hosts}"), hosts, n);
             rows.push(Row {
                 section: "jetstream",
                 what: format!("{hosts} spoold, 2 workers each, /bin/true (from exec)"),
