@@ -540,18 +540,28 @@ fn a_lease_that_cannot_be_renewed_ends_the_handler_and_the_job_runs_again() {
     );
 }
 
-/// The stream leader's node number, from the stream's info.
-fn stream_leader(cluster: &nats::Cluster) -> usize {
+/// Runs `f` with a JetStream context on `cluster`, on a runtime of its own: a test's look at
+/// the cluster, or an operator's action on it, from outside spoold.
+fn on_cluster<T>(
+    cluster: &nats::Cluster,
+    f: impl AsyncFnOnce(async_nats::jetstream::Context) -> T,
+) -> T {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let name = runtime.block_on(async {
+    runtime.block_on(async {
         let client = async_nats::ConnectOptions::new()
             .connect(cluster.urls().as_slice())
             .await
             .unwrap();
-        let js = async_nats::jetstream::new(client);
+        f(async_nats::jetstream::new(client)).await
+    })
+}
+
+/// The stream leader's node number, from the stream's info.
+fn stream_leader(cluster: &nats::Cluster) -> usize {
+    let name = on_cluster(cluster, async |js| {
         let give_up = Instant::now() + SOON;
         loop {
             if let Ok(mut stream) = js.get_stream("SPOOLD_default").await
@@ -1186,16 +1196,7 @@ fn a_job_whose_delivery_the_cluster_forgot_is_not_run_again() {
 /// Deletes the queue's durable consumer, as an operator could; the next host to start makes it
 /// again.
 fn delete_consumer(cluster: &nats::Cluster) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let client = async_nats::ConnectOptions::new()
-            .connect(cluster.urls().as_slice())
-            .await
-            .unwrap();
-        let js = async_nats::jetstream::new(client);
+    on_cluster(cluster, async |js| {
         let stream = js.get_stream("SPOOLD_default").await.unwrap();
         stream.delete_consumer("spoold").await.unwrap();
     });
@@ -1443,16 +1444,7 @@ fn sha256_of(path: &Path) -> String {
 /// many messages the bucket's stream holds (0 once every object is gone, deletion markers
 /// included).
 fn payload_object(cluster: &nats::Cluster, id: &str) -> (bool, u64) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let client = async_nats::ConnectOptions::new()
-            .connect(cluster.urls().as_slice())
-            .await
-            .unwrap();
-        let js = async_nats::jetstream::new(client);
+    on_cluster(cluster, async |js| {
         let bucket = js
             .get_object_store("SPOOLD_default_PAYLOADS")
             .await
