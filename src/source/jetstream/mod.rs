@@ -975,11 +975,23 @@ async fn deliver(
     // is settled again without a run. Attempts count handler runs that failed: a first
     // delivery has none; a later one also reads the record, which only a failure writes (an
     // abort or a lost host writes none).
-    let read = if delivered > 1 {
-        let (record, marker) = tokio::join!(read_record(shared, &id), read_marker(shared, &id));
-        record.and_then(|record| marker.map(|marker| (record, marker)))
-    } else {
-        read_marker(shared, &id).await.map(|marker| (None, marker))
+    let reads = async {
+        if delivered > 1 {
+            let (record, marker) = tokio::join!(read_record(shared, &id), read_marker(shared, &id));
+            record.and_then(|record| marker.map(|marker| (record, marker)))
+        } else {
+            read_marker(shared, &id).await.map(|marker| (None, marker))
+        }
+    };
+    // A stop does not wait for a cluster that is slow to answer: the job goes back.
+    let read = tokio::select! {
+        biased;
+        () = shared.stop.cancelled() => {
+            let delay = pull.after_stop(sequence.unwrap_or(0));
+            handback(shared, &reply, &shown, "stopping", delay).await;
+            return;
+        }
+        read = reads => read,
     };
     let record = match read {
         Ok((_, Some(marker))) if Some(marker.sequence) == sequence => {
