@@ -65,6 +65,9 @@ fn host(dir: &Path, cluster: &nats::Cluster, name: &str, extra: &str) -> Env {
 /// The lease of the tests: short, so that a lost host's jobs come back soon.
 const LEASE: &str = "ack_wait = \"6s\"\nprogress_interval = \"1s\"\n";
 
+/// The retry policy of the tests: two attempts, close together.
+const RETRY: &str = "max_attempts = 2\nbackoff_initial = \"200ms\"\nbackoff_max = \"200ms\"\n";
+
 /// [`host`] with a handler script and a lease of the caller's.
 fn host_with(
     dir: &Path,
@@ -73,6 +76,19 @@ fn host_with(
     extra: &str,
     handler: &str,
     lease: &str,
+) -> Env {
+    host_retrying(dir, cluster, name, extra, handler, lease, RETRY)
+}
+
+/// [`host_with`] with the `[retry]` keys of the caller's (`permanent_exit_codes` is 65).
+fn host_retrying(
+    dir: &Path,
+    cluster: &nats::Cluster,
+    name: &str,
+    extra: &str,
+    handler: &str,
+    lease: &str,
+    retry: &str,
 ) -> Env {
     let runs = dir.join("runs");
     let env = Env::new(&["/bin/true"], "");
@@ -83,8 +99,7 @@ fn host_with(
         &format!(
             "kill_grace = \"1s\"\nenv = {{ HOST = {name:?}, RUNS = {:?} }}\n\
              [workers]\ncount = 2\n\
-             [retry]\nmax_attempts = 2\nbackoff_initial = \"200ms\"\nbackoff_max = \"200ms\"\n\
-             permanent_exit_codes = [65]\n\
+             [retry]\n{retry}permanent_exit_codes = [65]\n\
              [shutdown]\ndrain_timeout = \"0s\"\n\
              [backend]\nkind = \"jetstream\"\n\
              [jetstream]\nservers = [{}]\n{lease}connect_timeout = \"20s\"\n{extra}",
@@ -1190,6 +1205,58 @@ fn a_job_whose_delivery_the_cluster_forgot_is_not_run_again() {
         db.log()
     );
     assert!(failed(&b).is_empty());
+    db.stop();
+}
+
+/// The failed run that a forgotten delivery hides still counts: the job comes back as a first
+/// delivery, at once, and its retry marker sends it to the attempts record, so it runs next as
+/// attempt 2 and only once its backoff is over. (The consumer is deleted and made again, which
+/// forgets the failed delivery and the delay of its nak, as a dying consumer leader can.)
+#[test]
+fn a_failed_run_the_cluster_forgot_still_counts_and_waits_out_its_backoff() {
+    let test = "a_failed_run_the_cluster_forgot_still_counts_and_waits_out_its_backoff";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    let cluster = nats::Cluster::start(&server);
+    let shared = tempfile::tempdir().unwrap();
+    let runs = Runs(shared.path().join("runs"));
+    // The first retry waits 5-10 s (the backoff's jitter takes up to half).
+    let retry = "max_attempts = 2\nbackoff_initial = \"10s\"\nbackoff_max = \"10s\"\n";
+    let a = host_retrying(shared.path(), &cluster, "A", "", HANDLER, LEASE, retry);
+    let b = host_retrying(shared.path(), &cluster, "B", "", HANDLER, LEASE, retry);
+    let mut da = a.start();
+    let job = enqueue(&a, "fail");
+    wait(SOON, "the first attempt failed on A", &[&da], || {
+        da.log().contains("job failed; retry in")
+    });
+    da.stop();
+    delete_consumer(&cluster);
+    let mut db = b.start();
+    wait(SOON, "the job dead-lettered", &[&db], || {
+        failed(&b).contains_key(&job)
+    });
+    let log = db.log();
+    assert_eq!(
+        runs.of(&job),
+        vec![("A".to_owned(), 1), ("B".to_owned(), 2)],
+        "the attempt count went on from A's failed run; B's log:\n{log}"
+    );
+    assert!(
+        log.contains("job delivered before its retry is due"),
+        "B gave the early delivery back; its log:\n{log}"
+    );
+    let record = &failed(&b)[&job];
+    assert_eq!(record["attempts"], 2, "{record}");
+    let time = |v: &serde_json::Value| humantime::parse_rfc3339(v.as_str().unwrap()).unwrap();
+    let gap = time(&record["last_failure"]["started_at"])
+        .duration_since(time(&record["first_attempt_at"]))
+        .unwrap_or_default();
+    assert!(
+        gap >= Duration::from_secs(4),
+        "attempt 2 started {gap:?} after attempt 1, before its backoff of 5-10 s was over: \
+         {record}"
+    );
     db.stop();
 }
 

@@ -61,6 +61,9 @@ const RESEND_EVERY: Duration = Duration::from_millis(500);
 /// How long a stop waits for the hand-back of one aborted job before leaving it to the ack
 /// wait: a broker that cannot be reached must not hold the stop.
 const HANDBACK_WITHIN: Duration = Duration::from_secs(1);
+/// A retry due within this is run now, not given back: it was timed by another host's clock,
+/// and hosts' clocks differ by a little.
+const NOT_YET: Duration = Duration::from_secs(1);
 /// How often a host writes its entry in the hosts stream.
 const HOST_BEAT: Duration = Duration::from_secs(5);
 /// How long after its pull's expiry a stopping host's catch comes back: the server's clock for
@@ -467,10 +470,23 @@ async fn settle(shared: &Shared, d: Delivery, verdict: Verdict, report: Report) 
             let written = while_leased(shared, &d, || write_record(shared, &d.id, &record)).await;
             let result = match written {
                 Ok(()) => {
-                    while_leased(shared, &d, || {
-                        confirmed_bytes(&shared.client, &d.reply, nak(delay))
-                    })
-                    .await
+                    // The marker, once the record has the count, goes with the nak: should
+                    // the cluster forget this delivery and the nak's delay, the job comes back
+                    // at once as a first delivery, and the marker sends it to the record.
+                    let (marked, naked) = tokio::join!(
+                        while_leased(shared, &d, || mark(shared, &d, SettledAs::Retry)),
+                        while_leased(shared, &d, || {
+                            confirmed_bytes(&shared.client, &d.reply, nak(delay))
+                        }),
+                    );
+                    if let Err(e) = marked {
+                        tracing::warn!(
+                            job_id = d.shown,
+                            "retry marker not written ({e}); should the cluster forget this \
+                             delivery, the job's attempts are counted again from 1"
+                        );
+                    }
+                    naked
                 }
                 Err(e) => Err(e),
             };
@@ -581,10 +597,10 @@ async fn mark(shared: &Shared, d: &Delivery, outcome: SettledAs) -> Result<(), S
     };
     let body = serde_json::to_vec(&marker).map_err(|e| e.to_string())?;
     let mut headers = HeaderMap::new();
-    // A resend after a lost answer is then one marker, not two.
+    // A resend after a lost answer is then one marker, not two; each failed run has its own.
     headers.insert(
         "Nats-Msg-Id",
-        format!("{}.s{sequence}.{}", d.id, outcome.word()).as_str(),
+        format!("{}.s{sequence}.{}{}", d.id, outcome.word(), d.attempt).as_str(),
     );
     let ack = shared
         .js
@@ -972,16 +988,23 @@ async fn deliver(
     // come back. A consumer leader that dies can lose an acknowledgement it already confirmed,
     // and with it the record of the delivery itself, so the job comes back as a redelivery or
     // even as a first delivery; its marker, confirmed by a quorum, says it was settled, and it
-    // is settled again without a run. Attempts count handler runs that failed: a first
-    // delivery has none; a later one also reads the record, which only a failure writes (an
-    // abort or a lost host writes none).
+    // is settled again without a run. Attempts count handler runs that failed: a redelivery
+    // also reads the record, which only a failure writes (an abort or a lost host writes
+    // none); a first delivery reads it only when the marker says a run of this very message
+    // failed, which is how a forgotten failed delivery shows.
     let reads = async {
         if delivered > 1 {
             let (record, marker) = tokio::join!(read_record(shared, &id), read_marker(shared, &id));
-            record.and_then(|record| marker.map(|marker| (record, marker)))
-        } else {
-            read_marker(shared, &id).await.map(|marker| (None, marker))
+            return record.and_then(|record| marker.map(|marker| (record, marker)));
         }
+        let marker = read_marker(shared, &id).await?;
+        let record = match &marker {
+            Some(m) if m.outcome == SettledAs::Retry && Some(m.sequence) == sequence => {
+                read_record(shared, &id).await?
+            }
+            _ => None,
+        };
+        Ok((record, marker))
     };
     // A stop does not wait for a cluster that is slow to answer: the job goes back.
     let read = tokio::select! {
@@ -993,23 +1016,52 @@ async fn deliver(
         }
         read = reads => read,
     };
-    let record = match read {
-        Ok((_, Some(marker))) if Some(marker.sequence) == sequence => {
-            resettle(shared, &reply, &shown, &marker).await;
-            // The host that settled it may have died before it deleted the object.
-            if marker.outcome == SettledAs::Done
-                && let Some(object) = ObjectRef::of(Some(&headers))
-            {
-                payload::forget(&shared.js, &shared.names, &object, &shown).await;
-            }
-            return;
-        }
-        Ok((record, _)) => record,
+    let (record, marker) = match read {
+        Ok(read) => read,
         Err(e) => {
             let why = format!("cannot read the job's records: {e}");
             return later(shared, &reply, &shown, delivered, &why).await;
         }
     };
+    if let Some(marker) = marker.filter(|m| Some(m.sequence) == sequence) {
+        match marker.outcome {
+            SettledAs::Done | SettledAs::Failed => {
+                let body: &'static [u8] = if marker.outcome == SettledAs::Done {
+                    b"+ACK"
+                } else {
+                    b"+TERM"
+                };
+                resettle(shared, &reply, &shown, &marker, body).await;
+                // The host that settled it may have died before it deleted the object.
+                if marker.outcome == SettledAs::Done
+                    && let Some(object) = ObjectRef::of(Some(&headers))
+                {
+                    payload::forget(&shared.js, &shared.names, &object, &shown).await;
+                }
+                return;
+            }
+            // The cluster forgot a failed delivery and the delay its nak asked for: the job
+            // waits out the rest of its backoff, as it would have.
+            SettledAs::Retry if delivered == 1 => {
+                let wait = record
+                    .as_ref()
+                    .and_then(|r| r.due_in(SystemTime::now()))
+                    .filter(|&wait| wait > NOT_YET);
+                if let Some(wait) = wait {
+                    tracing::info!(
+                        job_id = shown,
+                        attempts = record.as_ref().map_or(0, |r| r.attempts),
+                        "job delivered before its retry is due: the cluster forgot its failed \
+                         delivery; given back for {}",
+                        humantime::format_duration(Duration::from_millis(wait.as_millis() as u64))
+                    );
+                    handback(shared, &reply, &shown, "retry not due", wait).await;
+                    return;
+                }
+            }
+            SettledAs::Retry => {}
+        }
+    }
     // A job whose deliveries keep ending with no outcome is most likely one whose handler
     // takes its host down (the OOM killer, a kernel bug); run again, it would take down host
     // after host, forever. It goes to the dead letters, with its payload, without running.
@@ -1144,12 +1196,15 @@ fn write_payload(path: &Path, payload: &Bytes) -> io::Result<()> {
 
 /// Settles again a delivery of a job that its marker says was settled: the cluster lost the
 /// acknowledgement. Not counted again; should the answer not come, the job comes back after
-/// the ack wait and this runs again.
-async fn resettle(shared: &Shared, reply: &str, shown: &str, marker: &Settled) {
-    let body: &'static [u8] = match marker.outcome {
-        SettledAs::Done => b"+ACK",
-        SettledAs::Failed => b"+TERM",
-    };
+/// the ack wait and this runs again. `body` is the acknowledgement that settles it as the
+/// marker says: `+ACK` for done, `+TERM` for failed.
+async fn resettle(
+    shared: &Shared,
+    reply: &str,
+    shown: &str,
+    marker: &Settled,
+    body: &'static [u8],
+) {
     match confirmed(&shared.client, reply, body).await {
         Ok(()) => tracing::warn!(
             job_id = shown,

@@ -3,7 +3,7 @@
 //! `failed/` reason records with the host that ran the attempt added; and the marker of a
 //! settled job (`SPOOLD_<q>_DONE`).
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +53,9 @@ pub enum SettledAs {
     Done,
     /// Terminated after its dead letter was written.
     Failed,
+    /// Given back with the retry delay after a failed run, once the attempts record that
+    /// counts the run was written. The job is not settled for good: it runs again.
+    Retry,
 }
 
 /// The marker written, with the acknowledgement, when a job is settled. A consumer leader
@@ -60,7 +63,9 @@ pub enum SettledAs {
 /// answer), and the job then comes back: an ack wait later, or at once as a first delivery
 /// when the record of its delivery was lost too. The marker, a stream write that is confirmed
 /// only once a quorum has it, lets that delivery be settled again without running the handler
-/// a second time.
+/// a second time. A failed run's marker says instead that the attempts record counts it: the
+/// delivery that comes back at once after such a loss is a first delivery, which would not
+/// otherwise read the record, and would run with its count and its retry delay forgotten.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Settled {
     /// The job message's stream sequence: a later submission under the same ID (a retry from
@@ -76,6 +81,7 @@ impl SettledAs {
         match self {
             SettledAs::Done => "done",
             SettledAs::Failed => "failed",
+            SettledAs::Retry => "retry",
         }
     }
 }
@@ -145,6 +151,14 @@ impl Record {
         self.next_attempt_unix_ms = Some(unix_ms(due));
         self.next_attempt_at = Some(rfc3339(due));
     }
+
+    /// How long until the next attempt is due, by this host's clock; None when it is due.
+    pub fn due_in(&self, now: SystemTime) -> Option<Duration> {
+        let due = self.next_attempt_unix_ms?;
+        due.checked_sub(unix_ms(now))
+            .filter(|&ms| ms > 0)
+            .map(Duration::from_millis)
+    }
 }
 
 impl From<FailureRecord> for Failure {
@@ -213,6 +227,21 @@ mod tests {
         assert!(!text.contains('\n'), "a header value is one line");
         let back: Record = serde_json::from_str(&text).unwrap();
         assert_eq!(History::from(back).attempts, 2);
+    }
+
+    #[test]
+    fn a_retry_is_due_at_its_time_by_this_clock() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut record = Record::default();
+        assert_eq!(
+            record.due_in(now),
+            None,
+            "a record without a retry time is due"
+        );
+        record.set_next_attempt(now + Duration::from_millis(2_500));
+        assert_eq!(record.due_in(now), Some(Duration::from_millis(2_500)));
+        assert_eq!(record.due_in(now + Duration::from_secs(3)), None);
+        assert_eq!(record.due_in(now + Duration::from_millis(2_500)), None);
     }
 
     #[test]
