@@ -1,7 +1,8 @@
 //! Test-only switches, in debug builds only: deliberate panics (`SPOOLD_TEST_PANIC=worker|dispatcher|stop`),
 //! a shorter age for the sweep of `tmp/` (`SPOOLD_TEST_TMP_MAX_AGE`), a pause inside
-//! `spoold enqueue`'s limited publication (`SPOOLD_TEST_PUBLISH_PAUSE`), and a broker
-//! acknowledgement left out (`SPOOLD_TEST_LOSE_ACK`).
+//! `spoold enqueue`'s limited publication (`SPOOLD_TEST_PUBLISH_PAUSE`), a broker
+//! acknowledgement left out (`SPOOLD_TEST_LOSE_ACK`), and a broker delivery dropped on its way
+//! to a worker (`SPOOLD_TEST_DROP_DELIVERY`).
 //!
 //! Once the time arithmetic could no longer overflow, no known panic was left, yet the path a
 //! panic takes (logged with its thread, the abort path, exit status 70, crash recovery at the
@@ -96,6 +97,19 @@ pub fn lose_ack() -> bool {
     if std::env::var_os("SPOOLD_TEST_LOSE_ACK").is_some() {
         static LOST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
         return !LOST.swap(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    false
+}
+
+/// Whether the worker that receives a broker delivery drops it instead of running it, as one
+/// does when a reload or a stop comes in the instant the delivery reaches it: in debug builds,
+/// for the first delivery in the process when `SPOOLD_TEST_DROP_DELIVERY` is set; never
+/// otherwise. That instant is too short for a test to hit by timing.
+pub fn drop_delivery() -> bool {
+    #[cfg(debug_assertions)]
+    if std::env::var_os("SPOOLD_TEST_DROP_DELIVERY").is_some() {
+        static DROPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        return !DROPPED.swap(true, std::sync::atomic::Ordering::Relaxed);
     }
     false
 }

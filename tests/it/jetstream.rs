@@ -1208,6 +1208,34 @@ fn a_job_whose_delivery_the_cluster_forgot_is_not_run_again() {
     db.stop();
 }
 
+/// A delivery that reaches a worker just as the worker stops waiting for it (a reload, or a
+/// stop, comes in that instant) goes back to the queue at once and runs; before, its
+/// heartbeat kept it from every host for as long as the daemon ran. The test-only switch
+/// `SPOOLD_TEST_DROP_DELIVERY` has the first delivery dropped that way.
+#[test]
+fn a_delivery_its_worker_dropped_goes_back_and_runs() {
+    let test = "a_delivery_its_worker_dropped_goes_back_and_runs";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    let cluster = nats::Cluster::start(&server);
+    let shared = tempfile::tempdir().unwrap();
+    let runs = Runs(shared.path().join("runs"));
+    let a = host(shared.path(), &cluster, "A", "");
+    let mut da = Daemon::start(&a.config, &[("SPOOLD_TEST_DROP_DELIVERY", "1")]);
+    let job = enqueue(&a, "ok");
+    wait(SOON, "the job done", &[&da], || {
+        da.log().contains("job done")
+    });
+    let log = da.log();
+    assert!(
+        log.contains("job handed back to the queue unsettled"),
+        "the dropped delivery was handed back; A's log:\n{log}"
+    );
+    assert_eq!(runs.of(&job), vec![("A".to_owned(), 1)], "A's log:\n{log}");
+    da.stop();
+}
+
 /// The failed run that a forgotten delivery hides still counts: the job comes back as a first
 /// delivery, at once, and its retry marker sends it to the attempts record, so it runs next as
 /// attempt 2 and only once its backoff is over. (The consumer is deleted and made again, which

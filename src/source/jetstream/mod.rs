@@ -122,8 +122,10 @@ pub struct Started {
 /// How long the claimer may take to end after the stop: its last pull's expiry, and slack.
 pub const CLAIMER_AFTER_STOP: Duration = Duration::from_millis(1500);
 
-/// One delivery of a job, claimed for a worker.
+/// One delivery of a job, claimed for a worker. One dropped before it is settled goes back to
+/// the queue (see its `Drop`).
 struct Delivery {
+    shared: Arc<Shared>,
     id: String,
     shown: String,
     path: PathBuf,
@@ -137,6 +139,46 @@ struct Delivery {
     record: Option<Record>,
     lease: Arc<LeaseState>,
     revoked: OwnedFd,
+}
+
+/// A delivery is settled by `settle`, or handed back by the claimer when no worker takes it;
+/// one dropped otherwise was on its way to a worker that went away (a reload or a stop came in
+/// that instant: a worker's wait for its next job is dropped then). Its heartbeat would keep
+/// the job from every host for as long as the daemon runs: it ends, and the job goes back to
+/// the queue at once.
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if self.lease.settled.is_cancelled() {
+            return;
+        }
+        self.lease.settled.cancel();
+        if let Err(e) = fs::remove_file(&self.path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(
+                job_id = self.shown,
+                "cannot remove {}: {e}",
+                self.path.display()
+            );
+        }
+        tracing::info!(
+            job_id = self.shown,
+            "job handed back to the queue unsettled: the worker it was for went away (a \
+             reload or a stop came as it arrived)"
+        );
+        let shared = self.shared.clone();
+        let (reply, shown) = (self.reply.clone(), self.shown.clone());
+        self.shared.handle.spawn(async move {
+            handback(
+                &shared,
+                &reply,
+                &shown,
+                "its worker went away",
+                Duration::ZERO,
+            )
+            .await;
+        });
+    }
 }
 
 /// A delivery's lease, shared by its heartbeat and its settle.
@@ -357,21 +399,28 @@ impl Source for JetStreamSource {
     type Lease<'a> = JetStreamLease<'a>;
 
     async fn next<'a>(&'a self, stop: &'a CancellationToken) -> Option<JetStreamLease<'a>> {
-        let (tx, rx) = oneshot::channel();
-        tokio::select! {
-            biased;
-            () = stop.cancelled() => return None,
-            sent = self.claims.send(tx) => sent.ok()?,
-        }
-        // Dropped here (a stop), the claimer finds the request closed and hands back what it
-        // had for it.
-        tokio::select! {
-            biased;
-            () = stop.cancelled() => None,
-            delivery = rx => delivery.ok().map(|delivery| JetStreamLease {
+        loop {
+            let (tx, rx) = oneshot::channel();
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return None,
+                sent = self.claims.send(tx) => sent.ok()?,
+            }
+            // Dropped here (a stop, a reload), the claimer finds the request closed and hands
+            // back what it had for it; a delivery already sent is handed back by its drop.
+            let delivery = tokio::select! {
+                biased;
+                () = stop.cancelled() => return None,
+                delivery = rx => delivery.ok()?,
+            };
+            if crate::fault::drop_delivery() {
+                drop(delivery);
+                continue;
+            }
+            return Some(JetStreamLease {
                 source: self,
                 delivery,
-            }),
+            });
         }
     }
 }
@@ -1140,6 +1189,7 @@ async fn deliver(
         return;
     }
     let mut delivery = Delivery {
+        shared: shared.clone(),
         id,
         shown,
         path,
