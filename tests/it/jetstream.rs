@@ -1236,6 +1236,48 @@ fn a_delivery_its_worker_dropped_goes_back_and_runs() {
     da.stop();
 }
 
+/// A job whose payload fills its message all but the room kept for headers, and whose handler
+/// fails with a long stderr, still reaches the dead-letter stream: its record, which travels in
+/// a header, is shortened to fit beside the payload. Before, the server refused the dead letter
+/// at every try, and the job held its worker for good.
+#[test]
+fn a_full_sized_job_that_fails_loudly_is_dead_lettered() {
+    let test = "a_full_sized_job_that_fails_loudly_is_dead_lettered";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    let cluster = nats::Cluster::start(&server);
+    let shared = tempfile::tempdir().unwrap();
+    let handler = "for i in 1 2 3 4 5 6 7 8 9 10; do printf 'line %s %0600d\\n' \"$i\" 0 >&2; done\n\
+                   exit 65";
+    let a = host_with(shared.path(), &cluster, "A", "", handler, LEASE);
+    let mut da = a.start();
+    // The largest payload that travels in the job's own message: the server's largest
+    // message (1 MiB by default) less the 4 KiB that enqueue keeps for headers.
+    let file = a.dir.path().join("big");
+    fs::write(&file, vec![b'x'; 1024 * 1024 - 4096]).unwrap();
+    let out = a.cli(&["enqueue", file.to_str().unwrap()]);
+    assert!(out.status.success(), "enqueue: {}", util::describe(&out));
+    let job = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    wait(SOON, "the job in the dead-letter stream", &[&da], || {
+        failed(&a).contains_key(&job)
+    });
+    let record = &failed(&a)[&job];
+    assert_eq!(record["attempts"], 1, "{record}");
+    assert_eq!(record["permanent"], true, "{record}");
+    let last = &record["last_failure"];
+    assert_eq!(last["exit_code"], 65, "{record}");
+    let tail = last["stderr_tail"].as_array().unwrap();
+    assert!(
+        tail.last()
+            .and_then(|l| l.as_str())
+            .is_some_and(|l| l.starts_with("line 10 ")),
+        "the newest stderr line is kept: {record}"
+    );
+    assert!(da.log().contains("the dead letter's record was shortened"));
+    da.stop();
+}
+
 /// The failed run that a forgotten delivery hides still counts: the job comes back as a first
 /// delivery, at once, and its retry marker sends it to the attempts record, so it runs next as
 /// attempt 2 and only once its backoff is over. (The consumer is deleted and made again, which

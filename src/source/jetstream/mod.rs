@@ -760,7 +760,23 @@ async fn publish_dead_letter(
     headers.insert("Nats-Msg-Id", format!("{id}.failed.g{generation}").as_str());
     headers.insert(ID_HEADER, id);
     headers.insert(GENERATION_HEADER, generation.to_string().as_str());
-    let json = serde_json::to_string(record).map_err(|e| e.to_string())?;
+    // The record travels in a header, and the payload may take all but a few kilobytes of the
+    // server's largest message: a dead letter too large would be refused at every try, and
+    // the job would never leave the queue.
+    let room = shared
+        .client
+        .server_info()
+        .max_payload
+        .saturating_sub(body.len() + header_bytes(&headers) + RECORD_HEADER.len() + 64);
+    let mut record = record.clone();
+    if record.fit(room) {
+        tracing::warn!(
+            job_id = id,
+            "the dead letter's record was shortened to fit beside the payload: older runs or \
+             older stderr lines left out"
+        );
+    }
+    let json = serde_json::to_string(&record).map_err(|e| e.to_string())?;
     headers.insert(RECORD_HEADER, json.as_str());
     let ack = shared
         .js
@@ -768,6 +784,20 @@ async fn publish_dead_letter(
         .await
         .map_err(|e| e.to_string())?;
     ack.await.map(drop).map_err(|e| e.to_string())
+}
+
+/// What `headers` take in a message: `NATS/1.0`, each `Name: value` line and the blank line.
+fn header_bytes(headers: &HeaderMap) -> usize {
+    let lines: usize = headers
+        .iter()
+        .map(|(name, values)| {
+            values
+                .iter()
+                .map(|v| AsRef::<str>::as_ref(name).len() + v.as_str().len() + 4)
+                .sum::<usize>()
+        })
+        .sum();
+    "NATS/1.0\r\n\r\n".len() + lines
 }
 
 /// A pulled message that [`reject`] dead-letters.

@@ -152,6 +152,48 @@ impl Record {
         self.next_attempt_at = Some(rfc3339(due));
     }
 
+    /// Shortens the record until its JSON takes at most `room` bytes, for a dead letter whose
+    /// payload leaves little room in the message for the record's header: the oldest entries
+    /// of the history go first, then the oldest lines of each stderr tail, then the history
+    /// and the reason's length beyond a line. The count, the times and the last failure's
+    /// exit status stay. Returns whether anything was cut.
+    pub fn fit(&mut self, room: usize) -> bool {
+        let len = |r: &Record| serde_json::to_string(r).map_or(usize::MAX, |j| j.len());
+        if len(self) <= room {
+            return false;
+        }
+        while self.history.len() > 1 && len(self) > room {
+            self.history.remove(0);
+        }
+        while len(self) > room {
+            let tails = self
+                .history
+                .iter_mut()
+                .chain(self.last_failure.as_mut())
+                .map(|f| &mut f.stderr_tail)
+                .filter(|t| !t.is_empty());
+            let mut cut = false;
+            for tail in tails {
+                tail.remove(0);
+                cut = true;
+            }
+            if !cut {
+                break;
+            }
+        }
+        if len(self) > room {
+            self.history.clear();
+            for failure in self.last_failure.iter_mut() {
+                let mut end = failure.reason.len().min(LINE_CAP);
+                while !failure.reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                failure.reason.truncate(end);
+            }
+        }
+        true
+    }
+
     /// How long until the next attempt is due, by this host's clock; None when it is due.
     pub fn due_in(&self, now: SystemTime) -> Option<Duration> {
         let due = self.next_attempt_unix_ms?;
@@ -227,6 +269,64 @@ mod tests {
         assert!(!text.contains('\n'), "a header value is one line");
         let back: Record = serde_json::from_str(&text).unwrap();
         assert_eq!(History::from(back).attempts, 2);
+    }
+
+    #[test]
+    fn a_record_too_long_for_its_dead_letter_is_cut_to_fit_oldest_first() {
+        let report = |n: u32| Report {
+            outcome: Outcome::Failed,
+            started: SystemTime::now(),
+            duration: Duration::from_millis(5),
+            exit_code: Some(3),
+            signal: None,
+            timed_out: false,
+            reason: format!("exit status 3 (run {n})"),
+            stderr_tail: (0..10)
+                .map(|i| format!("{n}:{i}:{}", "x".repeat(600)))
+                .collect(),
+        };
+        let mut record = None;
+        for n in 1..=5 {
+            let now = SystemTime::now();
+            record = Some(Record::after_failure(
+                "j",
+                n,
+                record.as_ref(),
+                report(n),
+                "h",
+                now,
+            ));
+        }
+        let full = record.unwrap();
+        let len = |r: &Record| serde_json::to_string(r).unwrap().len();
+        assert!(len(&full) > 25_000, "{}", len(&full));
+
+        let mut fits = full.clone();
+        assert!(!fits.fit(len(&full)), "a record that fits is left whole");
+        assert_eq!(fits, full);
+
+        // Room for about two runs: the older runs go, the last stays whole.
+        let mut two = full.clone();
+        assert!(two.fit(12_000));
+        assert!(len(&two) <= 12_000);
+        assert_eq!(two.history.last(), full.history.last());
+        assert_eq!(two.last_failure, full.last_failure);
+        assert_eq!(
+            (two.attempts, &two.first_attempt_at),
+            (5, &full.first_attempt_at)
+        );
+
+        // Room for less than one run: its oldest stderr lines go, its newest stay.
+        let mut one = full.clone();
+        assert!(one.fit(2_500));
+        assert!(len(&one) <= 2_500, "{}", len(&one));
+        let tail = &one.last_failure.as_ref().unwrap().stderr_tail;
+        assert!(
+            !tail.is_empty() && tail.last().unwrap().starts_with("5:9:"),
+            "{tail:?}"
+        );
+        assert_eq!(one.last_failure.as_ref().unwrap().exit_code, Some(3));
+        assert_eq!(one.attempts, 5);
     }
 
     #[test]
