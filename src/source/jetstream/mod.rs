@@ -678,13 +678,23 @@ where
     Fut: std::future::Future<Output = Result<(), String>>,
 {
     let mut last = String::from("the lease ran out before the broker answered");
+    // The heartbeat renews the lease for as long as the broker answers it, so a request the
+    // broker refuses for good (a permission, a limit of the stream) would be sent forever and
+    // hold the worker: it is given up after an ack wait, and the job comes back.
+    let give_up = Instant::now() + shared.ack_wait;
     loop {
         let left = d.lease.left();
         if left.is_zero() {
             return Err(last);
         }
+        let Some(until_give_up) = give_up.checked_duration_since(Instant::now()) else {
+            return Err(format!(
+                "{last}; given up after {}",
+                humantime::format_duration(shared.ack_wait)
+            ));
+        };
         if shared.client.connection_state() == async_nats::connection::State::Connected {
-            match tokio::time::timeout(left, op()).await {
+            match tokio::time::timeout(left.min(until_give_up), op()).await {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(e)) => last = e,
                 Err(_) => last = "the lease ran out before the broker answered".to_owned(),
@@ -1213,6 +1223,8 @@ async fn deliver(
         }
     } else if let Err(e) = write_payload(&path, &message.payload) {
         lease.settled.cancel();
+        // A file cut short by a full disk goes, or each delivery would leave another.
+        let _ = fs::remove_file(&path);
         tracing::error!(job_id = shown, "cannot write the job's file: {e}");
         let delay = soon(delivered, shared.ack_wait);
         handback(shared, &reply, &shown, "no scratch file", delay).await;
