@@ -196,9 +196,13 @@ struct LeaseState {
 }
 
 impl LeaseState {
-    fn new(limit: Duration) -> LeaseState {
+    /// A lease of `limit` that runs from `since`: the moment the pull that brought the delivery
+    /// was sent, no later than the server's deadline for it began. A delivery may wait behind
+    /// the others of its pull (their records to read, a large payload to fetch), and that
+    /// wait is part of its ack wait.
+    fn new(since: Instant, limit: Duration) -> LeaseState {
         LeaseState {
-            epoch: Instant::now(),
+            epoch: since,
             last_ok_ms: AtomicU64::new(0),
             lost: AtomicBool::new(false),
             settled: CancellationToken::new(),
@@ -883,6 +887,8 @@ async fn reject(shared: &Shared, pulled: &Pulled<'_>, earlier: Option<&Record>, 
 
 /// What the claimer knows of its latest pull, for what it hands back after a stop.
 struct Pull {
+    /// When the pull was sent: the deadline of each delivery it brings runs from later.
+    sent: Instant,
     /// When the pull expires at the server (give or take the request's trip there).
     ends: Instant,
     /// The stream sequences handed back since the stop.
@@ -908,6 +914,7 @@ impl Pull {
 async fn claimer(shared: Arc<Shared>, consumer: PullConsumer, mut claims: mpsc::Receiver<Claim>) {
     let mut waiting: Vec<Claim> = Vec::new();
     let mut pull = Pull {
+        sent: Instant::now(),
         ends: Instant::now(),
         caught: HashSet::new(),
     };
@@ -937,7 +944,8 @@ async fn claimer(shared: Arc<Shared>, consumer: PullConsumer, mut claims: mpsc::
         if waiting.is_empty() {
             continue;
         }
-        pull.ends = Instant::now() + FETCH_EXPIRES;
+        pull.sent = Instant::now();
+        pull.ends = pull.sent + FETCH_EXPIRES;
         let pulled = consumer
             .batch()
             .max_messages(waiting.len())
@@ -1072,7 +1080,10 @@ async fn deliver(
     }
     tracing::debug!(job_id = shown, delivered, sequence, "job delivered");
     let sequence = (sequence > 0).then_some(sequence);
-    let lease = Arc::new(LeaseState::new(shared.ack_wait - shared.progress));
+    let lease = Arc::new(LeaseState::new(
+        pull.sent,
+        shared.ack_wait - shared.progress,
+    ));
     // Every delivery reads the job's settled marker first: one the cluster has settled may
     // come back. A consumer leader that dies can lose an acknowledgement it already confirmed,
     // and with it the record of the delivery itself, so the job comes back as a redelivery or
@@ -1244,6 +1255,19 @@ async fn deliver(
         lease,
         revoked,
     };
+    // A delivery that waited behind the others of its pull until its lease ran out may be on
+    // another host by now: it does not run here, and nothing is sent for it.
+    if delivery.lease.left().is_zero() {
+        delivery.lease.lost.store(true, Relaxed);
+        delivery.lease.settled.cancel();
+        let _ = fs::remove_file(&delivery.path);
+        tracing::warn!(
+            job_id = delivery.shown,
+            "lease ran out before the job could start (it waited behind the other jobs of its \
+             pull); left to the ack wait"
+        );
+        return;
+    }
     while let Some(claim) = waiting.pop() {
         match claim.send(delivery) {
             Ok(()) => return,
@@ -1464,7 +1488,7 @@ mod tests {
 
     #[test]
     fn a_lease_runs_out_limit_after_its_last_confirmed_heartbeat() {
-        let lease = LeaseState::new(Duration::from_millis(200));
+        let lease = LeaseState::new(Instant::now(), Duration::from_millis(200));
         assert!(lease.left() > Duration::from_millis(150));
         std::thread::sleep(Duration::from_millis(120));
         lease.confirmed_at(Instant::now());
@@ -1475,6 +1499,22 @@ mod tests {
             Duration::ZERO,
             "a lost lease is never renewed"
         );
+    }
+
+    #[test]
+    fn a_lease_runs_from_its_pull_not_from_when_its_turn_came() {
+        let pulled = Instant::now()
+            .checked_sub(Duration::from_millis(150))
+            .unwrap();
+        let lease = LeaseState::new(pulled, Duration::from_millis(200));
+        assert!(
+            lease.left() <= Duration::from_millis(50),
+            "{:?}",
+            lease.left()
+        );
+        let pulled = Instant::now().checked_sub(Duration::from_secs(1)).unwrap();
+        let lease = LeaseState::new(pulled, Duration::from_millis(200));
+        assert_eq!(lease.left(), Duration::ZERO, "a wait longer than the lease");
     }
 
     /// The count at each delivery of a job's life, as the server numbers them, for a life
