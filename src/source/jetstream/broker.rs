@@ -26,7 +26,8 @@ const ATTEMPTS_MAX_AGE: Duration = Duration::from_secs(7 * 86_400);
 /// How long a job's settled marker is kept. A redelivery of a settled job comes an ack wait
 /// after the election that lost its acknowledgement (at most an hour by the config's bounds,
 /// in practice seconds); two hours cover that with room, while the stream holds no more than
-/// two hours of jobs, one small marker each.
+/// two hours of jobs, one small marker each. A failed run's retry marker matters for as long as
+/// its backoff lasts, which two hours cover at the default `retry.backoff_max` of one hour.
 const DONE_MAX_AGE: Duration = Duration::from_secs(2 * 3600);
 /// How long a host's entry in the hosts stream counts as live: three of its 5 s beats.
 pub const HOST_TTL: Duration = Duration::from_secs(15);
