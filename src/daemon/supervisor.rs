@@ -571,9 +571,9 @@ impl<S: Source> Running<S> {
             let bound = config.handler.kill_grace.saturating_add(ABORT_SLACK);
             if tokio::time::timeout(bound, self.pool.wait()).await.is_err() {
                 tracing::error!(
-                    "workers did not finish {} after the abort; exiting without them (their \
-                     jobs stay in active/ and run again at the next start)",
-                    humantime::format_duration(bound)
+                    "workers did not finish {} after the abort; exiting without them ({})",
+                    humantime::format_duration(bound),
+                    left_behind(&config)
                 );
             }
             let what = panics.first().unwrap_or("the stop sequence panicked");
@@ -642,6 +642,16 @@ async fn open_spool(
     Ok((spool, lock, recovery.alone))
 }
 
+/// What becomes of the jobs of workers that a stop leaves behind, as the log says it.
+fn left_behind(config: &Config) -> &'static str {
+    match config.backend.kind {
+        BackendKind::Spool => "their jobs stay in active/ and run again at the next start",
+        BackendKind::Jetstream => {
+            "whatever their jobs had not settled comes back after the ack wait, on any host"
+        }
+    }
+}
+
 /// The stop sequence: drain until `drain_timeout`, then abort; see the module documentation.
 async fn drain<S: Source>(
     pool: &Pool<S>,
@@ -695,10 +705,10 @@ async fn drain<S: Source>(
             }
             () = sleep_until(end), if aborted_at.is_some() => {
                 tracing::error!(
-                    "{} workers did not finish {} after the abort; exiting without them (their \
-                     jobs stay in active/ and run again at the next start)",
+                    "{} workers did not finish {} after the abort; exiting without them ({})",
                     stats.workers.load(Relaxed),
-                    humantime::format_duration(kill_grace.saturating_add(ABORT_SLACK))
+                    humantime::format_duration(kill_grace.saturating_add(ABORT_SLACK)),
+                    left_behind(config)
                 );
                 break;
             }
