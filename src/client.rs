@@ -1163,8 +1163,7 @@ fn show(queue: &impl Admin, arg: &str, json: bool) -> io::Result<ExitCode> {
 
 /// A time in ms since the epoch as RFC 3339, UTC.
 fn time_of_ms(ms: u64) -> String {
-    humantime::format_rfc3339_millis(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms))
-        .to_string()
+    crate::clock::rfc3339_ms(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms))
 }
 
 /// `spoold show`'s text: every value escaped for a terminal.

@@ -589,3 +589,36 @@ fn a_member_submits_delayed_jobs_and_jobs_under_the_limit() {
         })
     });
 }
+
+/// A submission request that names a time past year 9999 (forged by a member of the spool's
+/// group, who may write `control/`, or damaged) is filed like any other: the job waits in
+/// `retry/` for that time, and `spoold show` says when. Before, writing that time as text
+/// panicked: the daemon aborted its jobs and exited 70 at every start.
+#[test]
+fn a_request_for_a_time_past_year_9999_does_not_stop_the_daemon() {
+    let env = timed_env("");
+    // The layout is made by a first start.
+    let mut d = env.start();
+    d.stop();
+    let id = "01FORGEDTIMEJOB0000000000";
+    fs::write(env.path("tmp").join(id), "far").unwrap();
+    fs::write(
+        env.path("control").join(format!("submit-{id}")),
+        r#"{"uid":0,"not_before_unix_ms":300000000000000,"expires_unix_ms":null}"#,
+    )
+    .unwrap();
+    let d = env.start();
+    let other = enqueue(&env, &[], "near");
+    d.wait_until("the other job done", || env.names("done").contains(&other));
+    d.wait_until("the far job filed into retry/", || {
+        env.names("retry").contains(id)
+    });
+    let out = env.cli(&["show", id, "--json"]);
+    assert!(out.status.success(), "show: {}", describe(&out));
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        shown["next_attempt_at"], "9999-12-31T23:59:59.999Z",
+        "{shown}"
+    );
+    assert!(runs_of(&env, id).is_empty());
+}

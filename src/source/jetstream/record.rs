@@ -87,7 +87,7 @@ impl SettledAs {
 }
 
 pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
+    crate::clock::rfc3339_ms(t)
 }
 
 fn unix_ms(t: SystemTime) -> u64 {

@@ -1486,7 +1486,7 @@ pub fn unix_ms(t: SystemTime) -> u64 {
 
 /// A time as people read it in records: RFC 3339, UTC, milliseconds.
 pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
+    crate::clock::rfc3339_ms(t)
 }
 
 #[cfg(test)]
