@@ -604,16 +604,28 @@ impl Persistent {
             if err {
                 live.read_stderr(&mut self.chunk[..], sink);
             }
-            // An answer written just before an exit, an abort or a lost lease still counts.
+            // An answer written just before an exit, an abort or a lost lease still counts. It
+            // may take several reads (up to `MAX_ANSWER`, a chunk at a time), and an exit seen
+            // in this same poll ends the wait for more: whatever is in the pipe now is read now.
             if out {
-                match live.read_answer(&mut self.chunk[..], expected) {
-                    Ok(Some(answer)) => {
-                        live.drain_stderr(&mut self.chunk[..], sink);
-                        return Ok(answer);
+                let mut reads = 0;
+                loop {
+                    match live.read_answer(&mut self.chunk[..], expected) {
+                        Ok(Some(answer)) => {
+                            live.drain_stderr(&mut self.chunk[..], sink);
+                            return Ok(answer);
+                        }
+                        Ok(None) => {}
+                        Err(Ended::Exited) => {
+                            closed_at = Some(now);
+                            break;
+                        }
+                        Err(broken) => return Err(broken),
                     }
-                    Ok(None) => {}
-                    Err(Ended::Exited) => closed_at = Some(now),
-                    Err(broken) => return Err(broken),
+                    reads += 1;
+                    if reads > MAX_ANSWER / self.chunk.len() || !live.stdout_has_more() {
+                        break;
+                    }
                 }
             }
             if exit {
@@ -851,6 +863,19 @@ impl Live {
 
     /// Reads stdout while a job waits for its answer: the first complete line must be the
     /// answer for `expected`; lines after it are kept as stray.
+    /// Whether a read of stdout would not block now: more of a line is waiting, or its end.
+    fn stdout_has_more(&self) -> bool {
+        let Some(fd) = &self.stdout else {
+            return false;
+        };
+        let mut fds = [PollFd::from_borrowed_fd(fd.as_fd(), PollFlags::IN)];
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
+    }
+
     fn read_answer(&mut self, chunk: &mut [u8], expected: &str) -> Result<Option<Answer>, Ended> {
         let Some(fd) = &self.stdout else {
             return Ok(None);

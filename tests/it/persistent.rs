@@ -23,8 +23,11 @@ def record(pid):
     with open(PIDS, "a") as f:
         f.write(f"{pid}\n")
 record(os.getpid())
-def answer(job_id, status=0, twice=False):
-    line = json.dumps({"id": job_id, "status": status}) + "\n"
+def answer(job_id, status=0, twice=False, reason=None):
+    reply = {"id": job_id, "status": status}
+    if reason is not None:
+        reply["reason"] = reason
+    line = json.dumps(reply) + "\n"
     sys.stdout.write(line * (2 if twice else 1))
     sys.stdout.flush()
 for line in sys.stdin:
@@ -46,6 +49,11 @@ for line in sys.stdin:
         print("hello, spoold", flush=True)
     elif body == "status7":
         answer(job["id"], 7)
+    elif body == "longexit":
+        # A long answer (several of spoold's reads), then an exit at once, as a handler that
+        # serves a number of jobs and then recycles itself does.
+        answer(job["id"], reason="traceback " * 3000)
+        os._exit(0)
     elif body == "flood":
         chunk = b"x" * (1 << 20)
         for _ in range(1024):
@@ -249,6 +257,28 @@ fn a_handler_that_dies_or_breaks_the_protocol_fails_that_job_and_is_restarted() 
         } else {
             assert_ne!(c.served_by(id), c.served_by(&next), "{id}: restarted");
         }
+    }
+    // A long answer written just before the handler exits still counts: the job is done, and
+    // a fresh process serves the next.
+    for i in 0..5 {
+        let id = format!("f-longexit-{i}");
+        c.env.submit(&id, "longexit");
+        assert!(
+            wait_for(SOON, || {
+                (c.env.path(&format!("done/{id}")).exists()
+                    || c.env.path(&format!("failed/{id}")).exists())
+                .then_some(())
+            })
+            .is_some(),
+            "{}",
+            d.log()
+        );
+        assert!(
+            c.env.path(&format!("done/{id}")).exists(),
+            "{id} failed: {}; log:\n{}",
+            reason_of(&c.env, &id),
+            d.log()
+        );
     }
     // An answer given twice: the job is done, and the handler, whose extra line would answer
     // the next job, is restarted before it.
