@@ -458,6 +458,41 @@ fn spool_with_a_bind_mounted_subdirectory_is_refused() {
 // Jobs
 // ---------------------------------------------------------------------------------------------
 
+/// A job whose record in `state/` cannot be read (damaged, or written by another version)
+/// goes to `failed/` with a reason that names the record, instead of staying in `active/`,
+/// where nothing would ever settle it; the other jobs run, and `spoold retry` runs it again
+/// with a fresh count.
+#[test]
+fn a_job_with_a_corrupt_record_is_failed_with_the_reason_not_stranded() {
+    let env = recording_env("");
+    let mut d = env.start();
+    d.stop();
+    env.submit("broken", "x");
+    fs::write(env.path("state").join("broken"), "{\"attempts\": \"two\"").unwrap();
+    env.submit("fine", "x");
+    let mut d = env.start();
+    d.wait_until("the broken job in failed/ and the other done", || {
+        env.names("failed").contains("broken") && env.names("done").contains("fine")
+    });
+    assert_eq!(env.count("active"), 0);
+    let reason = failed_reasons(&env)
+        .into_iter()
+        .find(|(id, _)| id == "broken")
+        .and_then(|(_, r)| r)
+        .unwrap();
+    assert!(
+        reason.contains("state/broken: corrupt record") && reason.contains("spoold retry"),
+        "{reason}"
+    );
+    assert!(!runs(&env).contains_key("broken"), "it did not run");
+    let out = env.cli(&["retry", "broken"]);
+    assert!(out.status.success(), "{}", util::describe(&out));
+    d.wait_until("the retried job done", || {
+        env.names("done").contains("broken")
+    });
+    d.stop();
+}
+
 #[test]
 fn job_removed_between_discovery_and_claim_is_skipped_quietly() {
     // Directly against the library: the scan saw the name, then someone else took the file.

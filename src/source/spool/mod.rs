@@ -735,7 +735,31 @@ impl Spool {
             return Ok(Claim::Rejected { reason });
         }
         let history = if own_record {
-            self.read_record(Dir::State, &name)?.map(History::from)
+            match self.read_record(Dir::State, &name) {
+                Ok(record) => record.map(History::from),
+                // Its count and its time limits are unknown, so it does not run; left in
+                // active/, nothing would ever settle it. It goes to failed/ with the reason, and
+                // `spoold retry` runs it with a fresh count.
+                Err(e) => {
+                    let reason = format!(
+                        "its record in state/ cannot be read ({e}); not run, since its attempt \
+                         count and time limits are unknown: `spoold retry` runs it again with a \
+                         fresh count"
+                    );
+                    let history = History {
+                        id: display_name(&name),
+                        failed_at: Some(rfc3339(SystemTime::now())),
+                        permanent: true,
+                        last_failure: Some(Failure {
+                            reason: reason.clone(),
+                            ..Failure::default()
+                        }),
+                        ..History::default()
+                    };
+                    self.fail(&name, history)?;
+                    return Ok(Claim::Rejected { reason });
+                }
+            }
         } else {
             None
         };
