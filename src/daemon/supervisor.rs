@@ -49,8 +49,11 @@ const EXTEND_EVERY: Duration = Duration::from_secs(1);
 /// What EXTEND_TIMEOUT_USEC= adds on top of the worst case still ahead, so that a resend
 /// always arrives in time.
 const EXTEND_MARGIN: Duration = Duration::from_secs(3);
-/// How long after the last SIGKILL the stop waits for workers before giving up on them.
-const ABORT_SLACK: Duration = Duration::from_millis(150);
+/// How long after the last SIGKILL the stop waits for workers before giving up on them: a
+/// worker may wait `PIPE_GRACE` for its handler's pipes to close once the group is gone (a
+/// process that left the group can hold them), and then releases its job.
+const ABORT_SLACK: Duration =
+    Duration::from_millis(crate::runner::handler::PIPE_GRACE.as_millis() as u64 + 100);
 
 /// Why the daemon could not run or had to end.
 #[derive(Debug)]
@@ -568,7 +571,11 @@ impl<S: Source> Running<S> {
             // The stop sequence itself panicked. The hook cancelled `abort`, so the handlers
             // are being signalled: wait for their workers as an aborted stop would, and for no
             // longer.
-            let bound = config.handler.kill_grace.saturating_add(ABORT_SLACK);
+            let bound = config
+                .handler
+                .kill_grace
+                .max(self.pool.kill_grace_in_flight())
+                .saturating_add(ABORT_SLACK);
             if tokio::time::timeout(bound, self.pool.wait()).await.is_err() {
                 tracing::error!(
                     "workers did not finish {} after the abort; exiting without them ({})",
@@ -665,7 +672,9 @@ async fn drain<S: Source>(
     let in_flight = pool.in_flight() as u64;
     let requeued_before = stats.requeued.load(Relaxed);
     let drain_until = later(began, config.shutdown.drain_timeout);
-    let kill_grace = config.handler.kill_grace;
+    // A job keeps the config it started with: one that started before a reload lowered
+    // kill_grace gets its SIGKILL only after the old, longer grace, and the stop waits for it.
+    let kill_grace = || config.handler.kill_grace.max(pool.kill_grace_in_flight());
     notifier.stopping(&stopping_line(in_flight as usize, drain_until));
     if in_flight > 0 {
         tracing::info!(
@@ -682,9 +691,10 @@ async fn drain<S: Source>(
     let mut extend_at = Instant::now();
     loop {
         // The worst case still ahead: the rest of the drain, then kill_grace.
+        let grace = kill_grace().saturating_add(ABORT_SLACK);
         let end = match aborted_at {
-            Some(at) => later(at, kill_grace.saturating_add(ABORT_SLACK)),
-            None => later(drain_until, kill_grace.saturating_add(ABORT_SLACK)),
+            Some(at) => later(at, grace),
+            None => later(drain_until, grace),
         };
         tokio::select! {
             biased;
@@ -707,7 +717,7 @@ async fn drain<S: Source>(
                 tracing::error!(
                     "{} workers did not finish {} after the abort; exiting without them ({})",
                     stats.workers.load(Relaxed),
-                    humantime::format_duration(kill_grace.saturating_add(ABORT_SLACK)),
+                    humantime::format_duration(grace),
                     left_behind(config)
                 );
                 break;

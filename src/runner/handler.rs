@@ -47,7 +47,7 @@ pub(super) const STDERR_TAIL: usize = 10;
 pub(super) const MAX_LOGGED_LINES: u64 = 10_000;
 /// How long to wait for the output pipes to close once the handler's group is gone. Only a
 /// process that left the group (setsid) can hold them open that long.
-pub(super) const PIPE_GRACE: Duration = Duration::from_millis(200);
+pub const PIPE_GRACE: Duration = Duration::from_millis(200);
 
 /// How often to look whether the rest of a handler's group has gone, between its SIGTERM and
 /// SIGKILL, once the handler itself has exited. Each look may read /proc (`group_alive`), so

@@ -43,6 +43,10 @@ struct Crew<S> {
     stop: CancellationToken,
     /// The abort token, pollable by a worker blocked on its handler.
     abort: Abort,
+    /// The `handler.kill_grace` of each job in flight, counted: a job keeps the config it
+    /// started with, so after a reload that lowered it, a handler may still be owed the old,
+    /// longer grace before its SIGKILL, and the stop must wait for that.
+    graces: std::sync::Mutex<std::collections::BTreeMap<std::time::Duration, usize>>,
 }
 
 /// The pool: how many workers there should be, and the tasks that are.
@@ -71,6 +75,7 @@ impl<S: Source> Pool<S> {
                 stats,
                 stop,
                 abort,
+                graces: Default::default(),
             }),
             target: watch::Sender::new(0),
             tracker: TaskTracker::new(),
@@ -147,6 +152,17 @@ impl<S: Source> Pool<S> {
 
     pub fn in_flight(&self) -> usize {
         self.crew.stats.busy.load(Relaxed)
+    }
+
+    /// The longest `handler.kill_grace` that a job in flight runs under (zero when none does):
+    /// a job keeps the config it started with, which a reload may since have changed.
+    pub fn kill_grace_in_flight(&self) -> std::time::Duration {
+        let graces = self
+            .crew
+            .graces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        graces.keys().next_back().copied().unwrap_or_default()
     }
 }
 
@@ -257,6 +273,7 @@ fn run_job<S: Source>(
 ) {
     let config = crew.config.borrow().clone();
     let _busy = BusyGuard::new(&crew.stats);
+    let _grace = GraceGuard::new(&crew.graces, config.handler.kill_grace);
     let job = lease.job();
     tracing::info!(job_id = job.shown, attempt = job.attempt, "job started");
     crate::fault::hit(crate::fault::Point::Worker);
@@ -289,6 +306,41 @@ impl<'a> BusyGuard<'a> {
 impl Drop for BusyGuard<'_> {
     fn drop(&mut self) {
         self.0.busy.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Counts a job's `kill_grace` among those in flight for as long as it lives.
+struct GraceGuard<'a> {
+    graces: &'a std::sync::Mutex<std::collections::BTreeMap<std::time::Duration, usize>>,
+    grace: std::time::Duration,
+}
+
+impl<'a> GraceGuard<'a> {
+    fn new(
+        graces: &'a std::sync::Mutex<std::collections::BTreeMap<std::time::Duration, usize>>,
+        grace: std::time::Duration,
+    ) -> Self {
+        *graces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(grace)
+            .or_default() += 1;
+        Self { graces, grace }
+    }
+}
+
+impl Drop for GraceGuard<'_> {
+    fn drop(&mut self) {
+        let mut graces = self
+            .graces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = graces.get_mut(&self.grace) {
+            *count -= 1;
+            if *count == 0 {
+                graces.remove(&self.grace);
+            }
+        }
     }
 }
 
@@ -386,6 +438,7 @@ mod tests {
             stats: Arc::new(Stats::default()),
             stop: CancellationToken::new(),
             abort: Abort::watch(CancellationToken::new()).unwrap(),
+            graces: Default::default(),
         };
 
         let revoked = crew.source.revoked.try_clone().unwrap();

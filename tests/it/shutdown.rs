@@ -146,6 +146,54 @@ esac",
     d.wait_exit(SOON);
 }
 
+/// A job keeps the config it started with: after a reload lowers `kill_grace`, a stop still
+/// waits for the SIGKILL that the job in flight is owed under the old, longer grace, and then
+/// releases the job; no process outlives spoold. Before, the stop gave up after the new grace
+/// and exited 0 with the handler alive and its job left in `active/`.
+#[test]
+fn a_stop_waits_out_the_kill_grace_a_job_started_with() {
+    let env = Env::new(&["/bin/true"], "");
+    let pids = env.dir.path().join("pids");
+    let handler = env.script(
+        "stubborn.sh",
+        &format!(
+            "echo $$ >> {}\ntrap '' TERM\nwhile :; do sleep 0.1; done",
+            pids.display()
+        ),
+    );
+    let config =
+        |grace: &str| format!("kill_grace = \"{grace}\"\n[shutdown]\ndrain_timeout = \"0s\"\n");
+    env.write_config(&[&handler], &config("3s"));
+    let mut d = env.start();
+    env.submit("stubborn", "x");
+    d.wait_until("the handler to start", || !pids_in(&pids).is_empty());
+    env.write_config(&[&handler], &config("200ms"));
+    d.signal(1);
+    d.wait_until("the reload applied", || {
+        d.log().contains("configuration reloaded")
+    });
+    d.term();
+    let (status, took) = d.wait_exit(SOON);
+    assert!(status.success(), "{}", d.log());
+    let log = d.log();
+    assert!(!log.contains("did not finish"), "{log}");
+    assert!(
+        took >= Duration::from_millis(2_500),
+        "the stop took {took:?}, less than the 3 s grace the job started with: {log}"
+    );
+    assert_eq!(
+        env.names("new").len(),
+        1,
+        "the job went back to new/: {log}"
+    );
+    assert_eq!(env.count("active"), 0);
+    let pids = pids_in(&pids);
+    assert!(
+        pids.iter().all(|p| !process_alive(*p)),
+        "the handler ({pids:?}) outlived spoold"
+    );
+}
+
 #[test]
 fn second_signal_aborts_at_once() {
     let env = Env::new(&["/bin/true"], "");
