@@ -200,6 +200,65 @@ fn held_jobs_never_start_and_release_keeps_their_attempts() {
     d.stop();
 }
 
+/// A member of the spool's group holds a job whose name has a backslash in it, typed as
+/// `spoold failed` shows it (`a\\nb`): the daemon, which carries out a member's request, holds
+/// that job and not `a` newline `b`, the job that the backslash escape would otherwise name.
+#[test]
+fn a_member_holds_the_job_it_names_even_with_a_backslash_in_its_name() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Command;
+    let test = "operator::a_member_holds_the_job_it_names_even_with_a_backslash_in_its_name";
+    if !crate::util::is_root() || Command::new("setpriv").arg("--version").output().is_err() {
+        return crate::util::skip(
+            test,
+            "needs root and setpriv to run as a member of the group",
+        );
+    }
+    let env = operator_env();
+    let mut d = env.start();
+    let out = env.cli(&["pause"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    d.wait_log(|l| l.contains("paused by uid"), SOON);
+    let (backslash, newline) = ("a\\nb", "a\nb");
+    env.submit(backslash, "x");
+    env.submit(newline, "x");
+    // The spool as the package gives it to its group (here nogroup, 65534).
+    for (dir, mode) in [
+        ("", 0o2750),
+        ("new", 0o3770),
+        ("hold", 0o2750),
+        ("control", 0o2770),
+    ] {
+        let path = env.spool.join(dir);
+        std::os::unix::fs::chown(&path, Some(0), Some(65534)).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+    for dir in [
+        "tmp", "active", "retry", "done", "failed", "state", "reasons",
+    ] {
+        std::os::unix::fs::chown(env.spool.join(dir), Some(0), Some(65534)).unwrap();
+    }
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&env.config, fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(crate::util::BIN)
+        .args(["hold", "a\\\\nb", "--config"])
+        .arg(&env.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "hold as a member: {}", describe(&out));
+    d.wait_until("the job named with a backslash held", || {
+        env.names("hold").contains(backslash)
+    });
+    assert!(
+        env.names("new").contains(newline),
+        "the other job stays queued"
+    );
+    assert_eq!(env.count("hold"), 1);
+    d.stop();
+}
+
 #[test]
 fn hold_and_release_refuse_a_path() {
     let env = operator_env();

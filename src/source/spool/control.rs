@@ -639,10 +639,11 @@ impl Spool {
         asked: &[JobId],
     ) -> Result<(), OperatorError> {
         let uid = rustix::process::geteuid().as_raw();
+        // In the escaped form `spoold failed` shows, which the daemon parses back to the very
+        // name: a name with a backslash, control characters or bytes that are not UTF-8 would
+        // otherwise reach it as another job's name, or as none.
         let names = |ids: &[JobId]| -> Vec<String> {
-            ids.iter()
-                .map(|id| id.as_os_str().to_string_lossy().into_owned())
-                .collect()
+            ids.iter().map(|id| display_name(id.as_os_str())).collect()
         };
         // One generator for the whole process: records written within one millisecond (the
         // chunks of one command, or two operations of one process) still sort in the order
