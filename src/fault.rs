@@ -1,8 +1,9 @@
 //! Test-only switches, in debug builds only: deliberate panics (`SPOOLD_TEST_PANIC=worker|dispatcher|stop`),
 //! a shorter age for the sweep of `tmp/` (`SPOOLD_TEST_TMP_MAX_AGE`), a pause inside
 //! `spoold enqueue`'s limited publication (`SPOOLD_TEST_PUBLISH_PAUSE`), a broker
-//! acknowledgement left out (`SPOOLD_TEST_LOSE_ACK`), and a broker delivery dropped on its way
-//! to a worker (`SPOOLD_TEST_DROP_DELIVERY`).
+//! acknowledgement left out (`SPOOLD_TEST_LOSE_ACK`), a broker delivery dropped on its way to
+//! a worker (`SPOOLD_TEST_DROP_DELIVERY`), and a pause as a spool attempt is settled
+//! (`SPOOLD_TEST_SETTLE_PAUSE`).
 //!
 //! Once the time arithmetic could no longer overflow, no known panic was left, yet the path a
 //! panic takes (logged with its thread, the abort path, exit status 70, crash recovery at the
@@ -84,6 +85,21 @@ pub fn publish_pause() {
         .ok()
         .and_then(|v| humantime::parse_duration(&v).ok())
     {
+        std::thread::sleep(pause);
+    }
+}
+
+/// How long a spool lease waits, once it has begun to settle an attempt (its cancel switch
+/// closed), before it settles: nothing, or in debug builds `SPOOLD_TEST_SETTLE_PAUSE` (a
+/// duration such as "2s"). Settling takes milliseconds, too short for a test to send a cancel
+/// into it by timing.
+pub fn settle_pause() {
+    #[cfg(debug_assertions)]
+    if let Some(pause) = std::env::var("SPOOLD_TEST_SETTLE_PAUSE")
+        .ok()
+        .and_then(|v| humantime::parse_duration(&v).ok())
+    {
+        tracing::info!("settling the attempt after {pause:?} (SPOOLD_TEST_SETTLE_PAUSE)");
         std::thread::sleep(pause);
     }
 }

@@ -148,6 +148,29 @@ fn a_running_handler_and_its_child_are_stopped_and_the_job_fails_for_good() {
     assert_eq!(starts(&env, "slow"), 1);
 }
 
+/// A cancel that comes while a failed attempt is being settled (its handler has ended, the
+/// job is on its way to retry/) is not lost: the request waits for the next look, which finds
+/// the job in retry/ and fails it as cancelled. Before, the cancel was taken as one of a
+/// running job, its request removed, and the job ran again. The test-only switch
+/// `SPOOLD_TEST_SETTLE_PAUSE` holds the settling open long enough to send the cancel into it.
+#[test]
+fn a_cancel_that_comes_as_an_attempt_is_settled_is_not_lost() {
+    let env = cancel_env();
+    let d = crate::util::Daemon::start(&env.config, &[("SPOOLD_TEST_SETTLE_PAUSE", "2s")]);
+    env.submit("flaky", "fail");
+    // The handler exits 1 at once; its settling then pauses 2 s.
+    d.wait_until("the failed attempt's settling to begin", || {
+        d.log().contains("SPOOLD_TEST_SETTLE_PAUSE")
+    });
+    cancel(&env, &["flaky"]);
+    d.wait_until("the job in failed/", || {
+        env.names("failed").contains("flaky")
+    });
+    assert_eq!(reason_of(&env, "flaky").as_deref(), Some("cancelled"));
+    assert_eq!(env.count("retry"), 0, "{}", d.log());
+    assert_eq!(env.count("control"), 0, "the request was acted on");
+}
+
 #[test]
 fn a_path_or_an_unknown_id_is_refused_and_nothing_is_requested() {
     let env = cancel_env();

@@ -294,18 +294,27 @@ pub(super) struct Running(
 /// The cancel switch of one attempt under way.
 pub(crate) struct CancelFd {
     fd: OwnedFd,
-    /// The uid of the operator who cancelled the attempt, once one did.
+    /// The uid of the operator who cancelled the attempt, once one did; [`SETTLING`] once the
+    /// attempt's outcome is being settled, after which no cancel can take hold of it.
     by: OnceLock<u32>,
 }
+
+/// What `CancelFd::by` holds once settling has begun: no uid (it is `(uid_t) -1`).
+const SETTLING: u32 = u32::MAX;
 
 impl CancelFd {
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
 
-    /// Who cancelled the attempt, if anyone did.
-    pub(crate) fn cancelled_by(&self) -> Option<u32> {
-        self.by.get().copied()
+    /// Closes the switch as the attempt's outcome is settled, and says who cancelled the
+    /// attempt before that, if anyone did. A cancel that comes later finds the switch closed
+    /// and leaves its request for the next look, which finds the job where settling put it.
+    pub(crate) fn settling(&self) -> Option<u32> {
+        match self.by.set(SETTLING) {
+            Ok(()) => None,
+            Err(_) => self.by.get().copied().filter(|&uid| uid != SETTLING),
+        }
     }
 }
 
@@ -371,9 +380,9 @@ impl Spool {
         }
         // Kept for the next attempt only when nobody cancelled it: a cancel sets `by` and
         // raises the counter while it holds the table's lock, so once the entry is out of the
-        // table an unset `by` means a counter still at zero. Anyone else still holding the
+        // table a `by` unset or closed for settling means a counter still at zero. Anyone else still holding the
         // entry makes `try_unwrap` fail, and the descriptor is closed instead.
-        if entry.by.get().is_none()
+        if entry.by.get().is_none_or(|&by| by == SETTLING)
             && let Ok(CancelFd { fd, .. }) = Arc::try_unwrap(entry)
         {
             self.running
@@ -456,6 +465,12 @@ impl Spool {
         if let Some(entry) = self.running.lock().get(name) {
             if entry.by.set(uid).is_ok() {
                 rustix::io::write(&entry.fd, &1u64.to_ne_bytes())?;
+                return Ok(Cancelled::Running);
+            }
+            // Being settled (its handler has ended): the request stays, and the next look
+            // finds the job in retry/ or new/ (and cancels it there) or done or failed.
+            if entry.by.get() == Some(&SETTLING) {
+                return Ok(Cancelled::Pending);
             }
             return Ok(Cancelled::Running);
         }

@@ -307,20 +307,30 @@ impl Lease for SpoolLease<'_> {
 
     fn settle(self, verdict: Verdict, mut report: Report) {
         // The runner reports a raised `revoked` as a lost lease, to be released; here it can
-        // only be a cancel, which fails the job for good instead. An attempt that ended on its
-        // own before the cancel reached it keeps its own verdict.
-        let cancelled_by = self.cancel.as_ref().and_then(|c| c.cancelled_by());
-        if let Some(uid) = cancelled_by
-            && report.outcome == Outcome::LeaseLost
-        {
-            tracing::warn!(
+        // only be a cancel, which fails the job for good instead. So does a cancel that came
+        // after the handler ended but before this, for a job that would run again (its
+        // request is gone: the cancel was taken as one of a running job). A job done or failed
+        // meanwhile stays as it ended. A cancel that comes from here on waits for the next look.
+        let cancelled_by = self.cancel.as_ref().and_then(|c| c.settling());
+        crate::fault::settle_pause();
+        if let Some(uid) = cancelled_by {
+            if report.outcome == Outcome::LeaseLost
+                || matches!(verdict, Verdict::Retry { .. } | Verdict::Release)
+            {
+                tracing::warn!(
+                    job_id = self.shown.as_str(),
+                    operator_uid = uid,
+                    "cancelled by uid {uid} while running ({}); not retried",
+                    report.reason
+                );
+                report.reason = CANCELLED.to_owned();
+                return self.fail(true, report);
+            }
+            tracing::info!(
                 job_id = self.shown.as_str(),
                 operator_uid = uid,
-                "cancelled by uid {uid} while running ({}); not retried",
-                report.reason
+                "the cancel by uid {uid} came as the handler ended; the job is settled as it ended"
             );
-            report.reason = CANCELLED.to_owned();
-            return self.fail(true, report);
         }
         match verdict {
             Verdict::Done => self.done(&report),
