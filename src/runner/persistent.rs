@@ -294,7 +294,9 @@ impl Persistent {
             self.failures = 0;
         }
         self.look_between_jobs(cfg, abort);
-        if self.live.is_none() {
+        // No handler starts after the abort: it would only be ended again, and its teardown
+        // would take a kill_grace of its own past the one the stop allows for.
+        if self.live.is_none() && !abort.raised() {
             let now = Instant::now();
             if let Some(at) = self.restart_at.filter(|at| *at > now) {
                 return Some(at);
