@@ -859,7 +859,13 @@ fn retry(queue: &impl Admin, ids: &[String], all: bool) -> io::Result<ExitCode> 
         let mut parsed = Vec::with_capacity(ids.len());
         for arg in ids {
             match JobId::parse(arg) {
-                Ok(id) => parsed.push(id),
+                Ok(id) => match queue.refuses(&id) {
+                    None => parsed.push(id),
+                    Some(why) => {
+                        eprintln!("spoold: {}: not a job ID: {why}", escape_text(arg));
+                        code = ExitCode::FAILURE;
+                    }
+                },
                 Err(e) => {
                     eprintln!("spoold: {e}");
                     code = ExitCode::FAILURE;

@@ -2,8 +2,8 @@
 //! a shorter age for the sweep of `tmp/` (`SPOOLD_TEST_TMP_MAX_AGE`), a pause inside
 //! `spoold enqueue`'s limited publication (`SPOOLD_TEST_PUBLISH_PAUSE`), a broker
 //! acknowledgement left out (`SPOOLD_TEST_LOSE_ACK`), a broker delivery dropped on its way to
-//! a worker (`SPOOLD_TEST_DROP_DELIVERY`), and a pause as a spool attempt is settled
-//! (`SPOOLD_TEST_SETTLE_PAUSE`).
+//! a worker (`SPOOLD_TEST_DROP_DELIVERY`), a pause as a spool attempt is settled
+//! (`SPOOLD_TEST_SETTLE_PAUSE`), and one inside a broker `retry` (`SPOOLD_TEST_RETRY_PAUSE`).
 //!
 //! Once the time arithmetic could no longer overflow, no known panic was left, yet the path a
 //! panic takes (logged with its thread, the abort path, exit status 70, crash recovery at the
@@ -100,6 +100,20 @@ pub fn settle_pause() {
         .and_then(|v| humantime::parse_duration(&v).ok())
     {
         tracing::info!("settling the attempt after {pause:?} (SPOOLD_TEST_SETTLE_PAUSE)");
+        std::thread::sleep(pause);
+    }
+}
+
+/// How long `spoold retry` on the broker waits between publishing a job again and removing
+/// its dead letter: nothing, or in debug builds `SPOOLD_TEST_RETRY_PAUSE` (a duration). A
+/// daemon that runs the job and dead-letters it again within those milliseconds is too quick
+/// for a test to catch by timing.
+pub fn retry_pause() {
+    #[cfg(debug_assertions)]
+    if let Some(pause) = std::env::var("SPOOLD_TEST_RETRY_PAUSE")
+        .ok()
+        .and_then(|v| humantime::parse_duration(&v).ok())
+    {
         std::thread::sleep(pause);
     }
 }

@@ -36,6 +36,14 @@ pub trait Admin {
     /// The jobs that failed for good, in the order of their IDs, with their histories.
     fn failed(&self) -> io::Result<Vec<FailedJob>>;
 
+    /// Why `id`, a valid job ID, can name no job of this queue (a broker's IDs are subject
+    /// tokens, which a spool's names need not be); None when it can. Every argument of a
+    /// command is checked before anything moves.
+    fn refuses(&self, id: &JobId) -> Option<String> {
+        let _ = id;
+        None
+    }
+
     /// Queues the failed job `id` again, with a fresh attempt count.
     fn retry(&self, id: &JobId) -> io::Result<Retried>;
 

@@ -1330,6 +1330,71 @@ fn a_failed_run_the_cluster_forgot_still_counts_and_waits_out_its_backoff() {
     db.stop();
 }
 
+/// `spoold retry` on the broker refuses an ID that is no subject token (`*` and `>` would
+/// name every job's dead letter and record, `a.b` another subject) before anything moves; and a
+/// retried job that runs and fails again before the command has removed its old dead letter
+/// keeps its new one. Before, `retry '*'` removed every dead letter and attempts record, and
+/// the quick failure's dead letter was removed with the old one: the job was lost. The
+/// test-only switch `SPOOLD_TEST_RETRY_PAUSE` holds the command between the two steps.
+#[test]
+fn retry_refuses_wildcards_and_keeps_a_dead_letter_written_meanwhile() {
+    let test = "retry_refuses_wildcards_and_keeps_a_dead_letter_written_meanwhile";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    let cluster = nats::Cluster::start(&server);
+    let shared = tempfile::tempdir().unwrap();
+    let runs = Runs(shared.path().join("runs"));
+    let a = host(shared.path(), &cluster, "A", "");
+    let mut da = a.start();
+    let first = enqueue(&a, "perm");
+    let second = enqueue(&a, "perm");
+    wait(SOON, "both jobs dead-lettered", &[&da], || {
+        let f = failed(&a);
+        f.contains_key(&first) && f.contains_key(&second)
+    });
+    for id in ["*", ">", "a.b", &format!("{first}.*"), "\\x2a"] {
+        let out = a.cli(&["retry", id, &first]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "retry {id}: {}",
+            util::describe(&out)
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not a job ID"), "retry {id}: {err}");
+        assert!(err.contains("nothing was retried"), "retry {id}: {err}");
+    }
+    let left = failed(&a);
+    assert!(
+        left.contains_key(&first) && left.contains_key(&second),
+        "{left:?}"
+    );
+    assert_eq!(runs.of(&first).len(), 1, "not retried");
+
+    // The retried job fails again (exit 65, permanent) while the command pauses.
+    let out = std::process::Command::new(util::BIN)
+        .args(["retry", &first, "--config"])
+        .arg(&a.config)
+        .env("SPOOLD_TEST_RETRY_PAUSE", "3s")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "retry: {}", util::describe(&out));
+    assert_eq!(runs.of(&first).len(), 2, "it ran again during the pause");
+    let after = failed(&a);
+    assert!(
+        after.contains_key(&first),
+        "the second dead letter was kept: {after:?}; log:\n{}",
+        da.log()
+    );
+    assert_eq!(
+        after[&first]["attempts"], 1,
+        "a fresh count: {}",
+        after[&first]
+    );
+    da.stop();
+}
+
 /// Deletes the queue's durable consumer, as an operator could; the next host to start makes it
 /// again.
 fn delete_consumer(cluster: &nats::Cluster) {

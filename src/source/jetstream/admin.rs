@@ -13,7 +13,7 @@ use async_nats::jetstream::{self, stream};
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 
-use super::broker::{self, BrokerError, DUPLICATE_WINDOW, Names, header};
+use super::broker::{self, BrokerError, DUPLICATE_WINDOW, Names, REQUEST_TIMEOUT, header};
 use super::payload::{self, ObjectRef};
 use super::record::Record;
 use super::{GENERATION_HEADER, ID_HEADER, RECORD_HEADER};
@@ -157,14 +157,30 @@ impl BrokerAdmin {
         body: Bytes,
         object: Option<&ObjectRef>,
     ) -> io::Result<()> {
+        let now = tokio::time::Instant::now();
+        self.publish_job_since(msg_id, id, generation, body, object, now)
+            .await
+    }
+
+    /// [`publish_job`](Self::publish_job) for a job first published at `since`: the duplicate
+    /// window runs from then, so the tries stop half a window after it.
+    async fn publish_job_since(
+        &self,
+        msg_id: &str,
+        id: &str,
+        generation: u32,
+        body: Bytes,
+        object: Option<&ObjectRef>,
+        since: tokio::time::Instant,
+    ) -> io::Result<()> {
         let mut headers = job_headers(msg_id, id, generation);
         if let Some(object) = object {
             object.add_to(&mut headers);
         }
         // The same Nats-Msg-Id every time: the stream keeps one copy whichever publish
         // landed, so a retry after a lost answer is no duplicate. Bounded by half the
-        // duplicate window, inside which that holds.
-        let give_up = tokio::time::Instant::now() + DUPLICATE_WINDOW / 2;
+        // duplicate window from the first publish, inside which that holds.
+        let give_up = since + DUPLICATE_WINDOW / 2;
         let mut pause = PUBLISH_PAUSE.0;
         loop {
             let sent = async {
@@ -180,7 +196,8 @@ impl BrokerAdmin {
                 Ok(()) => return Ok(()),
                 Err(e) if tokio::time::Instant::now() + pause > give_up => {
                     return Err(io::Error::other(format!(
-                        "the cluster did not acknowledge it within {}: {e}",
+                        "the cluster did not acknowledge it within {} of its first publish \
+                         (it may be queued all the same: see `spoold status`): {e}",
                         humantime::format_duration(DUPLICATE_WINDOW / 2)
                     )));
                 }
@@ -270,11 +287,12 @@ impl BrokerAdmin {
                     Ok(body) => {
                         let body = Bytes::from(body);
                         let headers = job_headers(&id, &id, 0);
+                        let at = tokio::time::Instant::now();
                         let sent = self
                             .js
                             .publish_with_headers(self.names.subject.clone(), headers, body.clone())
                             .await;
-                        Ok((body, sent.ok()))
+                        Ok((body, sent.ok(), at))
                     }
                     Err(e) => Err(Some(e)),
                 };
@@ -292,18 +310,23 @@ impl BrokerAdmin {
         });
     }
 
+    /// Waits for the acknowledgement of a publish made at `sent`, or publishes again. The
+    /// answer is awaited until `REQUEST_TIMEOUT` after the publish, not after the await: the
+    /// acknowledgements are awaited one after the other, and when a leader's death loses them
+    /// all, each would otherwise cost a whole timeout in turn, and the later jobs' tries would
+    /// run past the duplicate window that keeps a resubmission from being stored twice.
     async fn settle_publish(&self, id: &str, pending: Pending) -> io::Result<()> {
-        let (body, ack) = match pending {
+        let (body, ack, sent) = match pending {
             Ok(sent) => sent,
             Err(None) => return Ok(()),
             Err(Some(e)) => return Err(e),
         };
         if let Some(ack) = ack
-            && ack.await.is_ok()
+            && let Ok(Ok(_)) = tokio::time::timeout_at(sent + REQUEST_TIMEOUT, ack).await
         {
             return Ok(());
         }
-        self.publish_job(id, id, 0, body, None).await
+        self.publish_job_since(id, id, 0, body, None, sent).await
     }
 
     async fn purge_subject(&self, stream: &str, subject: String) -> io::Result<()> {
@@ -348,7 +371,14 @@ const IN_FLIGHT: usize = 256;
 
 /// A job of `submit_many` on its way: its body and the acknowledgement it awaits, or its
 /// end already known (`Err(None)`: submitted; `Err(Some)`: not submitted, and why).
-type Pending = Result<(Bytes, Option<jetstream::context::PublishAckFuture>), Option<io::Error>>;
+type Pending = Result<
+    (
+        Bytes,
+        Option<jetstream::context::PublishAckFuture>,
+        tokio::time::Instant,
+    ),
+    Option<io::Error>,
+>;
 
 impl Admin for BrokerAdmin {
     fn address(&self) -> (&'static str, String) {
@@ -476,9 +506,25 @@ impl Admin for BrokerAdmin {
         Ok(jobs)
     }
 
+    fn refuses(&self, id: &JobId) -> Option<String> {
+        let ok = id.as_os_str().to_str().is_some_and(broker::is_job_token);
+        (!ok).then(|| {
+            "a job ID on the broker holds only letters, digits, `-` and `_` (at most 128)".into()
+        })
+    }
+
     fn retry(&self, id: &JobId) -> io::Result<Retried> {
-        let Some(id) = id.as_os_str().to_str() else {
-            return Ok(Retried::NoSuchJob);
+        // Checked again here, whoever calls: the ID becomes a token of subjects, where a `*`
+        // or a `>` would name every job's dead letter and record.
+        let Some(id) = id
+            .as_os_str()
+            .to_str()
+            .filter(|id| broker::is_job_token(id))
+        else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a job ID of the broker's queue (letters, digits, `-` and `_` only)",
+            ));
         };
         self.runtime.block_on(async {
             let stream = self
@@ -519,8 +565,44 @@ impl Admin for BrokerAdmin {
                 object.as_ref(),
             )
             .await?;
-            self.purge_subject(&self.names.failed_stream, self.names.failed_subject(id))
-                .await?;
+            crate::fault::retry_pause();
+            // Only this dead letter and older ones go: the job may already have run and
+            // failed again, and its new dead letter must stay. Tried again through an election,
+            // since a dead letter left behind would be retried a second time and, past the
+            // duplicate window, queued twice.
+            let give_up = tokio::time::Instant::now() + DUPLICATE_WINDOW / 2;
+            let mut pause = PUBLISH_PAUSE.0;
+            loop {
+                let purged = async {
+                    let stream = self
+                        .js
+                        .get_stream_no_info(&self.names.failed_stream)
+                        .await
+                        .map_err(other)?;
+                    stream
+                        .purge()
+                        .filter(self.names.failed_subject(id))
+                        .sequence(letter.sequence + 1)
+                        .await
+                        .map(drop)
+                        .map_err(other)
+                }
+                .await;
+                match purged {
+                    Ok(()) => break,
+                    Err(e) if tokio::time::Instant::now() + pause > give_up => {
+                        return Err(io::Error::other(format!(
+                            "{id} is back in the queue, but its dead letter could not be removed \
+                             ({e}): `spoold failed` still lists it; do not retry it again until \
+                             it is gone, or it may run twice"
+                        )));
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(PUBLISH_PAUSE.1);
+                    }
+                }
+            }
             Ok(Retried::Queued {
                 name: OsString::from(id),
                 place: Place::named("the queue"),

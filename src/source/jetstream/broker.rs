@@ -35,6 +35,18 @@ pub const HOST_TTL: Duration = Duration::from_secs(15);
 /// delay (they hold a slot: SPEC H1).
 const MAX_ACK_PENDING: i64 = 20_000;
 
+/// Whether `id` can be a job's ID on the broker: it becomes a token of subjects
+/// (`spoold.<q>.failed.<id>`), so it must hold no `.` (another token), no `*` or `>` (a
+/// wildcard, which would name every job's subject), nothing else a subject cannot hold, and
+/// be safe as a file name in the scratch area: letters, digits, `-` and `_`, at most 128.
+pub fn is_job_token(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// The names of everything spoold keeps in the cluster for one queue.
 #[derive(Debug, Clone)]
 pub struct Names {

@@ -992,12 +992,7 @@ async fn pull_pause(shared: &Shared, pause: &mut Duration) {
 /// A job's ID from its message: `Spoold-Id`, else `Nats-Msg-Id`, else its stream sequence;
 /// only a name that is safe as a file name and a subject token is taken.
 fn job_id(headers: Option<&HeaderMap>, sequence: u64) -> String {
-    let safe = |s: &&str| {
-        !s.is_empty()
-            && s.len() <= 128
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
+    let safe = |s: &&str| broker::is_job_token(s);
     header(headers, ID_HEADER)
         .filter(safe)
         .or_else(|| header(headers, "Nats-Msg-Id").filter(safe))
