@@ -342,6 +342,7 @@ impl Running<SpoolSource> {
         let (config_tx, config_rx) = watch::channel(Arc::new(config));
         let (rescan_tx, rescan_rx) = watch::channel(config_rx.borrow().spool.rescan_interval);
         let (retries_tx, retries_rx) = mpsc::unbounded_channel();
+        let (given_back_tx, given_back_rx) = mpsc::unbounded_channel();
         let (paused_tx, paused_rx) = discovery::pause_channel(&spool);
         let source = SpoolSource::new(
             spool.clone(),
@@ -351,7 +352,8 @@ impl Running<SpoolSource> {
             config_rx.clone(),
             paused_rx.clone(),
         )
-        .run_alone(alone);
+        .run_alone(alone)
+        .giving_back(given_back_tx);
         let pool = Pool::new(
             source,
             config_rx.clone(),
@@ -369,6 +371,7 @@ impl Running<SpoolSource> {
             stats: stats.clone(),
             rescan_interval: rescan_rx,
             retries: retries_rx,
+            given_back: given_back_rx,
             watcher,
             heartbeat: watchdog.map(|w| w / 4),
             paused: paused_tx,

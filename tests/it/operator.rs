@@ -259,6 +259,38 @@ fn a_member_holds_the_job_it_names_even_with_a_backslash_in_its_name() {
     d.stop();
 }
 
+/// A reload while the spool is paused (the runner then drops each worker's wait for its next
+/// job) loses no job: once resumed, the queued jobs start at once, not at the next rescan
+/// (an hour here). Before, each waiting worker had taken a name from discovery and held it
+/// through the pause, and the reload dropped it.
+#[test]
+fn a_reload_while_paused_leaves_the_queued_jobs_to_start_at_the_resume() {
+    let env = operator_env();
+    let cfg = fs::read_to_string(&env.config).unwrap();
+    fs::write(
+        &env.config,
+        cfg.replacen("[spool]\n", "[spool]\nrescan_interval = \"1h\"\n", 1),
+    )
+    .unwrap();
+    let mut d = env.start();
+    let out = env.cli(&["pause"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    d.wait_log(|l| l.contains("paused by uid"), SOON);
+    env.submit("first", "x");
+    env.submit("second", "x");
+    d.wait_until("both jobs counted as queued", || {
+        status_json(&env)["queued"] == 2
+    });
+    d.signal(1);
+    d.wait_until("the reload applied", || {
+        d.log().contains("configuration reloaded")
+    });
+    let out = env.cli(&["resume"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    d.wait_until("both jobs done after the resume", || env.count("done") == 2);
+    d.stop();
+}
+
 #[test]
 fn hold_and_release_refuse_a_path() {
     let env = operator_env();

@@ -156,6 +156,9 @@ pub struct Discovery {
     pub stats: Arc<Stats>,
     pub rescan_interval: watch::Receiver<Duration>,
     pub retries: mpsc::UnboundedReceiver<RetryScheduled>,
+    /// Names handed out that no worker claimed: its wait for a job was dropped (a reload, a
+    /// resize) while it held one, through a pause or while waiting for its gate.
+    pub given_back: mpsc::UnboundedReceiver<OsString>,
     pub watcher: Option<Watcher>,
     /// How often to record a heartbeat for the watchdog; None when there is no watchdog.
     pub heartbeat: Option<Duration>,
@@ -213,6 +216,7 @@ struct Turns {
     stats: Arc<Stats>,
     rescan_interval: watch::Receiver<Duration>,
     retries: mpsc::UnboundedReceiver<RetryScheduled>,
+    given_back: mpsc::UnboundedReceiver<OsString>,
     watcher: Option<Watcher>,
     heartbeat: Duration,
     /// Names found and not yet handed over, oldest first.
@@ -299,6 +303,7 @@ impl Discovery {
                 event = next_event(&mut turns.watcher) => turns.on_event(event)?,
                 () = sleep_until(turns.rescan_at) => turns.rescan_due(),
                 Some((name, due)) = turns.retries.recv() => turns.schedule.insert(name, due),
+                Some(name) = turns.given_back.recv() => turns.given_back(name),
                 scanned = async { turns.retry_scan.as_mut().expect("guarded").await }, if turns.retry_scan.is_some() => {
                     turns.retries_read(scanned);
                 }
@@ -327,6 +332,7 @@ impl Turns {
             stats,
             rescan_interval,
             retries,
+            given_back,
             watcher,
             heartbeat,
             paused,
@@ -344,6 +350,7 @@ impl Turns {
             stats,
             rescan_interval,
             retries,
+            given_back,
             watcher,
             heartbeat: heartbeat.unwrap_or(Duration::from_secs(3600)),
             pending: VecDeque::new(),
@@ -477,6 +484,16 @@ impl Turns {
             self.dirty = true;
         } else {
             self.pending.push_back(name);
+        }
+    }
+
+    /// A name handed out that no worker claimed: it goes out again first, as the oldest it
+    /// is. Not counted again: it was counted as queued when it was found, and not taken.
+    fn given_back(&mut self, name: OsString) {
+        if self.scan.is_some() || self.dirty || self.pending.len() >= MAX_PENDING {
+            self.dirty = true;
+        } else {
+            self.pending.push_front(name);
         }
     }
 

@@ -35,6 +35,8 @@ pub struct SpoolSource {
     names: Mutex<mpsc::Receiver<OsString>>,
     /// Tells discovery of each job put in `retry/`, and when it is due.
     retries: mpsc::UnboundedSender<RetryScheduled>,
+    /// Gives discovery back a name a worker took and did not claim (see [`Held`]).
+    given_back: Option<mpsc::UnboundedSender<OsString>>,
     stats: Arc<Stats>,
     /// For `done.keep`, read when a job is done.
     config: watch::Receiver<Arc<Config>>,
@@ -78,12 +80,19 @@ impl SpoolSource {
             spool,
             names: Mutex::new(names),
             retries,
+            given_back: None,
             stats,
             config,
             paused,
             alone: std::sync::Mutex::new(HashSet::new()),
             gate: RwLock::new(()),
         }
+    }
+
+    /// Where the names a worker took and did not claim go back to (discovery).
+    pub fn giving_back(mut self, to: mpsc::UnboundedSender<OsString>) -> SpoolSource {
+        self.given_back = Some(to);
+        self
     }
 
     /// The jobs to run alone, from the crash recovery at start.
@@ -222,6 +231,12 @@ impl Source for SpoolSource {
 
     async fn next<'a>(&'a self, stop: &'a CancellationToken) -> Option<SpoolLease<'a>> {
         loop {
+            // A pause is waited out before a name is taken: the runner drops a worker's wait
+            // for its next job at a reload or a resize, and a name dropped with it would wait
+            // in new/ for the next rescan.
+            if !self.unpaused(stop).await {
+                return None;
+            }
             // The receiver is shared by the workers; it is released before the claim, so that
             // claims (a rename each) run side by side.
             let name = {
@@ -236,12 +251,20 @@ impl Source for SpoolSource {
                     name = names.recv() => name?,
                 }
             };
+            // Held until it is claimed: should this wait be dropped (the runner drops it at a
+            // reload or a resize) or end, the name goes back to discovery, which hands it out
+            // again; else the job would wait in new/ for the next rescan.
+            let mut held = Held {
+                name: Some(name),
+                back: self.given_back.as_ref(),
+            };
             // A name received just as the stop began is left in new/ rather than started; so is
-            // one received while the spool is paused, until the pause ends.
+            // one received as a pause began, until the pause ends.
             if stop.is_cancelled() || !self.unpaused(stop).await {
                 return None;
             }
-            let gate = self.gate_for(&name, stop).await?;
+            let gate = self.gate_for(held.name(), stop).await?;
+            let name = held.take();
             if let Some(mut lease) = self.claim(name) {
                 if let Some(Gate::Alone { .. }) = gate {
                     tracing::warn!(
@@ -260,6 +283,31 @@ impl Source for SpoolSource {
             {
                 self.ran_alone(name);
             }
+        }
+    }
+}
+
+/// A name a worker took from discovery and has not claimed yet.
+struct Held<'a> {
+    name: Option<OsString>,
+    back: Option<&'a mpsc::UnboundedSender<OsString>>,
+}
+
+impl Held<'_> {
+    fn name(&self) -> &OsStr {
+        self.name.as_deref().expect("held until taken")
+    }
+
+    fn take(&mut self) -> OsString {
+        self.name.take().expect("taken once")
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if let (Some(name), Some(back)) = (self.name.take(), self.back) {
+            // Discovery gone (the daemon stops): nothing to hand it out again to.
+            let _ = back.send(name);
         }
     }
 }
