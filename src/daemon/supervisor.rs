@@ -213,7 +213,15 @@ pub async fn run(
     panics: Panics,
 ) -> Result<StopSummary, RunError> {
     if config.backend.kind == BackendKind::Jetstream {
-        let mut running = Running::start_jetstream(config, &shutdown, notifier).await?;
+        let began = Instant::now();
+        let Some(mut running) = Running::start_jetstream(config, &shutdown, notifier).await? else {
+            tracing::info!("stopped while waiting for the NATS cluster; nothing had started");
+            return Ok(StopSummary {
+                drained: 0,
+                requeued: 0,
+                took: began.elapsed(),
+            });
+        };
         let fatal = running.serve(&shutdown, reloads).await;
         return running.stop(&shutdown, fatal, &panics).await;
     }
@@ -253,11 +261,13 @@ impl Running<JetStreamSource> {
     /// topology (source::jetstream), and starts the workers and the watchdog. The claimer
     /// takes discovery's place: the supervisor waits for it at the stop, and its loop feeds
     /// the watchdog.
+    /// Starts on the broker; None when a stop came while it waited for the cluster, which may
+    /// be up to twice `jetstream.connect_timeout` (the connection, then the topology).
     async fn start_jetstream(
         config: Config,
         shutdown: &Shutdown,
         notifier: Notifier,
-    ) -> Result<Running<JetStreamSource>, RunError> {
+    ) -> Result<Option<Running<JetStreamSource>>, RunError> {
         // Its active/ is not used: a broker's jobs are never there, so none is to run alone.
         let (spool, lock, _) = open_spool(&config).await?;
         if let Err(problem) = crate::runner::handler::check_program(&config.handler) {
@@ -265,14 +275,32 @@ impl Running<JetStreamSource> {
         }
         let stats = Arc::new(Stats::default());
         stats.beat();
-        let started = JetStreamSource::start(
-            &config,
-            stats.clone(),
-            shutdown.stop.clone(),
-            shutdown.abort.clone(),
-        )
-        .await
-        .map_err(RunError::Broker)?;
+        let started = {
+            let start = JetStreamSource::start(
+                &config,
+                stats.clone(),
+                shutdown.stop.clone(),
+                shutdown.abort.clone(),
+            );
+            tokio::pin!(start);
+            // The wait for the cluster gives way to a stop, and keeps systemd's start timeout
+            // from running out while it lasts: connect_timeout may be longer than that.
+            let mut extend = tokio::time::interval_at(
+                tokio::time::Instant::now() + EXTEND_EVERY / 2,
+                EXTEND_EVERY,
+            );
+            loop {
+                tokio::select! {
+                    biased;
+                    () = shutdown.stop.cancelled() => return Ok(None),
+                    started = &mut start => break started.map_err(RunError::Broker)?,
+                    _ = extend.tick() => {
+                        notifier.extend_timeout(EXTEND_EVERY.saturating_add(EXTEND_MARGIN));
+                        notifier.status("waiting for the NATS cluster (jetstream.servers)");
+                    }
+                }
+            }
+        };
         let (config_tx, config_rx) = watch::channel(Arc::new(config));
         let (rescan_tx, _) = watch::channel(config_rx.borrow().spool.rescan_interval);
         let pool = Pool::new(
@@ -293,7 +321,7 @@ impl Running<JetStreamSource> {
                 shutdown.stop.clone(),
             )))
         });
-        Ok(Running {
+        Ok(Some(Running {
             spool,
             _lock: lock,
             stats,
@@ -311,7 +339,7 @@ impl Running<JetStreamSource> {
                 started.last_pull,
                 crate::source::jetstream::CLAIMER_AFTER_STOP,
             )),
-        })
+        }))
     }
 }
 

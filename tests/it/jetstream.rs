@@ -503,6 +503,35 @@ fn start_up_refuses_an_unreachable_or_contradicting_cluster() {
     drop(da);
 }
 
+/// A stop while spoold waits for the cluster at start (here one that never answers, with a
+/// minute's `connect_timeout`) ends it at once with exit 0; meanwhile it tells systemd to
+/// extend its start timeout, and says in STATUS= what it waits for. Before, the stop waited out
+/// the `connect_timeout`, past the unit's stop timeout, and systemd sent SIGKILL.
+#[test]
+fn a_stop_while_waiting_for_the_cluster_at_start_exits_0_at_once() {
+    let env = Env::new(&["/bin/true"], "");
+    env.write_config(
+        &["/bin/true"],
+        "[backend]\nkind = \"jetstream\"\n[jetstream]\nservers = [\"nats://127.0.0.1:1\"]\n\
+         connect_timeout = \"60s\"\n",
+    );
+    let mut d = Daemon::spawn(&env.config, &[]);
+    d.wait_note(|n| n.contains("EXTEND_TIMEOUT_USEC="), SOON)
+        .unwrap_or_else(|| panic!("no EXTEND_TIMEOUT_USEC= while starting; log:\n{}", d.log()));
+    assert!(
+        d.notes()
+            .iter()
+            .any(|n| n.contains("STATUS=waiting for the NATS cluster")),
+        "{:?}",
+        d.notes()
+    );
+    d.term();
+    let (code, took) = d.wait_exit(SOON);
+    assert_eq!(code.code(), Some(0), "log:\n{}", d.log());
+    assert!(took < Duration::from_secs(5), "the stop took {took:?}");
+    assert!(!d.notes().iter().any(|n| n.contains("READY=1")));
+}
+
 /// The lease rule: while the whole cluster is down no heartbeat is confirmed, so after
 /// `ack_wait - progress_interval` (5 s here) the host ends the handler and sends nothing for
 /// that delivery; once the cluster is back the job runs again, as the same attempt, and the
