@@ -94,6 +94,9 @@ pub struct Sources {
     pub paused: watch::Receiver<Option<Paused>>,
 }
 
+/// How many connections the endpoint keeps open at once.
+const MAX_CONNECTIONS: usize = 16;
+
 /// Serves `/metrics` on `listener` until `stop` is cancelled; then it returns at once, and
 /// the connections still open are dropped with it (a scrape cut short is retried by
 /// Prometheus at its next interval).
@@ -109,6 +112,14 @@ pub async fn serve(listener: TcpListener, sources: Sources, stop: CancellationTo
             () = stop.cancelled() => return,
             Some(_) = connections.join_next() => {}
             accepted = listener.accept() => match accepted {
+                // Each connection is a descriptor of the daemon's, which its handlers' pipes and
+                // pidfds need too: past the bound, a connection is closed at once rather than
+                // let anyone who can connect use up the daemon's descriptors. A scraper and a
+                // `spoold top` or two need a few.
+                Ok((stream, _)) if connections.len() >= MAX_CONNECTIONS => {
+                    drop(stream);
+                    tracing::debug!("metrics endpoint: {MAX_CONNECTIONS} connections open; one more closed");
+                }
                 Ok((stream, _)) => {
                     let scrape = scrape.clone();
                     connections.spawn(async move {

@@ -3,6 +3,7 @@
 //! use or malformed refused at start with the address named, and a stop that the endpoint does
 //! not delay.
 
+use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -62,6 +63,53 @@ fn metrics_env(port: u16) -> Env {
         ),
     );
     env
+}
+
+/// A client that opens a hundred connections to the endpoint and keeps them open takes no
+/// more than a few of the daemon's descriptors: the jobs still run (their pipes and pidfds
+/// need descriptors too), and once those connections close a scrape is answered again.
+#[test]
+fn many_open_connections_do_not_use_up_the_daemons_descriptors() {
+    let port = free_port();
+    let env = metrics_env(port);
+    let d = env.start();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let before = fs::read_dir(format!("/proc/{}/fd", d.pid()))
+        .unwrap()
+        .count();
+    let held: Vec<TcpStream> = (0..100)
+        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok())
+        .collect();
+    assert_eq!(
+        held.len(),
+        100,
+        "the connections were accepted by the kernel"
+    );
+    // The daemon has accepted what it will (and closed the rest) once its count settles.
+    let mut last = 0;
+    let settled = wait_for(SOON, || {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = fs::read_dir(format!("/proc/{}/fd", d.pid()))
+            .unwrap()
+            .count();
+        let same = now == last;
+        last = now;
+        same.then_some(now)
+    })
+    .unwrap();
+    assert!(
+        settled <= before + 20,
+        "{settled} descriptors with 100 connections open, {before} before"
+    );
+    env.submit("while-held", "x");
+    d.wait_until("a job done while the connections are held", || {
+        env.names("done").contains("while-held")
+    });
+    drop(held);
+    let answered = wait_for(SOON, || {
+        http_get(addr, "/metrics").filter(|(code, _)| *code == 200)
+    });
+    assert!(answered.is_some(), "a scrape after the connections closed");
 }
 
 /// Jobs run, then `/metrics` says how they ended, how many are in each state, the workers,
