@@ -83,6 +83,35 @@ fn staged_units() -> (tempfile::TempDir, PathBuf) {
     (dir, man)
 }
 
+/// `spoold@NAME` refuses an instance name that the default spool uses for something of its
+/// own (a directory, the scratch area of the broker backend, the lock), before it creates
+/// anything: such an instance's spool would be the default spool's directory, whose jobs one
+/// daemon or the other would take for its own or delete.
+#[test]
+fn an_instance_named_like_a_part_of_the_default_spool_is_refused() {
+    for name in [
+        "new",
+        "failed",
+        "control",
+        "jetstream",
+        "spoold.lock",
+        ".hidden",
+        "a/b",
+    ] {
+        let out = Command::new("sh")
+            .arg(packaging("prepare-instance"))
+            .arg(name)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{name}: {}", text(&out));
+        assert!(
+            text(&out).contains(&format!("spoold@{name}:")),
+            "{name}: {}",
+            text(&out)
+        );
+    }
+}
+
 #[test]
 fn units_pass_systemd_analyze_verify() {
     if let Err(why) = systemd_analyze() {
