@@ -380,8 +380,18 @@ pub const MAX_CONNECT_TIMEOUT: Limit = Limit {
 const UNITS: &str = "ms, s (sec, seconds), m (min, minutes), h (hr, hours), d (days), w (weeks); \
                      also ns, us, M (months), y (years)";
 
+/// Rescans more often than every second only load the main thread: each lists all of `new/`.
+pub const MIN_RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+
 fn rescan_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    duration(d, false, &MAX_RESCAN_INTERVAL)
+    let value = duration(d, false, &MAX_RESCAN_INTERVAL)?;
+    if value < MIN_RESCAN_INTERVAL {
+        return Err(custom(
+            "must be at least \"1s\": each rescan lists all of new/, and inotify finds new \
+             jobs in between",
+        ));
+    }
+    Ok(value)
 }
 fn handler_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     duration(d, false, &MAX_HANDLER_TIMEOUT)
@@ -1274,6 +1284,16 @@ mod tests {
         let err = parse(&format!("{MINIMAL}[workers]\ncount = \"four\"\n")).unwrap_err();
         assert_eq!(err.position, Some((6, 9)));
         assert_eq!(err.key.as_deref(), Some("workers.count"));
+    }
+
+    #[test]
+    fn a_rescan_more_often_than_every_second_is_refused() {
+        let err = parse(
+            "[spool]\ndir = \"/tmp/s\"\nrescan_interval = \"1ms\"\n[handler]\ncommand = [\"/bin/true\"]\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("spool.rescan_interval"));
+        assert!(err.message.contains("at least \"1s\""), "{}", err.message);
     }
 
     #[test]
