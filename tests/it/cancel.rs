@@ -148,6 +148,31 @@ fn a_running_handler_and_its_child_are_stopped_and_the_job_fails_for_good() {
     assert_eq!(starts(&env, "slow"), 1);
 }
 
+/// A cancel of a hundred queued jobs is carried out over several turns of the daemon's loop
+/// (a few at a time, since each writes and flushes a record on its main thread), and every
+/// one of them reaches `failed/`.
+#[test]
+fn a_cancel_of_many_jobs_is_carried_out_in_turns_to_the_last() {
+    let env = cancel_env();
+    let mut d = env.start();
+    assert!(env.cli(&["pause"]).status.success());
+    d.wait_log(|l| l.contains("paused by uid"), SOON);
+    let ids: Vec<String> = (0..100).map(|i| format!("job{i:03}")).collect();
+    for id in &ids {
+        env.submit(id, "x");
+    }
+    let args: Vec<&str> = ids.iter().map(String::as_str).collect();
+    cancel(&env, &args);
+    d.wait_until("all hundred in failed/", || env.count("failed") == 100);
+    assert_eq!(
+        env.count("new") + env.count("control"),
+        1,
+        "only the pause record is left"
+    );
+    assert!(ids.iter().all(|id| starts(&env, id) == 0));
+    d.stop();
+}
+
 /// A cancel that comes while a failed attempt is being settled (its handler has ended, the
 /// job is on its way to retry/) is not lost: the request waits for the next look, which finds
 /// the job in retry/ and fails it as cancelled. Before, the cancel was taken as one of a

@@ -67,6 +67,11 @@ const MAX_PENDING: usize = 4 * BATCH;
 const PROMOTE_BATCH: usize = 64;
 /// How long a promotion that failed (an I/O error) waits before it is tried again.
 const PROMOTE_RETRY: Duration = Duration::from_secs(1);
+/// Cancel requests acted on in one turn of the loop. Cancelling a waiting job writes and flushes
+/// its record, a few milliseconds each, on this thread: a member's `spoold cancel` of
+/// thousands of jobs is carried out over many turns, with the signals, the watchdog and new
+/// jobs served in between.
+const CANCELS_PER_TURN: usize = 16;
 /// How often the pause record is read when no inotify event said it changed: a running daemon
 /// acts on a pause within a second even without the watch. One small read a second costs
 /// nothing next to a job.
@@ -524,8 +529,8 @@ impl Turns {
     /// a time to live.
     fn check_control(&mut self) {
         self.check_pause();
-        self.check_cancels();
-        if self.check_operations() {
+        let more_cancels = self.check_cancels();
+        if self.check_operations() || more_cancels {
             // More records wait: the next turn takes them, after a stop or a hand-out of jobs.
             self.pause_check_at = Instant::now();
         }
@@ -726,9 +731,10 @@ impl Turns {
         }
     }
 
-    /// Acts on each cancel request in `control/`, and removes it once acted on. A request for
-    /// a job that is being claimed or settled right now stays, for the next look.
-    fn check_cancels(&mut self) {
+    /// Acts on the cancel requests in `control/`, at most [`CANCELS_PER_TURN`] of them, and
+    /// removes each once acted on. A request for a job that is being claimed or settled right
+    /// now stays, for the next look. Returns true when requests are left for the next turn.
+    fn check_cancels(&mut self) -> bool {
         let requests = match self.spool.cancel_requests() {
             Ok(requests) => requests,
             Err(e) => {
@@ -736,10 +742,11 @@ impl Turns {
                     "cannot read the cancel requests in {}: {e}",
                     self.spool.dir_path(Dir::Control).display()
                 );
-                return;
+                return false;
             }
         };
-        for (name, uid) in requests {
+        let more = requests.len() > CANCELS_PER_TURN;
+        for (name, uid) in requests.into_iter().take(CANCELS_PER_TURN) {
             let id = display_name(&name);
             match self.spool.cancel(&name, uid) {
                 Ok(Cancelled::Pending) => continue,
@@ -784,6 +791,7 @@ impl Turns {
             }
             self.spool.remove_cancel_request(&name);
         }
+        more
     }
 
     /// Reads the pause record and, when it changed, publishes the pause and logs who changed it.
