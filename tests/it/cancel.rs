@@ -148,6 +148,38 @@ fn a_running_handler_and_its_child_are_stopped_and_the_job_fails_for_good() {
     assert_eq!(starts(&env, "slow"), 1);
 }
 
+/// A cancel request written by hand with the largest uid there is (4294967295, which is
+/// `(uid_t) -1`) cancels the running job like any other, and the jobs after it run: the
+/// daemon's own marks on an attempt are not uids. Before, that uid was taken for the daemon's
+/// mark: the cancel was lost, and the attempt's switch went back into use still raised, so
+/// every later job that got it was stopped at once.
+#[test]
+fn a_cancel_by_the_largest_uid_is_a_cancel_and_spares_the_next_jobs() {
+    let env = cancel_env();
+    let mut d = env.start();
+    env.submit("slow", "wait");
+    let pids_file = env.dir.path().join("pids");
+    d.wait_until("the handler and its child to start", || {
+        pids_in(&pids_file).len() == 2
+    });
+    fs::write(
+        env.path("control").join("cancel-slow"),
+        r#"{"uid":4294967295}"#,
+    )
+    .unwrap();
+    d.wait_until("the cancelled job in failed/", || {
+        env.names("failed").contains("slow")
+    });
+    assert_eq!(reason_of(&env, "slow").as_deref(), Some("cancelled"));
+    fs::write(env.dir.path().join("go"), "").unwrap();
+    for i in 0..4 {
+        env.submit(&format!("after{i}"), "x");
+    }
+    d.wait_until("the jobs after it done", || env.count("done") == 4);
+    assert_eq!(env.count("failed"), 1);
+    d.stop();
+}
+
 /// A cancel of a hundred queued jobs is carried out over several turns of the daemon's loop
 /// (a few at a time, since each writes and flushes a record on its main thread), and every
 /// one of them reaches `failed/`.

@@ -294,13 +294,19 @@ pub(super) struct Running(
 /// The cancel switch of one attempt under way.
 pub(crate) struct CancelFd {
     fd: OwnedFd,
-    /// The uid of the operator who cancelled the attempt, once one did; [`SETTLING`] once the
-    /// attempt's outcome is being settled, after which no cancel can take hold of it.
-    by: OnceLock<u32>,
+    /// Who cancelled the attempt, once an operator did; or that its outcome is being settled,
+    /// after which no cancel can take hold of it.
+    by: OnceLock<Switch>,
 }
 
-/// What `CancelFd::by` holds once settling has begun: no uid (it is `(uid_t) -1`).
-const SETTLING: u32 = u32::MAX;
+/// What closed an attempt's cancel switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Switch {
+    /// The operator with this uid cancelled it.
+    CancelledBy(u32),
+    /// Its settling began.
+    Settling,
+}
 
 impl CancelFd {
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
@@ -311,9 +317,12 @@ impl CancelFd {
     /// attempt before that, if anyone did. A cancel that comes later finds the switch closed
     /// and leaves its request for the next look, which finds the job where settling put it.
     pub(crate) fn settling(&self) -> Option<u32> {
-        match self.by.set(SETTLING) {
+        match self.by.set(Switch::Settling) {
             Ok(()) => None,
-            Err(_) => self.by.get().copied().filter(|&uid| uid != SETTLING),
+            Err(_) => match self.by.get() {
+                Some(Switch::CancelledBy(uid)) => Some(*uid),
+                _ => None,
+            },
         }
     }
 }
@@ -382,7 +391,7 @@ impl Spool {
         // raises the counter while it holds the table's lock, so once the entry is out of the
         // table a `by` unset or closed for settling means a counter still at zero. Anyone else still holding the
         // entry makes `try_unwrap` fail, and the descriptor is closed instead.
-        if entry.by.get().is_none_or(|&by| by == SETTLING)
+        if entry.by.get().is_none_or(|by| *by == Switch::Settling)
             && let Ok(CancelFd { fd, .. }) = Arc::try_unwrap(entry)
         {
             self.running
@@ -463,13 +472,13 @@ impl Spool {
     /// kept from `state/NAME`.
     pub(super) fn cancel(&self, name: &OsStr, uid: u32) -> io::Result<Cancelled> {
         if let Some(entry) = self.running.lock().get(name) {
-            if entry.by.set(uid).is_ok() {
+            if entry.by.set(Switch::CancelledBy(uid)).is_ok() {
                 rustix::io::write(&entry.fd, &1u64.to_ne_bytes())?;
                 return Ok(Cancelled::Running);
             }
             // Being settled (its handler has ended): the request stays, and the next look
             // finds the job in retry/ or new/ (and cancels it there) or done or failed.
-            if entry.by.get() == Some(&SETTLING) {
+            if entry.by.get() == Some(&Switch::Settling) {
                 return Ok(Cancelled::Pending);
             }
             return Ok(Cancelled::Running);
