@@ -745,8 +745,14 @@ impl Turns {
                 return false;
             }
         };
-        let more = requests.len() > CANCELS_PER_TURN;
-        for (name, uid) in requests.into_iter().take(CANCELS_PER_TURN) {
+        // A request left for later (its job being claimed or settled) costs a look, not a
+        // flush: only those acted on count towards the turn's share, so that requests stuck
+        // behind pending ones are reached, and pending ones alone do not keep the loop busy.
+        let mut acted = 0;
+        for (name, uid) in requests {
+            if acted == CANCELS_PER_TURN {
+                return true;
+            }
             let id = display_name(&name);
             match self.spool.cancel(&name, uid) {
                 Ok(Cancelled::Pending) => continue,
@@ -790,8 +796,9 @@ impl Turns {
                 ),
             }
             self.spool.remove_cancel_request(&name);
+            acted += 1;
         }
-        more
+        false
     }
 
     /// Reads the pause record and, when it changed, publishes the pause and logs who changed it.
