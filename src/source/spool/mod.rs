@@ -737,9 +737,20 @@ impl Spool {
         let history = if own_record {
             match self.read_record(Dir::State, &name) {
                 Ok(record) => record.map(History::from),
-                // Its count and its time limits are unknown, so it does not run; left in
-                // active/, nothing would ever settle it. It goes to failed/ with the reason, and
-                // `spoold retry` runs it with a fresh count.
+                // A read that may pass (no descriptor left, an I/O error) leaves the job in
+                // active/, with its record, for the next start, as a record that cannot be
+                // written does.
+                Err(e) if e.kind() != io::ErrorKind::InvalidData => {
+                    return Err(annotate(
+                        e,
+                        &name,
+                        "cannot read its record in state/; it stays in active/ and runs again \
+                         after a restart",
+                    ));
+                }
+                // A record that is not spoold's: its count and its time limits are unknown,
+                // so it does not run; left in active/, nothing would ever settle it. It goes to
+                // failed/ with the reason, and `spoold retry` runs it with a fresh count.
                 Err(e) => {
                     let reason = format!(
                         "its record in state/ cannot be read ({e}); not run, since its attempt \
