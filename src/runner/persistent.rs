@@ -863,8 +863,6 @@ impl Live {
         }
     }
 
-    /// Reads stdout while a job waits for its answer: the first complete line must be the
-    /// answer for `expected`; lines after it are kept as stray.
     /// Whether a read of stdout would not block now: more of a line is waiting, or its end.
     fn stdout_has_more(&self) -> bool {
         let Some(fd) = &self.stdout else {
@@ -878,6 +876,8 @@ impl Live {
         matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
     }
 
+    /// Reads stdout while a job waits for its answer: the first complete line must be the
+    /// answer for `expected`; lines after it are kept as stray.
     fn read_answer(&mut self, chunk: &mut [u8], expected: &str) -> Result<Option<Answer>, Ended> {
         let Some(fd) = &self.stdout else {
             return Ok(None);
