@@ -61,6 +61,9 @@ const RESEND_EVERY: Duration = Duration::from_millis(500);
 /// How long a stop waits for the hand-back of one aborted job before leaving it to the ack
 /// wait: a broker that cannot be reached must not hold the stop.
 const HANDBACK_WITHIN: Duration = Duration::from_secs(1);
+/// The least time an outcome is sent again and again while the broker answers the heartbeat
+/// but refuses the outcome; see `while_leased`.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(60);
 /// A retry due within this is run now, not given back: it was timed by another host's clock,
 /// and hosts' clocks differ by a little.
 const NOT_YET: Duration = Duration::from_secs(1);
@@ -161,6 +164,10 @@ impl Drop for Delivery {
                 self.path.display()
             );
         }
+        // A lease already lost may be another host's delivery by now: nothing is sent.
+        if self.lease.lost.load(Relaxed) {
+            return;
+        }
         tracing::info!(
             job_id = self.shown,
             "job handed back to the queue unsettled: the worker it was for went away (a \
@@ -168,15 +175,15 @@ impl Drop for Delivery {
         );
         let shared = self.shared.clone();
         let (reply, shown) = (self.reply.clone(), self.shown.clone());
+        // After a stop, once this host's last pull is over, so that it cannot catch the job
+        // again (see `Pull::after_stop`).
+        let delay = if shared.stop.is_cancelled() {
+            FETCH_EXPIRES + AFTER_LAST_PULL
+        } else {
+            Duration::ZERO
+        };
         self.shared.handle.spawn(async move {
-            handback(
-                &shared,
-                &reply,
-                &shown,
-                "its worker went away",
-                Duration::ZERO,
-            )
-            .await;
+            handback(&shared, &reply, &shown, "its worker went away", delay).await;
         });
     }
 }
@@ -523,15 +530,15 @@ async fn settle(shared: &Shared, d: Delivery, verdict: Verdict, report: Report) 
             let written = while_leased(shared, &d, || write_record(shared, &d.id, &record)).await;
             let result = match written {
                 Ok(()) => {
-                    // The marker, once the record has the count, goes with the nak: should
+                    // The marker, once the record has the count, and before the nak: should
                     // the cluster forget this delivery and the nak's delay, the job comes back
-                    // at once as a first delivery, and the marker sends it to the record.
-                    let (marked, naked) = tokio::join!(
-                        while_leased(shared, &d, || mark(shared, &d, SettledAs::Retry)),
-                        while_leased(shared, &d, || {
-                            confirmed_bytes(&shared.client, &d.reply, nak(delay))
-                        }),
-                    );
+                    // at once as a first delivery, and the marker sends it to the record. Not
+                    // beside the nak: the heartbeat runs until the delivery is finished, and a
+                    // `+WPI` after the nak would start the ack wait again in place of the
+                    // backoff; and a marker written late could replace the done marker of
+                    // another host that has run the job meanwhile.
+                    let marked =
+                        while_leased(shared, &d, || mark(shared, &d, SettledAs::Retry)).await;
                     if let Err(e) = marked {
                         tracing::warn!(
                             job_id = d.shown,
@@ -539,7 +546,10 @@ async fn settle(shared: &Shared, d: Delivery, verdict: Verdict, report: Report) 
                              delivery, the job's attempts are counted again from 1"
                         );
                     }
-                    naked
+                    while_leased(shared, &d, || {
+                        confirmed_bytes(&shared.client, &d.reply, nak(delay))
+                    })
+                    .await
                 }
                 Err(e) => Err(e),
             };
@@ -684,8 +694,10 @@ where
     let mut last = String::from("the lease ran out before the broker answered");
     // The heartbeat renews the lease for as long as the broker answers it, so a request the
     // broker refuses for good (a permission, a limit of the stream) would be sent forever and
-    // hold the worker: it is given up after an ack wait, and the job comes back.
-    let give_up = Instant::now() + shared.ack_wait;
+    // hold the worker: it is given up after an ack wait, and at least a minute, which rides
+    // out the election of another stream's leader, and the job comes back.
+    let give_up_after = shared.ack_wait.max(GIVE_UP_AFTER);
+    let give_up = Instant::now() + give_up_after;
     loop {
         let left = d.lease.left();
         if left.is_zero() {
@@ -694,7 +706,7 @@ where
         let Some(until_give_up) = give_up.checked_duration_since(Instant::now()) else {
             return Err(format!(
                 "{last}; given up after {}",
-                humantime::format_duration(shared.ack_wait)
+                humantime::format_duration(give_up_after)
             ));
         };
         if shared.client.connection_state() == async_nats::connection::State::Connected {
