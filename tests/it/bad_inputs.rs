@@ -458,6 +458,46 @@ fn spool_with_a_bind_mounted_subdirectory_is_refused() {
 // Jobs
 // ---------------------------------------------------------------------------------------------
 
+/// A member of the group, who may write in `control/`, leaves a gigabyte there as a
+/// submission request (it is not JSON, so it stays, and is looked at again and again): the
+/// daemon reads no more of a request than a record can be, and so does root's `spoold
+/// status`. Requests are opened without following a link or waiting on a FIFO and only if
+/// they are regular files (a member could swap one for either between the listing and the
+/// open; that race is too quick to test by timing). Before, each look read the whole file.
+#[test]
+fn a_huge_request_in_control_is_not_read_whole() {
+    let env = recording_env("");
+    let mut d = env.start();
+    let hwm = |pid: i32| -> u64 {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    };
+    let before = hwm(d.pid());
+    let big = fs::File::create(env.path("control").join("submit-big")).unwrap();
+    big.set_len(1 << 30).unwrap();
+    drop(big);
+    // A pause and a resume are two looks at control/, each after the file was there.
+    for (cmd, said) in [("pause", "paused by uid"), ("resume", "resumed by uid")] {
+        let out = env.cli(&[cmd]);
+        assert!(out.status.success(), "{}", util::describe(&out));
+        d.wait_until(said, || d.log().contains(said));
+    }
+    env.submit("after", "x");
+    d.wait_until("a job done", || env.names("done").contains("after"));
+    let out = env.cli(&["status"]);
+    assert!(out.status.success(), "{}", util::describe(&out));
+    let after = hwm(d.pid());
+    assert!(
+        after < before + 64 * 1024,
+        "the daemon's peak memory grew from {before} kB to {after} kB"
+    );
+    d.stop();
+}
+
 /// A job whose record in `state/` cannot be read (damaged, or written by another version)
 /// goes to `failed/` with a reason that names the record, instead of staying in `active/`,
 /// where nothing would ever settle it; the other jobs run, and `spoold retry` runs it again

@@ -112,6 +112,35 @@ impl Spool {
         })
     }
 
+    /// Reads `control/FILE` as a record: opened without following a link, without waiting on a
+    /// FIFO, and only if it is a regular file, of at most [`MAX_RECORD`] bytes. Members of the
+    /// group may write in `control/`: a link planted there must not make root's command, or
+    /// the daemon, read something else, and a FIFO must not hold either up.
+    pub(super) fn read_control(&self, file: &OsStr) -> io::Result<Vec<u8>> {
+        let fd = rustix::fs::openat(
+            self.fd(Dir::Control),
+            file,
+            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NONBLOCK,
+            Mode::empty(),
+        )?;
+        let stat = rustix::fs::fstat(&fd)?;
+        if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not a regular file",
+            ));
+        }
+        let mut text = Vec::new();
+        File::from(fd).take(MAX_RECORD + 1).read_to_end(&mut text)?;
+        if text.len() as u64 > MAX_RECORD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("larger than a record can be ({MAX_RECORD} bytes)"),
+            ));
+        }
+        Ok(text)
+    }
+
     fn control_error(&self, e: io::Error) -> io::Error {
         io::Error::new(
             e.kind(),
@@ -449,7 +478,8 @@ impl Spool {
             if name.is_empty() || !entry.file_type()?.is_file() {
                 continue;
             }
-            let uid = fs::read(entry.path())
+            let uid = self
+                .read_control(&file)
                 .ok()
                 .and_then(|t| serde_json::from_slice::<CancelRecord>(&t).ok())
                 .map(|r| r.uid)
@@ -712,12 +742,8 @@ impl Spool {
             if !file.as_bytes().starts_with(OP_PREFIX.as_bytes()) || !entry.file_type()?.is_file() {
                 continue;
             }
-            let record = fs::File::open(entry.path())
-                .and_then(|f| {
-                    let mut text = Vec::new();
-                    f.take(MAX_RECORD).read_to_end(&mut text)?;
-                    Ok(text)
-                })
+            let record = self
+                .read_control(&file)
                 .map_err(|e| e.to_string())
                 .and_then(|text| {
                     serde_json::from_slice::<OpRecord>(&text)

@@ -263,7 +263,8 @@ impl Spool {
             if name.is_empty() || !entry.file_type()?.is_file() {
                 continue;
             }
-            let Some(record) = fs::read(entry.path())
+            let Some(record) = self
+                .read_control(&file)
                 .ok()
                 .and_then(|t| serde_json::from_slice::<SubmitRecord>(&t).ok())
             else {
