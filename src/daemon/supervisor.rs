@@ -720,9 +720,12 @@ async fn drain<S: Source>(
     tokio::pin!(wait);
     let mut aborted_at: Option<Instant> = None;
     let mut extend_at = Instant::now();
+    // Only ever grows: a job that ends takes its grace out of the count before its worker
+    // has left, and the bound of the jobs it was counted for still holds.
+    let mut grace = Duration::ZERO;
     loop {
         // The worst case still ahead: the rest of the drain, then kill_grace.
-        let grace = kill_grace().saturating_add(ABORT_SLACK);
+        grace = grace.max(kill_grace().saturating_add(ABORT_SLACK));
         let end = match aborted_at {
             Some(at) => later(at, grace),
             None => later(drain_until, grace),
