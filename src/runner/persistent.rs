@@ -210,6 +210,10 @@ enum Ended {
     Broken(String),
     /// The handler exited by itself (already reaped).
     Exited,
+    /// The handler exited by itself (already reaped) before it had read any of the job's
+    /// line: it never had the job. A handler that ends itself after so many jobs, as many do,
+    /// can be handed the next in the instant before its exit is seen.
+    ExitedUnread,
 }
 
 /// How a teardown begins.
@@ -494,7 +498,7 @@ impl Persistent {
             }
             Err(why) => {
                 let start = match why {
-                    Ended::Exited => Start::Exited,
+                    Ended::Exited | Ended::ExitedUnread => Start::Exited,
                     _ => Start::Term,
                 };
                 let status = self.teardown(start, cfg, abort, &mut sink);
@@ -535,6 +539,18 @@ impl Persistent {
                         report.reason =
                             format!("the persistent handler exited before answering: {said}");
                         self.failed(&format!("job {}: {}", job.shown, report.reason));
+                    }
+                    Ended::ExitedUnread => {
+                        // Not an attempt: the job goes back, as when no handler runs.
+                        report.outcome = Outcome::Aborted;
+                        report.reason = format!(
+                            "the persistent handler exited before it read the job ({said}); the \
+                             job goes back, and the attempt does not count"
+                        );
+                        self.failed(&format!(
+                            "the persistent handler exited before it read job {} ({said})",
+                            job.shown
+                        ));
                     }
                 }
             }
@@ -632,6 +648,15 @@ impl Persistent {
             }
             if exit {
                 let _ = live.child.wait();
+                // What the handler left unread of its stdin: the job's line, whole, when it
+                // never read it (the lines before it were read, since they were answered).
+                let unread = live
+                    .stdin
+                    .as_ref()
+                    .and_then(|fd| rustix::io::ioctl_fionread(fd).ok());
+                if written == 0 || unread == Some(written as u64) {
+                    return Err(Ended::ExitedUnread);
+                }
                 return Err(Ended::Exited);
             }
             if aborted {

@@ -259,24 +259,26 @@ fn a_handler_that_dies_or_breaks_the_protocol_fails_that_job_and_is_restarted() 
         }
     }
     // A long answer written just before the handler exits still counts: the job is done, and
-    // a fresh process serves the next.
-    for i in 0..5 {
-        let id = format!("f-longexit-{i}");
-        c.env.submit(&id, "longexit");
-        assert!(
-            wait_for(SOON, || {
-                (c.env.path(&format!("done/{id}")).exists()
-                    || c.env.path(&format!("failed/{id}")).exists())
-                .then_some(())
-            })
-            .is_some(),
-            "{}",
-            d.log()
-        );
+    // a fresh process serves the next. Queued together, each next job may be handed to the
+    // handler in the instant before its exit is seen: it has not read it, so the job goes back
+    // without an attempt counted (one attempt is all these jobs get) and a fresh one runs it.
+    let ids: Vec<String> = (0..5).map(|i| format!("f-longexit-{i}")).collect();
+    for id in &ids {
+        c.env.submit(id, "longexit");
+    }
+    let settled = |id: &String| {
+        c.env.path(&format!("done/{id}")).exists() || c.env.path(&format!("failed/{id}")).exists()
+    };
+    assert!(
+        wait_for(SOON, || ids.iter().all(settled).then_some(())).is_some(),
+        "{}",
+        d.log()
+    );
+    for id in &ids {
         assert!(
             c.env.path(&format!("done/{id}")).exists(),
             "{id} failed: {}; log:\n{}",
-            reason_of(&c.env, &id),
+            reason_of(&c.env, id),
             d.log()
         );
     }

@@ -432,13 +432,18 @@ impl SpoolLease<'_> {
                 // Not counted as queued here: the rename's inotify hint counts it, as it
                 // does any file that arrives in new/.
                 stats.finished(Finished::Aborted);
+                let why = if report.reason.is_empty() {
+                    "aborted by the stop"
+                } else {
+                    report.reason.as_str()
+                };
                 tracing::info!(
                     job_id = id,
                     attempt = job.attempt,
                     outcome = "requeued",
                     exit_status = report.exit_status(),
                     duration_ms = report.duration.as_millis() as u64,
-                    "aborted by the stop; back in new/, this attempt does not count"
+                    "{why}; back in new/, this attempt does not count"
                 );
             }
             Err(e) => tracing::error!(
