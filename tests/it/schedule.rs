@@ -622,3 +622,25 @@ fn a_request_for_a_time_past_year_9999_does_not_stop_the_daemon() {
     );
     assert!(runs_of(&env, id).is_empty());
 }
+
+/// A job whose time to live ran out while no daemon ran does not start when one starts: it goes
+/// to `failed/` as `expired`, although the daemon hands out the jobs of `new/` before its first
+/// look for expired jobs. Before, the claim did not look at the time to live.
+#[test]
+fn a_job_whose_ttl_ran_out_while_no_daemon_ran_does_not_start() {
+    let env = timed_env("");
+    let mut d = env.start();
+    d.stop();
+    let submitted = now_ms();
+    let id = enqueue(&env, &["--ttl", "1s"], "late");
+    // The time to live runs out.
+    wait_for(SOON, || (now_ms() > submitted + 1_500).then_some(())).unwrap();
+    let d = env.start();
+    d.wait_until("the job in failed/", || env.names("failed").contains(&id));
+    assert_eq!(reason_of(&env, &id).as_deref(), Some("expired"));
+    assert!(
+        runs_of(&env, &id).is_empty(),
+        "it ran: {:?}",
+        runs_of(&env, &id)
+    );
+}

@@ -774,6 +774,31 @@ impl Spool {
         } else {
             None
         };
+        // A job whose time to live ran out while no daemon ran (or before the next look for
+        // expired jobs) does not start: the names of new/ are handed out before that look.
+        if let Some(history) = &history
+            && history
+                .expires_unix_ms
+                .is_some_and(|due| due <= unix_ms(SystemTime::now()))
+        {
+            let now = SystemTime::now();
+            let failed = History {
+                failed_at: Some(rfc3339(now)),
+                permanent: true,
+                next_attempt_unix_ms: None,
+                next_attempt_at: None,
+                last_failure: Some(Failure {
+                    reason: control::EXPIRED.to_owned(),
+                    ended_at: rfc3339(now),
+                    ..Failure::default()
+                }),
+                ..history.clone()
+            };
+            self.fail(&name, failed)?;
+            return Ok(Claim::Rejected {
+                reason: "expired: its time to live ran out before it could start".to_owned(),
+            });
+        }
         let attempt = history.as_ref().map_or(0, |h| h.attempts) + 1;
         Ok(Claim::Job(Box::new(Claimed {
             path: self.dir_path(Dir::Active).join(&name),
