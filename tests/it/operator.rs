@@ -291,6 +291,35 @@ fn a_reload_while_paused_leaves_the_queued_jobs_to_start_at_the_resume() {
     d.stop();
 }
 
+/// `spoold hold --all` holds the jobs waiting in `new/`, not a file a producer is still
+/// writing there under a name that starts with a dot (its rename to its real name would then
+/// find nothing, and the job would be lost).
+#[test]
+fn hold_all_leaves_a_file_a_producer_is_still_writing() {
+    let env = operator_env();
+    let mut d = env.start();
+    let out = env.cli(&["pause"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    d.wait_log(|l| l.contains("paused by uid"), SOON);
+    env.submit("queued", "x");
+    fs::write(env.path("new").join(".being-written"), "half a jo").unwrap();
+    let out = env.cli(&["hold", "--all"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(env.names("hold"), ["queued".to_owned()].into());
+    assert!(env.path("new").join(".being-written").exists());
+    // The producer finishes its job and renames it to its name.
+    fs::rename(
+        env.path("new").join(".being-written"),
+        env.path("new").join("written"),
+    )
+    .unwrap();
+    assert!(env.cli(&["resume"]).status.success());
+    d.wait_until("the producer's job done", || {
+        env.names("done").contains("written")
+    });
+    d.stop();
+}
+
 #[test]
 fn hold_and_release_refuse_a_path() {
     let env = operator_env();

@@ -283,12 +283,15 @@ impl Spool {
             }))
     }
 
-    /// The regular files in `dir` whose names are job IDs, sorted.
+    /// The regular files in `dir` whose names are job IDs, sorted. A name that starts with a
+    /// dot is no job: in `new/` it is one a producer is still writing (discovery skips it, and
+    /// taking it would leave the producer's rename to its real name without a file).
     pub(super) fn ids_in(&self, dir: Dir) -> io::Result<Vec<JobId>> {
         let mut ids = Vec::new();
         for entry in fs::read_dir(self.dir_path(dir))? {
             let entry = entry?;
-            if !entry.file_type()?.is_file() {
+            if entry.file_name().as_bytes().first() == Some(&b'.') || !entry.file_type()?.is_file()
+            {
                 continue;
             }
             if let Ok(id) = JobId::parse(&display_name(&entry.file_name())) {
