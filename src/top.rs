@@ -71,6 +71,10 @@ pub fn run(
         .name("spoold-top-hangup".into())
         .spawn(move || {
             if hangup.forever().next().is_some() {
+                // A SIGHUP sent by hand leaves the terminal there: it gets back its modes and
+                // its screen. On a terminal that is gone this fails at once, and is ignored
+                // (`restore` would print the error, and printing to a gone terminal panics).
+                let _ = ratatui::try_restore();
                 std::process::exit(128 + signal_hook::consts::SIGHUP);
             }
         })?;
@@ -140,10 +144,25 @@ fn daemon_counters(addr: SocketAddr) -> Option<[u64; 6]> {
     stream
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: spoold\r\nConnection: close\r\n\r\n")
         .ok()?;
-    let mut text = String::new();
-    // A body of a few kilobytes; the bound keeps a stranger on that port from filling memory.
-    stream.take(1 << 20).read_to_string(&mut text).ok()?;
-    finished_counters(&text)
+    // A body of a few kilobytes; the bound keeps a stranger on that port from filling memory,
+    // and the deadline, for the whole answer rather than for each read, keeps one that sends a
+    // byte at a time from holding the view (and its keys) for good.
+    let deadline = std::time::Instant::now() + SCRAPE_TIMEOUT;
+    let mut body = Vec::new();
+    let mut chunk = [0u8; 8192];
+    while body.len() < 1 << 20 {
+        let left = deadline.checked_duration_since(std::time::Instant::now())?;
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .ok()?;
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return None,
+        }
+    }
+    finished_counters(&String::from_utf8_lossy(&body))
 }
 
 /// The finished counters in an exposition text, in `OUTCOMES` order.

@@ -225,6 +225,62 @@ fn member_of_the_spool_group(env: &Env) {
     assert!(out.status.success(), "chmod g+s: {}", describe(&out));
 }
 
+/// A SIGHUP sent by hand, with the terminal still there, ends top as a hangup does (status
+/// 129), and gives the terminal back its modes and its main screen. Before, top exited with
+/// the terminal left raw, on the alternate screen.
+#[test]
+fn top_restores_the_terminal_on_a_sighup_sent_by_hand() {
+    let test = "top::top_restores_the_terminal_on_a_sighup_sent_by_hand";
+    if Command::new("tmux").arg("-V").output().is_err() {
+        return util::skip(test, "tmux is not installed (apt-get install tmux)");
+    }
+    let env = top_env();
+    let mut daemon = env.start();
+    daemon.wait_until("the spool's layout", || env.path("control").is_dir());
+    let pid_file = env.dir.path().join("top.pid");
+    let wrapper = env.script(
+        "top.sh",
+        &format!(
+            "sh -c 'echo $$ > {}; exec {BIN} top --config {}'\necho \"top exited $?\"\nstty -a\n\
+             sleep 600",
+            pid_file.display(),
+            env.config.display()
+        ),
+    );
+    let tmux = Tmux::new(env.dir.path());
+    let out = tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "top",
+        "-x",
+        "120",
+        "-y",
+        "30",
+        &wrapper,
+    ]);
+    assert!(out.status.success(), "tmux: {}", describe(&out));
+    tmux.wait_screen("top's view", &["spoold top", "q quits"]);
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    let out = Command::new("kill")
+        .args(["-HUP", pid.trim()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kill -HUP: {}", describe(&out));
+    let screen = tmux.wait_screen("top's exit", &["top exited 129", "echoke"]);
+    assert!(
+        !screen.contains("spoold top"),
+        "the main screen is not back:\n{screen}"
+    );
+    let words: Vec<&str> = screen.split_whitespace().collect();
+    assert!(
+        words.contains(&"icanon") && words.contains(&"echo"),
+        "the terminal was left raw:\n{screen}"
+    );
+    let _ = tmux.run(&["kill-server"]);
+    daemon.stop();
+}
+
 /// When its terminal goes away (the window closed, the ssh or tmux session ended), top ends at
 /// once instead of living on without a terminal: the kernel's SIGHUP ends it, with the status
 /// of a process ended by that signal.
