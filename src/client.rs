@@ -232,7 +232,7 @@ fn enqueue_many(
                     }
                 }
                 Err(e) => {
-                    let file = file.map(|f| f.display().to_string()).unwrap_or_default();
+                    let file = file.map(|f| shown_path(f)).unwrap_or_default();
                     eprintln!("spoold: {file}: not submitted: {e}");
                     code = ExitCode::FAILURE;
                 }
@@ -470,6 +470,12 @@ fn parse_time(text: &str) -> Result<SystemTime, String> {
     when.ok_or_else(bad)
 }
 
+/// A path given on the command line, as a message shows it: escaped, since a file name may
+/// hold control characters (one a member of the group chose, in a directory root submits).
+fn shown_path(path: &Path) -> String {
+    escape_bytes(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))
+}
+
 fn enqueue(queue: &impl Admin, files: &[PathBuf], submission: &Submission) -> io::Result<ExitCode> {
     let partial = Arc::new(Partial::default());
     remove_partial_on_signal(&partial)?;
@@ -492,13 +498,13 @@ fn enqueue(queue: &impl Admin, files: &[PathBuf], submission: &Submission) -> io
             Err(SubmitError::Denied { err, group }) => {
                 eprintln!(
                     "spoold: {}: not submitted: {err}; {}",
-                    file.display(),
+                    shown_path(file),
                     membership_hint(group)
                 );
                 code = ExitCode::FAILURE;
             }
             Err(SubmitError::Io(e)) => {
-                eprintln!("spoold: {}: not submitted: {e}", file.display());
+                eprintln!("spoold: {}: not submitted: {e}", shown_path(file));
                 code = ExitCode::FAILURE;
             }
         }
@@ -538,7 +544,7 @@ fn enqueue(queue: &impl Admin, files: &[PathBuf], submission: &Submission) -> io
                 writeln!(out, "{id}")?;
             }
             for (_, file) in &staged[published..] {
-                eprintln!("spoold: {}: not submitted: {err}", file.display());
+                eprintln!("spoold: {}: not submitted: {err}", shown_path(file));
             }
             return Ok(ExitCode::FAILURE);
         }

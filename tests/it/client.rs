@@ -209,3 +209,25 @@ fn listing(env: &Env, dir: &std::path::Path) -> Vec<String> {
     all.sort();
     all
 }
+
+/// `spoold enqueue` names a file it refuses with the name escaped: a file named with terminal
+/// escape sequences (one a member of the group left in a directory root submits from) cannot
+/// drive root's terminal through the message.
+#[test]
+fn enqueue_escapes_the_name_of_a_file_it_refuses() {
+    let env = Env::new(&["/bin/true"], "");
+    let fifo = env.dir.path().join("job\x1b]0;owned\x07\x1b[2J");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = env.cli(&["enqueue", fifo.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not submitted"), "{err}");
+    assert!(!err.contains('\x1b') && !err.contains('\x07'), "{err:?}");
+    assert!(err.contains("\\u{1b}"), "{err:?}");
+}
