@@ -467,10 +467,10 @@ impl Spool {
         Ok(true)
     }
 
-    /// The pending cancel requests: (job name, uid of the operator who asked), oldest first.
-    /// A request whose record cannot be read is still acted on, with the uid of its file's owner.
-    pub(super) fn cancel_requests(&self) -> io::Result<Vec<(OsString, u32)>> {
-        use std::os::unix::fs::MetadataExt;
+    /// The names of the jobs with a pending cancel request. Only the names: a turn reads just
+    /// the requests it acts on ([`cancel_uid`](Self::cancel_uid)), so that a cancel of
+    /// thousands of jobs is not read whole at every turn.
+    pub(super) fn cancel_requests(&self) -> io::Result<Vec<OsString>> {
         let mut requests = Vec::new();
         for entry in fs::read_dir(self.dir_path(Dir::Control))? {
             let entry = entry?;
@@ -481,16 +481,26 @@ impl Spool {
             if name.is_empty() || !entry.file_type()?.is_file() {
                 continue;
             }
-            let uid = self
-                .read_control(&file)
-                .ok()
-                .and_then(|t| serde_json::from_slice::<CancelRecord>(&t).ok())
-                .map(|r| r.uid)
-                .or_else(|| entry.metadata().ok().map(|m| m.uid()))
-                .unwrap_or(u32::MAX);
-            requests.push((OsStr::from_bytes(name).to_owned(), uid));
+            requests.push(OsStr::from_bytes(name).to_owned());
         }
         Ok(requests)
+    }
+
+    /// Who asked to cancel `name`: the uid its request gives. A request whose record cannot be
+    /// read is still acted on, with the uid of its file's owner.
+    pub(super) fn cancel_uid(&self, name: &OsStr) -> u32 {
+        let mut file = OsString::from(CANCEL_PREFIX);
+        file.push(name);
+        self.read_control(&file)
+            .ok()
+            .and_then(|t| serde_json::from_slice::<CancelRecord>(&t).ok())
+            .map(|r| r.uid)
+            .or_else(|| {
+                rustix::fs::statat(self.fd(Dir::Control), &file, AtFlags::SYMLINK_NOFOLLOW)
+                    .ok()
+                    .map(|st| st.st_uid)
+            })
+            .unwrap_or(u32::MAX)
     }
 
     /// Removes the request to cancel `name`: it was acted on.
@@ -733,30 +743,37 @@ impl Spool {
         Ok(())
     }
 
-    /// The operators' records in `control/`, oldest first: the file's name, and the record or
-    /// why it cannot be read (naming the file).
-    pub(super) fn operation_records(
-        &self,
-    ) -> io::Result<Vec<(OsString, Result<OpRecord, String>)>> {
-        let mut records = Vec::new();
+    /// The names of the operators' records in `control/`, oldest first. Only the names: a
+    /// turn reads just the records it acts on (see `act_on_operations`), so that a member's
+    /// `hold --all` of a million jobs, thousands of records, is not read whole at every turn.
+    pub(super) fn operation_files(&self) -> io::Result<Vec<OsString>> {
+        let mut files = Vec::new();
         for entry in fs::read_dir(self.dir_path(Dir::Control))? {
             let entry = entry?;
             let file = entry.file_name();
-            if !file.as_bytes().starts_with(OP_PREFIX.as_bytes()) || !entry.file_type()?.is_file() {
-                continue;
+            if file.as_bytes().starts_with(OP_PREFIX.as_bytes()) && entry.file_type()?.is_file() {
+                files.push(file);
             }
-            let record = self
-                .read_control(&file)
-                .map_err(|e| e.to_string())
-                .and_then(|text| {
-                    serde_json::from_slice::<OpRecord>(&text)
-                        .map_err(|e| format!("not an operator's record: {e}"))
-                })
-                .map_err(|e| format!("{}: {e}", entry.path().display()));
-            records.push((file, record));
         }
-        records.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(records)
+        files.sort();
+        Ok(files)
+    }
+
+    /// An operator's record, or why it cannot be read (naming the file).
+    fn operation_record(&self, file: &OsStr) -> Result<OpRecord, String> {
+        self.read_control(file)
+            .map_err(|e| e.to_string())
+            .and_then(|text| {
+                serde_json::from_slice::<OpRecord>(&text)
+                    .map_err(|e| format!("not an operator's record: {e}"))
+            })
+            .map_err(|e| {
+                format!(
+                    "{}/{}: {e}",
+                    self.dir_path(Dir::Control).display(),
+                    display_name(file)
+                )
+            })
     }
 
     /// Removes an operator's record once the daemon has acted on it.
@@ -843,7 +860,7 @@ impl Spool {
     /// journal lines carry its session, not the unit, and a member could not have them
     /// attributed to the unit at all.
     pub(super) fn act_on_operations(&self) -> OpsTurn {
-        let records = match self.operation_records() {
+        let records = match self.operation_files() {
             Ok(records) => records,
             Err(e) => {
                 tracing::error!(
@@ -855,12 +872,12 @@ impl Spool {
         };
         let mut work = 0;
         let mut turn = OpsTurn::default();
-        for (file, record) in records {
+        for file in records {
             if work >= OP_CHUNK {
                 turn.more = true;
                 return turn;
             }
-            let record = match record {
+            let record = match self.operation_record(&file) {
                 Ok(record) => record,
                 Err(e) => {
                     tracing::error!("{e}; set aside as .bad-{}", display_name(&file));

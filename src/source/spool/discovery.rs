@@ -749,10 +749,11 @@ impl Turns {
         // flush: only those acted on count towards the turn's share, so that requests stuck
         // behind pending ones are reached, and pending ones alone do not keep the loop busy.
         let mut acted = 0;
-        for (name, uid) in requests {
+        for name in requests {
             if acted == CANCELS_PER_TURN {
                 return true;
             }
+            let uid = self.spool.cancel_uid(&name);
             let id = display_name(&name);
             match self.spool.cancel(&name, uid) {
                 Ok(Cancelled::Pending) => continue,
