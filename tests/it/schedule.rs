@@ -644,3 +644,30 @@ fn a_job_whose_ttl_ran_out_while_no_daemon_ran_does_not_start() {
         runs_of(&env, &id)
     );
 }
+
+/// A job with a time to live waits for its retry when a producer drops another job of the same
+/// name into `new/`: at the end of its time to live the job that expires is the one the record
+/// belongs to, the one in `retry/`, and the newcomer stays queued, and runs.
+#[test]
+fn the_job_that_expires_is_the_one_its_record_belongs_to() {
+    let env = timed_env("");
+    let d = env.start();
+    let id = enqueue(&env, &["--ttl", "3s"], "fail");
+    d.wait_until("the job waiting for its retry", || {
+        env.names("retry").contains(&id)
+    });
+    assert!(env.cli(&["pause"]).status.success());
+    d.wait_until("the pause", || d.log().contains("paused by uid"));
+    env.submit(&id, "x");
+    d.wait_until("the first job expired", || {
+        env.names("failed").contains(&id) && !env.names("retry").contains(&id)
+    });
+    assert_eq!(reason_of(&env, &id).as_deref(), Some("expired"));
+    assert!(
+        env.names("new").contains(&id),
+        "the newcomer stays queued: {}",
+        crate::util::spool_listing(&env.spool)
+    );
+    assert!(env.cli(&["resume"]).status.success());
+    d.wait_until("the newcomer done", || env.names("done").contains(&id));
+}

@@ -570,7 +570,19 @@ impl Spool {
         name: &OsStr,
         reason: &str,
     ) -> io::Result<Option<OsString>> {
-        let earlier = self.read_record(Dir::State, name)?.map(History::from);
+        // `state/NAME` is the record of the job of that name in retry/ if there is one, else
+        // of the one in hold/, else of the one in new/: another job that took the same name
+        // (a producer's) must neither take it nor remove it.
+        let owns = match from {
+            Dir::Retry => true,
+            Dir::Hold => !self.is_in(Dir::Retry, name),
+            _ => !self.is_in(Dir::Retry, name) && !self.is_in(Dir::Hold, name),
+        };
+        let earlier = if owns {
+            self.read_record(Dir::State, name)?.map(History::from)
+        } else {
+            None
+        };
         let now = std::time::SystemTime::now();
         let history = History {
             id: display_name(name),
@@ -591,7 +603,7 @@ impl Spool {
             expires_unix_ms: earlier.and_then(|h| h.expires_unix_ms),
             ..History::default()
         };
-        match self.fail_from(from, name, history) {
+        match self.fail_from_owning(from, name, history, owns) {
             Ok(moved) => Ok(Some(moved)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),

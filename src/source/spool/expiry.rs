@@ -92,7 +92,9 @@ impl Spool {
                 Some(_) => {}
             }
             let before = expired.len();
-            self.expire_one(&name, "its time to live", &mut expired, report);
+            // The record is that of the job in retry/ when there is one (see `fail_waiting`).
+            let owners = [Dir::Retry, Dir::Hold, Dir::New];
+            self.expire_one(&name, &owners, "its time to live", &mut expired, report);
             // Not moved (an error, or it was running): still to expire at a later look.
             ttl_left |= expired.len() == before;
         }
@@ -123,23 +125,32 @@ impl Spool {
                 if time_of(st.st_mtime, st.st_mtime_nsec as u64) > born_before {
                     continue;
                 }
-                self.expire_one(&name, "retry.max_age", &mut expired, report);
+                // This very job, where it was found, or in new/ if it was promoted meanwhile;
+                // not another of the same name elsewhere.
+                let here: &[Dir] = if dir == Dir::Retry {
+                    &[Dir::Retry, Dir::New]
+                } else {
+                    &[dir]
+                };
+                self.expire_one(&name, here, "retry.max_age", &mut expired, report);
             }
         }
         Ok(expired)
     }
 
-    /// Fails the waiting job `name`, wherever it waits, with the reason `expired`.
+    /// Fails the waiting job `name`, looked for in `dirs` in that order, with the reason
+    /// `expired`.
     fn expire_one(
         &self,
         name: &OsString,
+        dirs: &[Dir],
         why: &'static str,
         expired: &mut Vec<Expired>,
         report: &mut dyn FnMut(&OsString, io::Error),
     ) {
         // Two rounds, as for a cancel: a retry promoted between two looks is found in new/.
         for _ in 0..2 {
-            for from in WAITING {
+            for &from in dirs {
                 match rustix::fs::statat(self.fd(from), name, AtFlags::SYMLINK_NOFOLLOW) {
                     Ok(st) if rustix::fs::FileType::from_raw_mode(st.st_mode).is_file() => {}
                     Ok(_) | Err(Errno::NOENT) => continue,

@@ -851,6 +851,18 @@ impl Spool {
     /// to `failed/`, with `history` as its reason record. A job no longer in `from` is an error
     /// of kind NotFound, and leaves no record behind.
     fn fail_from(&self, from: Dir, name: &OsStr, history: History) -> io::Result<OsString> {
+        self.fail_from_owning(from, name, history, true)
+    }
+
+    /// [`fail_from`](Self::fail_from); `owns_record` false when `state/NAME` belongs to another
+    /// job of the same name (one in `retry/`), which keeps it.
+    pub(super) fn fail_from_owning(
+        &self,
+        from: Dir,
+        name: &OsStr,
+        history: History,
+        owns_record: bool,
+    ) -> io::Result<OsString> {
         // The reason is written first, under the name the job will have in failed/, so that
         // whoever sees the job there finds its reason too. Only this daemon adds to failed/, so
         // a name free now is still free at the rename below.
@@ -867,7 +879,9 @@ impl Spool {
             self.remove_record(Dir::Reasons, &final_name);
             return Err(annotate(e.into(), name, "cannot move to failed/"));
         }
-        self.remove_record(Dir::State, name);
+        if owns_record {
+            self.remove_record(Dir::State, name);
+        }
         recorded.map_err(|e| {
             annotate(
                 e,
