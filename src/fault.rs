@@ -81,10 +81,7 @@ pub fn tmp_max_age(default: std::time::Duration) -> std::time::Duration {
 /// lock around the count and the publication; the pause widens that window until a test sees it.
 pub fn publish_pause() {
     #[cfg(debug_assertions)]
-    if let Some(pause) = std::env::var("SPOOLD_TEST_PUBLISH_PAUSE")
-        .ok()
-        .and_then(|v| humantime::parse_duration(&v).ok())
-    {
+    if let Some(pause) = pause_from_env("SPOOLD_TEST_PUBLISH_PAUSE") {
         std::thread::sleep(pause);
     }
 }
@@ -95,10 +92,7 @@ pub fn publish_pause() {
 /// into it by timing.
 pub fn settle_pause() {
     #[cfg(debug_assertions)]
-    if let Some(pause) = std::env::var("SPOOLD_TEST_SETTLE_PAUSE")
-        .ok()
-        .and_then(|v| humantime::parse_duration(&v).ok())
-    {
+    if let Some(pause) = pause_from_env("SPOOLD_TEST_SETTLE_PAUSE") {
         tracing::info!("settling the attempt after {pause:?} (SPOOLD_TEST_SETTLE_PAUSE)");
         std::thread::sleep(pause);
     }
@@ -110,10 +104,7 @@ pub fn settle_pause() {
 /// for a test to catch by timing.
 pub fn retry_pause() {
     #[cfg(debug_assertions)]
-    if let Some(pause) = std::env::var("SPOOLD_TEST_RETRY_PAUSE")
-        .ok()
-        .and_then(|v| humantime::parse_duration(&v).ok())
-    {
+    if let Some(pause) = pause_from_env("SPOOLD_TEST_RETRY_PAUSE") {
         std::thread::sleep(pause);
     }
 }
@@ -142,4 +133,12 @@ pub fn drop_delivery() -> bool {
         return !DROPPED.swap(true, std::sync::atomic::Ordering::Relaxed);
     }
     false
+}
+
+/// The duration a test gave in the environment variable `var`, if any.
+#[cfg(debug_assertions)]
+fn pause_from_env(var: &str) -> Option<std::time::Duration> {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| humantime::parse_duration(&v).ok())
 }

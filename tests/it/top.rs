@@ -109,19 +109,7 @@ fn top_shows_states_running_job_and_pause_and_q_quits() {
             env.config.display()
         ),
     );
-    let tmux = Tmux::new(env.dir.path());
-    let out = tmux.run(&[
-        "new-session",
-        "-d",
-        "-s",
-        "top",
-        "-x",
-        "120",
-        "-y",
-        "30",
-        &wrapper,
-    ]);
-    assert!(out.status.success(), "tmux: {}", describe(&out));
+    let tmux = session(&env, &wrapper, 120);
 
     let screen = tmux.wait_screen(
         "the counts, the running job and the pause",
@@ -197,6 +185,25 @@ fn top_shows_states_running_job_and_pause_and_q_quits() {
     );
 }
 
+/// A tmux session named `top`, `width` columns by 30 rows, that runs `wrapper`.
+fn session(env: &Env, wrapper: &str, width: u16) -> Tmux {
+    let tmux = Tmux::new(env.dir.path());
+    let width = width.to_string();
+    let out = tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "top",
+        "-x",
+        &width,
+        "-y",
+        "30",
+        wrapper,
+    ]);
+    assert!(out.status.success(), "tmux: {}", describe(&out));
+    tmux
+}
+
 /// Gives the spool to group nogroup (65534) the way the package gives it to group spoold: the
 /// directories group-readable and setgid, so that what the daemon (root here) creates stays in
 /// the group, and nothing for others. The test's directory and config become reachable.
@@ -247,19 +254,7 @@ fn top_restores_the_terminal_on_a_sighup_sent_by_hand() {
             env.config.display()
         ),
     );
-    let tmux = Tmux::new(env.dir.path());
-    let out = tmux.run(&[
-        "new-session",
-        "-d",
-        "-s",
-        "top",
-        "-x",
-        "120",
-        "-y",
-        "30",
-        &wrapper,
-    ]);
-    assert!(out.status.success(), "tmux: {}", describe(&out));
+    let tmux = session(&env, &wrapper, 120);
     tmux.wait_screen("top's view", &["spoold top", "q quits"]);
     let pid = std::fs::read_to_string(&pid_file).unwrap();
     let out = Command::new("kill")
@@ -304,19 +299,7 @@ fn top_ends_when_its_terminal_hangs_up() {
             env.config.display()
         ),
     );
-    let tmux = Tmux::new(env.dir.path());
-    let out = tmux.run(&[
-        "new-session",
-        "-d",
-        "-s",
-        "top",
-        "-x",
-        "100",
-        "-y",
-        "30",
-        &wrapper,
-    ]);
-    assert!(out.status.success(), "tmux: {}", describe(&out));
+    let tmux = session(&env, &wrapper, 100);
     tmux.wait_screen("top's view", &["spoold top", "q quits"]);
     let pid: i32 = std::fs::read_to_string(&pid_file)
         .unwrap()

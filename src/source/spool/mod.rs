@@ -721,18 +721,7 @@ impl Spool {
                 "not a regular file but {}: spoold never follows or opens such an entry",
                 describe_file_type(kind)
             );
-            let history = History {
-                id: display_name(&name),
-                failed_at: Some(rfc3339(SystemTime::now())),
-                permanent: true,
-                last_failure: Some(Failure {
-                    reason: reason.clone(),
-                    ..Failure::default()
-                }),
-                ..History::default()
-            };
-            self.fail(&name, history)?;
-            return Ok(Claim::Rejected { reason });
+            return self.reject(&name, reason);
         }
         let history = if own_record {
             match self.read_record(Dir::State, &name) {
@@ -757,18 +746,7 @@ impl Spool {
                          count and time limits are unknown: `spoold retry` runs it again with a \
                          fresh count"
                     );
-                    let history = History {
-                        id: display_name(&name),
-                        failed_at: Some(rfc3339(SystemTime::now())),
-                        permanent: true,
-                        last_failure: Some(Failure {
-                            reason: reason.clone(),
-                            ..Failure::default()
-                        }),
-                        ..History::default()
-                    };
-                    self.fail(&name, history)?;
-                    return Ok(Claim::Rejected { reason });
+                    return self.reject(&name, reason);
                 }
             }
         } else {
@@ -808,6 +786,22 @@ impl Spool {
             submitted: UNIX_EPOCH
                 + Duration::new(stat.st_mtime.max(0) as u64, stat.st_mtime_nsec as u32),
         })))
+    }
+
+    /// Fails the job just claimed as `name` for good, without running it, for `reason`.
+    fn reject(&self, name: &OsStr, reason: String) -> io::Result<Claim> {
+        let history = History {
+            id: display_name(name),
+            failed_at: Some(rfc3339(SystemTime::now())),
+            permanent: true,
+            last_failure: Some(Failure {
+                reason: reason.clone(),
+                ..Failure::default()
+            }),
+            ..History::default()
+        };
+        self.fail(name, history)?;
+        Ok(Claim::Rejected { reason })
     }
 
     /// Gives a job in `active/` a `.dup-` name of its own; its state record, if any, stays put.
