@@ -200,16 +200,21 @@ impl Abort {
 
     /// Whether the abort has come (the descriptor is readable), without waiting.
     pub fn raised(&self) -> bool {
-        let mut fds = [rustix::event::PollFd::from_borrowed_fd(
-            self.fd.as_fd(),
-            rustix::event::PollFlags::IN,
-        )];
-        let zero = rustix::event::Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
+        readable_now(self.fd.as_fd())
     }
+}
+
+/// Whether a read of `fd` would not block now (data, or its end), by a poll that does not wait.
+pub(super) fn readable_now(fd: BorrowedFd<'_>) -> bool {
+    let mut fds = [rustix::event::PollFd::from_borrowed_fd(
+        fd,
+        rustix::event::PollFlags::IN,
+    )];
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
 }
 
 /// The handler's process. Were `run` left without having waited for it (a handler it cannot

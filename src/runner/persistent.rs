@@ -890,15 +890,9 @@ impl Live {
 
     /// Whether a read of stdout would not block now: more of a line is waiting, or its end.
     fn stdout_has_more(&self) -> bool {
-        let Some(fd) = &self.stdout else {
-            return false;
-        };
-        let mut fds = [PollFd::from_borrowed_fd(fd.as_fd(), PollFlags::IN)];
-        let zero = Timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(n) if n > 0)
+        self.stdout
+            .as_ref()
+            .is_some_and(|fd| super::handler::readable_now(fd.as_fd()))
     }
 
     /// Reads stdout while a job waits for its answer: the first complete line must be the

@@ -180,33 +180,22 @@ impl BrokerAdmin {
         // The same Nats-Msg-Id every time: the stream keeps one copy whichever publish
         // landed, so a retry after a lost answer is no duplicate. Bounded by half the
         // duplicate window from the first publish, inside which that holds.
-        let give_up = since + DUPLICATE_WINDOW / 2;
-        let mut pause = PUBLISH_PAUSE.0;
-        loop {
-            let sent = async {
-                let ack = self
-                    .js
-                    .publish_with_headers(self.names.subject.clone(), headers.clone(), body.clone())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                ack.await.map(drop).map_err(|e| e.to_string())
-            }
-            .await;
-            match sent {
-                Ok(()) => return Ok(()),
-                Err(e) if tokio::time::Instant::now() + pause > give_up => {
-                    return Err(io::Error::other(format!(
-                        "the cluster did not acknowledge it within {} of its first publish \
-                         (it may be queued all the same: see `spoold status`): {e}",
-                        humantime::format_duration(DUPLICATE_WINDOW / 2)
-                    )));
-                }
-                Err(_) => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(PUBLISH_PAUSE.1);
-                }
-            }
-        }
+        through_elections(since + DUPLICATE_WINDOW / 2, || async {
+            let ack = self
+                .js
+                .publish_with_headers(self.names.subject.clone(), headers.clone(), body.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            ack.await.map(drop).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| {
+            io::Error::other(format!(
+                "the cluster did not acknowledge it within {} of its first publish (it may be \
+                 queued all the same: see `spoold status`): {e}",
+                humantime::format_duration(DUPLICATE_WINDOW / 2)
+            ))
+        })
     }
 
     /// Submits a payload too large for one message: it is stored whole as object `id` first,
@@ -239,23 +228,18 @@ impl BrokerAdmin {
     /// most half the duplicate window; each try replaces what an earlier one stored.
     async fn store_object(&self, id: &str, body: &[u8]) -> io::Result<ObjectRef> {
         let give_up = tokio::time::Instant::now() + DUPLICATE_WINDOW / 2;
-        let mut pause = PUBLISH_PAUSE.0;
-        loop {
-            match payload::store(&self.js, &self.names, id, body).await {
-                Ok(object) => return Ok(object),
-                Err(e) if tokio::time::Instant::now() + pause > give_up => {
-                    return Err(io::Error::other(format!(
-                        "{e} (gave up after {})",
-                        humantime::format_duration(DUPLICATE_WINDOW / 2)
-                    )));
-                }
-                Err(e) => {
-                    tracing::debug!("{e}; trying again");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(PUBLISH_PAUSE.1);
-                }
-            }
-        }
+        through_elections(give_up, || async {
+            payload::store(&self.js, &self.names, id, body)
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| {
+            io::Error::other(format!(
+                "{e} (gave up after {})",
+                humantime::format_duration(DUPLICATE_WINDOW / 2)
+            ))
+        })
     }
 
     /// Submits many jobs with up to [`IN_FLIGHT`] publishes awaiting their acknowledgement at
@@ -353,6 +337,27 @@ fn job_headers(msg_id: &str, id: &str, generation: u32) -> HeaderMap {
         headers.insert(GENERATION_HEADER, generation.to_string().as_str());
     }
     headers
+}
+
+/// Runs `op` until it succeeds, trying again after a pause that doubles (an election takes
+/// 4-7 s), until a try would end past `give_up`; then the last error.
+async fn through_elections<T, F, Fut>(give_up: tokio::time::Instant, mut op: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let mut pause = PUBLISH_PAUSE.0;
+    loop {
+        match op().await {
+            Ok(value) => return Ok(value),
+            Err(e) if tokio::time::Instant::now() + pause > give_up => return Err(e),
+            Err(e) => {
+                tracing::debug!("{e}; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(PUBLISH_PAUSE.1);
+            }
+        }
+    }
 }
 
 fn other(e: impl std::fmt::Display) -> io::Error {
@@ -571,38 +576,28 @@ impl Admin for BrokerAdmin {
             // since a dead letter left behind would be retried a second time and, past the
             // duplicate window, queued twice.
             let give_up = tokio::time::Instant::now() + DUPLICATE_WINDOW / 2;
-            let mut pause = PUBLISH_PAUSE.0;
-            loop {
-                let purged = async {
-                    let stream = self
-                        .js
-                        .get_stream_no_info(&self.names.failed_stream)
-                        .await
-                        .map_err(other)?;
-                    stream
-                        .purge()
-                        .filter(self.names.failed_subject(id))
-                        .sequence(letter.sequence + 1)
-                        .await
-                        .map(drop)
-                        .map_err(other)
-                }
-                .await;
-                match purged {
-                    Ok(()) => break,
-                    Err(e) if tokio::time::Instant::now() + pause > give_up => {
-                        return Err(io::Error::other(format!(
-                            "{id} is back in the queue, but its dead letter could not be removed \
-                             ({e}): `spoold failed` still lists it; do not retry it again until \
-                             it is gone, or it may run twice"
-                        )));
-                    }
-                    Err(_) => {
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(PUBLISH_PAUSE.1);
-                    }
-                }
-            }
+            through_elections(give_up, || async {
+                let stream = self
+                    .js
+                    .get_stream_no_info(&self.names.failed_stream)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                stream
+                    .purge()
+                    .filter(self.names.failed_subject(id))
+                    .sequence(letter.sequence + 1)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| {
+                io::Error::other(format!(
+                    "{id} is back in the queue, but its dead letter could not be removed ({e}): \
+                     `spoold failed` still lists it; do not retry it again until it is gone, or \
+                     it may run twice"
+                ))
+            })?;
             Ok(Retried::Queued {
                 name: OsString::from(id),
                 place: Place::named("the queue"),
