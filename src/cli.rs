@@ -166,6 +166,10 @@ pub enum Command {
         all: bool,
     },
     /// Put held jobs back in the queue, with their attempt count kept.
+    ///
+    /// A hold does not move a job's time: one held while it waited for a retry's backoff or
+    /// for the time it was submitted for (`enqueue --in`/`--at`) goes back to retry/ and waits
+    /// for the rest of it; any other goes to new/.
     #[command(
         override_usage = "spoold release [-c|--config <PATH>] <ID>...\n       \
                                 spoold release [-c|--config <PATH>] --all"

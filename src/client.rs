@@ -20,7 +20,7 @@ use crate::job::{Failure, History, JobId, display_name, escape_bytes, escape_tex
 use crate::source::Admin;
 use crate::source::admin::{
     Finished, Moved, Operation, OperatorError, Partial, PublishError, Retried, Submission,
-    SubmitError, new_job_id,
+    SubmitError, new_job_id, waits_until,
 };
 use crate::source::spool::{Spool, SpoolError};
 
@@ -1079,14 +1079,15 @@ fn hold_or_release(
             Action::Release => queue.release(&id),
         };
         match result {
-            Ok(Moved::To { name, place }) if name == id.as_os_str() => {
-                println!("{id}: {verb}, in {place}");
+            Ok(Moved::To { name, place, until }) if name == id.as_os_str() => {
+                println!("{id}: {verb}, in {place}{}", waits_until(until));
                 done.push(id);
             }
-            Ok(Moved::To { name, place }) => {
+            Ok(Moved::To { name, place, until }) => {
                 println!(
-                    "{id}: {verb}, in {place} as {} ({place} already held a job of that name)",
-                    display_name(&name)
+                    "{id}: {verb}, in {place} as {}{} ({place} already held a job of that name)",
+                    display_name(&name),
+                    waits_until(until)
                 );
                 done.push(id);
             }

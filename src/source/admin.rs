@@ -289,8 +289,13 @@ impl From<io::Error> for OperatorError {
 /// What [`Admin::hold`] or [`Admin::release`] did with an ID.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Moved {
-    /// Now in `place`, under `name` (another name when `place` held a job of that name).
-    To { name: OsString, place: Place },
+    /// Now in `place`, under `name` (another name when `place` held a job of that name);
+    /// waiting there until `until` (ms since the Unix epoch) when it has a time to wait for.
+    To {
+        name: OsString,
+        place: Place,
+        until: Option<u64>,
+    },
     /// No job of that ID is where the action takes jobs from.
     NoSuchJob,
 }
@@ -328,6 +333,16 @@ impl fmt::Display for Place {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.0)
     }
+}
+
+/// " until TIME" for a job that waits for its time (ms since the Unix epoch), else nothing.
+pub fn waits_until(until: Option<u64>) -> String {
+    until
+        .map(|ms| {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+            format!(" until {}", crate::clock::rfc3339_ms(t))
+        })
+        .unwrap_or_default()
 }
 
 /// What [`Admin::retry`] did with an ID.

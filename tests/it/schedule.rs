@@ -238,6 +238,70 @@ fn a_held_job_expires_at_its_ttl() {
     assert!(shown["expires_at"].as_str().is_some(), "{shown}");
 }
 
+/// A hold sets a job aside without moving its time: a delayed job, held and released before
+/// its time, still starts at its time, not at the release; a job waiting out a retry's backoff,
+/// held and released, goes back to wait for the rest of it; both across a restart while held.
+#[test]
+fn a_released_job_keeps_its_time() {
+    let env = timed_env("");
+    let mut d = env.start();
+    let submitted = now_ms();
+    let delayed = enqueue(&env, &["--in", "8s"], "delayed");
+    let failing = enqueue(&env, &[], "fail");
+    d.wait_until(
+        "the delayed job in retry/ and the failing one's first run",
+        || env.names("retry").contains(&delayed) && runs_of(&env, &failing).len() == 1,
+    );
+    d.wait_until("the failing job to wait for its retry (1h)", || {
+        env.names("retry").contains(&failing)
+    });
+
+    for id in [&delayed, &failing] {
+        let out = env.cli(&["hold", id]);
+        assert!(out.status.success(), "hold: {}", describe(&out));
+    }
+    // A daemon started while they are held has never seen their times (it reads retry/ at its
+    // start, not hold/): the release must tell it.
+    d.stop();
+    let d = env.start();
+    for id in [&delayed, &failing] {
+        let out = env.cli(&["release", id]);
+        assert!(out.status.success(), "release: {}", describe(&out));
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            said.contains("released, in retry/ until "),
+            "release of {id} does not say it waits for its time:\n{}",
+            describe(&out)
+        );
+    }
+    assert!(
+        runs_of(&env, &delayed).is_empty(),
+        "the delayed job ran at its release"
+    );
+
+    d.wait_until("the delayed job to run at its time", || {
+        !runs_of(&env, &delayed).is_empty()
+    });
+    let runs = runs_of(&env, &delayed);
+    assert!(
+        runs[0].1 >= submitted + 8000,
+        "the released delayed job started {} ms after its submission, before its time (8 s)",
+        runs[0].1 - submitted
+    );
+    // Released before the delayed job's time: had it gone to new/, it would have run again
+    // long before that.
+    assert_eq!(
+        runs_of(&env, &failing).len(),
+        1,
+        "the released job did not wait out its backoff"
+    );
+    assert!(
+        env.names("retry").contains(&failing),
+        "{}",
+        spool_listing(&env.spool)
+    );
+}
+
 /// With `retry.max_age`, a job waiting for its retry past that age (counted from its
 /// submission) goes to failed/ with the reason `expired`, its failed attempt kept.
 #[test]

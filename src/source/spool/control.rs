@@ -53,7 +53,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Dir, Spool, rename_noreplace, rfc3339};
 use crate::job::{Failure, History, JobId, display_name};
-use crate::source::admin::{Moved, Operation, OperatorError, Paused};
+use crate::source::admin::{Moved, Operation, OperatorError, Paused, waits_until};
 
 /// The record's name in `control/`.
 const PAUSE: &str = "pause";
@@ -228,11 +228,29 @@ impl Spool {
         Ok(Moved::NoSuchJob)
     }
 
-    /// Puts a held job back in `new/`, with its attempt count kept.
+    /// Puts a held job back among the waiting ones, with its attempt count kept: into `new/`,
+    /// or into `retry/` when its record gives a time still to come (a retry's backoff, or
+    /// `enqueue --in`/`--at`), where it waits for the rest of it. A hold sets a job aside; it
+    /// does not move its time (as `postsuper -H` puts mail back in the deferred queue, which
+    /// keeps its retry time).
     pub fn release(&self, id: &JobId) -> Result<Moved, OperatorError> {
-        Ok(self
-            .move_operator(Dir::Hold, Dir::New, id.as_os_str())?
-            .unwrap_or(Moved::NoSuchJob))
+        let name = id.as_os_str();
+        let now = super::unix_ms(std::time::SystemTime::now());
+        // A record this user may not read, or a damaged one, sends the job to new/: the claim
+        // reads the record again and deals with it there.
+        let until = match self.read_record(Dir::State, name) {
+            Ok(Some(record)) => record.next_attempt_unix_ms.filter(|&due| due > now),
+            Ok(None) | Err(_) => None,
+        };
+        let to = if until.is_some() {
+            Dir::Retry
+        } else {
+            Dir::New
+        };
+        Ok(match self.move_operator(Dir::Hold, to, name)? {
+            Some(Moved::To { name, place, .. }) => Moved::To { name, place, until },
+            Some(Moved::NoSuchJob) | None => Moved::NoSuchJob,
+        })
     }
 
     /// One operator move of a regular file; None when `from` has no job of that name.
@@ -267,6 +285,7 @@ impl Spool {
             return Ok(Some(Moved::To {
                 name: name.to_owned(),
                 place: to.place(),
+                until: None,
             }));
         }
         Ok(self
@@ -280,6 +299,7 @@ impl Spool {
             .map(|name| Moved::To {
                 name,
                 place: to.place(),
+                until: None,
             }))
     }
 
@@ -808,12 +828,13 @@ impl Spool {
     /// the group): the daemon owns every directory, so it may move any job.
     pub(super) fn carry_out(&self, op: Operation, id: &JobId) -> io::Result<Outcome> {
         let moved = |m: Moved| match m {
-            Moved::To { name, place } if name == id.as_os_str() => {
-                Outcome::Done(format!("now in {place}"))
+            Moved::To { name, place, until } if name == id.as_os_str() => {
+                Outcome::Done(format!("now in {place}{}", waits_until(until)))
             }
-            Moved::To { name, place } => Outcome::Done(format!(
-                "now in {place} as {} ({place} already held a job of that name)",
-                display_name(&name)
+            Moved::To { name, place, until } => Outcome::Done(format!(
+                "now in {place} as {}{} ({place} already held a job of that name)",
+                display_name(&name),
+                waits_until(until)
             )),
             Moved::NoSuchJob => Outcome::NotDone(match op {
                 Operation::Hold => "no waiting job of that name".to_owned(),
@@ -860,6 +881,10 @@ pub(super) struct OpsTurn {
     pub(super) more: bool,
     /// A job entered or left `new/`.
     pub(super) queue_changed: bool,
+    /// Released jobs that wait in `retry/` for their time, with when they are due (ms since
+    /// the Unix epoch): discovery's schedule must learn of them, or they would wait for the
+    /// next read of the whole directory.
+    pub(super) scheduled: Vec<(OsString, u64)>,
 }
 
 impl Spool {
@@ -936,9 +961,12 @@ impl Spool {
                         operator_action = action.name(),
                         "{verb} by uid {uid}{late}"
                     );
+                    self.schedule_released(action, &job, &mut turn);
                     continue;
                 }
-                match self.carry_out(action, &job) {
+                let outcome = self.carry_out(action, &job);
+                self.schedule_released(action, &job, &mut turn);
+                match outcome {
                     Ok(Outcome::Done(place)) => {
                         turn.queue_changed = true;
                         tracing::warn!(
@@ -967,6 +995,19 @@ impl Spool {
             self.remove_operation(&file);
         }
         turn
+    }
+}
+
+impl Spool {
+    /// A released job that went back to `retry/` to wait for its time joins the schedule.
+    fn schedule_released(&self, action: Operation, job: &JobId, turn: &mut OpsTurn) {
+        if action != Operation::Release {
+            return;
+        }
+        let name = job.as_os_str();
+        if rustix::fs::statat(self.fd(Dir::Retry), name, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
+            turn.scheduled.push((name.to_owned(), self.retry_due(name)));
+        }
     }
 }
 

@@ -545,6 +545,9 @@ impl Turns {
             // new/ gained or lost a job: a pass sets the queued count right.
             self.dirty = true;
         }
+        for (name, due) in turn.scheduled {
+            self.schedule.insert(name, due);
+        }
         turn.more
     }
 
