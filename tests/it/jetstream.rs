@@ -1424,6 +1424,46 @@ fn retry_refuses_wildcards_and_keeps_a_dead_letter_written_meanwhile() {
     da.stop();
 }
 
+/// A handler may do what it likes with the file it is given, even put a FIFO in its place:
+/// the job's dead letter carries the payload as the cluster delivered it, the daemon never
+/// opens that file again (the open of a FIFO with no writer would never return, on the thread
+/// that also answers a stop), and `spoold retry` runs the job again on its own bytes.
+#[test]
+fn a_handler_that_swaps_its_file_for_a_fifo_does_not_change_the_dead_letter() {
+    let test = "a_handler_that_swaps_its_file_for_a_fifo_does_not_change_the_dead_letter";
+    let Some(server) = nats::server_or_skip(test, nats::current_server) else {
+        return;
+    };
+    let cluster = nats::Cluster::start(&server);
+    let shared = tempfile::tempdir().unwrap();
+    let handler = r#"if [ -e "$RUNS.swapped" ]; then cat "$SPOOLD_JOB_PATH" > "$RUNS.body"; exit 0; fi
+touch "$RUNS.swapped"
+rm -f "$SPOOLD_JOB_PATH" && mkfifo "$SPOOLD_JOB_PATH"
+exit 65"#;
+    let a = host_with(shared.path(), &cluster, "A", "", handler, LEASE);
+    let mut da = a.start();
+    let job = enqueue(&a, "the payload as submitted");
+    wait(SOON, "the job in the dead-letter stream", &[&da], || {
+        failed(&a).contains_key(&job)
+    });
+    let out = a.cli(&["retry", &job]);
+    assert!(out.status.success(), "retry: {}", util::describe(&out));
+    let body = shared.path().join("runs.body");
+    wait(
+        SOON,
+        "the retried job to run on its payload",
+        &[&da],
+        || body.exists() && idle(&a),
+    );
+    assert_eq!(
+        fs::read_to_string(&body).unwrap(),
+        "the payload as submitted",
+        "log:\n{}",
+        da.log()
+    );
+    da.stop();
+}
+
 /// Deletes the queue's durable consumer, as an operator could; the next host to start makes it
 /// again.
 fn delete_consumer(cluster: &nats::Cluster) {

@@ -139,6 +139,10 @@ struct Delivery {
     sequence: Option<u64>,
     reply: String,
     headers: HeaderMap,
+    /// The message's body as the cluster delivered it (empty when the payload is an object),
+    /// for its dead letter: the file handed to the handler is the handler's to change or
+    /// replace (with a FIFO, say), so it is never read back.
+    payload: Bytes,
     record: Option<Record>,
     lease: Arc<LeaseState>,
     revoked: OwnedFd,
@@ -768,9 +772,7 @@ async fn dead_letter(shared: &Shared, d: &Delivery, record: &Record) -> Result<(
     let body = if ObjectRef::of(Some(&d.headers)).is_some() {
         Bytes::new()
     } else {
-        fs::read(&d.path)
-            .map_err(|e| format!("cannot read the payload back: {e}"))?
-            .into()
+        d.payload.clone()
     };
     publish_dead_letter(shared, &d.id, d.generation, d.headers.clone(), body, record).await
 }
@@ -1258,6 +1260,7 @@ async fn deliver(
         sequence,
         reply,
         headers,
+        payload: message.payload.clone(),
         record,
         lease,
         revoked,
