@@ -52,13 +52,15 @@ pub fn listen(shutdown: &Shutdown) -> std::io::Result<mpsc::Receiver<()>> {
                 tracing::info!("received SIGHUP; reloading the configuration");
                 let _ = reload_tx.try_send(());
             } else if !shutdown.stop.is_cancelled() {
+                // The stop first, then the line: a journal that is slow to take it (rotating
+                // on a slow disk) must not hold back the stop.
+                shutdown.stop.cancel();
                 tracing::info!(
                     "received {name}; stopping (a second signal aborts the jobs in flight)"
                 );
-                shutdown.stop.cancel();
             } else if !shutdown.abort.is_cancelled() {
-                tracing::info!("received {name} again; aborting the jobs in flight");
                 shutdown.abort.cancel();
+                tracing::info!("received {name} again; aborting the jobs in flight");
             }
         }
     });

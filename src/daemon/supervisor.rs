@@ -606,7 +606,7 @@ impl<S: Source> Running<S> {
                 .handler
                 .kill_grace
                 .max(self.pool.kill_grace_in_flight())
-                .saturating_add(ABORT_SLACK);
+                .saturating_add(abort_slack(&config));
             if tokio::time::timeout(bound, self.pool.wait()).await.is_err() {
                 tracing::error!(
                     "workers did not finish {} after the abort; exiting without them ({})",
@@ -680,6 +680,16 @@ async fn open_spool(
     Ok((spool, lock, recovery.alone))
 }
 
+/// How long after the last SIGKILL the stop waits for the workers to settle their jobs: the
+/// pipes' grace, and on a broker the hand-back of an aborted job, which is bounded on its own
+/// (so that another host starts the job at once rather than after the ack wait).
+fn abort_slack(config: &Config) -> Duration {
+    match config.backend.kind {
+        BackendKind::Spool => ABORT_SLACK,
+        BackendKind::Jetstream => ABORT_SLACK + crate::source::jetstream::HANDBACK_WITHIN,
+    }
+}
+
 /// What becomes of the jobs of workers that a stop leaves behind, as the log says it.
 fn left_behind(config: &Config) -> &'static str {
     match config.backend.kind {
@@ -725,7 +735,7 @@ async fn drain<S: Source>(
     let mut grace = Duration::ZERO;
     loop {
         // The worst case still ahead: the rest of the drain, then kill_grace.
-        grace = grace.max(kill_grace().saturating_add(ABORT_SLACK));
+        grace = grace.max(kill_grace().saturating_add(abort_slack(config)));
         let end = match aborted_at {
             Some(at) => later(at, grace),
             None => later(drain_until, grace),

@@ -60,7 +60,7 @@ const PULL_PAUSE: (Duration, Duration) = (Duration::from_millis(250), Duration::
 const RESEND_EVERY: Duration = Duration::from_millis(500);
 /// How long a stop waits for the hand-back of one aborted job before leaving it to the ack
 /// wait: a broker that cannot be reached must not hold the stop.
-const HANDBACK_WITHIN: Duration = Duration::from_secs(1);
+pub(crate) const HANDBACK_WITHIN: Duration = Duration::from_secs(1);
 /// The least time an outcome is sent again and again while the broker answers the heartbeat
 /// but refuses the outcome; see `while_leased`.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(60);
@@ -979,7 +979,10 @@ async fn claimer(shared: Arc<Shared>, consumer: PullConsumer, mut claims: mpsc::
         // once this pull is over: `Pull::after_stop`).
         while let Some(message) = batch.next().await {
             match message {
-                Ok(message) => deliver(&shared, message, &mut waiting, &mut pull).await,
+                Ok(message) => {
+                    let delivered = deliver(&shared, message, &mut waiting, &mut pull);
+                    beating(&shared, delivered).await;
+                }
                 Err(e) => {
                     tracing::debug!("jetstream pull ended: {e}");
                     failed = !e.to_string().contains("timed out");
@@ -991,6 +994,20 @@ async fn claimer(shared: Arc<Shared>, consumer: PullConsumer, mut claims: mpsc::
             pull_pause(&shared, &mut pause).await;
         } else {
             pause = PULL_PAUSE.0;
+        }
+    }
+}
+
+/// Awaits `work` while feeding the watchdog every second: a delivery may take a while (a large
+/// payload streamed from the object store, records read through an election), each of its
+/// steps bounded, and the claimer's loop is not stuck meanwhile. A runtime that stops turning
+/// stops this too, which is what the watchdog is there to catch.
+async fn beating(shared: &Shared, work: impl std::future::Future<Output = ()>) {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            () = &mut work => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => shared.stats.beat(),
         }
     }
 }

@@ -289,6 +289,14 @@ impl Discovery {
             turns.scan_new()?;
             turns.read_retries_if_due();
             let promote_at = turns.schedule.next_due().map(instant_of);
+            // A turn that left work for the next one (cancels, operators' records, due
+            // retries, each taken a bounded number at a time and each with a write or a
+            // rename) gives the other tasks of this thread their turn first: the signals'
+            // task among them, which turns a SIGTERM into the stop.
+            let now = Instant::now();
+            if turns.pause_check_at <= now || promote_at.is_some_and(|at| at <= now) {
+                tokio::task::yield_now().await;
+            }
 
             tokio::select! {
                 biased;
