@@ -113,7 +113,7 @@ pub enum Command {
     Retry {
         #[command(flatten)]
         config: ConfigArg,
-        /// IDs of failed jobs, as `spoold failed` shows them.
+        /// IDs of failed jobs, as `spoold failed` shows them; `-` reads IDs from standard input, one per line.
         #[arg(
             value_name = "ID",
             required_unless_present = "all",
@@ -154,7 +154,7 @@ pub enum Command {
     Hold {
         #[command(flatten)]
         config: ConfigArg,
-        /// IDs of waiting jobs, as `spoold enqueue` printed them.
+        /// IDs of waiting jobs, as `spoold enqueue` printed them; `-` reads IDs from standard input, one per line.
         #[arg(
             value_name = "ID",
             required_unless_present = "all",
@@ -177,7 +177,7 @@ pub enum Command {
     Release {
         #[command(flatten)]
         config: ConfigArg,
-        /// IDs of held jobs.
+        /// IDs of held jobs; `-` reads IDs from standard input, one per line.
         #[arg(
             value_name = "ID",
             required_unless_present = "all",
@@ -228,7 +228,7 @@ pub enum Command {
     Cancel {
         #[command(flatten)]
         config: ConfigArg,
-        /// IDs of jobs, as `spoold enqueue` printed them.
+        /// IDs of jobs, as `spoold enqueue` printed them; `-` reads IDs from standard input, one per line.
         #[arg(required = true, value_name = "ID")]
         ids: Vec<String>,
     },

@@ -5,7 +5,7 @@
 //! only `with_spool` knows that the queue is a spool, because the config says so.
 
 use std::fs::File;
-use std::io::{self, IsTerminal, Write};
+use std::io::{self, BufRead, IsTerminal, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -25,7 +25,18 @@ use crate::source::admin::{
 use crate::source::spool::{Spool, SpoolError};
 
 /// Runs a client subcommand and returns the process exit status.
-pub fn run(command: Command) -> ExitCode {
+pub fn run(mut command: Command) -> ExitCode {
+    match ids_from_stdin(&mut command) {
+        Ok(true) => {}
+        Ok(false) => {
+            println!("no job IDs on standard input; nothing to do");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("spoold: cannot read job IDs from standard input: {e}; nothing was done");
+            return ExitCode::FAILURE;
+        }
+    }
     if let Some(code) = broker_command(&command) {
         return code;
     }
@@ -119,6 +130,39 @@ pub fn run(command: Command) -> ExitCode {
             with_spool(&config.config, Layout::Existing, |s| show(s, &id, json))
         }
     }
+}
+
+/// An ID argument `-` stands for the IDs on standard input, one per line, as `postsuper -h -`
+/// takes them: `spoold failed | awk ... | spoold retry -`. Blank lines are skipped; each line is
+/// an ID in the form `spoold failed` and `spoold enqueue` print, checked like any argument.
+/// Returns false when `-` was given and standard input held no ID.
+fn ids_from_stdin(command: &mut Command) -> io::Result<bool> {
+    let ids = match command {
+        Command::Hold { ids, .. }
+        | Command::Release { ids, .. }
+        | Command::Retry { ids, .. }
+        | Command::Cancel { ids, .. } => ids,
+        _ => return Ok(true),
+    };
+    if !ids.iter().any(|id| id == "-") {
+        return Ok(true);
+    }
+    let mut read = Vec::new();
+    for id in ids.drain(..) {
+        if id != "-" {
+            read.push(id);
+            continue;
+        }
+        for line in io::stdin().lock().lines() {
+            let line = line?;
+            let line = line.strip_suffix('\r').unwrap_or(&line);
+            if !line.trim().is_empty() {
+                read.push(line.to_owned());
+            }
+        }
+    }
+    *ids = read;
+    Ok(!ids.is_empty())
 }
 
 /// A command against a JetStream queue (`backend.kind = "jetstream"`); None when the config
@@ -904,7 +948,10 @@ fn retry(queue: &impl Admin, ids: &[String], all: bool) -> io::Result<ExitCode> 
                 asked.push(id);
             }
             Ok(Retried::NoSuchJob) => {
-                eprintln!("spoold: {id}: no failed job of that name");
+                eprintln!(
+                    "spoold: {id}: no failed job of that name{}",
+                    elsewhere(queue, &id)
+                );
                 code = ExitCode::FAILURE;
             }
             Ok(Retried::NotAJob { kind, place }) => {
@@ -1098,7 +1145,7 @@ fn hold_or_release(
                 asked.push(id);
             }
             Ok(Moved::NoSuchJob) => {
-                eprintln!("spoold: {id}: {none} of that name");
+                eprintln!("spoold: {id}: {none} of that name{}", elsewhere(queue, &id));
                 code = ExitCode::FAILURE;
             }
             Err(e) => {
@@ -1108,6 +1155,22 @@ fn hold_or_release(
         }
     }
     Ok(record_operation(queue, op, &done, &asked).unwrap_or(code))
+}
+
+/// Where a job that an action did not find is instead, for its error line: "; it is running
+/// (in active/): `spoold cancel` ends it", say. `ALL`, which postsuper takes for every job, gets
+/// the option that does that here.
+fn elsewhere(queue: &impl Admin, id: &JobId) -> String {
+    if id.as_os_str() == "ALL" {
+        return " (for every job: --all)".to_owned();
+    }
+    match queue.show(id) {
+        Ok(Some(job)) if job.place.to_string() == "active/" => {
+            "; it is running (in active/): `spoold cancel` ends it".to_owned()
+        }
+        Ok(Some(job)) => format!("; it is in {}", job.place),
+        Ok(None) | Err(_) => String::new(),
+    }
 }
 
 /// The command that shows a job's log: spoold logs every line of a job with its JOB_ID field.
@@ -1268,7 +1331,10 @@ fn cancel(queue: &impl Admin, ids: &[String]) -> io::Result<ExitCode> {
                  next to start"
             ),
             Ok(false) => {
-                eprintln!("spoold: {id}: no waiting, held or running job of that name");
+                eprintln!(
+                    "spoold: {id}: no waiting, held or running job of that name{}",
+                    elsewhere(queue, &id)
+                );
                 code = ExitCode::FAILURE;
             }
             Err(e) => {

@@ -200,6 +200,93 @@ fn held_jobs_never_start_and_release_keeps_their_attempts() {
     d.stop();
 }
 
+/// `spoold COMMAND [--config PATH] -` with `input` on its standard input.
+fn cli_with_stdin(env: &Env, args: &[&str], input: &str) -> std::process::Output {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(crate::util::BIN)
+        .args(args)
+        .arg("--config")
+        .arg(&env.config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// As `postsuper -h -` does, an ID argument `-` reads the IDs from standard input, one per
+/// line; an ID that names no job the command can act on says where that job is instead (a
+/// running one: `spoold cancel` ends it), and postsuper's `ALL` gets the option it needs here.
+#[test]
+fn ids_come_from_stdin_and_a_job_not_found_says_where_it_is() {
+    let env = operator_env();
+    let mut d = env.start();
+    env.submit("running", "wait");
+    d.wait_until("the job to run", || ran(&env, "running"));
+    let out = env.cli(&["pause"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    d.wait_log(|l| l.contains("paused by uid"), SOON);
+    for name in ["a", "b", "c"] {
+        env.submit(name, "x");
+    }
+
+    let out = cli_with_stdin(&env, &["hold", "-", "c"], "a\n\nb\r\n");
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        env.names("hold"),
+        ["a".to_owned(), "b".to_owned(), "c".to_owned()].into(),
+        "{}",
+        describe(&out)
+    );
+    let out = cli_with_stdin(&env, &["hold", "-"], "");
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("no job IDs on standard input"),
+        "{}",
+        describe(&out)
+    );
+
+    let out = env.cli(&["hold", "running"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("it is running (in active/): `spoold cancel` ends it"),
+        "{}",
+        describe(&out)
+    );
+    let out = env.cli(&["release", "ALL"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("(for every job: --all)"),
+        "{}",
+        describe(&out)
+    );
+
+    let out = cli_with_stdin(&env, &["release", "-"], "a\nb\nc\n");
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(env.count("hold"), 0, "{}", describe(&out));
+    let out = env.cli(&["resume"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    fs::write(env.dir.path().join("go"), "").unwrap();
+    d.wait_until("every job done", || env.count("done") == 4);
+    let out = env.cli(&["cancel", "a"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("; it is in done/"),
+        "{}",
+        describe(&out)
+    );
+    d.stop();
+}
+
 /// A member of the spool's group holds a job whose name has a backslash in it, typed as
 /// `spoold failed` shows it (`a\\nb`): the daemon, which carries out a member's request, holds
 /// that job and not `a` newline `b`, the job that the backslash escape would otherwise name.
