@@ -201,7 +201,8 @@ pub enum Command {
     ///
     /// It prints the job's place (new/, active/, retry/, hold/, done/ or failed/) and since
     /// when, its failed attempts and when the next may run, then each failed attempt (the last
-    /// 20): start, duration, exit status or signal, timeout, and its stderr tail; and the
+    /// 20): start, duration, exit status or signal, timeout, and its stderr tail; for a failed
+    /// job, why it failed (a cancel or an expiry also, which are no attempt); and the
     /// journalctl command that shows the job's log. A delayed job says "scheduled: not before
     /// TIME" (in tmp/ until the daemon files it, then in retry/). Exit status 1 when no job has
     /// that ID.
@@ -213,7 +214,8 @@ pub enum Command {
         #[arg(value_name = "ID")]
         id: String,
         /// Print one JSON object (id, place, since, attempts, first_attempt_at,
-        /// next_attempt_at, failed_at, permanent, history: one object per failed attempt,
+        /// next_attempt_at, failed_at, permanent, reason: why a failed job failed (a cancel's
+        /// or an expiry's too, which are no attempt) or null, history: one object per failed attempt,
         /// record_error, scheduled: true for a delayed job not yet due, expires_at: its time to
         /// live's end or null, journalctl) with the values as recorded, unescaped.
         #[arg(long)]

@@ -383,6 +383,9 @@ fn with_spool_config(
     };
     match f(&spool, &config) {
         Ok(code) => code,
+        // The reader went away (`spoold failed | head`): it has all it wanted, as grep's and
+        // ripgrep's users expect, and nothing failed.
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("spoold: {e}");
             ExitCode::FAILURE
@@ -834,16 +837,7 @@ fn failed(queue: &impl Admin, json: bool) -> io::Result<ExitCode> {
         let last = record.last_failure.clone().unwrap_or_default();
         writeln!(out, "{id}")?;
         writeln!(out, "    reason:   {}", escape_text(&last.reason))?;
-        writeln!(
-            out,
-            "    attempts: {}{}",
-            record.attempts,
-            if record.permanent {
-                " (permanent exit code)"
-            } else {
-                ""
-            }
-        )?;
+        writeln!(out, "    attempts: {}{}", record.attempts, for_good(record))?;
         if let Some(at) = &record.first_attempt_at {
             writeln!(out, "    first:    {}", escape_text(at))?;
         }
@@ -1224,6 +1218,11 @@ fn show(queue: &impl Admin, arg: &str, json: bool) -> io::Result<ExitCode> {
             "next_attempt_at": history.next_attempt_at,
             "failed_at": history.failed_at,
             "permanent": history.permanent,
+            "reason": history
+                .failed_at
+                .as_ref()
+                .and(history.last_failure.as_ref())
+                .map(|last| last.reason.clone()),
             "history": failures.iter().map(failure_json).collect::<Vec<_>>(),
             "record_error": job.record_error,
             "scheduled": job.scheduled,
@@ -1235,6 +1234,16 @@ fn show(queue: &impl Admin, arg: &str, json: bool) -> io::Result<ExitCode> {
     }
     print_shown(&mut out, &shown, &job, &history, &failures, &journal)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `failed` and `show` say of a job that failed for good: a permanent exit code is one
+/// thing, a cancel or an expiry (also marked permanent: never retried) another.
+fn for_good(h: &History) -> &'static str {
+    match &h.last_failure {
+        _ if !h.permanent => "",
+        Some(last) if last.exit_code.is_some() => " (permanent exit code)",
+        _ => " (not retried)",
+    }
 }
 
 /// A time in ms since the epoch as RFC 3339, UTC.
@@ -1262,12 +1271,15 @@ fn print_shown(
         out,
         "    failed attempts: {}{}",
         history.attempts,
-        if history.permanent {
-            " (permanent exit code)"
-        } else {
-            ""
-        }
+        for_good(history)
     )?;
+    // Why it failed, when that was no run of its own (a cancel, an expiry) and so is not
+    // among the attempts below.
+    if history.failed_at.is_some()
+        && let Some(last) = &history.last_failure
+    {
+        writeln!(out, "    reason:   {}", escape_text(&last.reason))?;
+    }
     if let Some(at) = &history.first_attempt_at {
         writeln!(out, "    first:    {}", escape_text(at))?;
     }
@@ -1286,7 +1298,8 @@ fn print_shown(
     if let Some(e) = &job.record_error {
         writeln!(out, "    record:   unreadable: {}", escape_text(e))?;
     }
-    for f in failures {
+    // A cancel or an expiry is recorded as a failure with no start: it was no run.
+    for f in failures.iter().filter(|f| !f.started_at.is_empty()) {
         let status = match (f.exit_code, f.signal) {
             (Some(code), _) => format!("exit {code}"),
             (None, Some(sig)) => format!("signal {sig}"),

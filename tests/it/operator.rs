@@ -287,6 +287,36 @@ fn ids_come_from_stdin_and_a_job_not_found_says_where_it_is() {
     d.stop();
 }
 
+/// A job cancelled while it waited for its retry: `show` says it was cancelled, as `failed`
+/// does, not that it failed with a permanent exit code, and lists its one real attempt and no
+/// attempt for the cancel, which was no run.
+#[test]
+fn show_tells_a_cancel_after_a_failed_attempt() {
+    let env = operator_env();
+    let mut d = env.start();
+    env.submit("flaky", "flaky");
+    d.wait_until("the job to wait for its retry", || env.count("retry") == 1);
+    let out = env.cli(&["cancel", "flaky"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    d.wait_until("the cancelled job in failed/", || env.count("failed") == 1);
+
+    let out = env.cli(&["show", "flaky"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("reason:   cancelled"), "{text}");
+    assert!(text.contains("failed attempts: 1 (not retried)"), "{text}");
+    assert!(!text.contains("permanent exit code"), "{text}");
+    assert!(text.contains("attempt 1: started "), "{text}");
+    assert!(!text.contains("attempt 0"), "{text}");
+    let out = env.cli(&["show", "flaky", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["reason"], "cancelled", "{v}");
+    let out = env.cli(&["failed"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("attempts: 1 (not retried)"), "{text}");
+    d.stop();
+}
+
 /// A member of the spool's group holds a job whose name has a backslash in it, typed as
 /// `spoold failed` shows it (`a\\nb`): the daemon, which carries out a member's request, holds
 /// that job and not `a` newline `b`, the job that the backslash escape would otherwise name.
