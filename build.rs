@@ -79,14 +79,22 @@ A client command failed.
 .B 2
 A usage error: an unknown subcommand or option, a missing or extra argument.
 .TP
+.B 69
+A JetStream cluster cannot be reached (\fBspoold run\fR waits \fBjetstream.connect_timeout\fR
+first; systemd restarts the unit).
+.TP
+.B 70
+A panic: a bug. It is logged, the jobs in flight are aborted, and systemd restarts spoold.
+.TP
 .B 73
 The spool cannot be opened.
 .TP
 .B 74
-Job discovery failed.
+Job discovery failed, or the metrics address cannot be bound.
 .TP
 .B 75
-Another spoold owns the spool.
+Another spoold owns the spool; or \fBspoold enqueue\fR found the queue full
+(\fBspool.max_queued\fR) and submitted nothing.
 .TP
 .B 78
 The configuration is invalid (systemd does not restart the unit for it).

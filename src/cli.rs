@@ -18,7 +18,9 @@ use crate::config::DEFAULT_PATH;
                   journal with a JOB_ID field.",
     after_long_help = "Exit status: 0 on success; 1 when a client command failed; 2 for a usage \
                        error (an unknown option, a missing argument); 78 for an invalid config; \
-                       `spoold run` also exits 73, 74 or 75 (see `spoold run --help`)."
+                       75 when `spoold enqueue` finds the queue full (spool.max_queued); 69 \
+                       when a JetStream cluster cannot be reached; `spoold run` also exits 70, \
+                       73, 74 or 75 (see `spoold run --help`)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -44,8 +46,10 @@ pub enum Command {
     /// Run the daemon until SIGTERM or SIGINT; SIGHUP reloads the config.
     ///
     /// Exit status: 0 after a clean stop, 78 for an invalid config, 73 when the spool cannot
-    /// be opened, 75 when another spoold owns the spool, 74 when job discovery fails, 70 after
-    /// a panic (a bug; logged, and systemd restarts spoold), 2 for a usage error.
+    /// be opened, 75 when another spoold owns the spool, 74 when job discovery fails or the
+    /// metrics address cannot be bound, 69 when a JetStream cluster cannot be reached within
+    /// jetstream.connect_timeout, 70 after a panic (a bug; logged, and systemd restarts
+    /// spoold), 2 for a usage error.
     #[command(override_usage = "spoold run [-c|--config <PATH>]")]
     Run(ConfigArg),
     /// Submit files as jobs, atomically; prints one job ID per file.
@@ -237,8 +241,8 @@ pub enum Command {
     /// Remove finished jobs (done or failed) older than a duration, with their records.
     ///
     /// A job's age is the time since it went to done/ or failed/. Each removal is logged to
-    /// the journal with the caller's uid (OPERATOR_UID=) and the job's ID (JOB_ID=). Only root
-    /// (or the user spoold) may purge the packaged spool.
+    /// the journal with the caller's uid (OPERATOR_UID=) and the job's ID (JOB_ID=). Members
+    /// of the spool's group may purge too: the daemon removes the jobs for them.
     #[command(
         override_usage = "spoold purge [-c|--config <PATH>] --state <done|failed> --older-than <DURATION> [--dry-run]"
     )]

@@ -127,7 +127,10 @@ pub fn run(mut command: Command) -> ExitCode {
             })
         }
         Command::Show { config, id, json } => {
-            with_spool(&config.config, Layout::Existing, |s| show(s, &id, json))
+            let unit = unit_of(&config.config);
+            with_spool(&config.config, Layout::Existing, |s| {
+                show(s, &id, json, &unit)
+            })
         }
     }
 }
@@ -1167,24 +1170,43 @@ fn elsewhere(queue: &impl Admin, id: &JobId) -> String {
     }
 }
 
-/// The command that shows a job's log: spoold logs every line of a job with its JOB_ID field.
-/// The unit is the packaged one; an instance unit (`spoold@NAME`) is named the same way.
-fn journalctl_line(id: &str) -> String {
+/// The packaged unit whose config is `config`: `spoold@NAME` for `/etc/spoold/NAME.toml`
+/// (`spoold@.service`'s rule), else `spoold`.
+fn unit_of(config: &Path) -> String {
+    let stem = config.file_stem().and_then(|s| s.to_str());
+    match stem {
+        Some(name)
+            if config.parent() == Some(Path::new("/etc/spoold"))
+                && config.extension().is_some_and(|e| e == "toml")
+                && name != "spoold"
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) =>
+        {
+            format!("spoold@{name}")
+        }
+        _ => "spoold".to_owned(),
+    }
+}
+
+/// The command that shows a job's log: spoold logs every line of a job with its JOB_ID field,
+/// in the journal of `unit`.
+fn journalctl_line(unit: &str, id: &str) -> String {
     // Quoted for a shell when the ID holds anything but the characters a ULID is made of.
     let plain = id
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if plain {
-        format!("journalctl -u spoold JOB_ID={id}")
+        format!("journalctl -u {unit} JOB_ID={id}")
     } else {
         format!(
-            "journalctl -u spoold 'JOB_ID={}'",
+            "journalctl -u {unit} 'JOB_ID={}'",
             id.replace('\'', "'\\''")
         )
     }
 }
 
-fn show(queue: &impl Admin, arg: &str, json: bool) -> io::Result<ExitCode> {
+fn show(queue: &impl Admin, arg: &str, json: bool, unit: &str) -> io::Result<ExitCode> {
     let id = match JobId::parse(arg) {
         Ok(id) => id,
         Err(e) => {
@@ -1199,7 +1221,7 @@ fn show(queue: &impl Admin, arg: &str, json: bool) -> io::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     };
     let shown = display_name(&job.name);
-    let journal = journalctl_line(&shown);
+    let journal = journalctl_line(unit, &shown);
     let history = job.history.clone().unwrap_or_default();
     let failures = if history.failures.is_empty() {
         // A record from a spoold that kept only the last failure.
@@ -1357,4 +1379,22 @@ fn cancel(queue: &impl Admin, ids: &[String]) -> io::Result<ExitCode> {
         }
     }
     Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn show_names_the_unit_whose_config_it_read() {
+        let unit = |p: &str| unit_of(Path::new(p));
+        assert_eq!(unit("/etc/spoold/spoold.toml"), "spoold");
+        assert_eq!(unit("/etc/spoold/mail.toml"), "spoold@mail");
+        assert_eq!(unit("config/spoold.toml"), "spoold");
+        assert_eq!(unit("/etc/spoold/odd name.toml"), "spoold");
+        assert_eq!(
+            journalctl_line("spoold@mail", "01ABC"),
+            "journalctl -u spoold@mail JOB_ID=01ABC"
+        );
+    }
 }

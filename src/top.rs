@@ -324,8 +324,12 @@ fn draw(frame: &mut Frame, address: &(&str, String), snapshot: &Snapshot, rates:
             c.queued, c.active, c.retry
         )));
         lines.push(Line::from(format!(
-            "held {:<10} done {:<10} failed {:<8}",
-            c.held, c.done, c.failed
+            "scheduled {:<5} held {:<10}",
+            c.scheduled, c.held
+        )));
+        lines.push(Line::from(format!(
+            "done {:<10} failed {:<8}",
+            c.done, c.failed
         )));
     }
     lines.push(Line::from(match &snapshot.oldest {

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::later;
 use crate::config::{HandlerConfig, StdinMode};
 use crate::job::{Job, Outcome, Report};
+use crate::runner::LEASE_LOST;
 
 /// A line longer than this is cut, and the rest of it dropped, so one endless line cannot grow
 /// memory.
@@ -630,10 +631,9 @@ impl Attempt<'_, '_> {
                     Some(Ended::Abort) => {
                         format!("aborted by a spoold stop; {}", describe_status(status))
                     }
-                    Some(Ended::LeaseLost) => format!(
-                        "ended because the source lost its lease on the job; {}",
-                        describe_status(status)
-                    ),
+                    Some(Ended::LeaseLost) => {
+                        format!("{LEASE_LOST}; {}", describe_status(status))
+                    }
                     None => describe_status(status),
                 };
             }

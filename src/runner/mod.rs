@@ -18,6 +18,10 @@
 pub mod handler;
 pub mod persistent;
 
+/// How the reason of an attempt that the source's lease ended begins (see `Lease::revoked`).
+/// A source for which that can only mean something else (the spool's cancel) says so instead.
+pub const LEASE_LOST: &str = "ended because the source lost its lease on the job";
+
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;

@@ -526,10 +526,8 @@ impl Persistent {
                     }
                     Ended::LeaseLost => {
                         report.outcome = Outcome::LeaseLost;
-                        report.reason = format!(
-                            "ended because the source lost its lease on the job; the persistent \
-                             handler: {said}"
-                        );
+                        report.reason =
+                            format!("{}; the persistent handler: {said}", super::LEASE_LOST);
                     }
                     Ended::Broken(reason) => {
                         report.reason = format!("{reason}; the persistent handler: {said}");

@@ -144,6 +144,19 @@ fn a_running_handler_and_its_child_are_stopped_and_the_job_fails_for_good() {
     assert!(env.names("active").is_empty() && env.names("retry").is_empty());
     assert!(env.names("new").is_empty());
     assert_eq!(starts(&env, "slow"), 1, "a cancelled job was retried");
+    // The journal tells the cancel as a cancel, with how the handler ended; the runner's
+    // name for it (a lost lease) is the broker's, not the operator's.
+    let line = d
+        .log()
+        .lines()
+        .find(|l| l.contains("cancelled by uid") && l.contains("slow"))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no cancel line: {}", d.log()));
+    assert!(
+        line.contains("while running (the handler killed by SIGKILL)"),
+        "{line}"
+    );
+    assert!(!line.contains("lease"), "{line}");
     d.stop();
     assert_eq!(starts(&env, "slow"), 1);
 }

@@ -2,6 +2,7 @@
 //! test reads the screen as a person would (`tmux capture-pane -p`), presses `q`, and checks that
 //! it exited and gave the terminal back (the main screen, cooked mode).
 
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -93,6 +94,10 @@ fn top_shows_states_running_job_and_pause_and_q_quits() {
     assert!(out.status.success(), "{}", describe(&out));
     env.submit("queued-1", "x");
     env.submit("queued-2", "x");
+    let later = env.dir.path().join("later");
+    fs::write(&later, "x").unwrap();
+    let out = env.cli(&["enqueue", "--in", "1h", later.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", describe(&out));
 
     let as_member = if util::is_root() {
         member_of_the_spool_group(&env);
@@ -117,6 +122,7 @@ fn top_shows_states_running_job_and_pause_and_q_quits() {
             "spoold top",
             "queued 2",
             "active 1",
+            "scheduled 1",
             "held 0",
             "done 0",
             "failed 0",

@@ -365,11 +365,15 @@ impl Lease for SpoolLease<'_> {
             if report.outcome == Outcome::LeaseLost
                 || matches!(verdict, Verdict::Retry { .. } | Verdict::Release)
             {
+                // The runner calls it a lost lease; on the spool a raised `revoked` is a cancel.
+                let how = report
+                    .reason
+                    .strip_prefix(crate::runner::LEASE_LOST)
+                    .map_or(report.reason.as_str(), |r| r.trim_start_matches("; "));
                 tracing::warn!(
                     job_id = self.shown.as_str(),
                     operator_uid = uid,
-                    "cancelled by uid {uid} while running ({}); not retried",
-                    report.reason
+                    "cancelled by uid {uid} while running (the handler {how}); not retried"
                 );
                 report.reason = CANCELLED.to_owned();
                 return self.fail(true, report);
