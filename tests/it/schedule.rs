@@ -420,6 +420,58 @@ fn concurrent_enqueues_never_pass_max_queued() {
     assert_eq!(env.count("new"), 5);
 }
 
+/// A submission under `spool.max_queued` waits for the lock on `tmp/` that another holds (a
+/// `spoold enqueue` stopped with Ctrl-Z in the middle, say) for 30 s, not for ever: then it
+/// says who is in the way, submits nothing and exits non-zero.
+#[test]
+fn a_submission_waits_a_bounded_time_for_the_lock_another_holds() {
+    let env = timed_env("");
+    let cfg = fs::read_to_string(&env.config).unwrap();
+    fs::write(
+        &env.config,
+        cfg.replacen("[spool]\n", "[spool]\nmax_queued = 5\n", 1),
+    )
+    .unwrap();
+    // The first submission makes the spool's layout.
+    enqueue(&env, &[], "first");
+    let tmp = env.path("tmp");
+    // -o: sleep does not inherit the lock, so that the kill below ends it.
+    let mut holder = Command::new("flock")
+        .args(["-x", "-o"])
+        .arg(&tmp)
+        .args(["sleep", "300"])
+        .spawn()
+        .expect("flock(1), from util-linux");
+    let held = wait_for(SOON, || {
+        let free = Command::new("flock")
+            .arg("-n")
+            .arg(&tmp)
+            .arg("true")
+            .status()
+            .unwrap();
+        (!free.success()).then_some(())
+    });
+    assert!(held.is_some(), "flock(1) did not take the lock");
+    let began = std::time::Instant::now();
+    let out = enqueue_raw(&env, &[], "second");
+    let took = began.elapsed();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("another submission has held it for 30s"),
+        "{err}"
+    );
+    assert!(took >= Duration::from_secs(29), "gave up after {took:?}");
+    assert!(out.stdout.is_empty(), "{}", describe(&out));
+    assert_eq!(env.count("new"), 1, "{}", spool_listing(&env.spool));
+    assert_eq!(env.count("tmp"), 0, "{}", spool_listing(&env.spool));
+    // Once the lock is free, submissions go through again.
+    enqueue(&env, &[], "third");
+    assert_eq!(env.count("new"), 2);
+}
+
 /// `spoold purge --dry-run` lists the old finished jobs and changes nothing; without it, the
 /// jobs and their reason records go, and younger ones stay.
 #[test]

@@ -695,24 +695,29 @@ impl Spool {
 
     /// Claims `name` from `new/` by renaming it into `active/`.
     pub fn claim(&self, name: &OsStr) -> io::Result<Claim> {
-        let _claiming = self
-            .claim_or_promote
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match rename_noreplace(self.fd(Dir::New), name, self.fd(Dir::Active), name) {
-            Ok(()) => {}
-            // Taken by someone else, or a job of the same name is still running: not ours.
-            Err(e) if e == Errno::NOENT || e == Errno::EXIST => return Ok(Claim::Skipped),
-            Err(e) => return Err(annotate(e.into(), name, "cannot claim")),
-        }
-        // A job of the same name waiting in retry/ owns state/NAME. This one is another job
-        // submitted under that name (or another entry): it must neither take nor, when it
-        // fails, delete the other's record, so it gets a .dup- name of its own, as a name clash
-        // anywhere else would give it.
-        let (name, own_record) = if self.is_in(Dir::Retry, name) {
-            (self.rename_in_active(name)?, false)
-        } else {
-            (name.to_owned(), true)
+        // The lock covers the moves and the look in retry/, and no more: a promotion, on the
+        // daemon's main thread, waits for it, so nothing slow (a record's fsync when the job is
+        // rejected below) may happen under it.
+        let (name, own_record) = {
+            let _claiming = self
+                .claim_or_promote
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match rename_noreplace(self.fd(Dir::New), name, self.fd(Dir::Active), name) {
+                Ok(()) => {}
+                // Taken by someone else, or a job of the same name is still running: not ours.
+                Err(e) if e == Errno::NOENT || e == Errno::EXIST => return Ok(Claim::Skipped),
+                Err(e) => return Err(annotate(e.into(), name, "cannot claim")),
+            }
+            // A job of the same name waiting in retry/ owns state/NAME. This one is another job
+            // submitted under that name (or another entry): it must neither take nor, when it
+            // fails, delete the other's record, so it gets a .dup- name of its own, as a name
+            // clash anywhere else would give it.
+            if self.is_in(Dir::Retry, name) {
+                (self.rename_in_active(name)?, false)
+            } else {
+                (name.to_owned(), true)
+            }
         };
         let stat = rustix::fs::statat(self.fd(Dir::Active), &name, AtFlags::SYMLINK_NOFOLLOW)?;
         let kind = rustix::fs::FileType::from_raw_mode(stat.st_mode);

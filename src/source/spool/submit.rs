@@ -67,6 +67,9 @@ fn request_name(id: &OsStr) -> OsString {
     name
 }
 
+/// How long a submission under `spool.max_queued` waits for another to release `tmp/`'s lock.
+const TMP_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl Spool {
     /// Writes the bytes of `src` into `tmp/ID`, flushed to disk, with its modification time set
     /// to the due time of a delayed job. `partial` then removes it, and every job staged before.
@@ -104,8 +107,15 @@ impl Spool {
         let io_err = |err: io::Error, published: usize| PublishError::Io { err, published };
         // Taken before `partial`: a signal that arrives while this waits for another publisher
         // must still be able to undo the staged jobs.
-        let _limit = match submission.max_queued {
-            Some(_) => Some(self.lock_tmp().map_err(|e| io_err(e, 0))?),
+        let _limit = match submission.max_queued.map(|_| self.lock_tmp()) {
+            Some(Ok(lock)) => Some(lock),
+            // Nothing is published, so nothing staged may stay behind in tmp/.
+            Some(Err(e)) => {
+                if let Some(undo) = partial.hold().take() {
+                    undo();
+                }
+                return Err(io_err(e, 0));
+            }
             None => None,
         };
         let mut current = partial.hold();
@@ -202,7 +212,8 @@ impl Spool {
     }
 
     /// The exclusive flock on `tmp/` that publishers under a limit hold while they count and
-    /// publish; released when the descriptor is dropped.
+    /// publish (a count and a few renames: milliseconds); released when the descriptor is
+    /// dropped.
     fn lock_tmp(&self) -> io::Result<std::os::fd::OwnedFd> {
         // A descriptor of its own: the flock belongs to the open file description.
         let fd = rustix::fs::openat(
@@ -213,17 +224,34 @@ impl Spool {
                 | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::empty(),
         )?;
-        rustix::fs::flock(&fd, FlockOperation::LockExclusive).map_err(|e| {
-            io::Error::new(
-                io::Error::from(e).kind(),
-                format!(
-                    "cannot lock {}: {}",
-                    self.dir_path(Dir::Tmp).display(),
-                    io::Error::from(e)
-                ),
-            )
-        })?;
-        Ok(fd)
+        // Tried without blocking until a deadline: a publisher stopped with Ctrl-Z while it
+        // holds the lock would otherwise hold every other submission under the limit for good.
+        let deadline = std::time::Instant::now() + TMP_LOCK_WAIT;
+        let mut pause = std::time::Duration::from_millis(5);
+        loop {
+            match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return Ok(fd),
+                Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_millis(200));
+                }
+                Err(e) => {
+                    let why = if e == rustix::io::Errno::WOULDBLOCK {
+                        format!(
+                            "another submission has held it for {} (a stopped `spoold \
+                             enqueue`?)",
+                            humantime::format_duration(TMP_LOCK_WAIT)
+                        )
+                    } else {
+                        io::Error::from(e).to_string()
+                    };
+                    return Err(io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!("cannot lock {}: {why}", self.dir_path(Dir::Tmp).display()),
+                    ));
+                }
+            }
+        }
     }
 
     /// The jobs waiting to run: queued in `new/`, in `retry/` (retries and delayed jobs), in
