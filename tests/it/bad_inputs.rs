@@ -498,6 +498,61 @@ fn a_huge_request_in_control_is_not_read_whole() {
     d.stop();
 }
 
+/// A member of the spool's group may write in `control/`: a flood of requests there (tens of
+/// thousands of cancels for jobs that do not exist, a submission request that is not one, a
+/// cancel of "..") is worked through in bounded turns, each listing read once, while jobs
+/// still start at once. Before, every request (and every removal of one, which raises an
+/// inotify event there) read the whole directory again: 100,000 requests held a job back for
+/// minutes, and the watchdog with it.
+#[test]
+fn a_flood_of_requests_in_control_does_not_hold_up_the_queue() {
+    const FLOOD: usize = 30_000;
+    let env = recording_env("");
+    let mut d = env.start();
+    d.wait_until("the spool's layout", || env.path("control").is_dir());
+    let control = env.path("control");
+    for i in 0..FLOOD {
+        fs::write(
+            control.join(format!("cancel-nojob-{i}")),
+            r#"{"uid":65534}"#,
+        )
+        .unwrap();
+    }
+    fs::write(control.join("submit-junk"), "not a request").unwrap();
+    fs::write(control.join("cancel-.."), r#"{"uid":65534}"#).unwrap();
+    let began = std::time::Instant::now();
+    env.submit("after", "x");
+    d.wait_until("the job submitted after the flood to run", || {
+        env.names("done").contains("after")
+    });
+    let took = began.elapsed();
+    d.wait_until_within(
+        std::time::Duration::from_secs(120),
+        "every request worked through",
+        || {
+            fs::read_dir(&control)
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .all(|e| e.file_name().to_string_lossy().starts_with(".bad-"))
+        },
+    );
+    let set_aside: std::collections::BTreeSet<String> = fs::read_dir(&control)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        set_aside,
+        [".bad-cancel-..".to_owned(), ".bad-submit-junk".to_owned()].into(),
+    );
+    let log = d.log();
+    assert!(
+        log.contains("submit-junk: not a submission request"),
+        "{log}"
+    );
+    println!("the job ran {took:?} after the flood");
+    d.stop();
+}
+
 /// A job whose record in `state/` cannot be read (damaged, or written by another version)
 /// goes to `failed/` with a reason that names the record, instead of staying in `active/`,
 /// where nothing would ever settle it; the other jobs run, and `spoold retry` runs it again

@@ -39,7 +39,7 @@
 //! daemon sees every member's file as owned by `nobody`, so it cannot check it (a member who
 //! forges a record by hand can lie about who they are, not about what was done).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -488,8 +488,8 @@ impl Spool {
     }
 
     /// The names of the jobs with a pending cancel request. Only the names: a turn reads just
-    /// the requests it acts on ([`cancel_uid`](Self::cancel_uid)), so that a cancel of
-    /// thousands of jobs is not read whole at every turn.
+    /// the requests it acts on ([`cancel_request_uid`](Self::cancel_request_uid)), so that a
+    /// cancel of thousands of jobs is not read whole at every turn.
     pub(super) fn cancel_requests(&self) -> io::Result<Vec<OsString>> {
         let mut requests = Vec::new();
         for entry in fs::read_dir(self.dir_path(Dir::Control))? {
@@ -501,26 +501,36 @@ impl Spool {
             if name.is_empty() || !entry.file_type()?.is_file() {
                 continue;
             }
+            // Written by hand (the client refuses them): "." and ".." name directories.
+            if name == b"." || name == b".." {
+                tracing::error!(
+                    "{}/{}: names no job; set aside as .bad-{}",
+                    self.dir_path(Dir::Control).display(),
+                    display_name(&file),
+                    display_name(&file)
+                );
+                self.set_aside_operation(&file);
+                continue;
+            }
             requests.push(OsStr::from_bytes(name).to_owned());
         }
         Ok(requests)
     }
 
-    /// Who asked to cancel `name`: the uid its request gives. A request whose record cannot be
-    /// read is still acted on, with the uid of its file's owner.
-    pub(super) fn cancel_uid(&self, name: &OsStr) -> u32 {
+    /// Who asked to cancel `name`: the uid its request gives; None when the request is gone
+    /// (withdrawn since it was listed). A request whose record cannot be read is still acted
+    /// on, with the uid of its file's owner.
+    pub(super) fn cancel_request_uid(&self, name: &OsStr) -> Option<u32> {
         let mut file = OsString::from(CANCEL_PREFIX);
         file.push(name);
-        self.read_control(&file)
-            .ok()
-            .and_then(|t| serde_json::from_slice::<CancelRecord>(&t).ok())
-            .map(|r| r.uid)
-            .or_else(|| {
-                rustix::fs::statat(self.fd(Dir::Control), &file, AtFlags::SYMLINK_NOFOLLOW)
-                    .ok()
-                    .map(|st| st.st_uid)
-            })
-            .unwrap_or(u32::MAX)
+        let st =
+            rustix::fs::statat(self.fd(Dir::Control), &file, AtFlags::SYMLINK_NOFOLLOW).ok()?;
+        Some(
+            self.read_control(&file)
+                .ok()
+                .and_then(|t| serde_json::from_slice::<CancelRecord>(&t).ok())
+                .map_or(st.st_uid, |r| r.uid),
+        )
     }
 
     /// Removes the request to cancel `name`: it was acted on.
@@ -561,6 +571,10 @@ impl Spool {
         // has moved to new/, where the second round finds it.
         for _ in 0..2 {
             for from in [Dir::New, Dir::Retry, Dir::Hold] {
+                // A dot-file in new/ is one a producer is still writing, not a job.
+                if from == Dir::New && name.as_bytes().first() == Some(&b'.') {
+                    continue;
+                }
                 match rustix::fs::statat(self.fd(from), name, AtFlags::SYMLINK_NOFOLLOW) {
                     Ok(st) if rustix::fs::FileType::from_raw_mode(st.st_mode).is_file() => {}
                     Ok(_) | Err(Errno::NOENT) => continue,
@@ -574,7 +588,10 @@ impl Spool {
             }
         }
         match rustix::fs::statat(self.fd(Dir::Active), name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(_) => Ok(Cancelled::Pending),
+            Ok(st) if rustix::fs::FileType::from_raw_mode(st.st_mode).is_file() => {
+                Ok(Cancelled::Pending)
+            }
+            Ok(_) => Ok(Cancelled::NoSuchJob),
             Err(Errno::NOENT) => Ok(Cancelled::NoSuchJob),
             Err(e) => Err(e.into()),
         }
@@ -694,6 +711,14 @@ pub(super) struct OpRecord {
     pub(super) at: Option<String>,
 }
 
+/// Why an operator's record was not taken.
+enum OpRecordError {
+    /// It is no longer there.
+    Gone,
+    /// It cannot be read or is no record: why, naming the file.
+    Bad(String),
+}
+
 /// How old a record may be before its line says when it was written: a running daemon reads it
 /// within a second, so an older one was written while no daemon ran.
 const LATE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -792,20 +817,27 @@ impl Spool {
     }
 
     /// An operator's record, or why it cannot be read (naming the file).
-    fn operation_record(&self, file: &OsStr) -> Result<OpRecord, String> {
-        self.read_control(file)
-            .map_err(|e| e.to_string())
-            .and_then(|text| {
-                serde_json::from_slice::<OpRecord>(&text)
-                    .map_err(|e| format!("not an operator's record: {e}"))
-            })
-            .map_err(|e| {
-                format!(
-                    "{}/{}: {e}",
-                    self.dir_path(Dir::Control).display(),
-                    display_name(file)
-                )
-            })
+    fn operation_record(&self, file: &OsStr) -> Result<OpRecord, OpRecordError> {
+        let text = match self.read_control(file) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(OpRecordError::Gone),
+            Err(e) => {
+                return Err(OpRecordError::Bad(
+                    self.op_record_error(file, e.to_string()),
+                ));
+            }
+        };
+        serde_json::from_slice::<OpRecord>(&text).map_err(|e| {
+            OpRecordError::Bad(self.op_record_error(file, format!("not an operator's record: {e}")))
+        })
+    }
+
+    fn op_record_error(&self, file: &OsStr, why: String) -> String {
+        format!(
+            "{}/{}: {why}",
+            self.dir_path(Dir::Control).display(),
+            display_name(file)
+        )
     }
 
     /// Removes an operator's record once the daemon has acted on it.
@@ -896,27 +928,35 @@ impl Spool {
     /// unit's (`journalctl -u spoold OPERATOR_UID=...` finds them), while a client's own
     /// journal lines carry its session, not the unit, and a member could not have them
     /// attributed to the unit at all.
-    pub(super) fn act_on_operations(&self) -> OpsTurn {
-        let records = match self.operation_files() {
-            Ok(records) => records,
-            Err(e) => {
-                tracing::error!(
-                    "cannot read the operators' records in {}: {e}",
-                    self.dir_path(Dir::Control).display()
-                );
-                return OpsTurn::default();
+    ///
+    /// `backlog` holds the records listed and not yet taken: `control/` is listed again only
+    /// once it is empty, so that thousands of records are listed once, not once per turn.
+    pub(super) fn act_on_operations(&self, backlog: &mut VecDeque<OsString>) -> OpsTurn {
+        if backlog.is_empty() {
+            match self.operation_files() {
+                Ok(records) => backlog.extend(records),
+                Err(e) => {
+                    tracing::error!(
+                        "cannot read the operators' records in {}: {e}",
+                        self.dir_path(Dir::Control).display()
+                    );
+                    return OpsTurn::default();
+                }
             }
-        };
+        }
         let mut work = 0;
         let mut turn = OpsTurn::default();
-        for file in records {
+        while let Some(file) = backlog.pop_front() {
             if work >= OP_CHUNK {
+                backlog.push_front(file);
                 turn.more = true;
                 return turn;
             }
             let record = match self.operation_record(&file) {
                 Ok(record) => record,
-                Err(e) => {
+                // Gone since the listing (a record is removed only once acted on).
+                Err(OpRecordError::Gone) => continue,
+                Err(OpRecordError::Bad(e)) => {
                     tracing::error!("{e}; set aside as .bad-{}", display_name(&file));
                     self.set_aside_operation(&file);
                     continue;
@@ -1053,7 +1093,7 @@ mod tests {
             .write_operation(Operation::Release, None, &[], std::slice::from_ref(&id))
             .unwrap();
         fs::write(dir.path().join("control/op-garbage"), "not json").unwrap();
-        let turn = spool.act_on_operations();
+        let turn = spool.act_on_operations(&mut VecDeque::new());
         assert!(turn.queue_changed && !turn.more);
         // Held, then released: taken the other way round, the release would find nothing held.
         assert!(dir.path().join("new/01JOB").exists());
@@ -1096,8 +1136,9 @@ mod tests {
         spool
             .write_operation(Operation::Retry, None, &ids, &[])
             .unwrap();
-        assert!(spool.act_on_operations().more);
-        assert!(!spool.act_on_operations().more);
+        let mut backlog = VecDeque::new();
+        assert!(spool.act_on_operations(&mut backlog).more);
+        assert!(!spool.act_on_operations(&mut backlog).more);
         assert_eq!(fs::read_dir(dir.path().join("control")).unwrap().count(), 0);
     }
 }

@@ -72,6 +72,13 @@ const PROMOTE_RETRY: Duration = Duration::from_secs(1);
 /// thousands of jobs is carried out over many turns, with the signals, the watchdog and new
 /// jobs served in between.
 const CANCELS_PER_TURN: usize = 16;
+/// Cancel requests looked at in one turn, whatever became of them: one that names no job costs
+/// a few stats, and a member who writes a hundred thousand of them must not hold the loop.
+const CANCEL_LOOKS_PER_TURN: usize = 256;
+/// How long after a change in `control/` the records are read: the changes of one command (and
+/// the daemon's own removals of the records it acted on, which raise events too) come in one
+/// read rather than one read each.
+const CONTROL_SETTLE: Duration = Duration::from_millis(20);
 /// How often the pause record is read when no inotify event said it changed: a running daemon
 /// acts on a pause within a second even without the watch. One small read a second costs
 /// nothing next to a job.
@@ -243,6 +250,11 @@ struct Turns {
     /// The last error reading it, to log each distinct error once rather than every second.
     pause_error: Option<String>,
     pause_check_at: Instant,
+    /// Cancel requests listed and not yet looked at. `control/` is listed again only once
+    /// these are done, so that a long list is read once, not once per turn.
+    cancel_backlog: VecDeque<OsString>,
+    /// The operators' records listed and not yet taken, for the same reason.
+    op_backlog: VecDeque<OsString>,
     config: watch::Receiver<Arc<Config>>,
     /// The look for expired jobs (and the purge of old done/ jobs) under way, on the blocking
     /// pool, and when the next one starts.
@@ -313,6 +325,9 @@ impl Discovery {
                     // Every worker is gone: nothing left to dispatch to.
                     Err(_) => return Ok(()),
                 },
+                // Ahead of the events, which a member can keep coming (by writing in
+                // control/): the watchdog is fed whatever arrives.
+                () = sleep_until(turns.beat_at) => turns.beat(),
                 event = next_event(&mut turns.watcher) => turns.on_event(event)?,
                 () = sleep_until(turns.rescan_at) => turns.rescan_due(),
                 Some((name, due)) = turns.retries.recv() => turns.schedule.insert(name, due),
@@ -323,7 +338,6 @@ impl Discovery {
                 () = sleep_until(promote_at.unwrap_or_else(far_future)), if promote_at.is_some() => {
                     turns.promote_due();
                 }
-                () = sleep_until(turns.beat_at) => turns.beat(),
                 () = sleep_until(turns.pause_check_at) => turns.check_control(),
                 () = sleep_until(turns.expiry_at), if turns.expiry.is_none() => turns.start_expiry(&stop),
                 swept = async { turns.expiry.as_mut().expect("guarded").await }, if turns.expiry.is_some() => {
@@ -381,6 +395,8 @@ impl Turns {
             pause_seen: None,
             pause_error: None,
             pause_check_at: Instant::now(),
+            cancel_backlog: VecDeque::new(),
+            op_backlog: VecDeque::new(),
             config,
             expiry: None,
             expiry_at: Instant::now(),
@@ -452,14 +468,14 @@ impl Turns {
         if event.mask.contains(EventMask::Q_OVERFLOW) {
             tracing::warn!("inotify queue overflowed; rescanning new/");
             self.dirty = true;
-            self.check_control();
+            self.control_changed();
         } else if self
             .watcher
             .as_ref()
             .is_some_and(|w| w.control.as_ref() == Some(&event.wd))
         {
             // Any change in control/ (a temporary file's too): the records are read again.
-            self.check_control();
+            self.control_changed();
         } else if self
             .watcher
             .as_ref()
@@ -477,6 +493,14 @@ impl Turns {
             self.hint(name, event.mask);
         }
         Ok(())
+    }
+
+    /// Something changed in `control/`: it is read [`CONTROL_SETTLE`] from now, unless a read
+    /// is due sooner.
+    fn control_changed(&mut self) {
+        self.pause_check_at = self
+            .pause_check_at
+            .min(later(Instant::now(), CONTROL_SETTLE));
     }
 
     /// A name inotify reported in `new/`.
@@ -548,7 +572,7 @@ impl Turns {
     /// Acts on the operators' records of holds, releases and retries (`Spool::act_on_operations`).
     /// Returns true when records are left for the next turn.
     fn check_operations(&mut self) -> bool {
-        let turn = self.spool.act_on_operations();
+        let turn = self.spool.act_on_operations(&mut self.op_backlog);
         if turn.queue_changed {
             // new/ gained or lost a job: a pass sets the queued count right.
             self.dirty = true;
@@ -746,35 +770,47 @@ impl Turns {
     /// removes each once acted on. A request for a job that is being claimed or settled right
     /// now stays, for the next look. Returns true when requests are left for the next turn.
     fn check_cancels(&mut self) -> bool {
-        let requests = match self.spool.cancel_requests() {
-            Ok(requests) => requests,
-            Err(e) => {
-                tracing::error!(
-                    "cannot read the cancel requests in {}: {e}",
-                    self.spool.dir_path(Dir::Control).display()
-                );
-                return false;
+        if self.cancel_backlog.is_empty() {
+            match self.spool.cancel_requests() {
+                Ok(requests) => self.cancel_backlog.extend(requests),
+                Err(e) => {
+                    tracing::error!(
+                        "cannot read the cancel requests in {}: {e}",
+                        self.spool.dir_path(Dir::Control).display()
+                    );
+                    return false;
+                }
             }
-        };
-        // A request left for later (its job being claimed or settled) costs a look, not a
-        // flush: only those acted on count towards the turn's share, so that requests stuck
-        // behind pending ones are reached, and pending ones alone do not keep the loop busy.
-        let mut acted = 0;
-        for name in requests {
-            if acted == CANCELS_PER_TURN {
+        }
+        // A request left for later (its job being claimed or settled) is dropped from the
+        // backlog and found again by the next listing. Only requests that moved or stopped a
+        // job (a flush each) count towards CANCELS_PER_TURN; every look counts towards
+        // CANCEL_LOOKS_PER_TURN.
+        let (mut acted, mut looked) = (0, 0);
+        while let Some(name) = self.cancel_backlog.pop_front() {
+            if acted == CANCELS_PER_TURN || looked == CANCEL_LOOKS_PER_TURN {
+                self.cancel_backlog.push_front(name);
                 return true;
             }
-            let uid = self.spool.cancel_uid(&name);
+            looked += 1;
+            // Gone since the listing: withdrawn by whoever wrote it.
+            let Some(uid) = self.spool.cancel_request_uid(&name) else {
+                continue;
+            };
             let id = display_name(&name);
             match self.spool.cancel(&name, uid) {
                 Ok(Cancelled::Pending) => continue,
-                Ok(Cancelled::Running) => tracing::warn!(
-                    job_id = id,
-                    operator_uid = uid,
-                    operator_action = "cancel",
-                    "cancel by uid {uid}: stopping the running handler"
-                ),
+                Ok(Cancelled::Running) => {
+                    acted += 1;
+                    tracing::warn!(
+                        job_id = id,
+                        operator_uid = uid,
+                        operator_action = "cancel",
+                        "cancel by uid {uid}: stopping the running handler"
+                    )
+                }
                 Ok(Cancelled::Failed { from, name: moved }) => {
+                    acted += 1;
                     self.stats.finished(Counted::Cancelled);
                     // The queued count still holds a job taken out of new/: a pass sets it right.
                     if from == Dir::New {
@@ -808,7 +844,6 @@ impl Turns {
                 ),
             }
             self.spool.remove_cancel_request(&name);
-            acted += 1;
         }
         false
     }

@@ -291,12 +291,38 @@ impl Spool {
             if name.is_empty() || !entry.file_type()?.is_file() {
                 continue;
             }
-            let Some(record) = self
-                .read_control(&file)
-                .ok()
-                .and_then(|t| serde_json::from_slice::<SubmitRecord>(&t).ok())
-            else {
-                continue;
+            let parsed = self.read_control(&file).and_then(|t| {
+                serde_json::from_slice::<SubmitRecord>(&t)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+            });
+            let record = match parsed {
+                Ok(record) => record,
+                // Withdrawn since the listing.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                // Never a request: set aside, said once, and no longer counted as a job that
+                // waits (`count_waiting`), nor read again at every look.
+                Err(e)
+                    if e.kind() == io::ErrorKind::InvalidData
+                        || e.raw_os_error() == Some(Errno::LOOP.raw_os_error()) =>
+                {
+                    tracing::error!(
+                        "{}/{}: not a submission request ({e}); set aside as .bad-{}",
+                        self.dir_path(Dir::Control).display(),
+                        display_name(&file),
+                        display_name(&file)
+                    );
+                    self.set_aside_operation(&file);
+                    continue;
+                }
+                // One that may pass (no descriptor left): tried again at the next look.
+                Err(e) => {
+                    tracing::error!(
+                        "{}/{}: cannot read the submission request: {e}",
+                        self.dir_path(Dir::Control).display(),
+                        display_name(&file)
+                    );
+                    continue;
+                }
             };
             requests.push((OsStr::from_bytes(name).to_owned(), record));
         }
