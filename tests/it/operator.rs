@@ -317,6 +317,32 @@ fn show_tells_a_cancel_after_a_failed_attempt() {
     d.stop();
 }
 
+/// A record in `control/` may name a job in any escaped form (`\x72eport` for `report`, as a
+/// member could write by hand): the journal names the job as every other line does, so that
+/// `journalctl JOB_ID=report` finds the hold.
+#[test]
+fn an_operators_record_is_logged_under_the_jobs_own_name() {
+    let env = operator_env();
+    let mut d = env.start();
+    let out = env.cli(&["pause"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    d.wait_log(|l| l.contains("paused by uid"), SOON);
+    env.submit("report", "x");
+    fs::write(
+        env.path("control").join("op-01ZZZZZZZZZZZZZZZZZZZZZZZZ"),
+        r#"{"uid":4242,"action":"hold","asked":["\\x72eport"]}"#,
+    )
+    .unwrap();
+    d.wait_until("the job held", || env.names("hold").contains("report"));
+    let log = d.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("held by uid 4242"))
+        .unwrap_or_else(|| panic!("no hold line: {log}"));
+    assert!(line.contains("job_id=\"report\""), "{line}");
+    d.stop();
+}
+
 /// A member of the spool's group holds a job whose name has a backslash in it, typed as
 /// `spoold failed` shows it (`a\\nb`): the daemon, which carries out a member's request, holds
 /// that job and not `a` newline `b`, the job that the backslash escape would otherwise name.

@@ -528,11 +528,34 @@ fn purge_dry_run_changes_nothing_and_purge_removes_with_records() {
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(spool_listing(&env.spool), before);
 
+    // A directory that is not empty (one a member dropped in new/, refused unopened) is left
+    // for a person to look at; the purge goes on past it. It sorts before the job.
+    let odd = env.path("failed").join("0-odd");
+    fs::create_dir(&odd).unwrap();
+    fs::write(odd.join("inside"), "x").unwrap();
+    wait_for(SOON, || {
+        let out = env.cli(&[
+            "purge",
+            "--state",
+            "failed",
+            "--older-than",
+            "1s",
+            "--dry-run",
+        ]);
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("0-odd:"))
+            .then_some(())
+    })
+    .expect("the directory never old enough");
+
     // The removal is in the daemon's journal with the operator's uid and the job's ID, as
     // every operator's action is: the client leaves a record in control/ that the daemon logs.
     let out = env.cli(&["purge", "--state", "failed", "--older-than", "1s"]);
     assert!(out.status.success(), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains(&failed));
+    assert!(odd.join("inside").exists());
     let uid = rustix::process::geteuid().as_raw();
     // The daemon was stopped for the listings above: it logs the record when it starts.
     let d = env.start();

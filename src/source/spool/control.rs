@@ -993,6 +993,11 @@ impl Spool {
                     );
                     continue;
                 };
+                // The job's name as every other line gives it: a record may name it in
+                // another escaped form (`\x72eport` for `report`), which `JOB_ID=report`
+                // would not find.
+                let id = display_name(job.as_os_str());
+                let id = id.as_str();
                 let verb = action.done_verb();
                 if !asked {
                     tracing::warn!(

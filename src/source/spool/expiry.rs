@@ -214,6 +214,8 @@ impl Spool {
                 };
                 match rustix::fs::unlinkat(self.fd(dir), &name, flags) {
                     Ok(()) | Err(Errno::NOENT) => {}
+                    // Not empty: left, and the purge goes on with the others.
+                    Err(Errno::NOTEMPTY) if is_dir => continue,
                     Err(e) => return Err(self.denied_or_io(dir, e, true)),
                 }
                 if dir == Dir::Failed {
