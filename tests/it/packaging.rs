@@ -489,6 +489,15 @@ fn wait_ok(m: &sysd::Machine, script: &str, within: Duration) -> String {
 }
 
 /// A property of a unit, as `systemctl show -p NAME --value` prints it.
+/// How `unit`'s last stop ended as systemd recorded it at the time (`$SERVICE_RESULT
+/// $EXIT_CODE $EXIT_STATUS`, from the test's drop-in): "success exited 0" for a clean one;
+/// "timeout killed KILL" or the like for a stop that ended in SIGKILL.
+fn last_stop(m: &sysd::Machine, unit: &str) -> String {
+    m.sh_ok(&format!("tail -n 1 /run/spoold-test/{unit}.stop"))
+        .trim()
+        .to_owned()
+}
+
 fn prop(m: &sysd::Machine, unit: &str, name: &str) -> String {
     m.sh_ok(&format!("systemctl show -p {name} --value {unit}"))
         .trim()
@@ -547,6 +556,18 @@ fn debian_package_installs_and_runs_under_systemd() {
         "root:spoold 640\n",
         "/etc/spoold/spoold.toml after install"
     );
+
+    // A test-only drop-in records how each stop ended, as systemd saw it at the time: after a
+    // clean stop the unit is garbage-collected and `systemctl show` reports the defaults
+    // (Result=success, ExecMainStatus=0) whatever happened, SIGKILL included.
+    for unit in ["spoold.service", "spoold@.service"] {
+        m.write(
+            &format!("/etc/systemd/system/{unit}.d/record-stop.conf"),
+            "[Service]\nExecStopPost=+/bin/sh -c 'mkdir -p /run/spoold-test && \
+             echo \"$SERVICE_RESULT $EXIT_CODE $EXIT_STATUS\" >>/run/spoold-test/%n.stop'\n",
+        );
+    }
+    m.sh_ok("systemctl daemon-reload");
 
     // Enable and start: `systemctl enable --now` returns once spoold sent READY=1.
     m.sh_ok("systemctl enable --now spoold");
@@ -656,8 +677,7 @@ fn debian_package_installs_and_runs_under_systemd() {
 
     // Stop: a clean exit, which systemd records as success.
     m.sh_ok("systemctl stop spoold");
-    assert_eq!(prop(&m, "spoold", "Result"), "success");
-    assert_eq!(prop(&m, "spoold", "ExecMainStatus"), "0");
+    assert_eq!(last_stop(&m, "spoold.service"), "success exited 0");
 
     // A broken config fails the start once and is not restarted in a loop (exit 78 is
     // RestartPreventExitStatus): right after the failure the unit is "failed", not waiting in
@@ -703,7 +723,7 @@ fn debian_package_installs_and_runs_under_systemd() {
         SOON,
     );
     m.sh_ok("systemctl stop spoold@q1");
-    assert_eq!(prop(&m, "spoold@q1", "Result"), "success");
+    assert_eq!(last_stop(&m, "spoold@q1.service"), "success exited 0");
     // Instance names that would escape /var/spool/spoold, or take over a directory of the
     // default spool, are refused by the helper that creates the spool.
     for bad in ["..", ".hidden", "a/b", "new", "done"] {
@@ -733,6 +753,10 @@ fn debian_package_installs_and_runs_under_systemd() {
         );
     }
     assert!(m.read("/etc/spoold/spoold.toml").contains("network says"));
+    // The upgrade's stops were clean too.
+    for unit in ["spoold.service", "spoold@q1.service"] {
+        assert_eq!(last_stop(&m, unit), "success exited 0", "{unit}'s upgrade");
+    }
 
     // Removal stops every unit and keeps the spool and the jobs in it.
     m.sh_ok("dpkg -r spoold");
