@@ -326,17 +326,29 @@ fn a_job_that_was_in_flight_beside_a_poison_pill_is_not_failed_with_it() {
 #[test]
 fn burst_past_the_inotify_queue_loses_nothing() {
     let env = Env::new(&["/bin/true"], "[workers]\ncount = 4\n");
+    // No rescan would come within the test: what the overflow dropped is found because the
+    // overflow itself is acted on.
+    let cfg = fs::read_to_string(&env.config).unwrap();
+    fs::write(
+        &env.config,
+        cfg.replacen("[spool]\n", "[spool]\nrescan_interval = \"1d\"\n", 1),
+    )
+    .unwrap();
     let mut d = env.start();
     let n = 50_000;
     let tmp = env.path("tmp");
     for i in 0..n {
         fs::write(tmp.join(format!("b{i:05}")), "").unwrap();
     }
-    // All at once, far past the 16,384 events the kernel queues.
+    // All at once, far past the 16,384 events the kernel queues, while the daemon is stopped
+    // (SIGSTOP), so that it cannot read them as they come: the queue overflows for sure.
+    let pid = rustix::process::Pid::from_raw(d.pid()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
     for i in 0..n {
         let name = format!("b{i:05}");
         fs::rename(tmp.join(&name), env.path("new").join(&name)).unwrap();
     }
+    rustix::process::kill_process(pid, rustix::process::Signal::CONT).unwrap();
     d.wait_until_within(SOON * 10, &format!("done/ to hold {}", n), || {
         env.count("done") == n
     });
@@ -357,6 +369,10 @@ fn burst_past_the_inotify_queue_loses_nothing() {
     assert!(started.values().all(|&c| c == 1), "a job ran twice");
     assert_eq!(env.count("new") + env.count("active"), 0);
     assert!(env.names("done").iter().all(|n| !n.contains(".dup-")));
+    assert!(
+        log.contains("inotify queue overflowed; rescanning new/"),
+        "the queue did not overflow: the test proved nothing"
+    );
 }
 
 #[test]
