@@ -590,13 +590,22 @@ fn enqueue_status_failed_and_retry() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/job"));
 
+    // The oldest queued job's age is that of the oldest file in new/ (its mtime).
+    let two_minutes_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(120);
+    fs::File::options()
+        .write(true)
+        .open(env.path("new").join(&ids[2]))
+        .unwrap()
+        .set_modified(two_minutes_ago)
+        .unwrap();
     let status: serde_json::Value =
         serde_json::from_slice(&env.cli(&["status", "--json"]).stdout).unwrap();
     assert_eq!(status["queued"], 3);
     for key in ["active", "retry", "done", "failed"] {
         assert_eq!(status[key], 0, "{key}");
     }
-    assert!(status["oldest_queued_age_s"].as_f64().unwrap() >= 0.0);
+    let age = status["oldest_queued_age_s"].as_f64().unwrap();
+    assert!((120.0..300.0).contains(&age), "{status}");
     assert!(status["daemon_pid"].is_null(), "no daemon runs: {status}");
 
     let mut d = env.start();

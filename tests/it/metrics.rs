@@ -164,17 +164,28 @@ fn metrics_endpoint_reports_jobs_states_workers_and_pause() {
     let out = env.cli(&["pause", "--reason", "metrics test"]);
     assert!(out.status.success(), "{}", describe(&out));
     env.submit("waiting", "fine");
+    // Submitted two minutes ago, as its mtime says: the age the gauge gives.
+    fs::File::options()
+        .write(true)
+        .open(env.path("new").join("waiting"))
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(120))
+        .unwrap();
     let text = wait_for(SOON, || {
         let (_, text) = http_get(addr, "/metrics")?;
         (sample(&text, "spoold_paused") == Some(1.0)
-            && sample(&text, "spoold_jobs{state=\"queued\"}") == Some(1.0))
+            && sample(&text, "spoold_jobs{state=\"queued\"}") == Some(1.0)
+            && sample(&text, "spoold_oldest_queued_age_seconds")
+                .is_some_and(|age| (120.0..300.0).contains(&age)))
         .then_some(text)
     })
-    .unwrap_or_else(|| panic!("no paused=1 with one queued job; log:\n{}", daemon.log()));
-    assert!(
-        sample(&text, "spoold_oldest_queued_age_seconds").is_some_and(|age| age >= 0.0),
-        "{text}"
-    );
+    .unwrap_or_else(|| {
+        panic!(
+            "no paused=1 with one queued job two minutes old; log:\n{}",
+            daemon.log()
+        )
+    });
+    assert!(text.contains("spoold_oldest_queued_age_seconds"), "{text}");
 
     // A cancel of the waiting job, and a failed attempt that waits for its retry, each count
     // under their own outcome.

@@ -75,9 +75,9 @@ const CANCELS_PER_TURN: usize = 16;
 /// Cancel requests looked at in one turn, whatever became of them: one that names no job costs
 /// a few stats, and a member who writes a hundred thousand of them must not hold the loop.
 const CANCEL_LOOKS_PER_TURN: usize = 256;
-/// How long after a change in `control/` the records are read: the changes of one command (and
-/// the daemon's own removals of the records it acted on, which raise events too) come in one
-/// read rather than one read each.
+/// The least time between two reads of `control/` that its changes bring: a change is acted on
+/// at once, but a stream of them (a member writing thousands of requests, and the daemon's own
+/// removals of the ones it acted on, which raise events too) is read at most this often.
 const CONTROL_SETTLE: Duration = Duration::from_millis(20);
 /// How often the pause record is read when no inotify event said it changed: a running daemon
 /// acts on a pause within a second even without the watch. One small read a second costs
@@ -253,6 +253,8 @@ struct Turns {
     /// Cancel requests listed and not yet looked at. `control/` is listed again only once
     /// these are done, so that a long list is read once, not once per turn.
     cancel_backlog: VecDeque<OsString>,
+    /// When `control/` was last read (`check_control`).
+    control_read_at: Instant,
     /// The operators' records listed and not yet taken, for the same reason.
     op_backlog: VecDeque<OsString>,
     config: watch::Receiver<Arc<Config>>,
@@ -396,6 +398,7 @@ impl Turns {
             pause_error: None,
             pause_check_at: Instant::now(),
             cancel_backlog: VecDeque::new(),
+            control_read_at: Instant::now(),
             op_backlog: VecDeque::new(),
             config,
             expiry: None,
@@ -495,12 +498,12 @@ impl Turns {
         Ok(())
     }
 
-    /// Something changed in `control/`: it is read [`CONTROL_SETTLE`] from now, unless a read
-    /// is due sooner.
+    /// Something changed in `control/`: it is read now, or [`CONTROL_SETTLE`] after the last
+    /// read when that was more recent; sooner if a read is due sooner anyway.
     fn control_changed(&mut self) {
         self.pause_check_at = self
             .pause_check_at
-            .min(later(Instant::now(), CONTROL_SETTLE));
+            .min(later(self.control_read_at, CONTROL_SETTLE));
     }
 
     /// A name inotify reported in `new/`.
@@ -560,6 +563,7 @@ impl Turns {
     /// records of holds, releases and retries, and the submissions of delayed jobs and jobs with
     /// a time to live.
     fn check_control(&mut self) {
+        self.control_read_at = Instant::now();
         self.check_pause();
         let more_cancels = self.check_cancels();
         if self.check_operations() || more_cancels {
