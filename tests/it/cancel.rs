@@ -201,7 +201,7 @@ fn a_cancel_of_many_jobs_is_carried_out_in_turns_to_the_last() {
     let env = cancel_env();
     let mut d = env.start();
     assert!(env.cli(&["pause"]).status.success());
-    d.wait_log(|l| l.contains("paused by uid"), SOON);
+    d.wait_until("the log to show it", || d.log().contains("paused by uid"));
     let ids: Vec<String> = (0..100).map(|i| format!("job{i:03}")).collect();
     for id in &ids {
         env.submit(id, "x");

@@ -10,16 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::util::{self, BIN, Env, SOON, describe, run_to_exit, wait_for};
-
-/// A loopback port nobody listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::util::{self, BIN, Env, SOON, describe, free_port, run_to_exit, wait_for};
 
 /// One HTTP/1.1 GET: (status code, body), or None when nothing answered.
 fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {

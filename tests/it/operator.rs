@@ -173,7 +173,7 @@ fn held_jobs_never_start_and_release_keeps_their_attempts() {
     // A queued job: the pause keeps it queued until it is held.
     let out = env.cli(&["pause"]);
     assert!(out.status.success(), "{}", describe(&out));
-    d.wait_log(|l| l.contains("paused by uid"), SOON);
+    d.wait_until("the log to show it", || d.log().contains("paused by uid"));
     env.submit("queued", "x");
 
     let out = env.cli(&["hold", "queued", "flaky"]);
@@ -185,7 +185,7 @@ fn held_jobs_never_start_and_release_keeps_their_attempts() {
     assert_eq!(status_json(&env)["held"], 2);
     let out = env.cli(&["resume"]);
     assert!(out.status.success(), "{}", describe(&out));
-    d.wait_log(|l| l.contains("resumed by uid"), SOON);
+    d.wait_until("the log to show it", || d.log().contains("resumed by uid"));
     assert!(!starts_within_quiet(&env, "queued"), "a held job started");
     assert_eq!(env.count("hold"), 2);
 
@@ -241,7 +241,7 @@ fn ids_come_from_stdin_and_a_job_not_found_says_where_it_is() {
     d.wait_until("the job to run", || ran(&env, "running"));
     let out = env.cli(&["pause"]);
     assert!(out.status.success(), "{}", describe(&out));
-    d.wait_log(|l| l.contains("paused by uid"), SOON);
+    d.wait_until("the log to show it", || d.log().contains("paused by uid"));
     for name in ["a", "b", "c"] {
         env.submit(name, "x");
     }
@@ -334,7 +334,7 @@ fn an_operators_record_is_logged_under_the_jobs_own_name() {
     let mut d = env.start();
     let out = env.cli(&["pause"]);
     assert!(out.status.success(), "{}", describe(&out));
-    d.wait_log(|l| l.contains("paused by uid"), SOON);
+    d.wait_until("the log to show it", || d.log().contains("paused by uid"));
     env.submit("report", "x");
     fs::write(
         env.path("control").join("op-01ZZZZZZZZZZZZZZZZZZZZZZZZ"),
@@ -369,7 +369,7 @@ fn a_member_holds_the_job_it_names_even_with_a_backslash_in_its_name() {
     let mut d = env.start();
     let out = env.cli(&["pause"]);
     assert!(out.status.success(), "{}", describe(&out));
-    d.wait_log(|l| l.contains("paused by uid"), SOON);
+    d.wait_until("the log to show it", || d.log().contains("paused by uid"));
     let (backslash, newline) = ("a\\nb", "a\nb");
     env.submit(backslash, "x");
     env.submit(newline, "x");
@@ -426,7 +426,7 @@ fn a_reload_while_paused_leaves_the_queued_jobs_to_start_at_the_resume() {
     let mut d = env.start();
     let out = env.cli(&["pause"]);
     assert!(out.status.success(), "{}", describe(&out));
-    d.wait_log(|l| l.contains("paused by uid"), SOON);
+    d.wait_until("the log to show it", || d.log().contains("paused by uid"));
     env.submit("first", "x");
     env.submit("second", "x");
     d.wait_until("both jobs counted as queued", || {
@@ -451,7 +451,7 @@ fn hold_all_leaves_a_file_a_producer_is_still_writing() {
     let mut d = env.start();
     let out = env.cli(&["pause"]);
     assert!(out.status.success(), "{}", describe(&out));
-    d.wait_log(|l| l.contains("paused by uid"), SOON);
+    d.wait_until("the log to show it", || d.log().contains("paused by uid"));
     env.submit("queued", "x");
     fs::write(env.path("new").join(".being-written"), "half a jo").unwrap();
     let out = env.cli(&["hold", "--all"]);

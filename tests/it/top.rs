@@ -62,11 +62,7 @@ fn top_env() -> Env {
         "handler.sh",
         &format!("while [ ! -e {dir}/go ]; do sleep 0.05; done"),
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = util::free_port();
     env.write_config(
         &[&h],
         &format!("[workers]\ncount = 1\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),

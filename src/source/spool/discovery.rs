@@ -498,9 +498,11 @@ impl Turns {
         Ok(())
     }
 
-    /// Something changed in `control/`: it is read now, or [`CONTROL_SETTLE`] after the last
+    /// Something changed in `control/`. The pause record, one small file, is read now: a
+    /// pause takes hold at once. The rest is read now, or [`CONTROL_SETTLE`] after the last
     /// read when that was more recent; sooner if a read is due sooner anyway.
     fn control_changed(&mut self) {
+        self.check_pause();
         self.pause_check_at = self
             .pause_check_at
             .min(later(self.control_read_at, CONTROL_SETTLE));
@@ -564,6 +566,7 @@ impl Turns {
     /// a time to live.
     fn check_control(&mut self) {
         self.control_read_at = Instant::now();
+        self.pause_check_at = later(self.control_read_at, PAUSE_CHECK_EVERY);
         self.check_pause();
         let more_cancels = self.check_cancels();
         if self.check_operations() || more_cancels {
@@ -854,7 +857,6 @@ impl Turns {
 
     /// Reads the pause record and, when it changed, publishes the pause and logs who changed it.
     fn check_pause(&mut self) {
-        self.pause_check_at = later(Instant::now(), PAUSE_CHECK_EVERY);
         let record = match self.spool.pause_record() {
             Ok(record) => {
                 self.pause_error = None;

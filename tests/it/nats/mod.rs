@@ -28,7 +28,7 @@
 use std::collections::BTreeSet;
 use std::fs::{self, OpenOptions};
 use std::io::{Read as _, Write as _};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -37,6 +37,7 @@ use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::util::free_port;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -563,33 +564,6 @@ fn spawn_from_keeper(cmd: Command) -> std::io::Result<Child> {
     answer
         .recv()
         .expect("the NATS keeper thread answers every request")
-}
-
-/// A port on 127.0.0.1 that nothing listens on and that no other cluster of this process
-/// has, from 20000 up to the kernel's ephemeral range. Other processes (other test binaries
-/// run at the same time) pick at random too, and `start` picks again when a node cannot bind.
-fn free_port() -> u16 {
-    static TAKEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
-    let ephemeral = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    let (low, high) = if ephemeral > 21000 {
-        (20000, ephemeral)
-    } else {
-        (ephemeral.saturating_sub(10000).max(1024), ephemeral)
-    };
-    let mut taken = TAKEN
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    for _ in 0..1000 {
-        let port = fastrand::u16(low..high);
-        if !taken.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            taken.insert(port);
-            return port;
-        }
-    }
-    panic!("no free port on 127.0.0.1 in {low}..{high} after 1000 tries");
 }
 
 /// GET http://127.0.0.1:PORT/PATH: the status code and the body. Every step is bounded, so a

@@ -300,6 +300,8 @@ pub struct Daemon {
     /// The spool root named by the daemon's config, when that config could be read: a failed
     /// wait lists it.
     spool: Option<PathBuf>,
+    /// The thread that reads the daemon's stderr into `log`: it ends at the pipe's end.
+    log_reader: Option<thread::JoinHandle<()>>,
     _sock_dir: tempfile::TempDir,
 }
 
@@ -359,7 +361,7 @@ impl Daemon {
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn spoold");
         let log = Arc::new(Mutex::new(String::new()));
-        {
+        let log_reader = {
             let log = log.clone();
             let mut stderr = child.stderr.take().unwrap();
             thread::spawn(move || {
@@ -372,13 +374,14 @@ impl Daemon {
                         .unwrap()
                         .push_str(&String::from_utf8_lossy(&buf[..n]));
                 }
-            });
-        }
+            })
+        };
         Daemon {
             child,
             notes,
             log,
             spool,
+            log_reader: Some(log_reader),
             _sock_dir: sock_dir,
         }
     }
@@ -433,7 +436,9 @@ impl Daemon {
         }
     }
 
-    /// Waits until the log satisfies `pred`.
+    /// Waits until the log satisfies `pred`; false when it did not within `within` (a caller
+    /// that must not go on without it asserts, or uses `wait_until`).
+    #[must_use]
     pub fn wait_log(&self, pred: impl Fn(&str) -> bool, within: Duration) -> bool {
         wait_for(within, || pred(&self.log()).then_some(())).is_some()
     }
@@ -456,9 +461,22 @@ impl Daemon {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                // Let the stderr reader catch up with the last lines.
-                thread::sleep(Duration::from_millis(50));
-                return (status, start.elapsed());
+                let took = start.elapsed();
+                // The log is whole once its reader has met the pipe's end; a process that
+                // outlived the daemon and holds the pipe (a test's, on purpose) keeps it open,
+                // so the wait is bounded (and short: a daemon's last lines come at once).
+                let read_to_end = wait_for(Duration::from_secs(5), || {
+                    self.log_reader
+                        .as_ref()
+                        .is_none_or(|r| r.is_finished())
+                        .then_some(())
+                });
+                if read_to_end.is_some()
+                    && let Some(reader) = self.log_reader.take()
+                {
+                    let _ = reader.join();
+                }
+                return (status, took);
             }
             if start.elapsed() > within {
                 let _ = self.child.kill();
@@ -562,4 +580,34 @@ pub fn pids_in(file: &Path) -> Vec<i32> {
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect()
+}
+
+/// A port on 127.0.0.1 that nothing listens on and that no other caller in this process
+/// got, from 20000 up to the kernel's ephemeral range. Other processes (other test binaries
+/// run at the same time) pick at random too, and a caller that cannot bind picks again (a NATS node does). Below the
+/// ephemeral range, so that no outgoing connection takes the port between this pick and the
+/// bind.
+pub fn free_port() -> u16 {
+    static TAKEN: Mutex<std::collections::BTreeSet<u16>> =
+        Mutex::new(std::collections::BTreeSet::new());
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = if ephemeral > 21000 {
+        (20000, ephemeral)
+    } else {
+        (ephemeral.saturating_sub(10000).max(1024), ephemeral)
+    };
+    let mut taken = TAKEN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    for _ in 0..1000 {
+        let port = fastrand::u16(low..high);
+        if !taken.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            taken.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 in {low}..{high} after 1000 tries");
 }
