@@ -124,7 +124,7 @@ pub enum Command {
             conflicts_with = "all"
         )]
         ids: Vec<String>,
-        /// Retry every failed job.
+        /// Retry every failed job but the cancelled ones (name those to retry them).
         #[arg(long)]
         all: bool,
     },

@@ -899,7 +899,25 @@ fn retry(queue: &impl Admin, ids: &[String], all: bool) -> io::Result<ExitCode> 
             println!("no failed jobs to retry");
             return Ok(code);
         }
-        jobs.into_iter()
+        // A cancel is an operator's decision that the job must not run: `--all` (after an
+        // outage, say) leaves it, and says so. Named, or read from stdin, it is retried.
+        let cancelled = |j: &&crate::source::admin::FailedJob| {
+            j.history
+                .as_ref()
+                .and_then(|h| h.last_failure.as_ref())
+                .is_some_and(|f| f.reason == crate::source::spool::CANCELLED)
+        };
+        let kept = jobs.iter().filter(cancelled).count();
+        if kept > 0 {
+            println!(
+                "{kept} cancelled job{} left in failed/ (name {} to retry {})",
+                if kept == 1 { "" } else { "s" },
+                if kept == 1 { "it" } else { "them" },
+                if kept == 1 { "it" } else { "them" },
+            );
+        }
+        jobs.iter()
+            .filter(|j| !cancelled(j))
             .filter_map(|j| JobId::parse(&display_name(&j.name)).ok())
             .collect()
     } else {

@@ -104,7 +104,16 @@ fn waiting_retrying_and_held_jobs_are_cancelled_and_not_retried() {
     );
     assert_eq!(starts(&env, "flaky"), 1);
 
-    // A cancelled job is retried like any failed one.
+    // `retry --all` (after an outage, say) leaves the cancelled jobs, and says so ...
+    let out = env.cli(&["retry", "--all"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("3 cancelled jobs left in failed/"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(env.count("failed"), 3);
+    // ... and a cancelled job named is retried like any failed one.
     let out = env.cli(&["retry", "queued"]);
     assert!(out.status.success(), "{}", describe(&out));
     d.wait_until("the retried job to run", || {

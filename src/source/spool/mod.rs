@@ -35,6 +35,7 @@ mod record;
 pub mod schedule;
 mod submit;
 
+pub(crate) use control::CANCELLED;
 pub use lease::{SpoolLease, SpoolSource};
 
 use std::ffi::{OsStr, OsString};
