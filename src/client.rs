@@ -24,6 +24,15 @@ use crate::source::admin::{
 };
 use crate::source::spool::{Spool, SpoolError};
 
+/// A line of what an action did, for the operator: unlike `println!`, a reader that went away
+/// does not end the command (with a panic) half-way, before the journal record of what it did
+/// is written.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(io::stdout(), $($arg)*);
+    }};
+}
+
 /// Runs a client subcommand and returns the process exit status.
 pub fn run(mut command: Command) -> ExitCode {
     match ids_from_stdin(&mut command) {
@@ -88,12 +97,12 @@ pub fn run(mut command: Command) -> ExitCode {
                 purge(s, state, age, dry_run)
             })
         }
-        Command::Status { config, json } => {
-            with_spool(&config.config, Layout::Existing, |s| status(s, json))
-        }
-        Command::Failed { config, json } => {
-            with_spool(&config.config, Layout::Existing, |s| failed(s, json))
-        }
+        Command::Status { config, json } => with_spool(&config.config, Layout::Existing, |s| {
+            listing(status(s, json))
+        }),
+        Command::Failed { config, json } => with_spool(&config.config, Layout::Existing, |s| {
+            listing(failed(s, json))
+        }),
         Command::Retry { config, ids, all } => {
             with_spool(&config.config, Layout::Existing, |s| retry(s, &ids, all))
         }
@@ -129,7 +138,7 @@ pub fn run(mut command: Command) -> ExitCode {
         Command::Show { config, id, json } => {
             let unit = unit_of(&config.config);
             with_spool(&config.config, Layout::Existing, |s| {
-                show(s, &id, json, &unit)
+                listing(show(s, &id, json, &unit))
             })
         }
     }
@@ -386,13 +395,20 @@ fn with_spool_config(
     };
     match f(&spool, &config) {
         Ok(code) => code,
-        // The reader went away (`spoold failed | head`): it has all it wanted, as grep's and
-        // ripgrep's users expect, and nothing failed.
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("spoold: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The result of a command that only lists (status, failed, show): a reader that went away
+/// (`spoold failed | head`) has all it wanted, as grep's and ripgrep's users expect, and the
+/// command succeeded. A command that acts keeps its own status.
+fn listing(result: io::Result<ExitCode>) -> io::Result<ExitCode> {
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        other => other,
     }
 }
 
@@ -629,6 +645,19 @@ fn purge(
             return Ok(ExitCode::FAILURE);
         }
     };
+    // Each removal goes to the journal through the daemon, like every operator's action, so
+    // that `journalctl -u spoold OPERATOR_UID=...` finds it; root's purge works without a
+    // daemon, which logs the record when it next starts. Recorded before anything is printed:
+    // a reader that stops early (`| head`) must not cost the record.
+    let code = if dry_run {
+        ExitCode::SUCCESS
+    } else {
+        let removed: Vec<JobId> = purged
+            .iter()
+            .filter_map(|job| JobId::parse(&display_name(&job.name)).ok())
+            .collect();
+        record_operation(queue, Operation::Purge, &removed, &[]).unwrap_or(ExitCode::SUCCESS)
+    };
     let mut out = io::stdout().lock();
     for job in &purged {
         let id = display_name(&job.name);
@@ -650,17 +679,7 @@ fn purge(
         purged.len(),
         if purged.len() == 1 { "" } else { "s" }
     )?;
-    if dry_run {
-        return Ok(ExitCode::SUCCESS);
-    }
-    // Each removal goes to the journal through the daemon, like every operator's action, so
-    // that `journalctl -u spoold OPERATOR_UID=...` finds it; root's purge works without a
-    // daemon, which logs the record when it next starts.
-    let removed: Vec<JobId> = purged
-        .iter()
-        .filter_map(|job| JobId::parse(&display_name(&job.name)).ok())
-        .collect();
-    Ok(record_operation(queue, Operation::Purge, &removed, &[]).unwrap_or(ExitCode::SUCCESS))
+    Ok(code)
 }
 
 /// A member's purge: lists what is old enough, and asks the daemon to remove those jobs. The
@@ -896,7 +915,7 @@ fn retry(queue: &impl Admin, ids: &[String], all: bool) -> io::Result<ExitCode> 
     let ids: Vec<JobId> = if all {
         let jobs = queue.failed()?;
         if jobs.is_empty() {
-            println!("no failed jobs to retry");
+            say!("no failed jobs to retry");
             return Ok(code);
         }
         // A cancel is an operator's decision that the job must not run: `--all` (after an
@@ -909,7 +928,7 @@ fn retry(queue: &impl Admin, ids: &[String], all: bool) -> io::Result<ExitCode> 
         };
         let kept = jobs.iter().filter(cancelled).count();
         if kept > 0 {
-            println!(
+            say!(
                 "{kept} cancelled job{} left in failed/ (name {} to retry {})",
                 if kept == 1 { "" } else { "s" },
                 if kept == 1 { "it" } else { "them" },
@@ -947,11 +966,11 @@ fn retry(queue: &impl Admin, ids: &[String], all: bool) -> io::Result<ExitCode> 
     for id in ids {
         match queue.retry(&id) {
             Ok(Retried::Queued { name, place }) if name == id.as_os_str() => {
-                println!("{id}: back in {place}");
+                say!("{id}: back in {place}");
                 done.push(id);
             }
             Ok(Retried::Queued { name, place }) => {
-                println!(
+                say!(
                     "{id}: back in {place} as {} ({place} already held a job of that name)",
                     display_name(&name)
                 );
@@ -959,7 +978,7 @@ fn retry(queue: &impl Admin, ids: &[String], all: bool) -> io::Result<ExitCode> 
             }
             // A member of the group may not move failed jobs: the daemon does it for them.
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                println!("{id}: retry requested; {ASKED}");
+                say!("{id}: retry requested; {ASKED}");
                 asked.push(id);
             }
             Ok(Retried::NoSuchJob) => {
@@ -1111,7 +1130,7 @@ fn hold_or_release(
             Action::Release => queue.held()?,
         };
         if ids.is_empty() {
-            println!("{none}; nothing {verb}");
+            say!("{none}; nothing {verb}");
             return Ok(ExitCode::SUCCESS);
         }
         ids
@@ -1135,18 +1154,34 @@ fn hold_or_release(
     };
     let mut code = ExitCode::SUCCESS;
     let (mut done, mut asked) = (Vec::new(), Vec::new());
+    // Ctrl-C (or a hang-up) between two moves must not leave the moves made so far without
+    // their record: the daemon schedules a released job from it. The signal ends the loop
+    // instead, and the record of what was done is written.
+    let interrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
+        signal_hook::flag::register(signal, interrupted.clone())?;
+    }
     for id in ids {
+        if interrupted.load(std::sync::atomic::Ordering::Relaxed) {
+            eprintln!("spoold: interrupted; the jobs not named above were not {verb}");
+            code = ExitCode::from(130);
+            break;
+        }
         let result = match action {
             Action::Hold => queue.hold(&id),
             Action::Release => queue.release(&id),
         };
         match result {
             Ok(Moved::To { name, place, until }) if name == id.as_os_str() => {
-                println!("{id}: {verb}, in {place}{}", waits_until(until));
+                say!("{id}: {verb}, in {place}{}", waits_until(until));
                 done.push(id);
             }
             Ok(Moved::To { name, place, until }) => {
-                println!(
+                say!(
                     "{id}: {verb}, in {place} as {}{} ({place} already held a job of that name)",
                     display_name(&name),
                     waits_until(until)
@@ -1156,7 +1191,7 @@ fn hold_or_release(
             // A member of the group may not move other members' jobs, nor any that waits for
             // a retry or is held: the daemon does it for them, and logs it.
             Err(OperatorError::Denied { .. }) => {
-                println!("{id}: {} requested; {ASKED}", op.name());
+                say!("{id}: {} requested; {ASKED}", op.name());
                 asked.push(id);
             }
             Ok(Moved::NoSuchJob) => {
@@ -1379,7 +1414,7 @@ fn cancel(queue: &impl Admin, ids: &[String]) -> io::Result<ExitCode> {
     let mut code = ExitCode::SUCCESS;
     for id in parsed {
         match queue.cancel(&id) {
-            Ok(true) => println!(
+            Ok(true) => say!(
                 "{id}: cancel requested; a running daemon acts on it within a second, else the \
                  next to start"
             ),

@@ -488,7 +488,6 @@ fn wait_ok(m: &sysd::Machine, script: &str, within: Duration) -> String {
     }
 }
 
-/// A property of a unit, as `systemctl show -p NAME --value` prints it.
 /// How `unit`'s last stop ended as systemd recorded it at the time (`$SERVICE_RESULT
 /// $EXIT_CODE $EXIT_STATUS`, from the test's drop-in): "success exited 0" for a clean one;
 /// "timeout killed KILL" or the like for a stop that ended in SIGKILL.
@@ -498,6 +497,7 @@ fn last_stop(m: &sysd::Machine, unit: &str) -> String {
         .to_owned()
 }
 
+/// A property of a unit, as `systemctl show -p NAME --value` prints it.
 fn prop(m: &sysd::Machine, unit: &str, name: &str) -> String {
     m.sh_ok(&format!("systemctl show -p {name} --value {unit}"))
         .trim()

@@ -1044,14 +1044,18 @@ impl Spool {
 }
 
 impl Spool {
-    /// A released job that went back to `retry/` to wait for its time joins the schedule.
+    /// A released job whose record gives a time still to come joins the schedule: it went
+    /// back to `retry/` to wait for it. Whether it is there yet does not matter (an entry is a
+    /// hint, and the promotion looks again), so a record read before the client's move still
+    /// schedules the job.
     fn schedule_released(&self, action: Operation, job: &JobId, turn: &mut OpsTurn) {
         if action != Operation::Release {
             return;
         }
         let name = job.as_os_str();
-        if rustix::fs::statat(self.fd(Dir::Retry), name, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
-            turn.scheduled.push((name.to_owned(), self.retry_due(name)));
+        let due = self.retry_due(name);
+        if due > super::unix_ms(std::time::SystemTime::now()) {
+            turn.scheduled.push((name.to_owned(), due));
         }
     }
 }

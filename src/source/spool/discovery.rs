@@ -255,6 +255,11 @@ struct Turns {
     cancel_backlog: VecDeque<OsString>,
     /// When `control/` was last read (`check_control`).
     control_read_at: Instant,
+    /// `control/` changed since the submissions were last filed.
+    control_event: bool,
+    /// When the submissions are filed again without a change (a request the last look could
+    /// not read, say).
+    filing_due: Instant,
     /// The operators' records listed and not yet taken, for the same reason.
     op_backlog: VecDeque<OsString>,
     config: watch::Receiver<Arc<Config>>,
@@ -399,6 +404,8 @@ impl Turns {
             pause_check_at: Instant::now(),
             cancel_backlog: VecDeque::new(),
             control_read_at: Instant::now(),
+            control_event: true,
+            filing_due: Instant::now(),
             op_backlog: VecDeque::new(),
             config,
             expiry: None,
@@ -502,10 +509,16 @@ impl Turns {
     /// pause takes hold at once. The rest is read now, or [`CONTROL_SETTLE`] after the last
     /// read when that was more recent; sooner if a read is due sooner anyway.
     fn control_changed(&mut self) {
-        self.check_pause();
-        self.pause_check_at = self
-            .pause_check_at
-            .min(later(self.control_read_at, CONTROL_SETTLE));
+        self.control_event = true;
+        let next_read = later(self.control_read_at, CONTROL_SETTLE);
+        // At once when the last read is old enough; events that never stop would otherwise
+        // keep the timer's arm of the loop, below theirs, from ever running.
+        if Instant::now() >= next_read {
+            self.check_control();
+        } else {
+            self.check_pause();
+            self.pause_check_at = self.pause_check_at.min(next_read);
+        }
     }
 
     /// A name inotify reported in `new/`.
@@ -573,7 +586,12 @@ impl Turns {
             // More records wait: the next turn takes them, after a stop or a hand-out of jobs.
             self.pause_check_at = Instant::now();
         }
-        self.file_submissions();
+        // Not at every turn through a backlog of records: each filing lists all of control/.
+        if self.control_event || self.control_read_at >= self.filing_due {
+            self.control_event = false;
+            self.filing_due = later(self.control_read_at, PAUSE_CHECK_EVERY);
+            self.file_submissions();
+        }
     }
 
     /// Acts on the operators' records of holds, releases and retries (`Spool::act_on_operations`).
@@ -604,7 +622,7 @@ impl Turns {
         self.filing = Some(tokio::task::spawn_blocking(move || {
             let now = SystemTime::now();
             let mut filings = Vec::new();
-            for (name, request) in spool.submit_requests()? {
+            for (name, request) in spool.submit_requests_to_file()? {
                 let result = spool.file_submission(&name, &request, now);
                 filings.push((name, request, result));
             }

@@ -366,14 +366,14 @@ impl Lease for SpoolLease<'_> {
                 || matches!(verdict, Verdict::Retry { .. } | Verdict::Release)
             {
                 // The runner calls it a lost lease; on the spool a raised `revoked` is a cancel.
-                let how = report
-                    .reason
-                    .strip_prefix(crate::runner::LEASE_LOST)
-                    .map_or(report.reason.as_str(), |r| r.trim_start_matches("; "));
+                let how = match report.reason.strip_prefix(crate::runner::LEASE_LOST) {
+                    Some(rest) => format!("the handler {}", rest.trim_start_matches("; ")),
+                    None => report.reason.clone(),
+                };
                 tracing::warn!(
                     job_id = self.shown.as_str(),
                     operator_uid = uid,
-                    "cancelled by uid {uid} while running (the handler {how}); not retried"
+                    "cancelled by uid {uid} while running ({how}); not retried"
                 );
                 report.reason = CANCELLED.to_owned();
                 return self.fail(true, report);

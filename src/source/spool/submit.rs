@@ -226,14 +226,16 @@ impl Spool {
         )?;
         // Tried without blocking until a deadline: a publisher stopped with Ctrl-Z while it
         // holds the lock would otherwise hold every other submission under the limit for good.
+        // Nobody is woken when the lock is let go, so the tries are close together (a holder
+        // keeps it for milliseconds) and jittered, so that waiters do not try in step.
         let deadline = std::time::Instant::now() + TMP_LOCK_WAIT;
-        let mut pause = std::time::Duration::from_millis(5);
         loop {
             match rustix::fs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
                 Ok(()) => return Ok(fd),
                 Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(std::time::Duration::from_millis(200));
+                    std::thread::sleep(std::time::Duration::from_micros(fastrand::u64(
+                        1_000..5_000,
+                    )));
                 }
                 Err(e) => {
                     let why = if e == rustix::io::Errno::WOULDBLOCK {
@@ -279,8 +281,19 @@ impl Spool {
     }
 
     /// The submission requests in `control/`: (job name, request). A request that cannot be
-    /// read is skipped (it is being written, or was damaged: it is looked at again).
+    /// read for a reason that may pass is skipped, to be looked at again.
     pub(super) fn submit_requests(&self) -> io::Result<Vec<(OsString, SubmitRecord)>> {
+        self.submit_requests_of(false)
+    }
+
+    /// [`submit_requests`](Self::submit_requests) for the daemon's filing, which also sets
+    /// aside, with an error line, what is no request at all. Only the daemon does: a client
+    /// (`status`, `show`) logs nowhere, and must not move what it only reads.
+    pub(super) fn submit_requests_to_file(&self) -> io::Result<Vec<(OsString, SubmitRecord)>> {
+        self.submit_requests_of(true)
+    }
+
+    fn submit_requests_of(&self, set_aside: bool) -> io::Result<Vec<(OsString, SubmitRecord)>> {
         let mut requests = Vec::new();
         for entry in fs::read_dir(self.dir_path(Dir::Control))? {
             let entry = entry?;
@@ -301,6 +314,7 @@ impl Spool {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 // Never a request: set aside, said once, and no longer counted as a job that
                 // waits (`count_waiting`), nor read again at every look.
+                Err(_) if !set_aside => continue,
                 Err(e)
                     if e.kind() == io::ErrorKind::InvalidData
                         || e.raw_os_error() == Some(Errno::LOOP.raw_os_error()) =>
