@@ -903,12 +903,7 @@ fn inotify_limit_case(limit: &str) {
     let env = recording_env("");
     // The configured rescans are an hour apart: the jobs after the start are found because,
     // without a watch, new/ is read every second.
-    let cfg = fs::read_to_string(&env.config).unwrap();
-    fs::write(
-        &env.config,
-        cfg.replacen("[spool]\n", "[spool]\nrescan_interval = \"1h\"\n", 1),
-    )
-    .unwrap();
+    env.set_spool("rescan_interval = \"1h\"");
     env.submit("before", "x");
     let mut cmd = Command::new("unshare");
     cmd.args(["--user", "--map-root-user", "sh", "-c"])

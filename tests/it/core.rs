@@ -328,12 +328,7 @@ fn burst_past_the_inotify_queue_loses_nothing() {
     let env = Env::new(&["/bin/true"], "[workers]\ncount = 4\n");
     // No rescan would come within the test: what the overflow dropped is found because the
     // overflow itself is acted on.
-    let cfg = fs::read_to_string(&env.config).unwrap();
-    fs::write(
-        &env.config,
-        cfg.replacen("[spool]\n", "[spool]\nrescan_interval = \"1d\"\n", 1),
-    )
-    .unwrap();
+    env.set_spool("rescan_interval = \"1d\"");
     let mut d = env.start();
     let n = 50_000;
     let tmp = env.path("tmp");
@@ -650,21 +645,7 @@ fn enqueue_status_failed_and_retry() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-job"));
     // enqueue from stdin.
-    let mut child = std::process::Command::new(util::BIN)
-        .args(["enqueue", "-", "--config"])
-        .arg(&env.config)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"bad from stdin")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = env.cli_with_stdin(&["enqueue", "-"], b"bad from stdin");
     let id = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     d.wait_until("failed/ to hold 1", || env.count("failed") == 1);
     // retry --all brings it back; it fails again (the input is still bad) with attempts = 1.

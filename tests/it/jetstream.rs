@@ -1714,23 +1714,41 @@ fn sha256_of(path: &Path) -> String {
 /// The payload bucket as `nats object` would show it: whether object `id` is there, and how
 /// many messages the bucket's stream holds (0 once every object is gone, deletion markers
 /// included).
+///
+/// A question the cluster cannot answer right now (a stream leader being elected: "no
+/// responders") is asked again, for up to `SOON`, as spoold itself rides through elections.
 fn payload_object(cluster: &nats::Cluster, id: &str) -> (bool, u64) {
-    on_cluster(cluster, async |js| {
-        let bucket = js
-            .get_object_store("SPOOLD_default_PAYLOADS")
-            .await
-            .unwrap();
-        let there = match bucket.info(id).await {
-            Ok(info) => !info.deleted,
-            Err(e) if e.kind() == async_nats::jetstream::object_store::InfoErrorKind::NotFound => {
-                false
-            }
-            Err(e) => panic!("object {id}: {e}"),
-        };
-        let mut stream = js.get_stream("OBJ_SPOOLD_default_PAYLOADS").await.unwrap();
-        let messages = stream.info().await.unwrap().state.messages;
-        (there, messages)
-    })
+    let mut last = String::new();
+    let answer = util::wait_for(SOON, || {
+        let asked = on_cluster(cluster, async |js| -> Result<(bool, u64), String> {
+            let bucket = js
+                .get_object_store("SPOOLD_default_PAYLOADS")
+                .await
+                .map_err(|e| e.to_string())?;
+            let there = match bucket.info(id).await {
+                Ok(info) => !info.deleted,
+                Err(e)
+                    if e.kind() == async_nats::jetstream::object_store::InfoErrorKind::NotFound =>
+                {
+                    false
+                }
+                Err(e) => return Err(format!("object {id}: {e}")),
+            };
+            let mut stream = js
+                .get_stream("OBJ_SPOOLD_default_PAYLOADS")
+                .await
+                .map_err(|e| e.to_string())?;
+            let messages = stream
+                .info()
+                .await
+                .map_err(|e| e.to_string())?
+                .state
+                .messages;
+            Ok((there, messages))
+        });
+        asked.map_err(|e| last = e).ok()
+    });
+    answer.unwrap_or_else(|| panic!("the payload bucket did not answer within {SOON:?}: {last}"))
 }
 
 /// Issue 14, large payloads: a 5 MiB file (above the server's 1 MiB `max_payload`) goes

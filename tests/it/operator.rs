@@ -208,28 +208,6 @@ fn held_jobs_never_start_and_release_keeps_their_attempts() {
     d.stop();
 }
 
-/// `spoold COMMAND [--config PATH] -` with `input` on its standard input.
-fn cli_with_stdin(env: &Env, args: &[&str], input: &str) -> std::process::Output {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(crate::util::BIN)
-        .args(args)
-        .arg("--config")
-        .arg(&env.config)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
-
 /// As `postsuper -h -` does, an ID argument `-` reads the IDs from standard input, one per
 /// line; an ID that names no job the command can act on says where that job is instead (a
 /// running one: `spoold cancel` ends it), and postsuper's `ALL` gets the option it needs here.
@@ -246,7 +224,7 @@ fn ids_come_from_stdin_and_a_job_not_found_says_where_it_is() {
         env.submit(name, "x");
     }
 
-    let out = cli_with_stdin(&env, &["hold", "-", "c"], "a\n\nb\r\n");
+    let out = env.cli_with_stdin(&["hold", "-", "c"], b"a\n\nb\r\n");
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(
         env.names("hold"),
@@ -254,7 +232,7 @@ fn ids_come_from_stdin_and_a_job_not_found_says_where_it_is() {
         "{}",
         describe(&out)
     );
-    let out = cli_with_stdin(&env, &["hold", "-"], "");
+    let out = env.cli_with_stdin(&["hold", "-"], b"");
     assert!(out.status.success(), "{}", describe(&out));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("no job IDs on standard input"),
@@ -278,7 +256,7 @@ fn ids_come_from_stdin_and_a_job_not_found_says_where_it_is() {
         describe(&out)
     );
 
-    let out = cli_with_stdin(&env, &["release", "-"], "a\nb\nc\n");
+    let out = env.cli_with_stdin(&["release", "-"], b"a\nb\nc\n");
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(env.count("hold"), 0, "{}", describe(&out));
     let out = env.cli(&["resume"]);
@@ -417,12 +395,7 @@ fn a_member_holds_the_job_it_names_even_with_a_backslash_in_its_name() {
 #[test]
 fn a_reload_while_paused_leaves_the_queued_jobs_to_start_at_the_resume() {
     let env = operator_env();
-    let cfg = fs::read_to_string(&env.config).unwrap();
-    fs::write(
-        &env.config,
-        cfg.replacen("[spool]\n", "[spool]\nrescan_interval = \"1h\"\n", 1),
-    )
-    .unwrap();
+    env.set_spool("rescan_interval = \"1h\"");
     let mut d = env.start();
     let out = env.cli(&["pause"]);
     assert!(out.status.success(), "{}", describe(&out));

@@ -61,21 +61,10 @@ fn enqueue(env: &Env, flags: &[&str], body: &str) -> String {
 }
 
 fn enqueue_raw(env: &Env, flags: &[&str], body: &str) -> std::process::Output {
-    use std::io::Write;
-    let mut child = Command::new(BIN)
-        .arg("enqueue")
-        .args(flags)
-        .arg("--config")
-        .arg(&env.config)
-        .arg("-")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // A refused enqueue exits before it reads: its closed stdin is no error here.
-    let _ = child.stdin.take().unwrap().write_all(body.as_bytes());
-    child.wait_with_output().unwrap()
+    let mut args = vec!["enqueue"];
+    args.extend_from_slice(flags);
+    args.push("-");
+    env.cli_with_stdin(&args, body.as_bytes())
 }
 
 fn status_json(env: &Env) -> serde_json::Value {
@@ -343,12 +332,7 @@ fn a_job_waiting_for_its_retry_expires_at_max_age() {
 #[test]
 fn concurrent_enqueues_never_pass_max_queued() {
     let env = timed_env("");
-    let cfg = fs::read_to_string(&env.config).unwrap();
-    fs::write(
-        &env.config,
-        cfg.replacen("[spool]\n", "[spool]\nmax_queued = 5\n", 1),
-    )
-    .unwrap();
+    env.set_spool("max_queued = 5");
     let files: Vec<String> = (0..2)
         .map(|i| {
             let path = env.dir.path().join(format!("job{i}"));
@@ -427,12 +411,7 @@ fn concurrent_enqueues_never_pass_max_queued() {
 #[test]
 fn a_submission_waits_a_bounded_time_for_the_lock_another_holds() {
     let env = timed_env("");
-    let cfg = fs::read_to_string(&env.config).unwrap();
-    fs::write(
-        &env.config,
-        cfg.replacen("[spool]\n", "[spool]\nmax_queued = 5\n", 1),
-    )
-    .unwrap();
+    env.set_spool("max_queued = 5");
     // The first submission makes the spool's layout.
     enqueue(&env, &[], "first");
     let tmp = env.path("tmp");
@@ -619,12 +598,7 @@ fn a_member_submits_delayed_jobs_and_jobs_under_the_limit() {
         );
     }
     let env = timed_env("");
-    let cfg = fs::read_to_string(&env.config).unwrap();
-    fs::write(
-        &env.config,
-        cfg.replacen("[spool]\n", "[spool]\nmax_queued = 10\n", 1),
-    )
-    .unwrap();
+    env.set_spool("max_queued = 10");
     let d = env.start();
     d.wait_until("the spool's layout", || env.path("control").is_dir());
     // The member is nobody, in the group nogroup (65534), which owns the spool as the group

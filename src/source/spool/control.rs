@@ -503,13 +503,7 @@ impl Spool {
             }
             // Written by hand (the client refuses them): "." and ".." name directories.
             if name == b"." || name == b".." {
-                tracing::error!(
-                    "{}/{}: names no job; set aside as .bad-{}",
-                    self.dir_path(Dir::Control).display(),
-                    display_name(&file),
-                    display_name(&file)
-                );
-                self.set_aside_operation(&file);
+                self.set_aside_control(&file, "names no job");
                 continue;
             }
             requests.push(OsStr::from_bytes(name).to_owned());
@@ -843,6 +837,18 @@ impl Spool {
     /// Removes an operator's record once the daemon has acted on it.
     pub(super) fn remove_operation(&self, file: &OsStr) {
         let _ = rustix::fs::unlinkat(self.fd(Dir::Control), file, AtFlags::empty());
+    }
+
+    /// Sets aside a file of `control/` that is no request, as `.bad-<name>`, and says why, once,
+    /// naming the file.
+    pub(super) fn set_aside_control(&self, file: &OsStr, why: &str) {
+        tracing::error!(
+            "{}/{}: {why}; set aside as .bad-{}",
+            self.dir_path(Dir::Control).display(),
+            display_name(file),
+            display_name(file)
+        );
+        self.set_aside_operation(file);
     }
 
     /// Sets aside a record that cannot be read, as `.bad-<name>`: kept for the operator to look

@@ -319,13 +319,7 @@ impl Spool {
                     if e.kind() == io::ErrorKind::InvalidData
                         || e.raw_os_error() == Some(Errno::LOOP.raw_os_error()) =>
                 {
-                    tracing::error!(
-                        "{}/{}: not a submission request ({e}); set aside as .bad-{}",
-                        self.dir_path(Dir::Control).display(),
-                        display_name(&file),
-                        display_name(&file)
-                    );
-                    self.set_aside_operation(&file);
+                    self.set_aside_control(&file, &format!("not a submission request ({e})"));
                     continue;
                 }
                 // One that may pass (no descriptor left): tried again at the next look.

@@ -107,6 +107,34 @@ impl Env {
         Daemon::start(&self.config, &[])
     }
 
+    /// Adds `line` (`key = value`) to the config's `[spool]` table.
+    pub fn set_spool(&self, line: &str) {
+        let cfg = fs::read_to_string(&self.config).unwrap();
+        fs::write(
+            &self.config,
+            cfg.replacen("[spool]\n", &format!("[spool]\n{line}\n"), 1),
+        )
+        .unwrap();
+    }
+
+    /// `spoold ARGS --config PATH` with `input` on its standard input.
+    pub fn cli_with_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        use std::io::Write as _;
+        let mut child = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run spoold");
+        // A command that refuses its arguments exits before it reads: a closed stdin is no
+        // error here.
+        let _ = child.stdin.take().expect("a stdin").write_all(input);
+        child.wait_with_output().expect("spoold's output")
+    }
+
     /// Waits up to `SOON` until `cond` holds, where no daemon runs (`Daemon::wait_until` when
     /// one does); past that, panics with `what` and a listing of the spool.
     #[track_caller]
