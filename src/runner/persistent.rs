@@ -211,8 +211,9 @@ enum Ended {
     /// The handler exited by itself (already reaped).
     Exited,
     /// The handler exited by itself (already reaped) before it had read any of the job's
-    /// line: it never had the job. A handler that ends itself after so many jobs, as many do,
-    /// can be handed the next in the instant before its exit is seen.
+    /// line, or closed its stdin, on its way out, before any of the line got in: it never had
+    /// the job. A handler that ends itself after so many jobs, as many do, can be handed the
+    /// next in the instant before its exit is seen.
     ExitedUnread,
 }
 
@@ -667,6 +668,12 @@ impl Persistent {
                 match rustix::io::write(stdin, &line[written..]) {
                     Ok(n) => written += n,
                     Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
+                    // Closed before a byte of the job got in: a handler on its way out (one
+                    // that recycles itself), whose exit is not seen yet. Its teardown waits
+                    // for that exit (and kills it after kill_grace if it does not come).
+                    Err(rustix::io::Errno::PIPE) if written == 0 => {
+                        return Err(Ended::ExitedUnread);
+                    }
                     Err(e) => {
                         return Err(Ended::Broken(format!(
                             "cannot write the job to the handler's stdin ({e}): it closed it"

@@ -54,6 +54,13 @@ for line in sys.stdin:
         # serves a number of jobs and then recycles itself does.
         answer(job["id"], reason="traceback " * 3000)
         os._exit(0)
+    elif body == "closeexit":
+        # Recycles, but closes its stdin first and takes a moment to exit: the next job's
+        # line meets a closed pipe before the exit can be seen.
+        answer(job["id"])
+        os.close(0)
+        time.sleep(0.5)
+        os._exit(0)
     elif body == "flood":
         chunk = b"x" * (1 << 20)
         for _ in range(1024):
@@ -269,6 +276,25 @@ fn a_handler_that_dies_or_breaks_the_protocol_fails_that_job_and_is_restarted() 
     let settled = |id: &String| {
         c.env.path(&format!("done/{id}")).exists() || c.env.path(&format!("failed/{id}")).exists()
     };
+    assert!(
+        wait_for(SOON, || ids.iter().all(settled).then_some(())).is_some(),
+        "{}",
+        d.log()
+    );
+    for id in &ids {
+        assert!(
+            c.env.path(&format!("done/{id}")).exists(),
+            "{id} failed: {}; log:\n{}",
+            reason_of(&c.env, id),
+            d.log()
+        );
+    }
+    // The same with a handler that closes its stdin before it exits: the next job's line
+    // meets a closed pipe, no byte of it got in, and it goes back uncounted, as above.
+    let ids: Vec<String> = (0..3).map(|i| format!("g-closeexit-{i}")).collect();
+    for id in &ids {
+        c.env.submit(id, "closeexit");
+    }
     assert!(
         wait_for(SOON, || ids.iter().all(settled).then_some(())).is_some(),
         "{}",
