@@ -269,44 +269,29 @@ fn a_handler_that_dies_or_breaks_the_protocol_fails_that_job_and_is_restarted() 
     // a fresh process serves the next. Queued together, each next job may be handed to the
     // handler in the instant before its exit is seen: it has not read it, so the job goes back
     // without an attempt counted (one attempt is all these jobs get) and a fresh one runs it.
-    let ids: Vec<String> = (0..5).map(|i| format!("f-longexit-{i}")).collect();
-    for id in &ids {
-        c.env.submit(id, "longexit");
-    }
+    // The same with a handler that closes its stdin before it exits: the next job's line
+    // meets a closed pipe, no byte of it got in, and it goes back uncounted too.
     let settled = |id: &String| {
         c.env.path(&format!("done/{id}")).exists() || c.env.path(&format!("failed/{id}")).exists()
     };
-    assert!(
-        wait_for(SOON, || ids.iter().all(settled).then_some(())).is_some(),
-        "{}",
-        d.log()
-    );
-    for id in &ids {
+    for (body, count) in [("longexit", 5), ("closeexit", 3)] {
+        let ids: Vec<String> = (0..count).map(|i| format!("f-{body}-{i}")).collect();
+        for id in &ids {
+            c.env.submit(id, body);
+        }
         assert!(
-            c.env.path(&format!("done/{id}")).exists(),
-            "{id} failed: {}; log:\n{}",
-            reason_of(&c.env, id),
+            wait_for(SOON, || ids.iter().all(settled).then_some(())).is_some(),
+            "{}",
             d.log()
         );
-    }
-    // The same with a handler that closes its stdin before it exits: the next job's line
-    // meets a closed pipe, no byte of it got in, and it goes back uncounted, as above.
-    let ids: Vec<String> = (0..3).map(|i| format!("g-closeexit-{i}")).collect();
-    for id in &ids {
-        c.env.submit(id, "closeexit");
-    }
-    assert!(
-        wait_for(SOON, || ids.iter().all(settled).then_some(())).is_some(),
-        "{}",
-        d.log()
-    );
-    for id in &ids {
-        assert!(
-            c.env.path(&format!("done/{id}")).exists(),
-            "{id} failed: {}; log:\n{}",
-            reason_of(&c.env, id),
-            d.log()
-        );
+        for id in &ids {
+            assert!(
+                c.env.path(&format!("done/{id}")).exists(),
+                "{id} failed: {}; log:\n{}",
+                reason_of(&c.env, id),
+                d.log()
+            );
+        }
     }
     // An answer given twice: the job is done, and the handler, whose extra line would answer
     // the next job, is restarted before it.
